@@ -1,0 +1,231 @@
+"""The ``keyservice`` command: serve, init, audit.
+
+``serve --dev`` is the no-setup mode (like ``vault server -dev``): the root key is kept inside the
+data directory, which is insecure and announced loudly. A real store is created by ``init`` with a
+root key from a passphrase (scrypt) or from a key file kept outside the data directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from keyservice import audit, bootstrap, rootkey
+from keyservice.api import KmsApp
+from keyservice.clock import SystemClock
+
+DEFAULT_LISTEN = "127.0.0.1:8600"
+DEFAULT_REGION = "us-east-1"
+
+DEV_WARNING = """\
+WARNING! Dev mode is enabled. The root key is stored INSIDE the data directory
+({root}), so anyone who can read that directory can read every key.
+Never use dev mode for real data; use `keyservice init` and `keyservice serve` instead.
+"""
+
+log = logging.getLogger("keyservice")
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--listen must be HOST:PORT, not {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _root_source(args: argparse.Namespace, *, confirm: bool) -> rootkey.RootKeySource:
+    """The root key source of a non-dev store: a key file, the passphrase variable, or a prompt."""
+    if args.root_key_file:
+        return rootkey.RootKeySource.from_key_file(args.root_key_file)
+    if os.environ.get(rootkey.PASSPHRASE_ENV):
+        return rootkey.RootKeySource.from_env()
+    if not sys.stdin.isatty():
+        raise CliError(
+            f"no root key: pass --root-key-file FILE or set {rootkey.PASSPHRASE_ENV} (or run on a terminal)"
+        )
+    passphrase = getpass.getpass("Root passphrase: ")
+    if confirm and getpass.getpass("Repeat root passphrase: ") != passphrase:
+        raise CliError("the passphrases differ")
+    return rootkey.RootKeySource.from_passphrase(passphrase)
+
+
+def _write_credentials(path: Path, creds: bootstrap.Credentials, endpoint: str, region: str) -> None:
+    payload = {"endpoint": endpoint, "region": region, "access_key_id": creds.access_key_id,
+               "secret_access_key": creds.secret_access_key}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _new_account_id() -> str:
+    return "".join(secrets.choice("0123456789") for _ in range(12))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir)
+    if (data_dir / rootkey.ROOT_CONFIG_NAME).exists():
+        raise CliError(f"{data_dir} is already initialised")
+    root_key = rootkey.create_root_config(data_dir, _root_source(args, confirm=True))
+    creds = bootstrap.initialize(data_dir, root_key, region=args.region,
+                                 account_id=args.account_id or _new_account_id())
+    print(f"Initialised {data_dir} (region {args.region}).")
+    print("Admin credentials (shown once; keep them safe):")
+    print(f"  access_key_id:     {creds.access_key_id}")
+    print(f"  secret_access_key: {creds.secret_access_key}")
+    if args.credentials_out:
+        _write_credentials(Path(args.credentials_out), creds, args.endpoint, args.region)
+        print(f"  written to {args.credentials_out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import waitress
+
+    host, port = args.listen
+    temp_dir: Path | None = None
+    if args.dev:
+        if args.data_dir:
+            data_dir = Path(args.data_dir)
+        else:
+            temp_dir = data_dir = Path(tempfile.mkdtemp(prefix="keyservice-dev-"))
+        if (data_dir / rootkey.ROOT_CONFIG_NAME).exists():
+            root_key = rootkey.load_root_key(data_dir, rootkey.RootKeySource.dev())
+            creds = bootstrap.admin_credentials(data_dir, root_key)
+        else:
+            root_key = rootkey.create_root_config(data_dir, rootkey.RootKeySource.dev())
+            creds = bootstrap.initialize(data_dir, root_key, region=args.region or DEFAULT_REGION,
+                                         account_id=_new_account_id())
+    else:
+        if not args.data_dir:
+            raise CliError("--data-dir is required (or use --dev)")
+        data_dir = Path(args.data_dir)
+        root_key = rootkey.load_root_key(data_dir, _root_source(args, confirm=False))
+        creds = None
+    service = bootstrap.open_service(data_dir, root_key, clock=SystemClock())
+    del root_key
+    app = KmsApp(service, SystemClock(), max_body=args.max_body)
+    server = waitress.create_server(app, host=host, port=port, threads=args.threads,
+                                    max_request_body_size=args.max_body, ident="keyservice",
+                                    clear_untrusted_proxy_headers=True)
+    endpoint = f"http://{host}:{server.effective_port}"
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    if args.dev:
+        sys.stderr.write(DEV_WARNING.format(root=data_dir / rootkey.DEV_KEY_NAME))
+    print(f"keyservice listening on {endpoint} (region {service.region}, data {data_dir})", flush=True)
+    if creds is not None:
+        print(f"  export AWS_ACCESS_KEY_ID={creds.access_key_id}")
+        print(f"  export AWS_SECRET_ACCESS_KEY={creds.secret_access_key}")
+        print(f"  export AWS_DEFAULT_REGION={service.region}")
+        print(f"  aws --endpoint-url {endpoint} kms list-keys", flush=True)
+        if args.credentials_out:
+            _write_credentials(Path(args.credentials_out), creds, endpoint, service.region)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    return 0
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    records = audit.query(Path(args.data_dir), key=args.key, operation=args.operation, since=args.since,
+                          until=args.until, file=args.file, principal=args.principal)
+    if args.json:
+        for record in records:
+            print(json.dumps(record, sort_keys=True))
+    else:
+        print(audit.format_table(list(records)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keyservice", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the AWS KMS protocol")
+    serve.add_argument("--dev", action="store_true", help="no-setup dev mode (root key kept in the data dir)")
+    serve.add_argument("--listen", type=_parse_listen, default=_parse_listen(DEFAULT_LISTEN), metavar="HOST:PORT")
+    serve.add_argument("--data-dir", help="data directory (dev mode: created if missing, temporary if omitted)")
+    serve.add_argument("--credentials-out", metavar="FILE", help="dev mode: write endpoint and admin credentials")
+    serve.add_argument("--region", help=f"dev mode: region of a new store (default {DEFAULT_REGION})")
+    serve.add_argument("--root-key-file", metavar="FILE", help="root key file (kept outside the data dir)")
+    serve.add_argument("--threads", type=int, default=8)
+    serve.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
+    serve.set_defaults(func=cmd_serve)
+
+    init = sub.add_parser("init", help=f"create a real store; root key from --root-key-file or "
+                                       f"{rootkey.PASSPHRASE_ENV} / a prompt (scrypt)")
+    init.add_argument("--data-dir", required=True)
+    init.add_argument("--root-key-file", metavar="FILE",
+                      help="root key file outside the data dir (created with 32 random bytes if missing)")
+    init.add_argument("--region", default=DEFAULT_REGION)
+    init.add_argument("--account-id", help="12-digit account id (random if omitted)")
+    init.add_argument("--credentials-out", metavar="FILE", help="write the admin credentials as JSON")
+    init.add_argument("--endpoint", default=f"http://{DEFAULT_LISTEN}", help="endpoint recorded in that file")
+    init.set_defaults(func=cmd_init)
+
+    audit_parser = sub.add_parser("audit", help="review the audit log (works offline)")
+    audit_sub = audit_parser.add_subparsers(dest="audit_command", required=True)
+    listing = audit_sub.add_parser("list", help="list audit records, oldest first")
+    listing.add_argument("--data-dir", required=True)
+    listing.add_argument("--key", help="key id, ARN or alias")
+    listing.add_argument("--operation", help="e.g. Decrypt")
+    listing.add_argument("--principal", help="principal ARN")
+    listing.add_argument("--file", help="path inside a kmsfs mount (a directory matches everything below it)")
+    listing.add_argument("--since", type=_parse_time, help="ISO 8601 time")
+    listing.add_argument("--until", type=_parse_time, help="ISO 8601 time")
+    listing.add_argument("--json", action="store_true", help="one JSON record per line")
+    listing.set_defaults(func=cmd_audit_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (CliError, rootkey.RootKeyError) as error:
+        print(f"keyservice: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

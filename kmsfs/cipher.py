@@ -1,0 +1,55 @@
+"""AES-256-GCM seal/open of one block: the only kmsfs module touching cryptography's AEAD.
+
+Why a module of its own: keeping the primitive behind two functions makes the format auditable
+(nonce || ciphertext || tag, nothing else) and lets a failed tag surface as one undetailed
+domain error, ``IntegrityError``, which the FUSE layer maps to EIO.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kmsfs.format import DATA_KEY_SIZE, NONCE_SIZE, TAG_SIZE
+
+
+class IntegrityError(Exception):
+    """A block failed authentication (modified, swapped, truncated or wrong key).
+
+    Deliberately carries no detail from the primitive; ``block`` is filled in by the caller that
+    knows which block it was.
+    """
+
+    def __init__(self, message: str = "block failed authentication", block: int | None = None):
+        super().__init__(message)
+        self.block = block
+
+
+class BlockCipher:
+    """Seals and opens blocks under one 256-bit data key."""
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != DATA_KEY_SIZE:
+            raise ValueError("data key must be 32 bytes")
+        self._aead = AESGCM(key)
+
+    def seal(self, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> bytes:
+        """Return nonce || ciphertext || tag. ``nonce`` is only for known-answer tests."""
+        if nonce is None:
+            nonce = os.urandom(NONCE_SIZE)
+        elif len(nonce) != NONCE_SIZE:
+            raise ValueError("nonce must be 12 bytes")
+        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, block: bytes, aad: bytes) -> bytes:
+        """Authenticate and decrypt nonce || ciphertext || tag, or raise IntegrityError."""
+        if len(block) < NONCE_SIZE + TAG_SIZE:
+            raise IntegrityError("block too short")
+        try:
+            return self._aead.decrypt(block[:NONCE_SIZE], block[NONCE_SIZE:], aad)
+        except InvalidTag:
+            raise IntegrityError() from None

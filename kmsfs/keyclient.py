@@ -1,0 +1,205 @@
+"""The key service client: AWS KMS JSON 1.1 over a pooled requests.Session, signed with SigV4.
+
+Why not boto3: the mount daemon needs three operations, bounded timeouts, an extra signed header
+(``X-Kmsfs-Caller``, the local process the request is made for, recorded by our service's audit
+log) and no heavyweight import in the FUSE process. Speaking the wire protocol directly also keeps
+us honest: the integration tests run this client against moto, an independent implementation.
+
+Errors: an AWS error reply becomes ``KeyServiceError(code, message)``; anything that means "the
+service could not answer" (connection refused, timeout, 5xx, unparseable reply) becomes
+``KeyServiceUnavailable``. Nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from keyservice.sigv4 import sign_request
+
+CONTENT_TYPE = "application/x-amz-json-1.1"
+TARGET_PREFIX = "TrentService."
+CALLER_HEADER = "X-Kmsfs-Caller"
+DEFAULT_REGION = "us-east-1"
+
+# Error codes that mean "you may not use this key now" (mapped to EACCES by the FUSE layer).
+ACCESS_CODES = frozenset({
+    "AccessDeniedException", "DisabledException", "KMSInvalidStateException", "NotFoundException",
+    "UnrecognizedClientException", "InvalidSignatureException", "IncorrectKeyException",
+    "MissingAuthenticationTokenException", "KeyUnavailableException",
+})
+
+
+class KeyServiceError(Exception):
+    """The service answered with an AWS error (``code`` is ``__type`` without any ``ns#``)."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+    @property
+    def is_access_denied(self) -> bool:
+        return self.code in ACCESS_CODES
+
+
+class KeyServiceUnavailable(Exception):
+    """The service could not be reached or did not answer properly in time."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key_id: str
+    secret_access_key: str
+    session_token: str | None = None
+    endpoint: str | None = None
+    region: str | None = None
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Credentials(access_key_id={self.access_key_id!r}, endpoint={self.endpoint!r})"
+
+
+def load_credentials(path: str | os.PathLike[str] | None = None,
+                     environ: dict[str, str] | None = None) -> Credentials:
+    """From a JSON file {"endpoint","region","access_key_id","secret_access_key"} or AWS env vars."""
+    env = os.environ if environ is None else environ
+    if path is not None:
+        try:
+            data = json.loads(Path(path).read_text())
+            return Credentials(
+                access_key_id=str(data["access_key_id"]),
+                secret_access_key=str(data["secret_access_key"]),
+                session_token=data.get("session_token"),
+                endpoint=data.get("endpoint"),
+                region=data.get("region"),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot read credentials file {path}: {exc}") from exc
+    akid, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if not akid or not secret:
+        raise ValueError("no credentials: pass --credentials FILE or set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY")
+    return Credentials(
+        access_key_id=akid,
+        secret_access_key=secret,
+        session_token=env.get("AWS_SESSION_TOKEN") or None,
+        endpoint=env.get("AWS_ENDPOINT_URL_KMS") or env.get("AWS_ENDPOINT_URL") or None,
+        region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+    )
+
+
+class KeyClient:
+    """A thread-safe client for GenerateDataKey, Decrypt and DescribeKey."""
+
+    def __init__(self, endpoint: str, region: str, credentials: Credentials, *,
+                 connect_timeout: float = 3.0, read_timeout: float = 10.0,
+                 session: requests.Session | None = None) -> None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"invalid endpoint URL {endpoint!r}")
+        self.url = f"{parts.scheme}://{parts.netloc}/"
+        self.host = parts.netloc
+        self.region = region
+        self.credentials = credentials
+        self.timeout = (connect_timeout, read_timeout)
+        self.session = session or requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    # -- transport --------------------------------------------------------------------------------
+    def call(self, operation: str, payload: dict[str, Any],
+             caller: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST one KMS operation and return the decoded JSON reply."""
+        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        headers = {
+            "Host": self.host,
+            "Content-Type": CONTENT_TYPE,
+            "X-Amz-Target": TARGET_PREFIX + operation,
+        }
+        if caller:
+            # ensure_ascii keeps any path representable as an HTTP header value.
+            headers[CALLER_HEADER] = json.dumps(caller, separators=(",", ":"), sort_keys=True)
+        headers.update(sign_request(
+            method="POST", url=self.url, headers=headers, body=body,
+            access_key_id=self.credentials.access_key_id,
+            secret_access_key=self.credentials.secret_access_key,
+            region=self.region, session_token=self.credentials.session_token,
+        ))
+        try:
+            resp = self.session.post(self.url, data=body, headers=headers, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise KeyServiceUnavailable(f"key service at {self.url} unreachable: {exc}") from exc
+        if resp.status_code >= 500:
+            code = _error_code(resp)
+            raise KeyServiceUnavailable(f"key service error {resp.status_code} {code}".strip())
+        try:
+            reply = resp.json() if resp.content else {}
+        except ValueError as exc:
+            raise KeyServiceUnavailable(f"unparseable reply (HTTP {resp.status_code})") from exc
+        if resp.status_code != 200:
+            raise KeyServiceError(_error_code(resp) or f"HTTP{resp.status_code}",
+                                  str(reply.get("message") or reply.get("Message") or ""))
+        if not isinstance(reply, dict):
+            raise KeyServiceUnavailable("reply is not a JSON object")
+        return reply
+
+    # -- operations -------------------------------------------------------------------------------
+    def generate_data_key(self, key_id: str, context: dict[str, str],
+                          caller: dict[str, Any] | None = None) -> tuple[bytes, bytes, str]:
+        """A fresh AES-256 data key: (plaintext, wrapped blob, key ARN)."""
+        reply = self.call("GenerateDataKey",
+                          {"KeyId": key_id, "KeySpec": "AES_256", "EncryptionContext": context},
+                          caller)
+        try:
+            return (_b64(reply["Plaintext"]), _b64(reply["CiphertextBlob"]), str(reply["KeyId"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise KeyServiceUnavailable(f"malformed GenerateDataKey reply: {exc}") from exc
+
+    def decrypt(self, blob: bytes, context: dict[str, str],
+                caller: dict[str, Any] | None = None, key_id: str | None = None) -> bytes:
+        """Unwrap a data key; the service checks the context and records the access."""
+        payload: dict[str, Any] = {"CiphertextBlob": base64.b64encode(blob).decode("ascii"),
+                                   "EncryptionContext": context}
+        if key_id:
+            payload["KeyId"] = key_id
+        reply = self.call("Decrypt", payload, caller)
+        try:
+            return _b64(reply["Plaintext"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise KeyServiceUnavailable(f"malformed Decrypt reply: {exc}") from exc
+
+    def describe_key(self, key_id: str) -> dict[str, Any]:
+        reply = self.call("DescribeKey", {"KeyId": key_id})
+        meta = reply.get("KeyMetadata")
+        if not isinstance(meta, dict):
+            raise KeyServiceUnavailable("malformed DescribeKey reply")
+        return meta
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _b64(value: Any) -> bytes:
+    return base64.b64decode(value, validate=True)
+
+
+def _error_code(resp: requests.Response) -> str:
+    code = ""
+    try:
+        body = resp.json()
+        if isinstance(body, dict):
+            code = str(body.get("__type") or body.get("code") or "")
+    except ValueError:
+        pass
+    if not code:
+        code = resp.headers.get("x-amzn-ErrorType", "").split(":")[0]
+    return code.rsplit("#", 1)[-1]

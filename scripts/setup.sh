@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs what kmsfs needs on a Debian machine, idempotently: libfuse2, a fusermount (from `fuse`
+# or `fuse3`, whichever is there: they conflict, so never force one over the other), Python's venv,
+# and a .venv with the project and its test tools. Sourced by demo.sh and test.sh; run as root.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+apt_install() {
+    say "installing Debian packages: $*"
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "need root to install $* (run as root, or install them yourself)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+packages=()
+if ! ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2'; then
+    if apt-cache show libfuse2t64 >/dev/null 2>&1; then packages+=(libfuse2t64); else packages+=(libfuse2); fi
+fi
+if ! command -v fusermount >/dev/null 2>&1 && ! command -v fusermount3 >/dev/null 2>&1; then
+    packages+=(fuse3)
+fi
+command -v git >/dev/null 2>&1 || packages+=(git)
+command -v python3 >/dev/null 2>&1 || packages+=(python3)
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then packages+=(python3-venv); fi
+if [ ${#packages[@]} -gt 0 ]; then apt_install "${packages[@]}"; fi
+
+if [ ! -e /dev/fuse ]; then
+    modprobe fuse 2>/dev/null || true
+    [ -e /dev/fuse ] || { echo "/dev/fuse is missing: this machine cannot mount FUSE filesystems" >&2; exit 1; }
+fi
+
+# The venv is rebuilt only when pyproject.toml changes.
+stamp=".venv/.kmsfs-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "creating .venv with kmsfs and its test tools"
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e '.[test]'
+    echo "$want" > "$stamp"
+fi
+export PATH="$PWD/.venv/bin:$PATH"
