@@ -80,8 +80,13 @@ def build_record(
     requested_key_id: str | None = None,
     alias_name: str | None = None,
     encryption_context: Mapping[str, str] | None = None,
+    claimed_access_key_id: str | None = None,
 ) -> dict[str, Any]:
-    """The audit record of one request (without ``prev_hash``, which ``append`` adds)."""
+    """The audit record of one request (without ``prev_hash``, which ``append`` adds).
+
+    ``claimed_access_key_id`` is the access key id a refused request claimed (unknown key, bad
+    signature); it is recorded when there is no authenticated principal.
+    """
     principal = ctx.principal
     return {
         "version": RECORD_VERSION,
@@ -92,7 +97,7 @@ def build_record(
         "error_code": None if error is None else error.aws_type,
         "error_message": None if error is None else error.message,
         "principal": principal.arn if principal else None,
-        "access_key_id": principal.access_key_id if principal else None,
+        "access_key_id": principal.access_key_id if principal else claimed_access_key_id,
         "key_id": key_arn,
         "key_version": key_version,
         "requested_key_id": requested_key_id,

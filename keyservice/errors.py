@@ -60,3 +60,5 @@ KMSInternalException = _error("KMSInternalException", 500)
 
 # Added for the core: AWS answers an attempt to manage an ``alias/aws/`` alias with this.
 NotAuthorizedException = _error("NotAuthorizedException", 400)
+TagException = _error("TagException", 400)
+DryRunOperationException = _error("DryRunOperationException", 412)

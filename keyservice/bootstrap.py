@@ -1,0 +1,217 @@
+"""Creating and opening a data directory.
+
+``initialize`` lays out a new data directory (store, audit directory, a bootstrap admin
+credential); ``open_service`` builds the ``KeyService`` over an existing one, reading region and
+account back from the store so a restart serves the same keys under the same ARNs;
+``admin_credentials`` lets dev mode reprint the same admin credentials on every start.
+
+The root key is obtained separately (``rootkey.create_root_config`` / ``rootkey.load_root_key``);
+this module checks that it matches the store through a sealed constant (``root_check``).
+
+Layout::
+
+    DATA_DIR/            0700
+      root.json          0600  root key source, KDF params, verifier (rootkey.py)
+      dev-root.key       0600  dev mode only
+      keyservice.db      0600  SQLite store (+ -wal, -shm)
+      audit/             0700
+        audit.log        0600  JSON Lines audit log
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from keyservice import rootkey
+from keyservice.audit import AUDIT_DIR, AuditLog
+from keyservice.clock import Clock, SystemClock
+from keyservice.model import CredentialRecord
+from keyservice.service import DEFAULT_MAX_KEYS, KeyService
+from keyservice.store import DB_NAME, SQLiteStore, root_check_aad, secret_aad
+
+DEFAULT_REGION = "us-east-1"
+DEFAULT_ACCOUNT_ID = "111122223333"
+
+_ROOT_CHECK = b"keyservice root check v1"
+_REGION = re.compile(r"^[a-z]{2,}(-[a-z0-9]+)+$")
+_ACCOUNT = re.compile(r"^\d{12}$")
+_AKID_ALPHABET = string.ascii_uppercase + string.digits
+_SECRET_ALPHABET = string.ascii_letters + string.digits + "+/"
+
+
+class NotInitializedError(Exception):
+    """The data directory has no store yet (run ``keyservice init``)."""
+
+
+class AlreadyInitializedError(Exception):
+    """The data directory already holds a store."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key_id: str
+    secret_access_key: str
+    principal_arn: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def store_path(data_dir: Path) -> Path:
+    return Path(data_dir) / DB_NAME
+
+
+def is_initialized(data_dir: Path) -> bool:
+    path = store_path(data_dir)
+    if not path.exists():
+        return False
+    store = SQLiteStore(path)
+    try:
+        return store.get_meta("account_id") is not None
+    finally:
+        store.close()
+
+
+def new_access_key_id() -> str:
+    """``AKIA`` + 16 uppercase letters/digits, like an AWS long-term access key id."""
+    return "AKIA" + "".join(secrets.choice(_AKID_ALPHABET) for _ in range(16))
+
+
+def new_secret_access_key() -> str:
+    """40 characters from AWS's secret alphabet (about 238 bits)."""
+    return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(40))
+
+
+def _add_credential(
+    store: SQLiteStore, root_key: bytes, account_id: str, principal_arn: str, clock: Clock
+) -> Credentials:
+    access_key_id = new_access_key_id()
+    secret = new_secret_access_key()
+    store.add_credential(
+        CredentialRecord(
+            access_key_id=access_key_id,
+            principal_arn=principal_arn,
+            account_id=account_id,
+            sealed_secret=rootkey.seal(root_key, secret.encode(), secret_aad(access_key_id)),
+            creation_date=clock.now(),
+        )
+    )
+    return Credentials(access_key_id, secret, principal_arn)
+
+
+def _open_checked(data_dir: Path, root_key: bytes) -> SQLiteStore:
+    if not store_path(data_dir).exists():
+        raise NotInitializedError(f"{data_dir} is not an initialised keyservice data directory")
+    store = SQLiteStore(store_path(data_dir))
+    try:
+        check = store.get_meta("root_check")
+        if check is None or store.get_meta("account_id") is None:
+            raise NotInitializedError(f"{data_dir} is not an initialised keyservice data directory")
+        try:
+            ok = rootkey.unseal(root_key, bytes.fromhex(check), root_check_aad()) == _ROOT_CHECK
+        except (rootkey.UnsealError, ValueError):
+            ok = False
+        if not ok:
+            raise rootkey.RootKeyError("the root key does not match this data directory")
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def initialize(
+    data_dir: Path,
+    root_key: bytes,
+    *,
+    region: str = DEFAULT_REGION,
+    account_id: str = DEFAULT_ACCOUNT_ID,
+    clock: Clock | None = None,
+) -> Credentials:
+    """Create the store and audit directory and a bootstrap admin credential; return the latter."""
+    clock = clock or SystemClock()
+    if not _REGION.match(region):
+        raise ValueError(f"invalid region {region!r} (e.g. us-east-1)")
+    if not _ACCOUNT.match(account_id):
+        raise ValueError(f"invalid account id {account_id!r} (12 digits)")
+    data_dir = Path(data_dir)
+    rootkey.ensure_private_dir(data_dir)
+    rootkey.ensure_private_dir(data_dir / AUDIT_DIR)
+    if is_initialized(data_dir):
+        raise AlreadyInitializedError(f"{data_dir} already holds a keyservice store")
+    store = SQLiteStore(store_path(data_dir))
+    try:
+        principal_arn = f"arn:aws:iam::{account_id}:root"
+        creds = _add_credential(store, root_key, account_id, principal_arn, clock)
+        store.set_meta("region", region)
+        store.set_meta("admin_access_key_id", creds.access_key_id)
+        store.set_meta("created_at", clock.now().isoformat())
+        store.set_meta("root_check", rootkey.seal(root_key, _ROOT_CHECK, root_check_aad()).hex())
+        # Written last: its presence marks the directory as initialised.
+        store.set_meta("account_id", account_id)
+    finally:
+        store.close()
+    AuditLog(data_dir).close()  # create audit/audit.log with its mode now
+    return creds
+
+
+def open_service(
+    data_dir: Path,
+    root_key: bytes,
+    *,
+    clock: Clock | None = None,
+    region: str | None = None,
+    max_keys: int = DEFAULT_MAX_KEYS,
+) -> KeyService:
+    """The service over an initialised data directory; ``region``, if given, must match the store's."""
+    data_dir = Path(data_dir)
+    store = _open_checked(data_dir, root_key)
+    try:
+        stored_region = store.get_meta("region") or DEFAULT_REGION
+        account_id = store.get_meta("account_id") or DEFAULT_ACCOUNT_ID
+        if region is not None and region != stored_region:
+            raise ValueError(f"this data directory serves region {stored_region}, not {region}")
+        audit_log = AuditLog(data_dir)
+    except BaseException:
+        store.close()
+        raise
+    return KeyService(
+        store,
+        audit_log,
+        region=stored_region,
+        account_id=account_id,
+        clock=clock or SystemClock(),
+        root_key=root_key,
+        max_keys=max_keys,
+    )
+
+
+def admin_credentials(data_dir: Path, root_key: bytes) -> Credentials:
+    """The bootstrap admin's credentials, unsealed (dev mode reprints them on restart)."""
+    store = _open_checked(Path(data_dir), root_key)
+    try:
+        access_key_id = store.get_meta("admin_access_key_id")
+        cred = store.get_credential(access_key_id) if access_key_id else None
+        if cred is None:
+            raise NotInitializedError(f"{data_dir} has no admin credential")
+        secret = rootkey.unseal(root_key, cred.sealed_secret, secret_aad(cred.access_key_id)).decode()
+        return Credentials(cred.access_key_id, secret, cred.principal_arn)
+    finally:
+        store.close()
+
+
+def create_credentials(
+    data_dir: Path, root_key: bytes, principal_arn: str, *, clock: Clock | None = None
+) -> Credentials:
+    """A new access key for ``principal_arn`` in this account (for ``keyservice principal``)."""
+    store = _open_checked(Path(data_dir), root_key)
+    try:
+        account_id = store.get_meta("account_id") or DEFAULT_ACCOUNT_ID
+        if not principal_arn.startswith(f"arn:aws:iam::{account_id}:"):
+            raise ValueError(f"principal ARN must be of account {account_id} (arn:aws:iam::{account_id}:...)")
+        return _add_credential(store, root_key, account_id, principal_arn, clock or SystemClock())
+    finally:
+        store.close()

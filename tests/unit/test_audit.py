@@ -1,0 +1,213 @@
+"""The audit log: durable appends, fail-closed writes, offline queries, partial lines, hash chain."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from keyservice import audit
+from keyservice.context import Principal, RequestContext
+from keyservice.errors import KMSInternalException, NotFoundException
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)
+KEY_A = "arn:aws:kms:us-east-1:111122223333:key/aaaaaaaa-0000-4000-8000-000000000001"
+KEY_B = "arn:aws:kms:us-east-1:111122223333:key/bbbbbbbb-0000-4000-8000-000000000002"
+ALICE = Principal("111122223333", "arn:aws:iam::111122223333:user/alice", "AKIAALICE00000000000")
+BOB = Principal("111122223333", "arn:aws:iam::111122223333:user/bob", "AKIABOB0000000000000")
+
+
+def ctx(principal: Principal | None = ALICE, path: str | None = None) -> RequestContext:
+    caller: dict[str, object] = (
+        {} if path is None else {"path": path, "uid": 1000, "pid": 42, "process": "cat"}
+    )
+    return RequestContext("req-1", "127.0.0.1", principal, "test-agent", caller)
+
+
+def write_sample(data_dir: Path) -> None:
+    log = audit.AuditLog(data_dir)
+    log.append(audit.build_record(when=T0, ctx=ctx(), operation="CreateKey", key_arn=KEY_A, key_version=1))
+    log.append(
+        audit.build_record(
+            when=T0 + timedelta(minutes=1),
+            ctx=ctx(path="/docs/report.txt"),
+            operation="Decrypt",
+            key_arn=KEY_A,
+            key_version=1,
+            encryption_context={"kmsfs:file": "f1"},
+        )
+    )
+    log.append(
+        audit.build_record(
+            when=T0 + timedelta(minutes=2),
+            ctx=ctx(BOB, path="/docs/sub/x"),
+            operation="Encrypt",
+            key_arn=KEY_B,
+            requested_key_id="alias/bob",
+            alias_name="alias/bob",
+            error=NotFoundException("nope"),
+        )
+    )
+    log.append(
+        audit.build_record(
+            when=T0 + timedelta(minutes=3),
+            ctx=ctx(None),
+            operation="ListKeys",
+            error=NotFoundException("refused"),
+        )
+    )
+    log.close()
+
+
+def test_record_fields_and_file_modes(tmp_path: Path) -> None:
+    write_sample(tmp_path)
+    path = tmp_path / "audit" / "audit.log"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4
+    first = json.loads(lines[0])
+    assert list(first) == list(audit.FIELDS)
+    assert first["time"] == "2026-03-01T12:00:00.123Z"
+    assert first["outcome"] == "success" and first["error_code"] is None
+    assert first["principal"] == ALICE.arn and first["access_key_id"] == ALICE.access_key_id
+    assert first["caller"] is None
+    third = json.loads(lines[2])
+    assert third["outcome"] == "error" and third["error_code"] == "NotFoundException"
+    assert third["error_message"] == "nope"
+    assert third["caller"] == {"path": "/docs/sub/x", "uid": 1000, "pid": 42, "process": "cat"}
+    fourth = json.loads(lines[3])
+    assert fourth["principal"] is None and fourth["access_key_id"] is None
+
+
+def test_every_append_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = audit.AuditLog(tmp_path)
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(audit.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    log.append(audit.build_record(when=T0, ctx=ctx(), operation="ListKeys"))
+    log.append(audit.build_record(when=T0, ctx=ctx(), operation="ListKeys"))
+    assert len(calls) == 2
+    log.close()
+
+
+def test_write_failure_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = audit.AuditLog(tmp_path)
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "EIO")
+
+    monkeypatch.setattr(audit.os, "fsync", broken)
+    with pytest.raises(KMSInternalException):
+        log.append(audit.build_record(when=T0, ctx=ctx(), operation="ListKeys"))
+    log.close()
+
+
+def test_query_filters(tmp_path: Path) -> None:
+    write_sample(tmp_path)
+
+    def ops(**kw: object) -> list[str]:
+        return [r["operation"] for r in audit.query(tmp_path, **kw)]  # type: ignore[arg-type]
+
+    assert ops() == ["CreateKey", "Decrypt", "Encrypt", "ListKeys"]
+    assert ops(key=KEY_A) == ["CreateKey", "Decrypt"]
+    assert ops(key=KEY_A.rsplit("/", 1)[1]) == ["CreateKey", "Decrypt"]
+    assert ops(key="alias/bob") == ["Encrypt"]
+    assert ops(key="arn:aws:kms:us-east-1:111122223333:alias/bob") == ["Encrypt"]
+    assert ops(operation="decrypt") == ["Decrypt"]
+    assert ops(since=T0 + timedelta(minutes=1)) == ["Decrypt", "Encrypt", "ListKeys"]
+    assert ops(until=T0 + timedelta(minutes=1)) == ["CreateKey"]
+    assert ops(file="/docs/report.txt") == ["Decrypt"]
+    assert ops(file="/docs") == ["Decrypt", "Encrypt"]
+    assert ops(file="/docs/") == ["Decrypt", "Encrypt"]
+    assert ops(file="/doc") == []
+    assert ops(principal=BOB.arn) == ["Encrypt"]
+    assert ops(principal=ALICE.access_key_id) == ["CreateKey", "Decrypt"]
+    assert ops(key=KEY_A, operation="Decrypt", file="/docs") == ["Decrypt"]
+
+
+def test_partial_last_line_is_tolerated_and_repaired(tmp_path: Path) -> None:
+    write_sample(tmp_path)
+    path = tmp_path / "audit" / "audit.log"
+    with path.open("ab") as f:
+        f.write(b'{"version":1,"time":"2026-03-01T12:')
+    assert len(list(audit.query(tmp_path))) == 4
+    # A restarted writer terminates the torn line and continues on a fresh one.
+    log = audit.AuditLog(tmp_path)
+    log.append(audit.build_record(when=T0, ctx=ctx(), operation="GenerateRandom"))
+    log.close()
+    assert [r["operation"] for r in audit.query(tmp_path)][-1] == "GenerateRandom"
+    problems = audit.verify(tmp_path)
+    assert len(problems) == 1 and "line 5" in problems[0]
+
+
+def test_hash_chain_detects_edits_and_deletions(tmp_path: Path) -> None:
+    write_sample(tmp_path)
+    assert audit.verify(tmp_path) == []
+    path = tmp_path / "audit" / "audit.log"
+    original = path.read_text()
+    path.write_text(original.replace('"Decrypt"', '"Encrypt"', 1))
+    assert audit.verify(tmp_path)
+    lines = original.splitlines(keepends=True)
+    path.write_text("".join(lines[:1] + lines[2:]))
+    assert audit.verify(tmp_path)
+    # Chain continues across reopen.
+    path.write_text(original)
+    log = audit.AuditLog(tmp_path)
+    log.append(audit.build_record(when=T0, ctx=ctx(), operation="ListAliases"))
+    log.close()
+    assert audit.verify(tmp_path) == []
+
+
+def test_concurrent_appends_stay_whole(tmp_path: Path) -> None:
+    log = audit.AuditLog(tmp_path)
+
+    def worker(n: int) -> None:
+        for i in range(25):
+            log.append(audit.build_record(when=T0, ctx=ctx(), operation=f"Op{n}-{i}"))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    assert len(list(audit.query(tmp_path))) == 100
+    assert audit.verify(tmp_path) == []
+
+
+def test_format_table(tmp_path: Path) -> None:
+    write_sample(tmp_path)
+    table = audit.format_table(audit.query(tmp_path))
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "TIME",
+        "OPERATION",
+        "OUTCOME",
+        "PRINCIPAL",
+        "KEY",
+        "FILE",
+        "PROCESS",
+        "ERROR",
+    ]
+    assert len(lines) == 5
+    assert "/docs/report.txt" in lines[2] and "pid=42" in lines[2] and "cat" in lines[2]
+    assert "aaaaaaaa-0000-4000-8000-000000000001:v1" in lines[2]
+    assert "NotFoundException" in lines[3]
+
+
+def test_parse_time() -> None:
+    assert audit.parse_time("2026-03-01T12:00:00Z") == datetime(2026, 3, 1, 12, tzinfo=UTC)
+    assert audit.parse_time("2026-03-01") == datetime(2026, 3, 1, tzinfo=UTC)
+    assert audit.parse_time("2h", now=T0) == T0 - timedelta(hours=2)
+    with pytest.raises(ValueError):
+        audit.parse_time("yesterday")
+
+
+def test_missing_log_reads_empty(tmp_path: Path) -> None:
+    assert list(audit.query(tmp_path)) == []

@@ -1,0 +1,222 @@
+"""SQLiteStore: records round-trip, quota and uniqueness are atomic, threads are safe, files private."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from keyservice.errors import AlreadyExistsException, LimitExceededException, NotFoundException
+from keyservice.model import DISABLED, ENABLED, AliasRecord, CredentialRecord, KeyRecord, KeyVersionRecord
+from keyservice.store import SCHEMA_VERSION, SQLiteStore, material_aad, secret_aad
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+def make_key(key_id: str | None = None, *, manager: str = "CUSTOMER") -> tuple[KeyRecord, KeyVersionRecord]:
+    key_id = key_id or str(uuid.uuid4())
+    key = KeyRecord(
+        key_id=key_id,
+        arn=f"arn:aws:kms:us-east-1:111122223333:key/{key_id}",
+        account_id="111122223333",
+        region="us-east-1",
+        description="d",
+        state=ENABLED,
+        origin="AWS_KMS",
+        key_manager=manager,
+        creation_date=T0,
+        tags=[{"TagKey": "k", "TagValue": "v"}],
+    )
+    return key, KeyVersionRecord(key_id, 1, T0, b"sealed-" + key_id.encode())
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = SQLiteStore(tmp_path / "ks.db")
+    yield s
+    s.close()
+
+
+def test_schema_and_pragmas(store: SQLiteStore, tmp_path: Path) -> None:
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+    conn = store._conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert stat.S_IMODE((tmp_path / "ks.db").stat().st_mode) == 0o600
+
+
+def test_meta(store: SQLiteStore) -> None:
+    assert store.get_meta("x") is None
+    store.set_meta("x", "1")
+    store.set_meta("x", "2")
+    assert store.get_meta("x") == "2"
+
+
+def test_key_roundtrip_and_update(store: SQLiteStore) -> None:
+    key, version = make_key()
+    store.create_key(key, version, max_customer_keys=10)
+    got = store.get_key(key.key_id)
+    assert got == key
+    assert got is not None and got.creation_date == T0 and got.enabled
+    got.state = DISABLED
+    got.description = "new"
+    got.deletion_date = T0 + timedelta(days=7)
+    store.update_key(got)
+    again = store.get_key(key.key_id)
+    assert again is not None and again.state == DISABLED and again.description == "new"
+    assert again.deletion_date == T0 + timedelta(days=7)
+    assert store.get_key(str(uuid.uuid4())) is None
+
+
+def test_update_missing_key(store: SQLiteStore) -> None:
+    key, _ = make_key()
+    with pytest.raises(NotFoundException):
+        store.update_key(key)
+
+
+def test_versions(store: SQLiteStore) -> None:
+    key, v1 = make_key()
+    store.create_key(key, v1, max_customer_keys=10)
+    v2 = KeyVersionRecord(key.key_id, 2, T0, b"sealed2")
+    store.add_key_version(v2)
+    assert store.get_key_version(key.key_id, 1) == v1
+    assert store.latest_key_version(key.key_id) == v2
+    assert store.get_key_version(key.key_id, 3) is None
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_key_version(v2)
+
+
+def test_quota_counts_customer_keys_only(store: SQLiteStore) -> None:
+    for _ in range(3):
+        store.create_key(*make_key(), max_customer_keys=3)
+    with pytest.raises(LimitExceededException):
+        store.create_key(*make_key(), max_customer_keys=3)
+    store.create_key(*make_key(manager="AWS"), max_customer_keys=3)
+    assert store.count_customer_keys() == 3
+
+
+def test_quota_is_atomic_under_threads(store: SQLiteStore) -> None:
+    errors: list[Exception] = []
+
+    def worker() -> None:
+        for _ in range(5):
+            try:
+                store.create_key(*make_key(), max_customer_keys=12)
+            except LimitExceededException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.count_customer_keys() == 12
+    assert len(errors) == 40 - 12
+
+
+def test_list_keys_paging(store: SQLiteStore) -> None:
+    ids = sorted(str(uuid.uuid4()) for _ in range(5))
+    for key_id in ids:
+        store.create_key(*make_key(key_id), max_customer_keys=10)
+    first = store.list_keys(after=None, limit=2)
+    assert [k.key_id for k in first] == ids[:2]
+    rest = store.list_keys(after=first[-1].key_id, limit=10)
+    assert [k.key_id for k in rest] == ids[2:]
+
+
+def test_aliases(store: SQLiteStore) -> None:
+    key, v = make_key()
+    other, ov = make_key()
+    store.create_key(key, v, max_customer_keys=10)
+    store.create_key(other, ov, max_customer_keys=10)
+    store.create_alias(AliasRecord("alias/b", key.key_id, T0, T0))
+    store.create_alias(AliasRecord("alias/a", other.key_id, T0, T0))
+    with pytest.raises(AlreadyExistsException):
+        store.create_alias(AliasRecord("alias/a", key.key_id, T0, T0))
+    with pytest.raises(NotFoundException):
+        store.create_alias(AliasRecord("alias/c", str(uuid.uuid4()), T0, T0))  # foreign key
+    assert [a.name for a in store.list_aliases(key_id=None, after=None, limit=10)] == ["alias/a", "alias/b"]
+    assert [a.name for a in store.list_aliases(key_id=key.key_id, after=None, limit=10)] == ["alias/b"]
+    assert [a.name for a in store.list_aliases(key_id=None, after="alias/a", limit=10)] == ["alias/b"]
+    later = T0 + timedelta(hours=1)
+    store.update_alias("alias/b", other.key_id, later)
+    alias = store.get_alias("alias/b")
+    assert alias is not None and alias.target_key_id == other.key_id
+    assert alias.last_updated_date == later and alias.creation_date == T0
+    store.delete_alias("alias/b")
+    assert store.get_alias("alias/b") is None
+    with pytest.raises(NotFoundException):
+        store.delete_alias("alias/b")
+    with pytest.raises(NotFoundException):
+        store.update_alias("alias/zz", key.key_id, later)
+
+
+def test_credentials(store: SQLiteStore) -> None:
+    cred = CredentialRecord(
+        "AKIAAAAAAAAAAAAAAAAA", "arn:aws:iam::111122223333:root", "111122223333", b"s", T0
+    )
+    store.add_credential(cred)
+    assert store.get_credential(cred.access_key_id) == cred
+    assert store.get_credential("AKIAXXXXXXXXXXXXXXXX") is None
+    assert store.list_credentials() == [cred]
+    with pytest.raises(AlreadyExistsException):
+        store.add_credential(cred)
+
+
+def test_persistence_across_reopen(tmp_path: Path) -> None:
+    s = SQLiteStore(tmp_path / "ks.db")
+    key, v = make_key()
+    s.create_key(key, v, max_customer_keys=10)
+    s.close()
+    s2 = SQLiteStore(tmp_path / "ks.db")
+    try:
+        assert s2.get_key(key.key_id) == key
+    finally:
+        s2.close()
+
+
+def test_concurrent_readers_and_writers(store: SQLiteStore) -> None:
+    key, v = make_key()
+    store.create_key(key, v, max_customer_keys=10)
+    failures: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(20):
+                store.set_meta(f"w{n}", str(i))
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    def reader() -> None:
+        try:
+            for _ in range(50):
+                assert store.get_key(key.key_id) is not None
+        except BaseException as exc:  # pragma: no cover
+            failures.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    threads += [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert all(store.get_meta(f"w{n}") == "19" for n in range(4))
+
+
+def test_aad_helpers_bind_identity() -> None:
+    assert material_aad("a", 1) != material_aad("a", 2)
+    assert material_aad("a", 1) != material_aad("b", 1)
+    assert secret_aad("AKIA1") != secret_aad("AKIA2")
+
+
+def test_closed_store_refuses(tmp_path: Path) -> None:
+    s = SQLiteStore(tmp_path / "ks.db")
+    s.close()
+    with pytest.raises(RuntimeError):
+        s.get_meta("x")
