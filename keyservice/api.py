@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -31,9 +32,22 @@ CALLER_HEADER = "x-kmsfs-caller"
 MAX_CALLER_BYTES = 8192
 # Members that travel as base64 strings in the JSON protocol (botocore's "blob" shapes for KMS).
 BLOB_FIELDS = frozenset(
-    {"Plaintext", "CiphertextBlob", "PublicKey", "ImportToken", "EncryptedKeyMaterial", "Message",
-     "Signature", "Mac", "CiphertextForRecipient", "PrivateKeyCiphertextBlob", "PrivateKeyPlaintext"}
+    {
+        "Plaintext",
+        "CiphertextBlob",
+        "PublicKey",
+        "ImportToken",
+        "EncryptedKeyMaterial",
+        "Message",
+        "Signature",
+        "Mac",
+        "CiphertextForRecipient",
+        "PrivateKeyCiphertextBlob",
+        "PrivateKeyPlaintext",
+    }
 )
+
+_CLAIMED_KEY = re.compile(r"Credential=([A-Za-z0-9]+)/")
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -47,7 +61,9 @@ class Service(Protocol):
 
     def call(self, operation: str, params: dict[str, Any], ctx: RequestContext) -> dict[str, Any]: ...
 
-    def record_refused(self, operation: str, ctx: RequestContext, error: errors.KMSError) -> None: ...
+    def record_refused(
+        self, operation: str, ctx: RequestContext, error: errors.KMSError, *, access_key_id: str | None = None
+    ) -> None: ...
 
 
 def _request_headers(environ: dict[str, Any]) -> dict[str, str]:
@@ -104,8 +120,14 @@ def _parse_caller(raw: str | None) -> dict[str, object]:
 class KmsApp:
     """The WSGI application. One instance serves every request, from waitress's thread pool."""
 
-    def __init__(self, service: Service, clock: Clock, *, max_body: int = MAX_BODY_BYTES,
-                 extra_routes: dict[str, Callable[[], tuple[str, str]]] | None = None) -> None:
+    def __init__(
+        self,
+        service: Service,
+        clock: Clock,
+        *,
+        max_body: int = MAX_BODY_BYTES,
+        extra_routes: dict[str, Callable[[], tuple[str, str]]] | None = None,
+    ) -> None:
         self.service = service
         self.clock = clock
         self.max_body = max_body
@@ -125,8 +147,9 @@ class KmsApp:
         except errors.KMSError as error:
             return self._error(start_response, error, request_id)
 
-    def _handle(self, environ: dict[str, Any], start_response: StartResponse, request_id: str,
-                path: str) -> Iterable[bytes]:
+    def _handle(
+        self, environ: dict[str, Any], start_response: StartResponse, request_id: str, path: str
+    ) -> Iterable[bytes]:
         headers = _request_headers(environ)
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
@@ -136,7 +159,7 @@ class KmsApp:
             raise errors.RequestEntityTooLargeException(f"Request body exceeds {self.max_body} bytes.")
         body = environ["wsgi.input"].read(length) if length else b""
         target = headers.get("x-amz-target", "")
-        operation = target[len(TARGET_PREFIX):] if target.startswith(TARGET_PREFIX) else ""
+        operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
         ctx = RequestContext(
             request_id=request_id,
             source_address=environ.get("REMOTE_ADDR", ""),
@@ -145,15 +168,31 @@ class KmsApp:
         )
         try:
             principal = verify_request(
-                method=environ.get("REQUEST_METHOD", "POST"), path=path,
-                query=environ.get("QUERY_STRING", ""), headers=headers, body=body,
-                region=self.service.region, lookup=self.service.authenticate, now=self.clock.now(),
+                method=environ.get("REQUEST_METHOD", "POST"),
+                path=path,
+                query=environ.get("QUERY_STRING", ""),
+                headers=headers,
+                body=body,
+                region=self.service.region,
+                lookup=self.service.authenticate,
+                now=self.clock.now(),
             )
         except errors.KMSError as error:
-            self.service.record_refused(operation or target[:100] or "(none)", ctx, error)
+            claimed = _CLAIMED_KEY.search(headers.get("authorization", ""))
+            self.service.record_refused(
+                operation or target[:100] or "(none)",
+                ctx,
+                error,
+                access_key_id=claimed.group(1)[:128] if claimed else None,
+            )
             raise
-        ctx = RequestContext(request_id=ctx.request_id, source_address=ctx.source_address,
-                             principal=principal, user_agent=ctx.user_agent, caller=ctx.caller)
+        ctx = RequestContext(
+            request_id=ctx.request_id,
+            source_address=ctx.source_address,
+            principal=principal,
+            user_agent=ctx.user_agent,
+            caller=ctx.caller,
+        )
         if not operation:
             error = errors.UnknownOperationException(f"Unknown X-Amz-Target '{target[:100]}'.")
             self.service.record_refused(target[:100] or "(none)", ctx, error)
@@ -173,15 +212,28 @@ class KmsApp:
         body_out = json.dumps(_encode(result), separators=(",", ":")).encode("utf-8")
         return self._reply(start_response, "200 OK", CONTENT_TYPE, body_out, request_id)
 
-    def _error(self, start_response: StartResponse, error: errors.KMSError, request_id: str) -> Iterable[bytes]:
+    def _error(
+        self, start_response: StartResponse, error: errors.KMSError, request_id: str
+    ) -> Iterable[bytes]:
         body = json.dumps({"__type": error.aws_type, "message": error.message}).encode("utf-8")
-        status = {400: "400 Bad Request", 404: "404 Not Found", 413: "413 Request Entity Too Large",
-                  500: "500 Internal Server Error"}.get(error.status, f"{error.status} Error")
+        status = {
+            400: "400 Bad Request",
+            404: "404 Not Found",
+            413: "413 Request Entity Too Large",
+            500: "500 Internal Server Error",
+        }.get(error.status, f"{error.status} Error")
         return self._reply(start_response, status, CONTENT_TYPE, body, request_id)
 
     @staticmethod
-    def _reply(start_response: StartResponse, status: str, content_type: str, body: bytes,
-               request_id: str) -> Iterable[bytes]:
-        start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                                ("x-amzn-RequestId", request_id)])
+    def _reply(
+        start_response: StartResponse, status: str, content_type: str, body: bytes, request_id: str
+    ) -> Iterable[bytes]:
+        start_response(
+            status,
+            [
+                ("Content-Type", content_type),
+                ("Content-Length", str(len(body))),
+                ("x-amzn-RequestId", request_id),
+            ],
+        )
         return [body]

@@ -73,8 +73,12 @@ def _root_source(args: argparse.Namespace, *, confirm: bool) -> rootkey.RootKeyS
 
 
 def _write_credentials(path: Path, creds: bootstrap.Credentials, endpoint: str, region: str) -> None:
-    payload = {"endpoint": endpoint, "region": region, "access_key_id": creds.access_key_id,
-               "secret_access_key": creds.secret_access_key}
+    payload = {
+        "endpoint": endpoint,
+        "region": region,
+        "access_key_id": creds.access_key_id,
+        "secret_access_key": creds.secret_access_key,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -93,8 +97,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     if (data_dir / rootkey.ROOT_CONFIG_NAME).exists():
         raise CliError(f"{data_dir} is already initialised")
     root_key = rootkey.create_root_config(data_dir, _root_source(args, confirm=True))
-    creds = bootstrap.initialize(data_dir, root_key, region=args.region,
-                                 account_id=args.account_id or _new_account_id())
+    creds = bootstrap.initialize(
+        data_dir, root_key, region=args.region, account_id=args.account_id or _new_account_id()
+    )
     print(f"Initialised {data_dir} (region {args.region}).")
     print("Admin credentials (shown once; keep them safe):")
     print(f"  access_key_id:     {creds.access_key_id}")
@@ -120,8 +125,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             creds = bootstrap.admin_credentials(data_dir, root_key)
         else:
             root_key = rootkey.create_root_config(data_dir, rootkey.RootKeySource.dev())
-            creds = bootstrap.initialize(data_dir, root_key, region=args.region or DEFAULT_REGION,
-                                         account_id=_new_account_id())
+            creds = bootstrap.initialize(
+                data_dir, root_key, region=args.region or DEFAULT_REGION, account_id=_new_account_id()
+            )
     else:
         if not args.data_dir:
             raise CliError("--data-dir is required (or use --dev)")
@@ -131,9 +137,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = bootstrap.open_service(data_dir, root_key, clock=SystemClock())
     del root_key
     app = KmsApp(service, SystemClock(), max_body=args.max_body)
-    server = waitress.create_server(app, host=host, port=port, threads=args.threads,
-                                    max_request_body_size=args.max_body, ident="keyservice",
-                                    clear_untrusted_proxy_headers=True)
+    server = waitress.create_server(
+        app,
+        host=host,
+        port=port,
+        threads=args.threads,
+        max_request_body_size=args.max_body,
+        ident="keyservice",
+        clear_untrusted_proxy_headers=True,
+    )
     endpoint = f"http://{host}:{server.effective_port}"
 
     def stop(signum: int, frame: Any) -> None:
@@ -162,8 +174,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_list(args: argparse.Namespace) -> int:
-    records = audit.query(Path(args.data_dir), key=args.key, operation=args.operation, since=args.since,
-                          until=args.until, file=args.file, principal=args.principal)
+    records = audit.query(
+        Path(args.data_dir),
+        key=args.key,
+        operation=args.operation,
+        since=args.since,
+        until=args.until,
+        file=args.file,
+        principal=args.principal,
+    )
     if args.json:
         for record in records:
             print(json.dumps(record, sort_keys=True))
@@ -179,20 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the AWS KMS protocol")
     serve.add_argument("--dev", action="store_true", help="no-setup dev mode (root key kept in the data dir)")
-    serve.add_argument("--listen", type=_parse_listen, default=_parse_listen(DEFAULT_LISTEN), metavar="HOST:PORT")
-    serve.add_argument("--data-dir", help="data directory (dev mode: created if missing, temporary if omitted)")
-    serve.add_argument("--credentials-out", metavar="FILE", help="dev mode: write endpoint and admin credentials")
+    serve.add_argument(
+        "--listen", type=_parse_listen, default=_parse_listen(DEFAULT_LISTEN), metavar="HOST:PORT"
+    )
+    serve.add_argument(
+        "--data-dir", help="data directory (dev mode: created if missing, temporary if omitted)"
+    )
+    serve.add_argument(
+        "--credentials-out", metavar="FILE", help="dev mode: write endpoint and admin credentials"
+    )
     serve.add_argument("--region", help=f"dev mode: region of a new store (default {DEFAULT_REGION})")
     serve.add_argument("--root-key-file", metavar="FILE", help="root key file (kept outside the data dir)")
     serve.add_argument("--threads", type=int, default=8)
     serve.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
     serve.set_defaults(func=cmd_serve)
 
-    init = sub.add_parser("init", help=f"create a real store; root key from --root-key-file or "
-                                       f"{rootkey.PASSPHRASE_ENV} / a prompt (scrypt)")
+    init = sub.add_parser(
+        "init",
+        help=f"create a real store; root key from --root-key-file or "
+        f"{rootkey.PASSPHRASE_ENV} / a prompt (scrypt)",
+    )
     init.add_argument("--data-dir", required=True)
-    init.add_argument("--root-key-file", metavar="FILE",
-                      help="root key file outside the data dir (created with 32 random bytes if missing)")
+    init.add_argument(
+        "--root-key-file",
+        metavar="FILE",
+        help="root key file outside the data dir (created with 32 random bytes if missing)",
+    )
     init.add_argument("--region", default=DEFAULT_REGION)
     init.add_argument("--account-id", help="12-digit account id (random if omitted)")
     init.add_argument("--credentials-out", metavar="FILE", help="write the admin credentials as JSON")
@@ -216,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args))
     except (CliError, rootkey.RootKeyError) as error:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
+from unittest import mock
 
 import boto3
 import pytest
@@ -39,8 +40,11 @@ def test_create_describe_list_update(kms, key) -> None:
     kms.update_key_description(KeyId=key["KeyId"], Description="renamed")
     described = kms.describe_key(KeyId=key["Arn"])["KeyMetadata"]
     assert described["Description"] == "renamed" and described["KeyId"] == key["KeyId"]
-    ids = {k["KeyId"] for page in kms.get_paginator("list_keys").paginate(PaginationConfig={"PageSize": 1})
-           for k in page["Keys"]}
+    ids = {
+        k["KeyId"]
+        for page in kms.get_paginator("list_keys").paginate(PaginationConfig={"PageSize": 1})
+        for k in page["Keys"]
+    }
     assert key["KeyId"] in ids
 
 
@@ -103,8 +107,10 @@ def test_generate_data_key_variants(kms, key) -> None:
     for spec, size in (("AES_256", 32), ("AES_128", 16)):
         out = kms.generate_data_key(KeyId=key["KeyId"], KeySpec=spec, EncryptionContext={"f": "1"})
         assert len(out["Plaintext"]) == size and out["KeyId"] == key["Arn"]
-        assert kms.decrypt(CiphertextBlob=out["CiphertextBlob"], EncryptionContext={"f": "1"})[
-            "Plaintext"] == out["Plaintext"]
+        assert (
+            kms.decrypt(CiphertextBlob=out["CiphertextBlob"], EncryptionContext={"f": "1"})["Plaintext"]
+            == out["Plaintext"]
+        )
     out = kms.generate_data_key(KeyId=key["KeyId"], NumberOfBytes=1024)
     assert len(out["Plaintext"]) == 1024
     bare = kms.generate_data_key_without_plaintext(KeyId=key["KeyId"], KeySpec="AES_256")
@@ -157,14 +163,17 @@ def test_unknown_access_key_is_refused(keyservice_dev) -> None:
 
 def _signed(keyservice_dev, target: str, body: bytes, *, when: datetime | None = None) -> dict[str, str]:
     creds = keyservice_dev.credentials
-    request = AWSRequest(method="POST", url=keyservice_dev.endpoint + "/", data=body,
-                         headers={"Content-Type": "application/x-amz-json-1.1",
-                                  "X-Amz-Target": f"TrentService.{target}"})
-    auth = SigV4Auth(Credentials(creds["access_key_id"], creds["secret_access_key"]), "kms",
-                     keyservice_dev.region)
-    if when is not None:
-        auth._timestamp = lambda: when.strftime("%Y%m%dT%H%M%SZ")  # botocore's own hook for the date
-    auth.add_auth(request)
+    request = AWSRequest(
+        method="POST",
+        url=keyservice_dev.endpoint + "/",
+        data=body,
+        headers={"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": f"TrentService.{target}"},
+    )
+    auth = SigV4Auth(
+        Credentials(creds["access_key_id"], creds["secret_access_key"]), "kms", keyservice_dev.region
+    )
+    with mock.patch("botocore.auth.get_current_datetime", return_value=when or datetime.now(UTC)):
+        auth.add_auth(request)
     return dict(request.headers.items())
 
 
@@ -173,8 +182,9 @@ def test_tampered_body_is_refused(keyservice_dev) -> None:
     headers = _signed(keyservice_dev, "GenerateRandom", body)
     ok = requests.post(keyservice_dev.endpoint + "/", data=body, headers=headers, timeout=10)
     assert ok.status_code == 200 and len(base64.b64decode(ok.json()["Plaintext"])) == 8
-    reply = requests.post(keyservice_dev.endpoint + "/", data=body.replace(b"8", b"9"), headers=headers,
-                          timeout=10)
+    reply = requests.post(
+        keyservice_dev.endpoint + "/", data=body.replace(b"8", b"9"), headers=headers, timeout=10
+    )
     assert reply.status_code == 400 and reply.json()["__type"] == "InvalidSignatureException"
 
 
@@ -187,33 +197,49 @@ def test_stale_date_is_refused(keyservice_dev) -> None:
 
 
 def test_no_auth_is_refused(keyservice_dev) -> None:
-    reply = requests.post(keyservice_dev.endpoint + "/", data=b"{}", timeout=10,
-                          headers={"Content-Type": "application/x-amz-json-1.1",
-                                   "X-Amz-Target": "TrentService.ListKeys"})
+    reply = requests.post(
+        keyservice_dev.endpoint + "/",
+        data=b"{}",
+        timeout=10,
+        headers={"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "TrentService.ListKeys"},
+    )
     assert reply.status_code == 400 and reply.json()["__type"] == "MissingAuthenticationTokenException"
 
 
 def test_unknown_operation_and_bad_json(keyservice_dev) -> None:
-    reply = requests.post(keyservice_dev.endpoint + "/", data=b"{}", timeout=10,
-                          headers=_signed(keyservice_dev, "NoSuchThing", b"{}"))
+    reply = requests.post(
+        keyservice_dev.endpoint + "/",
+        data=b"{}",
+        timeout=10,
+        headers=_signed(keyservice_dev, "NoSuchThing", b"{}"),
+    )
     assert reply.json()["__type"] == "UnknownOperationException"
-    reply = requests.post(keyservice_dev.endpoint + "/", data=b"{nope", timeout=10,
-                          headers=_signed(keyservice_dev, "ListKeys", b"{nope"))
+    reply = requests.post(
+        keyservice_dev.endpoint + "/",
+        data=b"{nope",
+        timeout=10,
+        headers=_signed(keyservice_dev, "ListKeys", b"{nope"),
+    )
     assert reply.json()["__type"] == "SerializationException"
 
 
 def test_body_limit(keyservice_dev) -> None:
     body = json.dumps({"KeyId": "alias/x", "Plaintext": "A" * (400 * 1024)}).encode()
-    reply = requests.post(keyservice_dev.endpoint + "/", data=body, timeout=10,
-                          headers=_signed(keyservice_dev, "Encrypt", body))
+    reply = requests.post(
+        keyservice_dev.endpoint + "/", data=body, timeout=10, headers=_signed(keyservice_dev, "Encrypt", body)
+    )
     assert reply.status_code == 413
 
 
 def test_keep_alive(keyservice_dev) -> None:
     with requests.Session() as session:
         for _ in range(3):
-            reply = session.post(keyservice_dev.endpoint + "/", data=b"{}", timeout=10,
-                                 headers=_signed(keyservice_dev, "ListKeys", b"{}"))
+            reply = session.post(
+                keyservice_dev.endpoint + "/",
+                data=b"{}",
+                timeout=10,
+                headers=_signed(keyservice_dev, "ListKeys", b"{}"),
+            )
             assert reply.status_code == 200
             assert reply.headers.get("Connection", "").lower() != "close"
 
@@ -221,7 +247,8 @@ def test_keep_alive(keyservice_dev) -> None:
 def test_every_request_is_audited(keyservice_dev, kms, key) -> None:
     marker = {"audit-marker": uuid.uuid4().hex}
     blob = kms.encrypt(KeyId=key["KeyId"], Plaintext=b"audited plaintext", EncryptionContext=marker)[
-        "CiphertextBlob"]
+        "CiphertextBlob"
+    ]
     with pytest.raises(ClientError):
         kms.decrypt(CiphertextBlob=blob, EncryptionContext={"audit-marker": "wrong"})
     with pytest.raises(ClientError):
@@ -230,10 +257,17 @@ def test_every_request_is_audited(keyservice_dev, kms, key) -> None:
     mine = [r for r in records if r.get("encryption_context") == marker]
     assert len(mine) == 1 and mine[0]["operation"] == "Encrypt"
     assert mine[0]["key_id"] == key["Arn"] and mine[0]["principal"]
-    failed = [r for r in records if r["operation"] == "Decrypt" and r.get("error_code") == "InvalidCiphertextException"]
+    failed = [
+        r
+        for r in records
+        if r["operation"] == "Decrypt" and r.get("error_code") == "InvalidCiphertextException"
+    ]
     assert failed
-    refused = [r for r in records if r["operation"] == "ListAliases" and r.get("error_code") ==
-               "InvalidSignatureException"]
+    refused = [
+        r
+        for r in records
+        if r["operation"] == "ListAliases" and r.get("error_code") == "InvalidSignatureException"
+    ]
     assert refused and refused[-1]["principal"] in (None, "")
     raw = (keyservice_dev.data_dir / "audit" / "audit.log").read_bytes()
     assert b"audited plaintext" not in raw
@@ -243,30 +277,94 @@ def test_every_request_is_audited(keyservice_dev, kms, key) -> None:
 
 def test_audit_list_cli(keyservice_dev, kms, key) -> None:
     kms.encrypt(KeyId=key["KeyId"], Plaintext=b"x")
-    out = subprocess.run([sys.executable, "-m", "keyservice", "audit", "list", "--data-dir",
-                          str(keyservice_dev.data_dir), "--key", key["KeyId"], "--operation", "Encrypt",
-                          "--json"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keyservice",
+            "audit",
+            "list",
+            "--data-dir",
+            str(keyservice_dev.data_dir),
+            "--key",
+            key["KeyId"],
+            "--operation",
+            "Encrypt",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     records = [json.loads(line) for line in out.splitlines()]
     assert records and all(r["operation"] == "Encrypt" and r["key_id"] == key["Arn"] for r in records)
     future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
-    out = subprocess.run([sys.executable, "-m", "keyservice", "audit", "list", "--data-dir",
-                          str(keyservice_dev.data_dir), "--since", future, "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keyservice",
+            "audit",
+            "list",
+            "--data-dir",
+            str(keyservice_dev.data_dir),
+            "--since",
+            future,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip() == ""
-    table = subprocess.run([sys.executable, "-m", "keyservice", "audit", "list", "--data-dir",
-                            str(keyservice_dev.data_dir), "--key", key["KeyId"]],
-                           capture_output=True, text=True, check=True).stdout
+    table = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keyservice",
+            "audit",
+            "list",
+            "--data-dir",
+            str(keyservice_dev.data_dir),
+            "--key",
+            key["KeyId"],
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "Encrypt" in table
 
 
 def test_aws_cli_unchanged(keyservice_dev, key) -> None:
     creds = keyservice_dev.credentials
-    env = {"AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
-           "AWS_DEFAULT_REGION": keyservice_dev.region, "PATH": "/usr/bin:/bin",
-           "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
-    out = subprocess.run([sys.executable, "-m", "awscli", "--endpoint-url", keyservice_dev.endpoint, "kms",
-                          "describe-key", "--key-id", key["KeyId"], "--output", "json"],
-                         capture_output=True, text=True, env=env, timeout=60)
+    env = {
+        "AWS_ACCESS_KEY_ID": creds["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
+        "AWS_DEFAULT_REGION": keyservice_dev.region,
+        "PATH": "/usr/bin:/bin",
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "awscli",
+            "--endpoint-url",
+            keyservice_dev.endpoint,
+            "kms",
+            "describe-key",
+            "--key-id",
+            key["KeyId"],
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["KeyMetadata"]["Arn"] == key["Arn"]
 
@@ -276,5 +374,6 @@ def test_boto3_session_default_chain(keyservice_dev, monkeypatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds["access_key_id"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds["secret_access_key"])
     client = boto3.session.Session(region_name=keyservice_dev.region).client(
-        "kms", endpoint_url=keyservice_dev.endpoint)
+        "kms", endpoint_url=keyservice_dev.endpoint
+    )
     assert "Keys" in client.list_keys()
