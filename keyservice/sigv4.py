@@ -171,11 +171,15 @@ def verify_request(
     access_key_id, scope_parts, signed, signature = parse_authorization(authorization)
     amz_date = headers.get("x-amz-date", "")
     if not amz_date:
-        raise IncompleteSignatureException("Authorization header requires existence of a 'X-Amz-Date' header.")
+        raise IncompleteSignatureException(
+            "Authorization header requires existence of a 'X-Amz-Date' header."
+        )
     try:
         request_time = datetime.strptime(amz_date, AMZ_DATE_FORMAT).replace(tzinfo=UTC)
     except ValueError:
-        raise IncompleteSignatureException(f"X-Amz-Date '{amz_date[:40]}' is not in ISO 8601 basic format.") from None
+        raise IncompleteSignatureException(
+            f"X-Amz-Date '{amz_date[:40]}' is not in ISO 8601 basic format."
+        ) from None
     date, scope_region, scope_service, terminator = scope_parts
     if date != amz_date[:8]:
         raise InvalidSignatureException(

@@ -61,8 +61,20 @@ def start_dev_service(base: Path, *extra: str) -> DevKeyService:
     data_dir = base / "keyservice-data"
     creds = base / "credentials.json"
     log_file = base / "keyservice.log"
-    cmd = [sys.executable, "-m", "keyservice", "serve", "--dev", "--listen", f"127.0.0.1:{port}",
-           "--data-dir", str(data_dir), "--credentials-out", str(creds), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "keyservice",
+        "serve",
+        "--dev",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--data-dir",
+        str(data_dir),
+        "--credentials-out",
+        str(creds),
+        *extra,
+    ]
     log = log_file.open("ab")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     endpoint = f"http://127.0.0.1:{port}"

@@ -40,8 +40,14 @@ def _botocore_headers(body: bytes = BODY, region: str = "us-east-1") -> dict[str
 
 def _verify(headers: dict[str, str], body: bytes = BODY, now: datetime | None = None) -> str:
     return verify_request(
-        method="POST", path="/", query="", headers=headers, body=body, region="us-east-1",
-        lookup=_lookup, now=now or datetime.now(UTC),
+        method="POST",
+        path="/",
+        query="",
+        headers=headers,
+        body=body,
+        region="us-east-1",
+        lookup=_lookup,
+        now=now or datetime.now(UTC),
     )
 
 
@@ -59,16 +65,34 @@ def test_our_signature_equals_botocores() -> None:
     theirs = _botocore_headers()
     base = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "TrentService.DescribeKey"}
     moment = datetime.strptime(theirs["x-amz-date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-    ours = sign_request(method="POST", url=URL, headers=base, body=BODY, access_key_id=AKID,
-                        secret_access_key=SECRET, region="us-east-1", now=moment)
+    ours = sign_request(
+        method="POST",
+        url=URL,
+        headers=base,
+        body=BODY,
+        access_key_id=AKID,
+        secret_access_key=SECRET,
+        region="us-east-1",
+        now=moment,
+    )
     assert ours["Authorization"].split("Signature=")[1] == theirs["authorization"].split("Signature=")[1]
 
 
 def test_kmsfs_headers_are_signed() -> None:
-    base = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "TrentService.Decrypt",
-            "X-Kmsfs-Caller": '{"path": "/a"}'}
-    added = sign_request(method="POST", url=URL, headers=base, body=BODY, access_key_id=AKID,
-                         secret_access_key=SECRET, region="us-east-1")
+    base = {
+        "Content-Type": "application/x-amz-json-1.1",
+        "X-Amz-Target": "TrentService.Decrypt",
+        "X-Kmsfs-Caller": '{"path": "/a"}',
+    }
+    added = sign_request(
+        method="POST",
+        url=URL,
+        headers=base,
+        body=BODY,
+        access_key_id=AKID,
+        secret_access_key=SECRET,
+        region="us-east-1",
+    )
     assert "x-kmsfs-caller" in added["Authorization"]
     headers = {k.lower(): v for k, v in {**base, **added}.items()} | {"host": "127.0.0.1:8600"}
     _verify(headers)
@@ -85,8 +109,16 @@ def test_tampered_body_is_refused() -> None:
 def test_wrong_secret_is_refused() -> None:
     headers = _botocore_headers()
     with pytest.raises(errors.InvalidSignatureException):
-        verify_request(method="POST", path="/", query="", headers=headers, body=BODY, region="us-east-1",
-                       lookup=lambda a: ("not-the-secret", "p"), now=datetime.now(UTC))
+        verify_request(
+            method="POST",
+            path="/",
+            query="",
+            headers=headers,
+            body=BODY,
+            region="us-east-1",
+            lookup=lambda a: ("not-the-secret", "p"),
+            now=datetime.now(UTC),
+        )
 
 
 def test_unknown_access_key_is_refused() -> None:
@@ -132,8 +164,15 @@ def test_other_region_is_refused() -> None:
 
 def test_host_must_be_signed() -> None:
     base = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "TrentService.DescribeKey"}
-    added = sign_request(method="POST", url=URL, headers=base, body=BODY, access_key_id=AKID,
-                         secret_access_key=SECRET, region="us-east-1")
+    added = sign_request(
+        method="POST",
+        url=URL,
+        headers=base,
+        body=BODY,
+        access_key_id=AKID,
+        secret_access_key=SECRET,
+        region="us-east-1",
+    )
     added["Authorization"] = added["Authorization"].replace("host;", "")
     headers = {k.lower(): v for k, v in {**base, **added}.items()} | {"host": "127.0.0.1:8600"}
     with pytest.raises(errors.InvalidSignatureException, match="host"):

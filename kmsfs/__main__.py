@@ -1,0 +1,7 @@
+"""``python -m kmsfs`` = the ``kmsfs`` console script."""
+
+import sys
+
+from kmsfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,281 @@
+"""``kmsfs`` command line: init, mount, umount, info.
+
+Why mount forks instead of letting libfuse daemonize: libfuse's own daemonizing happens after
+fusepy has started nothing, but it cannot tell the parent "the mount is ready" or "it failed and
+why". Here the parent forks before any thread or connection exists, the child mounts in the
+foreground of its own session and writes one byte to a pipe from FUSE's ``init`` callback; the
+parent returns 0 only after that byte (and ``os.path.ismount``), or prints the log tail and exits
+non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kmsfs.config import CONFIG_NAME, Config, ConfigError
+from kmsfs.format import HEADER_XATTR, CorruptHeader, parse_header, plain_size
+from kmsfs.keyclient import (
+    DEFAULT_REGION,
+    Credentials,
+    KeyClient,
+    KeyServiceError,
+    KeyServiceUnavailable,
+    load_credentials,
+)
+
+MOUNT_TIMEOUT = 30.0
+LOG_NAME = ".kmsfs.log"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _credentials(path: str | None) -> Credentials:
+    try:
+        return load_credentials(path)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    cipherdir = Path(args.cipherdir)
+    creds = _credentials(args.credentials)
+    endpoint = args.endpoint or creds.endpoint
+    if not endpoint:
+        raise CliError("no endpoint: pass --endpoint URL")
+    region = args.region or creds.region or DEFAULT_REGION
+    cipherdir.mkdir(parents=True, exist_ok=True)
+    if (cipherdir / CONFIG_NAME).exists() and not args.force:
+        raise CliError(f"{cipherdir} is already initialised ({CONFIG_NAME} exists)")
+    if any(not p.name.startswith(".kmsfs") for p in cipherdir.iterdir()) and not args.force:
+        raise CliError(f"{cipherdir} is not empty")
+    client = KeyClient(endpoint, region, creds)
+    try:
+        meta = client.describe_key(args.key)
+    except KeyServiceError as exc:
+        raise CliError(f"key {args.key!r} refused by the key service: {exc}") from None
+    except KeyServiceUnavailable as exc:
+        raise CliError(str(exc)) from None
+    if meta.get("Enabled") is False or meta.get("KeyState", "Enabled") != "Enabled":
+        raise CliError(f"key {args.key!r} is not enabled (state {meta.get('KeyState')})")
+    arn = str(meta.get("Arn") or meta.get("KeyId"))
+    path = Config(endpoint=endpoint, region=region, key_id=args.key, key_arn=arn).save(cipherdir)
+    print(f"initialised {cipherdir} with key {arn} (config {path})")
+    return 0
+
+
+def _build(cipherdir: str, credentials: str | None) -> tuple[Config, KeyClient]:
+    try:
+        config = Config.load(cipherdir)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    creds = _credentials(credentials)
+    return config, KeyClient(config.endpoint, config.region, creds)
+
+
+def _check_service(client: KeyClient, config: Config) -> None:
+    """Fail fast on a wrong endpoint or bad credentials; a usage-only principal may not describe."""
+    try:
+        client.describe_key(config.key_arn)
+    except KeyServiceUnavailable as exc:
+        raise CliError(f"cannot mount: {exc}") from None
+    except KeyServiceError as exc:
+        if exc.code != "AccessDeniedException":
+            raise CliError(f"cannot mount: key service refused: {exc}") from None
+    finally:
+        client.close()
+
+
+def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other: bool,
+           ready_fd: int | None, debug: bool) -> None:
+    """Run the FUSE loop in this process (foreground)."""
+    from kmsfs._fuse import FUSE
+    from kmsfs.core import KmsfsCore
+    from kmsfs.operations import KmsfsOperations
+
+    config, client = _build(cipherdir, credentials)
+    core = KmsfsCore(cipherdir, config, client)
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"R")
+            os.close(ready_fd)
+
+    ops = KmsfsOperations(core, on_ready=ready)
+    options: dict[str, object] = {
+        "foreground": True, "nothreads": False, "raw_fi": True, "fsname": "kmsfs",
+        "subtype": "kmsfs", "use_ino": True, "default_permissions": True, "big_writes": True,
+        "max_read": 131072, "debug": debug,
+    }
+    if allow_other:
+        options["allow_other"] = True
+    FUSE(ops, mountpoint, **options)
+
+
+def _setup_logging(log_file: str | None, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if log_file:
+        logging.basicConfig(filename=log_file, level=level, format=fmt, force=True)
+    else:
+        logging.basicConfig(stream=sys.stderr, level=level, format=fmt, force=True)
+    logging.getLogger("fuse").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    cipherdir = os.path.abspath(args.cipherdir)
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise CliError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise CliError(f"{mountpoint} is already a mount point")
+    credentials = os.path.abspath(args.credentials) if args.credentials else None
+    config, client = _build(cipherdir, credentials)
+    _check_service(client, config)
+    log_file = os.path.abspath(args.log) if args.log else os.path.join(cipherdir, LOG_NAME)
+    if args.foreground:
+        _setup_logging(args.log, args.verbose)
+        _serve(cipherdir, mountpoint, credentials, args.allow_other, None, args.verbose)
+        return 0
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: become the daemon
+        os.close(read_fd)
+        code = 0
+        try:
+            os.setsid()
+            os.chdir("/")  # do not keep the caller's working directory busy
+            devnull = os.open(os.devnull, os.O_RDWR)
+            logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(devnull, 0)
+            os.dup2(logfd, 1)
+            os.dup2(logfd, 2)
+            _setup_logging(log_file, args.verbose)
+            _serve(cipherdir, mountpoint, credentials, args.allow_other, write_fd, args.verbose)
+        except BaseException as exc:  # noqa: BLE001 - the daemon must report, never re-enter main
+            logging.getLogger("kmsfs").error("mount failed: %s", exc, exc_info=True)
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    return _await_ready(pid, read_fd, mountpoint, log_file)
+
+
+def _await_ready(pid: int, read_fd: int, mountpoint: str, log_file: str) -> int:
+    import select
+
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    got = b""
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([read_fd], [], [], 0.2)
+        if r:
+            got = os.read(read_fd, 1)
+            break
+    os.close(read_fd)
+    if got == b"R":
+        while time.monotonic() < deadline and not os.path.ismount(mountpoint):
+            time.sleep(0.05)
+        if os.path.ismount(mountpoint):
+            print(f"mounted at {mountpoint} (pid {pid}, log {log_file})")
+            return 0
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done == 0:  # still running but not ready: give up on it
+        os.kill(pid, 15)
+    tail = ""
+    try:
+        tail = "".join(Path(log_file).read_text(errors="replace").splitlines(True)[-10:])
+    except OSError:
+        pass
+    raise CliError(f"mount of {mountpoint} failed (see {log_file})\n{tail}".rstrip())
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.ismount(mountpoint):
+        raise CliError(f"{mountpoint} is not mounted")
+    attempts = [[t, "-u", mountpoint] for t in ("fusermount", "fusermount3") if shutil.which(t)]
+    attempts.append(["umount", mountpoint])
+    errors = []
+    for cmd in attempts:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            return 0
+        errors.append(f"{cmd[0]}: {proc.stderr.strip()}")
+    raise CliError("unmount failed: " + "; ".join(errors))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Show the header of a backing file (works without the key service)."""
+    path = args.path
+    try:
+        header = parse_header(os.getxattr(path, HEADER_XATTR))
+    except OSError as exc:
+        raise CliError(f"{path}: no kmsfs header ({exc.strerror})") from None
+    except CorruptHeader as exc:
+        raise CliError(f"{path}: corrupt header: {exc}") from None
+    info = {
+        "path": path, "format_version": header.version, "block_size": header.block_size,
+        "file_id": header.file_id.hex(), "key_arn": header.key_arn,
+        "wrapped_key_bytes": len(header.wrapped_key),
+        "encryption_context": header.encryption_context(),
+        "backing_size": os.path.getsize(path),
+        "plaintext_size": plain_size(os.path.getsize(path), header.block_size),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kmsfs", description="Encrypted FUSE filesystem over a KMS.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="initialise a cipherdir")
+    s.add_argument("cipherdir")
+    s.add_argument("--endpoint", help="key service URL (default: from credentials/env)")
+    s.add_argument("--key", required=True, help="key id, ARN, alias/name or alias ARN")
+    s.add_argument("--credentials", help="JSON credentials file (default: AWS env vars)")
+    s.add_argument("--region")
+    s.add_argument("--force", action="store_true", help="overwrite an existing configuration")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("mount", help="mount a cipherdir")
+    s.add_argument("cipherdir")
+    s.add_argument("mountpoint")
+    s.add_argument("--credentials")
+    s.add_argument("--foreground", "-f", action="store_true")
+    s.add_argument("--allow-other", action="store_true")
+    s.add_argument("--log", help=f"daemon log file (default CIPHERDIR/{LOG_NAME})")
+    s.add_argument("--verbose", "-v", action="store_true")
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("umount", help="unmount")
+    s.add_argument("mountpoint")
+    s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("info", help="show the header of a backing file")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"kmsfs: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
