@@ -112,7 +112,8 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
 
     ops = KmsfsOperations(core, on_ready=ready)
     options: dict[str, object] = {
-        "foreground": True, "nothreads": False, "raw_fi": True, "fsname": "kmsfs",
+        "foreground": True, "nothreads": False, "raw_fi": True,
+        "fsname": os.path.realpath(cipherdir).replace("\\", "\\\\").replace(",", "\\,"),
         "subtype": "kmsfs", "use_ino": True, "default_permissions": True, "big_writes": True,
         "max_read": 131072, "debug": debug,
     }

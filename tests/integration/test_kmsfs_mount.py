@@ -325,7 +325,7 @@ def test_mount_fails_clearly_when_service_unreachable(tmp_path: Path, keyservice
 
 
 def test_service_outage_fails_new_opens_fast_keeps_open_files(tmp_path: Path) -> None:
-    from conftest import start_dev_service, stop_dev_service
+    from tests.conftest import start_dev_service, stop_dev_service
 
     (tmp_path / "svc").mkdir()
     service = start_dev_service(tmp_path / "svc")
