@@ -55,42 +55,61 @@ class DevKeyService:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def start_dev_service(base: Path, *extra: str) -> DevKeyService:
-    """Start ``keyservice serve --dev`` and wait until it answers /healthz (or fail with its log)."""
-    port = free_port()
-    data_dir = base / "keyservice-data"
-    creds = base / "credentials.json"
-    log_file = base / "keyservice.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "keyservice",
-        "serve",
-        "--dev",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--data-dir",
-        str(data_dir),
-        "--credentials-out",
-        str(creds),
-        *extra,
-    ]
-    log = log_file.open("ab")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    endpoint = f"http://127.0.0.1:{port}"
+def run_keyservice(
+    *args: str, env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run one ``keyservice`` command to completion and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "keyservice", *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=60, **kwargs,
+    )  # fmt: skip
+
+
+def spawn_keyservice(
+    log_file: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a long-running ``keyservice`` command with its output in ``log_file``."""
+    with log_file.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "keyservice", *args],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+
+
+def wait_healthy(
+    process: subprocess.Popen[bytes], endpoint: str, log_file: Path, ready_file: Path | None = None
+) -> None:
+    """Wait until the server answers /healthz (and ``ready_file`` exists), or fail with its log."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"keyservice exited with {process.returncode}:\n{log_file.read_text()}")
         try:
-            if creds.exists() and requests.get(endpoint + "/healthz", timeout=1).ok:
-                region = json.loads(creds.read_text())["region"]
-                return DevKeyService(process, endpoint, region, creds, data_dir, log_file)
-        except (requests.ConnectionError, ValueError, KeyError):
+            ready = ready_file is None or ready_file.exists()
+            if ready and requests.get(endpoint + "/healthz", timeout=1).ok:
+                return
+        except requests.ConnectionError:
             pass
-        time.sleep(0.1)
+        time.sleep(0.05)
     process.kill()
+    process.wait()
     raise RuntimeError(f"keyservice did not become ready:\n{log_file.read_text()}")
+
+
+def start_dev_service(base: Path, *extra: str) -> DevKeyService:
+    """Start ``keyservice serve --dev`` on a free loopback port and wait until it is ready."""
+    port = free_port()
+    data_dir = base / "keyservice-data"
+    creds = base / "credentials.json"
+    log_file = base / "keyservice.log"
+    endpoint = f"http://127.0.0.1:{port}"
+    process = spawn_keyservice(
+        log_file, "serve", "--dev", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
+        "--credentials-out", str(creds), *extra,
+    )  # fmt: skip
+    wait_healthy(process, endpoint, log_file, ready_file=creds)
+    region = json.loads(creds.read_text())["region"]
+    return DevKeyService(process, endpoint, region, creds, data_dir, log_file)
 
 
 def stop_dev_service(service: DevKeyService) -> None:

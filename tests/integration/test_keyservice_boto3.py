@@ -19,6 +19,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
+from tests.conftest import run_keyservice
+
 pytestmark = pytest.mark.integration
 
 
@@ -275,64 +277,21 @@ def test_every_request_is_audited(keyservice_dev, kms, key) -> None:
     assert keyservice_dev.credentials["secret_access_key"].encode() not in raw
 
 
+def audit_list(keyservice_dev, *args: str) -> str:
+    out = run_keyservice("audit", "list", "--data-dir", str(keyservice_dev.data_dir), *args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_audit_list_cli(keyservice_dev, kms, key) -> None:
     kms.encrypt(KeyId=key["KeyId"], Plaintext=b"x")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keyservice",
-            "audit",
-            "list",
-            "--data-dir",
-            str(keyservice_dev.data_dir),
-            "--key",
-            key["KeyId"],
-            "--operation",
-            "Encrypt",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = audit_list(keyservice_dev, "--key", key["KeyId"], "--operation", "Encrypt", "--json")
     records = [json.loads(line) for line in out.splitlines()]
     assert records and all(r["operation"] == "Encrypt" and r["key_id"] == key["Arn"] for r in records)
     future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keyservice",
-            "audit",
-            "list",
-            "--data-dir",
-            str(keyservice_dev.data_dir),
-            "--since",
-            future,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = audit_list(keyservice_dev, "--since", future, "--json")
     assert out.strip() == ""
-    table = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keyservice",
-            "audit",
-            "list",
-            "--data-dir",
-            str(keyservice_dev.data_dir),
-            "--key",
-            key["KeyId"],
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    table = audit_list(keyservice_dev, "--key", key["KeyId"])
     assert "Encrypt" in table
 
 

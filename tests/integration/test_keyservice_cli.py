@@ -12,56 +12,30 @@ from pathlib import Path
 
 import boto3
 import pytest
-import requests
 from botocore.exceptions import ClientError
 
-from tests.conftest import free_port, start_dev_service, stop_dev_service
+from tests.conftest import (
+    free_port,
+    run_keyservice,
+    spawn_keyservice,
+    start_dev_service,
+    stop_dev_service,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def _keyservice(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "keyservice", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=60,
-        **kwargs,
-    )
 
 
 def _serve(
     data_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "keyservice",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--listen",
-            f"127.0.0.1:{port}",
-            *args,
-        ],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
     endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        if process.poll() is not None:
-            break
-        try:
-            if requests.get(endpoint + "/healthz", timeout=1).ok:
-                return process, endpoint
-        except requests.ConnectionError:
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError(f"keyservice did not start:\n{log.read_text()}")
+    process = spawn_keyservice(
+        log, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}", *args, env=env
+    )
+    wait_healthy(process, endpoint, log)
+    return process, endpoint
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -147,7 +121,7 @@ def test_real_store_with_key_file(tmp_path: Path) -> None:
         tmp_path / "secret" / "root.key",
         tmp_path / "admin.json",
     )
-    out = _keyservice(
+    out = run_keyservice(
         "init",
         "--data-dir",
         str(data_dir),
@@ -160,7 +134,7 @@ def test_real_store_with_key_file(tmp_path: Path) -> None:
     creds = json.loads(creds_file.read_text())
     assert creds["secret_access_key"] in out.stdout  # shown once, at creation
     assert key_file.exists() and oct(key_file.stat().st_mode & 0o777) == "0o600"
-    again = _keyservice("init", "--data-dir", str(data_dir), "--root-key-file", str(key_file))
+    again = run_keyservice("init", "--data-dir", str(data_dir), "--root-key-file", str(key_file))
     assert again.returncode == 1 and "already initialised" in again.stderr
 
     process, endpoint = _serve(data_dir, tmp_path / "serve.log", "--root-key-file", str(key_file))
@@ -181,7 +155,7 @@ def test_real_store_with_key_file(tmp_path: Path) -> None:
             assert key_file.read_text().strip().encode() not in raw, path
     other_key = tmp_path / "other.key"
     other_key.write_text(os.urandom(32).hex())
-    wrong = _keyservice(
+    wrong = run_keyservice(
         "serve",
         "--data-dir",
         str(data_dir),
@@ -191,7 +165,7 @@ def test_real_store_with_key_file(tmp_path: Path) -> None:
         f"127.0.0.1:{free_port()}",
     )
     assert wrong.returncode == 1 and "does not match" in wrong.stderr
-    inside = _keyservice(
+    inside = run_keyservice(
         "init", "--data-dir", str(tmp_path / "d2"), "--root-key-file", str(tmp_path / "d2" / "root.key")
     )
     assert inside.returncode == 1 and "outside" in inside.stderr
@@ -200,7 +174,7 @@ def test_real_store_with_key_file(tmp_path: Path) -> None:
 def test_real_store_with_passphrase(tmp_path: Path) -> None:
     data_dir, creds_file = tmp_path / "data", tmp_path / "admin.json"
     env = {"KEYSERVICE_ROOT_PASSPHRASE": "correct horse battery staple"}
-    out = _keyservice("init", "--data-dir", str(data_dir), "--credentials-out", str(creds_file), env=env)
+    out = run_keyservice("init", "--data-dir", str(data_dir), "--credentials-out", str(creds_file), env=env)
     assert out.returncode == 0, out.stderr
     creds = json.loads(creds_file.read_text())
     process, endpoint = _serve(data_dir, tmp_path / "serve.log", env=env)
@@ -211,7 +185,7 @@ def test_real_store_with_passphrase(tmp_path: Path) -> None:
             _client(endpoint, {**creds, "secret_access_key": "x" * 40}).list_keys()
     finally:
         _stop(process)
-    wrong = _keyservice(
+    wrong = run_keyservice(
         "serve",
         "--data-dir",
         str(data_dir),
@@ -220,7 +194,7 @@ def test_real_store_with_passphrase(tmp_path: Path) -> None:
         env={"KEYSERVICE_ROOT_PASSPHRASE": "wrong"},
     )
     assert wrong.returncode == 1 and "passphrase" in wrong.stderr
-    missing = _keyservice(
+    missing = run_keyservice(
         "serve",
         "--data-dir",
         str(data_dir),
