@@ -1,31 +1,42 @@
-"""The audit log: one JSON line per request, durable before the reply, readable offline.
+"""The audit log format: records, the hash chain, signed checkpoints; writing and verifying them.
 
-Writing (``AuditLog.append``) opens ``DATA_DIR/audit/audit.log`` with O_APPEND, writes the
-whole line with one ``write`` and ``fsync``s under a lock. If anything fails the caller gets
+This is the one module that reads and writes ``DATA_DIR/audit/audit.log`` (specified in
+docs/AUDIT.md); reviewing (filters, tables, summaries) lives in ``audit_review``.
+
+Writing (``AuditLog.append``) writes each line with one ``write`` on an O_APPEND descriptor and
+``fsync``s it under a lock before returning. If anything fails the caller gets
 ``KMSInternalException``: a request that cannot be audited is not answered (fail closed).
 
-Each record carries ``prev_hash``, the SHA-256 of the previous line's bytes, so editing or
-deleting a line in the middle breaks the chain (``verify``). Truncating the tail is only
-detectable against an external copy of the last hash.
+Tamper evidence has three layers:
+
+* every line carries ``prev_hash``, the SHA-256 of the previous line, so an edited, inserted,
+  removed or reordered line breaks the chain;
+* every ``checkpoint_every`` records or ``checkpoint_seconds`` (whichever comes first), and at
+  clean shutdown, a *checkpoint* line is appended, signed (Ed25519) with the audit signing key,
+  which is sealed under the root key outside the log directory (``audit_signing``). Whoever can
+  rewrite the log cannot re-sign it, so a rewritten chain no longer matches its checkpoints;
+* the newest checkpoint is also written to ``DATA_DIR/audit-head.json`` (outside the log
+  directory), so cutting the tail of the log past a checkpoint is detected.
 
 Records never hold plaintext, key material, data keys, secrets or ciphertext blobs: the
-service builds them only from the fields listed in docs/AUDIT.md.
-
-Reading (``query``/``format_table``) needs no server and tolerates a partial last line
-(a write in progress, or a crash mid-write).
+service builds them only from the fields of ``build_record``.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
-import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from keyservice.context import RequestContext
 from keyservice.errors import KMSError, KMSInternalException
@@ -33,6 +44,11 @@ from keyservice.errors import KMSError, KMSInternalException
 RECORD_VERSION = 1
 AUDIT_DIR = "audit"
 AUDIT_FILE = "audit.log"
+HEAD_FILE = "audit-head.json"
+CHECKPOINT_TYPE = "checkpoint"
+CHECKPOINT_VERSION = 1
+DEFAULT_CHECKPOINT_EVERY = 100
+DEFAULT_CHECKPOINT_SECONDS = 60.0
 GENESIS_HASH = "0" * 64
 
 OUTCOME_SUCCESS = "success"
@@ -62,6 +78,11 @@ FIELDS = (
 
 def audit_path(data_dir: Path) -> Path:
     return Path(data_dir) / AUDIT_DIR / AUDIT_FILE
+
+
+def head_path(data_dir: Path) -> Path:
+    """Where the newest checkpoint is kept, outside the log directory."""
+    return Path(data_dir) / HEAD_FILE
 
 
 def format_time(when: datetime) -> str:
@@ -109,73 +130,211 @@ def build_record(
     }
 
 
-def _line_hash(line: bytes) -> str:
+def line_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
-def _last_line(path: Path) -> tuple[bytes | None, bool]:
-    """(last complete line or None, whether the file ends with a partial line)."""
+def _encode_line(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def _signed_bytes(checkpoint: Mapping[str, Any]) -> bytes:
+    """What a checkpoint signature covers: every field but the signature, canonically encoded."""
+    body = {k: v for k, v in checkpoint.items() if k != "signature"}
+    return b"kmsfs-audit-checkpoint-v1\n" + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def key_fingerprint(public_key: Ed25519PublicKey) -> str:
+    """SHA-256 of the raw public key, hex: what an operator pins and compares."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return hashlib.sha256(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()
+
+
+def is_checkpoint(record: Mapping[str, Any]) -> bool:
+    return record.get("type") == CHECKPOINT_TYPE
+
+
+def _split_lines(data: bytes) -> tuple[list[bytes], int]:
+    """Complete lines (without newline) and the length of the part up to the last newline."""
+    end = data.rfind(b"\n") + 1
+    return (data[:end].split(b"\n")[:-1] if end else []), end
+
+
+@dataclass
+class _Tail:
+    """What the writer must know of an existing log to continue it."""
+
+    prev_hash: str = GENESIS_HASH
+    records: int = 0  # request records since the start of the log
+    unsealed: int = 0  # request records after the last checkpoint
+    checkpoint_seq: int = 0
+    checkpoint_hash: str | None = None
+
+
+def _scan(path: Path) -> tuple[_Tail, int]:
+    """Read the log once at start-up; returns its tail state and the length of its complete part."""
     try:
-        size = path.stat().st_size
+        data = path.read_bytes()
     except FileNotFoundError:
-        return None, False
-    if size == 0:
-        return None, False
-    with path.open("rb") as f:
-        block = 1 << 16
-        pos = size
-        buf = b""
-        while pos > 0:
-            step = min(block, pos)
-            pos -= step
-            f.seek(pos)
-            buf = f.read(step) + buf
-            if buf.count(b"\n") >= 2 or pos == 0:
-                break
-    partial = not buf.endswith(b"\n")
-    lines = buf.split(b"\n")
-    complete = lines[:-1]  # everything before the last newline
-    return (complete[-1] if complete else None), partial
+        return _Tail(), 0
+    lines, complete = _split_lines(data)
+    tail = _Tail()
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = {}
+        if isinstance(record, dict) and is_checkpoint(record):
+            tail.checkpoint_seq = int(record.get("seq", tail.checkpoint_seq))
+            tail.checkpoint_hash = line_hash(line)
+            tail.unsealed = 0
+        else:
+            tail.records += 1
+            tail.unsealed += 1
+        tail.prev_hash = line_hash(line)
+    return tail, complete
 
 
 class AuditLog:
-    """Appends records durably. Thread-safe; one instance per data directory per process."""
+    """Appends records durably and seals them with signed checkpoints. Thread-safe.
 
-    def __init__(self, data_dir: Path) -> None:
+    One instance per data directory per process. Without a ``signer`` (unit tests of the record
+    format) no checkpoints are written and ``verify`` will report the log as unsealed.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        signer: Ed25519PrivateKey | None = None,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
+        now: Any = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
         self.path = audit_path(data_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.path.parent, 0o700)
+        self._signer = signer
+        self._every = checkpoint_every
+        self._seconds = checkpoint_seconds
+        self._now = now or (lambda: datetime.now(UTC))
         self._lock = threading.Lock()
-        last, partial = _last_line(self.path)
+        self._tail, complete = _scan(self.path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if partial:
-            # A crash left half a line; terminate it so the next record starts on its own line.
-            os.write(self._fd, b"\n")
+        if os.fstat(self._fd).st_size > complete:
+            # A crash left half a line. Its request was never answered (the reply waits for the
+            # fsync), so the fragment is dropped rather than left to break the chain.
+            os.ftruncate(self._fd, complete)
             os.fsync(self._fd)
-            last, _ = _last_line(self.path)
-        self._prev_hash = _line_hash(last) if last is not None else GENESIS_HASH
+        self._first_unsealed: datetime | None = None
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        if signer is not None:
+            if self._tail.unsealed:
+                # Records left unsealed by an unclean shutdown: seal them now, marked as late.
+                with self._lock:
+                    self._checkpoint_locked(recovered=True)
+            self._timer = threading.Thread(target=self._tick, name="audit-checkpoint", daemon=True)
+            self._timer.start()
+
+    # -- writing ----------------------------------------------------------------------------------
+    def _write_locked(self, body: dict[str, Any]) -> bytes:
+        body["prev_hash"] = self._tail.prev_hash
+        line = _encode_line(body)
+        data = line + b"\n"
+        if os.write(self._fd, data) != len(data):
+            raise OSError("short write to the audit log")
+        os.fsync(self._fd)
+        self._tail.prev_hash = line_hash(line)
+        return line
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Write one record and fsync it; raise KMSInternalException if that fails."""
         with self._lock:
+            if self._fd < 0:
+                raise KMSInternalException("The audit log is closed.")
             try:
-                body = dict(record)
-                body["prev_hash"] = self._prev_hash
-                line = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str).encode()
-                data = line + b"\n"
-                written = os.write(self._fd, data)
-                if written != len(data):
-                    raise OSError("short write to the audit log")
-                os.fsync(self._fd)
+                self._write_locked(dict(record))
+                self._tail.records += 1
+                self._tail.unsealed += 1
+                if self._first_unsealed is None:
+                    self._first_unsealed = self._now()
+                if self._signer is not None and self._tail.unsealed >= self._every:
+                    self._checkpoint_locked()
             except (OSError, ValueError, TypeError) as exc:
                 raise KMSInternalException("The request could not be recorded in the audit log.") from exc
-            self._prev_hash = _line_hash(line)
+
+    def _checkpoint_locked(self, *, recovered: bool = False) -> None:
+        assert self._signer is not None
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        checkpoint: dict[str, Any] = {
+            "type": CHECKPOINT_TYPE,
+            "version": CHECKPOINT_VERSION,
+            "seq": self._tail.checkpoint_seq + 1,
+            "time": format_time(self._now()),
+            "records": self._tail.records,
+            "sealed": self._tail.unsealed,
+            "recovered": recovered,
+            "previous_checkpoint": self._tail.checkpoint_hash,
+            "key": base64.b64encode(
+                self._signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            ).decode(),
+            "prev_hash": self._tail.prev_hash,
+        }
+        checkpoint["signature"] = base64.b64encode(self._signer.sign(_signed_bytes(checkpoint))).decode()
+        line = self._write_locked(checkpoint)
+        self._tail.checkpoint_seq = checkpoint["seq"]
+        self._tail.checkpoint_hash = line_hash(line)
+        self._tail.unsealed = 0
+        self._first_unsealed = None
+        _write_head(self.data_dir, line)
+
+    def checkpoint(self) -> None:
+        """Seal the records written so far (no-op when there are none)."""
+        with self._lock:
+            if self._signer is not None and self._fd >= 0 and self._tail.unsealed:
+                try:
+                    self._checkpoint_locked()
+                except OSError as exc:
+                    raise KMSInternalException("The audit log could not be checkpointed.") from exc
+
+    def _tick(self) -> None:
+        while not self._stop.wait(min(1.0, self._seconds / 4)):
+            first = self._first_unsealed
+            if first is not None and (self._now() - first).total_seconds() >= self._seconds:
+                try:
+                    self.checkpoint()
+                except KMSInternalException:
+                    pass  # the next append fails closed on the same disk problem
 
     def close(self) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(timeout=5)
+        try:
+            self.checkpoint()
+        except KMSInternalException:
+            pass
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _write_head(data_dir: Path, checkpoint_line: bytes) -> None:
+    """Atomically replace audit-head.json with the newest checkpoint line."""
+    path = head_path(data_dir)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, checkpoint_line + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- reading
@@ -194,160 +353,144 @@ def _read_lines(path: Path) -> Iterator[bytes]:
 
 
 def read_records(data_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every well-formed record in order; unparseable lines (torn by a crash) are skipped."""
+    """Every well-formed request record in order (checkpoints and unparseable lines skipped)."""
     for line in _read_lines(audit_path(data_dir)):
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict):
+        if isinstance(record, dict) and not is_checkpoint(record):
             yield record
 
 
-_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+# --------------------------------------------------------------------------- verifying
 
 
-def parse_time(text: str, *, now: datetime | None = None) -> datetime:
-    """Parse ``--since``/``--until``.
+@dataclass
+class VerifyReport:
+    """The outcome of ``verify``: ``problems[0]`` names the first bad line."""
 
-    Accepts RFC 3339 / ISO 8601 (naive means UTC), a date, or a span ago: ``15m``, ``2h``, ``7d``.
-    """
-    text = text.strip()
-    m = _RELATIVE.match(text)
-    if m:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
-        return (now or datetime.now(UTC)) - timedelta(**{unit: int(m.group(1))})
+    records: int = 0
+    checkpoints: int = 0
+    unsealed: int = 0
+    fingerprint: str | None = None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_signature(checkpoint: Mapping[str, Any], public_key: Ed25519PublicKey) -> bool:
     try:
-        when = datetime.fromisoformat(text)
+        public_key.verify(base64.b64decode(str(checkpoint.get("signature", ""))), _signed_bytes(checkpoint))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def _parse_time(text: object) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(
-            f"cannot parse time {text!r}: use ISO 8601 (2026-01-31T12:00:00Z) or 15m/2h/7d"
-        ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
-def _record_time(record: Mapping[str, Any]) -> datetime | None:
-    try:
-        return parse_time(str(record["time"]))
-    except (KeyError, ValueError):
         return None
 
 
-def _matches_key(record: Mapping[str, Any], key: str) -> bool:
-    arn = record.get("key_id") or ""
-    candidates = {arn, record.get("requested_key_id"), record.get("alias_name")}
-    if "/" in arn:
-        candidates.add(arn.rsplit("/", 1)[1])
-    if key.startswith("arn:") and ":alias/" in key:
-        key_alias = "alias/" + key.split(":alias/", 1)[1]
-        return key in candidates or key_alias in candidates
-    return key in candidates
-
-
-def _matches_file(record: Mapping[str, Any], file: str) -> bool:
-    caller = record.get("caller")
-    path = caller.get("path") if isinstance(caller, dict) else None
-    if not isinstance(path, str):
-        return False
-    prefix = file.rstrip("/")
-    return path == file or path == prefix or path.startswith(prefix + "/")
-
-
-def query(
+def verify(
     data_dir: Path,
+    public_key: Ed25519PublicKey,
     *,
-    key: str | None = None,
-    operation: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    file: str | None = None,
-    principal: str | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Records matching every given filter, oldest first.
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
+    now: datetime | None = None,
+) -> VerifyReport:
+    """Check the chain, every checkpoint's signature and spacing, and the head file.
 
-    ``key``: key id, key ARN, alias name or alias ARN as recorded. ``operation``: exact AWS name
-    (case-insensitive). ``since`` inclusive, ``until`` exclusive. ``file``: the kmsfs path, exact
-    or a directory prefix. ``principal``: principal ARN or access key id.
+    Stops at the first bad line: everything after it is untrustworthy anyway.
     """
-    for record in read_records(data_dir):
-        if key is not None and not _matches_key(record, key):
-            continue
-        if operation is not None and str(record.get("operation", "")).lower() != operation.lower():
-            continue
-        if since is not None or until is not None:
-            when = _record_time(record)
-            if when is None or (since is not None and when < since) or (until is not None and when >= until):
-                continue
-        if file is not None and not _matches_file(record, file):
-            continue
-        if principal is not None and principal not in (record.get("principal"), record.get("access_key_id")):
-            continue
-        yield record
-
-
-def verify(data_dir: Path) -> list[str]:
-    """Check the hash chain; return a list of problems (empty when intact)."""
-    problems: list[str] = []
+    report = VerifyReport(fingerprint=key_fingerprint(public_key))
     prev = GENESIS_HASH
+    last_checkpoint: dict[str, Any] | None = None
+    last_checkpoint_hash: str | None = None
+    since_checkpoint = 0
+    first_unsealed_time: datetime | None = None
+    grace = timedelta(seconds=checkpoint_seconds * 2 + 5)
+
+    def fail(number: int, message: str) -> VerifyReport:
+        report.problems.append(f"line {number}: {message}")
+        return report
+
+    number = 0
     for number, line in enumerate(_read_lines(audit_path(data_dir)), start=1):
         try:
             record = json.loads(line)
         except ValueError:
-            record = None
-        if isinstance(record, dict) and record.get("prev_hash") != prev:
-            problems.append(f"line {number}: hash chain broken (a record was edited, inserted or removed)")
-        elif not isinstance(record, dict):
-            problems.append(f"line {number}: not a JSON record (torn write or tampering)")
-        prev = _line_hash(line)
-    return problems
+            return fail(number, "not a JSON record (damaged or tampered)")
+        if not isinstance(record, dict):
+            return fail(number, "not a JSON object (damaged or tampered)")
+        if record.get("prev_hash") != prev:
+            return fail(number, "hash chain broken: a record before or at this line was edited, inserted, "
+                                "removed or reordered")
+        if is_checkpoint(record):
+            seq = record.get("seq")
+            expected_seq = (last_checkpoint or {}).get("seq", 0) + 1
+            if not _check_signature(record, public_key):
+                return fail(number, f"checkpoint #{seq}: bad signature (forged, or signed by another key)")
+            if seq != expected_seq or record.get("previous_checkpoint") != last_checkpoint_hash:
+                return fail(number, f"checkpoint #{seq}: expected #{expected_seq} (a checkpoint is missing)")
+            if record.get("records") != report.records or record.get("sealed") != since_checkpoint:
+                return fail(number, f"checkpoint #{seq}: seals {record.get('sealed')} records but "
+                                    f"{since_checkpoint} precede it")
+            if since_checkpoint > checkpoint_every:
+                return fail(number, f"missing checkpoint: {since_checkpoint} records sealed at once "
+                                    f"(at most {checkpoint_every} allowed)")
+            when = _parse_time(record.get("time"))
+            if record.get("recovered"):
+                report.notes.append(f"checkpoint #{seq} sealed {since_checkpoint} records late, after an "
+                                    f"unclean shutdown")
+            elif first_unsealed_time and when and when - first_unsealed_time > grace:
+                return fail(number, f"missing checkpoint: checkpoint #{seq} came "
+                                    f"{int((when - first_unsealed_time).total_seconds())} s after the first "
+                                    f"record it seals (at most {checkpoint_seconds:g} s allowed)")
+            report.checkpoints += 1
+            last_checkpoint, last_checkpoint_hash = record, line_hash(line)
+            since_checkpoint, first_unsealed_time = 0, None
+        else:
+            report.records += 1
+            since_checkpoint += 1
+            if first_unsealed_time is None:
+                first_unsealed_time = _parse_time(record.get("time"))
+        prev = line_hash(line)
+
+    report.unsealed = since_checkpoint
+    if since_checkpoint > checkpoint_every:
+        return fail(number, f"missing checkpoint: the last {since_checkpoint} records are not sealed")
+    head = _read_head(data_dir)
+    if head is not None:
+        if not _check_signature(head, public_key):
+            report.problems.append(f"{HEAD_FILE}: bad signature")
+        elif last_checkpoint is None or head.get("seq", 0) > last_checkpoint.get("seq", 0):
+            report.problems.append(
+                f"log cut: checkpoint #{head.get('seq')} recorded in {HEAD_FILE} is missing from the log "
+                f"(it ends at checkpoint #{(last_checkpoint or {}).get('seq', 0)}, line {number})")
+        elif head.get("seq") == last_checkpoint.get("seq") and head != last_checkpoint:
+            report.problems.append(f"{HEAD_FILE}: differs from checkpoint #{head.get('seq')} in the log")
+    elif report.checkpoints:
+        report.problems.append(f"{HEAD_FILE} is missing although the log has checkpoints")
+    if since_checkpoint:
+        moment = now or datetime.now(UTC)
+        age = (moment - first_unsealed_time).total_seconds() if first_unsealed_time else 0.0
+        report.notes.append(f"{since_checkpoint} newest records are not sealed by a checkpoint yet "
+                            f"(oldest {int(age)} s old)")
+    return report
 
 
-def _short_key(record: Mapping[str, Any]) -> str:
-    arn = record.get("key_id")
-    if not arn:
-        return record.get("alias_name") or record.get("requested_key_id") or "-"
-    key = str(arn).rsplit("/", 1)[-1]
-    version = record.get("key_version")
-    return f"{key}:v{version}" if version else key
-
-
-def _caller(record: Mapping[str, Any]) -> tuple[str, str]:
-    caller = record.get("caller")
-    if not isinstance(caller, dict):
-        return "-", "-"
-    path = str(caller.get("path", "-"))
-    who = []
-    if "uid" in caller:
-        who.append(f"uid={caller['uid']}")
-    if "pid" in caller:
-        who.append(f"pid={caller['pid']}")
-    name = caller.get("process") or caller.get("process_name") or caller.get("comm")
-    if name:
-        who.append(str(name))
-    return path, " ".join(who) or "-"
-
-
-def format_table(records: Iterable[Mapping[str, Any]]) -> str:
-    """A fixed-width table for humans (the CLI's default output)."""
-    header = ("TIME", "OPERATION", "OUTCOME", "PRINCIPAL", "KEY", "FILE", "PROCESS", "ERROR")
-    rows: list[tuple[str, ...]] = [header]
-    for r in records:
-        path, process = _caller(r)
-        outcome = str(r.get("outcome", "-"))
-        error = r.get("error_code") or ""
-        principal = str(r.get("principal") or "-")
-        rows.append(
-            (
-                str(r.get("time", "-")),
-                str(r.get("operation", "-")),
-                outcome,
-                principal.rsplit(":", 1)[-1] if principal.startswith("arn:") else principal,
-                _short_key(r),
-                path,
-                process,
-                str(error),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
-    return "\n".join(lines) + "\n"
+def _read_head(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        head = json.loads(head_path(data_dir).read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {"signature": ""}
+    return head if isinstance(head, dict) else {"signature": ""}

@@ -26,7 +26,7 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from keyservice import rootkey
+from keyservice import audit_signing, rootkey
 from keyservice.audit import AUDIT_DIR, AuditLog
 from keyservice.clock import Clock, SystemClock
 from keyservice.model import CredentialRecord
@@ -174,7 +174,8 @@ def open_service(
         account_id = store.get_meta("account_id") or DEFAULT_ACCOUNT_ID
         if region is not None and region != stored_region:
             raise ValueError(f"this data directory serves region {stored_region}, not {region}")
-        audit_log = AuditLog(data_dir)
+        clock = clock or SystemClock()
+        audit_log = AuditLog(data_dir, signer=audit_signing.load_or_create(data_dir, root_key), now=clock.now)
     except BaseException:
         store.close()
         raise
@@ -183,7 +184,7 @@ def open_service(
         audit_log,
         region=stored_region,
         account_id=account_id,
-        clock=clock or SystemClock(),
+        clock=clock,
         root_key=root_key,
         max_keys=max_keys,
     )

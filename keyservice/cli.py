@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import json
 import logging
 import os
@@ -17,13 +18,13 @@ import shutil
 import signal
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from keyservice import audit, bootstrap, rootkey
+from keyservice import bootstrap, cli_audit, rootkey, tls
 from keyservice.api import KmsApp
 from keyservice.clock import SystemClock
+from keyservice.server import Server
 
 DEFAULT_LISTEN = "127.0.0.1:8600"
 DEFAULT_REGION = "us-east-1"
@@ -48,14 +49,6 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _parse_time(value: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _root_source(args: argparse.Namespace, *, confirm: bool) -> rootkey.RootKeySource:
     """The root key source of a non-dev store: a key file, the passphrase variable, or a prompt."""
     if args.root_key_file:
@@ -72,13 +65,17 @@ def _root_source(args: argparse.Namespace, *, confirm: bool) -> rootkey.RootKeyS
     return rootkey.RootKeySource.from_passphrase(passphrase)
 
 
-def _write_credentials(path: Path, creds: bootstrap.Credentials, endpoint: str, region: str) -> None:
-    payload = {
+def _write_credentials(
+    path: Path, creds: bootstrap.Credentials, endpoint: str, region: str, ca_bundle: Path | None = None
+) -> None:
+    payload: dict[str, str] = {
         "endpoint": endpoint,
         "region": region,
         "access_key_id": creds.access_key_id,
         "secret_access_key": creds.secret_access_key,
     }
+    if ca_bundle is not None:
+        payload["ca_bundle"] = str(ca_bundle)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -110,9 +107,36 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import waitress
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
+
+def _tls_setup(
+    args: argparse.Namespace, data_dir: Path, host: str
+) -> tuple[Path | None, Path | None, Path | None]:
+    """(certificate, key, CA bundle for clients) of this server; all None for plain HTTP.
+
+    Plain HTTP only on loopback and only when asked for. Otherwise: the given certificate, or the
+    one in DATA_DIR/tls, or (dev mode, or none there yet) a freshly generated private CA.
+    """
+    if args.insecure_http:
+        if not _is_loopback(host):
+            raise CliError("--insecure-http is only allowed on a loopback address")
+        return None, None, None
+    if args.tls_cert:
+        if not args.tls_key:
+            raise CliError("--tls-cert needs --tls-key")
+        return Path(args.tls_cert), Path(args.tls_key), Path(args.ca_bundle) if args.ca_bundle else None
+    files = tls.tls_files(data_dir)
+    if not files.cert.exists() or not files.key.exists():
+        tls.generate(data_dir, tls.default_hosts(host) + list(args.tls_hostname or []))
+    return files.cert, files.key, files.ca
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     host, port = args.listen
     temp_dir: Path | None = None
     if args.dev:
@@ -134,19 +158,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dir = Path(args.data_dir)
         root_key = rootkey.load_root_key(data_dir, _root_source(args, confirm=False))
         creds = None
+    tls_cert, tls_key, ca_bundle = _tls_setup(args, data_dir, host)
     service = bootstrap.open_service(data_dir, root_key, clock=SystemClock())
     del root_key
     app = KmsApp(service, SystemClock(), max_body=args.max_body)
-    server = waitress.create_server(
-        app,
-        host=host,
-        port=port,
-        threads=args.threads,
-        max_request_body_size=args.max_body,
-        ident="keyservice",
-        clear_untrusted_proxy_headers=True,
+    server = Server(
+        app, host, port, threads=args.threads, max_body=args.max_body, tls_cert=tls_cert, tls_key=tls_key
     )
-    endpoint = f"http://{host}:{server.effective_port}"
+    endpoint = server.endpoint
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -159,35 +178,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"  export AWS_ACCESS_KEY_ID={creds.access_key_id}")
         print(f"  export AWS_SECRET_ACCESS_KEY={creds.secret_access_key}")
         print(f"  export AWS_DEFAULT_REGION={service.region}")
+        if ca_bundle:
+            print(f"  export AWS_CA_BUNDLE={ca_bundle}")
         print(f"  aws --endpoint-url {endpoint} kms list-keys", flush=True)
         if args.credentials_out:
-            _write_credentials(Path(args.credentials_out), creds, endpoint, service.region)
+            _write_credentials(Path(args.credentials_out), creds, endpoint, service.region, ca_bundle)
     try:
-        server.run()
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.close()
+        server.stop()
+        service.close()  # seals the audit log with a final checkpoint
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    return 0
-
-
-def cmd_audit_list(args: argparse.Namespace) -> int:
-    records = audit.query(
-        Path(args.data_dir),
-        key=args.key,
-        operation=args.operation,
-        since=args.since,
-        until=args.until,
-        file=args.file,
-        principal=args.principal,
-    )
-    if args.json:
-        for record in records:
-            print(json.dumps(record, sort_keys=True))
-    else:
-        print(audit.format_table(list(records)))
     return 0
 
 
@@ -209,6 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--region", help=f"dev mode: region of a new store (default {DEFAULT_REGION})")
     serve.add_argument("--root-key-file", metavar="FILE", help="root key file (kept outside the data dir)")
+    serve.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain); default DATA_DIR/tls")
+    serve.add_argument("--tls-key", metavar="PEM", help="server private key")
+    serve.add_argument("--ca-bundle", metavar="PEM", help="with --tls-cert: the CA clients should trust")
+    serve.add_argument(
+        "--tls-hostname",
+        action="append",
+        metavar="NAME",
+        help="extra DNS name or IP for a generated certificate (repeatable)",
+    )
+    serve.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="serve plain HTTP (loopback addresses only; for tests and debugging)",
+    )
     serve.add_argument("--threads", type=int, default=8)
     serve.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
     serve.set_defaults(func=cmd_serve)
@@ -230,18 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--endpoint", default=f"http://{DEFAULT_LISTEN}", help="endpoint recorded in that file")
     init.set_defaults(func=cmd_init)
 
-    audit_parser = sub.add_parser("audit", help="review the audit log (works offline)")
-    audit_sub = audit_parser.add_subparsers(dest="audit_command", required=True)
-    listing = audit_sub.add_parser("list", help="list audit records, oldest first")
-    listing.add_argument("--data-dir", required=True)
-    listing.add_argument("--key", help="key id, ARN or alias")
-    listing.add_argument("--operation", help="e.g. Decrypt")
-    listing.add_argument("--principal", help="principal ARN")
-    listing.add_argument("--file", help="path inside a kmsfs mount (a directory matches everything below it)")
-    listing.add_argument("--since", type=_parse_time, help="ISO 8601 time")
-    listing.add_argument("--until", type=_parse_time, help="ISO 8601 time")
-    listing.add_argument("--json", action="store_true", help="one JSON record per line")
-    listing.set_defaults(func=cmd_audit_list)
+    cli_audit.register(sub)
     return parser
 
 

@@ -62,6 +62,9 @@ class Credentials:
     session_token: str | None = None
     endpoint: str | None = None
     region: str | None = None
+    # A PEM bundle of CAs to trust for an https endpoint (the keyservice's private CA); None means
+    # the system's CAs. Certificate verification is never turned off.
+    ca_bundle: str | None = None
 
     def __repr__(self) -> str:  # never print the secret
         return f"Credentials(access_key_id={self.access_key_id!r}, endpoint={self.endpoint!r})"
@@ -80,6 +83,7 @@ def load_credentials(path: str | os.PathLike[str] | None = None,
                 session_token=data.get("session_token"),
                 endpoint=data.get("endpoint"),
                 region=data.get("region"),
+                ca_bundle=data.get("ca_bundle") or env.get("AWS_CA_BUNDLE") or None,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot read credentials file {path}: {exc}") from exc
@@ -93,6 +97,7 @@ def load_credentials(path: str | os.PathLike[str] | None = None,
         session_token=env.get("AWS_SESSION_TOKEN") or None,
         endpoint=env.get("AWS_ENDPOINT_URL_KMS") or env.get("AWS_ENDPOINT_URL") or None,
         region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+        ca_bundle=env.get("AWS_CA_BUNDLE") or None,
     )
 
 
@@ -114,6 +119,8 @@ class KeyClient:
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        # Passed with every request: a session-level setting would lose to REQUESTS_CA_BUNDLE.
+        self.verify: str | bool = credentials.ca_bundle or True
 
     # -- transport --------------------------------------------------------------------------------
     def call(self, operation: str, payload: dict[str, Any],
@@ -135,7 +142,8 @@ class KeyClient:
             region=self.region, session_token=self.credentials.session_token,
         ))
         try:
-            resp = self.session.post(self.url, data=body, headers=headers, timeout=self.timeout)
+            resp = self.session.post(self.url, data=body, headers=headers, timeout=self.timeout,
+                                     verify=self.verify)
         except requests.RequestException as exc:
             raise KeyServiceUnavailable(f"key service at {self.url} unreachable: {exc}") from exc
         if resp.status_code >= 500:

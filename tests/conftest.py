@@ -35,6 +35,20 @@ class DevKeyService:
     log_file: Path
 
     @property
+    def ca_bundle(self) -> str | None:
+        """The private CA of the dev server's TLS certificate (None for a plain-HTTP server)."""
+        return self.credentials.get("ca_bundle")
+
+    @property
+    def http(self) -> requests.Session:
+        """A requests session that trusts the server's private CA."""
+        session = requests.Session()
+        session.trust_env = False  # else REQUESTS_CA_BUNDLE in the environment beats session.verify
+        if self.ca_bundle:
+            session.verify = self.ca_bundle
+        return session
+
+    @property
     def credentials(self) -> dict[str, str]:
         return json.loads(self.credentials_file.read_text())
 
@@ -47,6 +61,7 @@ class DevKeyService:
             "region_name": self.region,
             "aws_access_key_id": creds["access_key_id"],
             "aws_secret_access_key": creds["secret_access_key"],
+            "verify": creds.get("ca_bundle"),
         } | overrides
         return boto3.client("kms", **kwargs)
 
@@ -77,7 +92,11 @@ def spawn_keyservice(
 
 
 def wait_healthy(
-    process: subprocess.Popen[bytes], endpoint: str, log_file: Path, ready_file: Path | None = None
+    process: subprocess.Popen[bytes],
+    endpoint: str,
+    log_file: Path,
+    ready_file: Path | None = None,
+    verify: str | bool = True,
 ) -> None:
     """Wait until the server answers /healthz (and ``ready_file`` exists), or fail with its log."""
     deadline = time.monotonic() + 30
@@ -86,9 +105,9 @@ def wait_healthy(
             raise RuntimeError(f"keyservice exited with {process.returncode}:\n{log_file.read_text()}")
         try:
             ready = ready_file is None or ready_file.exists()
-            if ready and requests.get(endpoint + "/healthz", timeout=1).ok:
+            if ready and requests.get(endpoint + "/healthz", timeout=1, verify=verify).ok:
                 return
-        except requests.ConnectionError:
+        except OSError:  # not listening yet, or its CA file not written yet
             pass
         time.sleep(0.05)
     process.kill()
@@ -102,12 +121,12 @@ def start_dev_service(base: Path, *extra: str) -> DevKeyService:
     data_dir = base / "keyservice-data"
     creds = base / "credentials.json"
     log_file = base / "keyservice.log"
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"https://127.0.0.1:{port}"
     process = spawn_keyservice(
         log_file, "serve", "--dev", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
         "--credentials-out", str(creds), *extra,
     )  # fmt: skip
-    wait_healthy(process, endpoint, log_file, ready_file=creds)
+    wait_healthy(process, endpoint, log_file, ready_file=creds, verify=str(data_dir / "tls" / "ca.pem"))
     region = json.loads(creds.read_text())["region"]
     return DevKeyService(process, endpoint, region, creds, data_dir, log_file)
 

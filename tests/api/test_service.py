@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from keyservice import audit, bootstrap, errors, rootkey
+from keyservice import audit, audit_review, audit_signing, bootstrap, errors, rootkey
 from keyservice.clock import FixedClock
 from keyservice.context import Principal, RequestContext
 from keyservice.service import KeyService
@@ -595,8 +595,8 @@ def test_exactly_one_audit_record_per_call(env: Env) -> None:
     assert bad["outcome"] == "error" and bad["error_code"] == "NotFoundException" and bad["error_message"]
     assert bad["requested_key_id"] == "alias/none" and bad["key_id"] is None
     assert [r["request_id"] for r in records[-2:]] == [f"req-{env.n - 1}", f"req-{env.n}"]
-    assert audit.verify(env.data_dir) == []
-    files = [r for r in audit.query(env.data_dir, file="/mnt/docs")]
+    assert verify_audit(env.data_dir).ok
+    files = [r for r in audit_review.query(env.data_dir, file="/mnt/docs")]
     assert len(files) == 1 and files[0]["operation"] == "Encrypt"
 
 
@@ -705,4 +705,9 @@ def test_concurrent_calls(env: Env) -> None:
         t.join()
     assert failures == []
     assert len([r for r in env.records() if r["operation"] in ("Encrypt", "Decrypt")]) == 120
-    assert audit.verify(env.data_dir) == []
+    assert verify_audit(env.data_dir).ok
+
+
+def verify_audit(data_dir: Path) -> audit.VerifyReport:
+    public_key = audit_signing.load_public(audit_signing.public_path(data_dir))
+    return audit.verify(data_dir, public_key)

@@ -13,7 +13,6 @@ from unittest import mock
 
 import boto3
 import pytest
-import requests
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -182,9 +181,9 @@ def _signed(keyservice_dev, target: str, body: bytes, *, when: datetime | None =
 def test_tampered_body_is_refused(keyservice_dev) -> None:
     body = json.dumps({"NumberOfBytes": 8}).encode()
     headers = _signed(keyservice_dev, "GenerateRandom", body)
-    ok = requests.post(keyservice_dev.endpoint + "/", data=body, headers=headers, timeout=10)
+    ok = keyservice_dev.http.post(keyservice_dev.endpoint + "/", data=body, headers=headers, timeout=10)
     assert ok.status_code == 200 and len(base64.b64decode(ok.json()["Plaintext"])) == 8
-    reply = requests.post(
+    reply = keyservice_dev.http.post(
         keyservice_dev.endpoint + "/", data=body.replace(b"8", b"9"), headers=headers, timeout=10
     )
     assert reply.status_code == 400 and reply.json()["__type"] == "InvalidSignatureException"
@@ -193,13 +192,13 @@ def test_tampered_body_is_refused(keyservice_dev) -> None:
 def test_stale_date_is_refused(keyservice_dev) -> None:
     body = b"{}"
     headers = _signed(keyservice_dev, "ListKeys", body, when=datetime.now(UTC) - timedelta(minutes=10))
-    reply = requests.post(keyservice_dev.endpoint + "/", data=body, headers=headers, timeout=10)
+    reply = keyservice_dev.http.post(keyservice_dev.endpoint + "/", data=body, headers=headers, timeout=10)
     assert reply.json()["__type"] == "InvalidSignatureException"
     assert "Signature expired" in reply.json()["message"]
 
 
 def test_no_auth_is_refused(keyservice_dev) -> None:
-    reply = requests.post(
+    reply = keyservice_dev.http.post(
         keyservice_dev.endpoint + "/",
         data=b"{}",
         timeout=10,
@@ -209,14 +208,14 @@ def test_no_auth_is_refused(keyservice_dev) -> None:
 
 
 def test_unknown_operation_and_bad_json(keyservice_dev) -> None:
-    reply = requests.post(
+    reply = keyservice_dev.http.post(
         keyservice_dev.endpoint + "/",
         data=b"{}",
         timeout=10,
         headers=_signed(keyservice_dev, "NoSuchThing", b"{}"),
     )
     assert reply.json()["__type"] == "UnknownOperationException"
-    reply = requests.post(
+    reply = keyservice_dev.http.post(
         keyservice_dev.endpoint + "/",
         data=b"{nope",
         timeout=10,
@@ -227,14 +226,14 @@ def test_unknown_operation_and_bad_json(keyservice_dev) -> None:
 
 def test_body_limit(keyservice_dev) -> None:
     body = json.dumps({"KeyId": "alias/x", "Plaintext": "A" * (400 * 1024)}).encode()
-    reply = requests.post(
+    reply = keyservice_dev.http.post(
         keyservice_dev.endpoint + "/", data=body, timeout=10, headers=_signed(keyservice_dev, "Encrypt", body)
     )
     assert reply.status_code == 413
 
 
 def test_keep_alive(keyservice_dev) -> None:
-    with requests.Session() as session:
+    with keyservice_dev.http as session:
         for _ in range(3):
             reply = session.post(
                 keyservice_dev.endpoint + "/",
@@ -304,6 +303,7 @@ def test_aws_cli_unchanged(keyservice_dev, key) -> None:
         "PATH": "/usr/bin:/bin",
         "AWS_CONFIG_FILE": "/dev/null",
         "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_CA_BUNDLE": keyservice_dev.ca_bundle,
     }
     out = subprocess.run(
         [
@@ -332,6 +332,7 @@ def test_boto3_session_default_chain(keyservice_dev, monkeypatch) -> None:
     creds = keyservice_dev.credentials
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds["access_key_id"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds["secret_access_key"])
+    monkeypatch.setenv("AWS_CA_BUNDLE", creds["ca_bundle"])
     client = boto3.session.Session(region_name=keyservice_dev.region).client(
         "kms", endpoint_url=keyservice_dev.endpoint
     )

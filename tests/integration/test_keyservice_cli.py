@@ -12,8 +12,10 @@ from pathlib import Path
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
+import requests
+from botocore.exceptions import ClientError, SSLError
 
+from keyservice import tls
 from tests.conftest import (
     free_port,
     run_keyservice,
@@ -27,14 +29,14 @@ pytestmark = pytest.mark.integration
 
 
 def _serve(
-    data_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None
+    data_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None, ca: Path | None = None
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"https://127.0.0.1:{port}"
     process = spawn_keyservice(
         log, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}", *args, env=env
     )
-    wait_healthy(process, endpoint, log)
+    wait_healthy(process, endpoint, log, verify=str(ca or data_dir / "tls" / "ca.pem"))
     return process, endpoint
 
 
@@ -43,13 +45,14 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(timeout=10)
 
 
-def _client(endpoint: str, creds: dict[str, str]):
+def _client(endpoint: str, creds: dict[str, str], ca_bundle: Path | str | None = None):
     return boto3.client(
         "kms",
         endpoint_url=endpoint,
         region_name=creds["region"],
         aws_access_key_id=creds["access_key_id"],
         aws_secret_access_key=creds["secret_access_key"],
+        verify=str(ca_bundle or creds["ca_bundle"]),
     )
 
 
@@ -105,7 +108,8 @@ def test_dev_mode_without_data_dir_is_temporary(tmp_path: Path) -> None:
             time.sleep(0.05)
         creds = json.loads(creds_file.read_text())
         assert set(creds) >= {"endpoint", "region", "access_key_id", "secret_access_key"}
-        assert creds["endpoint"] == f"http://127.0.0.1:{port}"
+        assert creds["endpoint"] == f"https://127.0.0.1:{port}"
+        assert Path(creds["ca_bundle"]).name == "ca.pem"
         assert oct(creds_file.stat().st_mode & 0o777) == "0o600"
         assert _client(creds["endpoint"], creds).list_keys()["Keys"] == []
     finally:
@@ -139,7 +143,7 @@ def test_real_store_with_key_file(tmp_path: Path) -> None:
 
     process, endpoint = _serve(data_dir, tmp_path / "serve.log", "--root-key-file", str(key_file))
     try:
-        kms = _client(endpoint, creds)
+        kms = _client(endpoint, creds, data_dir / "tls" / "ca.pem")
         key_id = kms.create_key()["KeyMetadata"]["KeyId"]
         data_key = kms.generate_data_key(KeyId=key_id, KeySpec="AES_256")
         assert kms.decrypt(CiphertextBlob=data_key["CiphertextBlob"])["Plaintext"] == data_key["Plaintext"]
@@ -179,10 +183,11 @@ def test_real_store_with_passphrase(tmp_path: Path) -> None:
     creds = json.loads(creds_file.read_text())
     process, endpoint = _serve(data_dir, tmp_path / "serve.log", env=env)
     try:
-        kms = _client(endpoint, creds)
+        ca = data_dir / "tls" / "ca.pem"
+        kms = _client(endpoint, creds, ca)
         assert kms.create_key()["KeyMetadata"]["KeyState"] == "Enabled"
         with pytest.raises(ClientError):
-            _client(endpoint, {**creds, "secret_access_key": "x" * 40}).list_keys()
+            _client(endpoint, {**creds, "secret_access_key": "x" * 40}, ca).list_keys()
     finally:
         _stop(process)
     wrong = run_keyservice(
@@ -204,3 +209,81 @@ def test_real_store_with_passphrase(tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL,
     )
     assert missing.returncode == 1 and "KEYSERVICE_ROOT_PASSPHRASE" in missing.stderr
+
+
+def test_tls_verification(tmp_path: Path, keyservice_dev) -> None:
+    """The right CA works; another CA, or the system CAs, fail: verification is never skipped."""
+    assert keyservice_dev.endpoint.startswith("https://")
+    assert keyservice_dev.boto3_client().list_keys() is not None
+    other = tls.generate(tmp_path / "other", ["127.0.0.1"])
+    with pytest.raises(SSLError):
+        keyservice_dev.boto3_client(verify=str(other.ca)).list_keys()
+    with pytest.raises(SSLError):
+        keyservice_dev.boto3_client(verify="/etc/ssl/certs/ca-certificates.crt").list_keys()
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(keyservice_dev.endpoint + "/healthz", timeout=5, verify=str(other.ca))
+
+
+def test_plain_http_only_on_loopback_and_on_request(tmp_path: Path) -> None:
+    run = run_keyservice(
+        "serve",
+        "--dev",
+        "--insecure-http",
+        "--listen",
+        f"0.0.0.0:{free_port()}",
+        "--data-dir",
+        str(tmp_path / "d"),
+    )
+    assert run.returncode == 1 and "loopback" in run.stderr
+    log = tmp_path / "http.log"
+    port = free_port()
+    process = spawn_keyservice(
+        log,
+        "serve",
+        "--dev",
+        "--insecure-http",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--credentials-out",
+        str(tmp_path / "c.json"),
+    )
+    try:
+        wait_healthy(process, f"http://127.0.0.1:{port}", log, ready_file=tmp_path / "c.json")
+        creds = json.loads((tmp_path / "c.json").read_text())
+        assert creds["endpoint"] == f"http://127.0.0.1:{port}" and "ca_bundle" not in creds
+    finally:
+        _stop(process)
+
+
+def test_operator_supplied_certificate(tmp_path: Path) -> None:
+    files = tls.generate(tmp_path / "pki", ["127.0.0.1"])
+    data_dir, key_file = tmp_path / "data", tmp_path / "root.key"
+    init = run_keyservice(
+        "init",
+        "--data-dir",
+        str(data_dir),
+        "--root-key-file",
+        str(key_file),
+        "--credentials-out",
+        str(tmp_path / "admin.json"),
+    )
+    assert init.returncode == 0, init.stderr
+    process, endpoint = _serve(
+        data_dir,
+        tmp_path / "serve.log",
+        "--root-key-file",
+        str(key_file),
+        "--tls-cert",
+        str(files.cert),
+        "--tls-key",
+        str(files.key),
+        ca=files.ca,
+    )
+    try:
+        creds = json.loads((tmp_path / "admin.json").read_text())
+        assert _client(endpoint, creds, files.ca).list_keys()["Keys"] == []
+        assert not (data_dir / "tls").exists()
+    finally:
+        _stop(process)

@@ -1,0 +1,99 @@
+"""``keyservice audit``: list, files, verify. Offline: reads the data directory, server running or not."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from keyservice import audit, audit_review, audit_signing
+
+
+def _time(value: str):  # noqa: ANN202 - argparse type
+    try:
+        return audit_review.parse_time(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _filters(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "key": args.key, "operation": args.operation, "since": args.since, "until": args.until,
+        "file": args.file, "principal": args.principal, "outcome": args.outcome, "user": args.user,
+    }  # fmt: skip
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    records = audit_review.query(Path(args.data_dir), **_filters(args))  # type: ignore[arg-type]
+    if args.json:
+        for record in records:
+            print(json.dumps(record, sort_keys=True))
+    else:
+        print(audit_review.format_table(records), end="")
+    return 0
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    rows = audit_review.files_summary(audit_review.query(Path(args.data_dir), **_filters(args)))  # type: ignore[arg-type]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+    else:
+        print(audit_review.format_files(rows), end="")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir)
+    key_path = Path(args.public_key) if args.public_key else audit_signing.public_path(data_dir)
+    try:
+        public_key = audit_signing.load_public(key_path)
+    except (OSError, ValueError) as error:
+        print(f"cannot load the audit public key {key_path}: {error}")
+        return 2
+    report = audit.verify(
+        data_dir,
+        public_key,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_seconds=args.checkpoint_seconds,
+    )
+    pinned = "pinned" if args.public_key else f"from {key_path}; compare with your own copy"
+    print(f"signing key fingerprint {report.fingerprint} ({pinned})")
+    print(f"{report.records} records, {report.checkpoints} checkpoints, {report.unsealed} not yet sealed")
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.ok:
+        print("OK: the audit log is intact")
+        return 0
+    print(f"TAMPERED: {report.problems[0]}")
+    for problem in report.problems[1:]:
+        print(f"also: {problem}")
+    return 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``audit`` command group to the top-level parser."""
+    parser = sub.add_parser("audit", help="review and verify the audit log (works offline)")
+    commands = parser.add_subparsers(dest="audit_command", required=True)
+    for name, func, text in (
+        ("list", cmd_list, "list audit records, oldest first"),
+        ("files", cmd_files, "who opened which file how often, through which key"),
+    ):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("--data-dir", required=True)
+        p.add_argument("--key", help="key id, ARN, alias name or alias ARN")
+        p.add_argument("--operation", help="e.g. Decrypt")
+        p.add_argument("--principal", help="principal ARN or access key id")
+        p.add_argument("--outcome", choices=("success", "error"))
+        p.add_argument("--user", help="local user behind a kmsfs open: uid or user name")
+        p.add_argument("--file", help="path inside a kmsfs mount (a directory matches everything below it)")
+        p.add_argument("--since", type=_time, help="ISO 8601 time, or 15m / 2h / 7d ago")
+        p.add_argument("--until", type=_time, help="ISO 8601 time, or 15m / 2h / 7d ago")
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+        p.set_defaults(func=func)
+    verify = commands.add_parser("verify", help="check the hash chain, signed checkpoints and head")
+    verify.add_argument("--data-dir", required=True)
+    verify.add_argument("--public-key", help="pinned PEM public key (default: DATA_DIR/audit-signing.pub)")
+    verify.add_argument("--checkpoint-every", type=int, default=audit.DEFAULT_CHECKPOINT_EVERY)
+    verify.add_argument("--checkpoint-seconds", type=float, default=audit.DEFAULT_CHECKPOINT_SECONDS)
+    verify.set_defaults(func=cmd_verify)
