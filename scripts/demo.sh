@@ -17,22 +17,24 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "starting a dev key service on 127.0.0.1:$port (data in $work/keyservice)"
+say "starting a dev key service on https://127.0.0.1:$port (data in $work/keyservice)"
 keyservice serve --dev --listen "127.0.0.1:$port" --data-dir "$work/keyservice" \
     --credentials-out "$creds" >"$work/keyservice.log" 2>&1 &
 service_pid=$!
-for _ in $(seq 100); do
-    python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/healthz')" \
-        >/dev/null 2>&1 && [ -s "$creds" ] && break
+for _ in $(seq 150); do
+    [ -s "$creds" ] && python3 -c "import ssl, urllib.request; urllib.request.urlopen(
+        'https://127.0.0.1:$port/healthz', context=ssl.create_default_context(cafile='$work/keyservice/tls/ca.pem'))" \
+        >/dev/null 2>&1 && break
     sleep 0.2
 done
 sed -n '1,20p' "$work/keyservice.log"
 
-# The AWS CLI, unchanged, pointed at our endpoint.
+# The AWS CLI, unchanged, pointed at our endpoint; TLS verified against the service's private CA.
 export AWS_ACCESS_KEY_ID=$(python3 -c "import json;print(json.load(open('$creds'))['access_key_id'])")
 export AWS_SECRET_ACCESS_KEY=$(python3 -c "import json;print(json.load(open('$creds'))['secret_access_key'])")
 export AWS_DEFAULT_REGION=$(python3 -c "import json;print(json.load(open('$creds'))['region'])")
-endpoint="http://127.0.0.1:$port"
+export AWS_CA_BUNDLE=$(python3 -c "import json;print(json.load(open('$creds'))['ca_bundle'])")
+endpoint=$(python3 -c "import json;print(json.load(open('$creds'))['endpoint'])")
 
 say "aws kms create-key + create-alias (the stock AWS CLI)"
 key_id=$(aws --endpoint-url "$endpoint" kms create-key --description "kmsfs demo" \
@@ -74,6 +76,8 @@ say "the audit trail: every open of a file is a Decrypt on the service, with pat
 keyservice audit list --data-dir "$work/keyservice" --operation Decrypt
 say "just the opens of /hello.txt"
 keyservice audit list --data-dir "$work/keyservice" --file /hello.txt
+say "who opened which file, how often, through which key"
+keyservice audit files --data-dir "$work/keyservice"
 
 say "disabling the key revokes access: opening a file now fails"
 aws --endpoint-url "$endpoint" kms disable-key --key-id "$key_id"
@@ -83,7 +87,9 @@ echo "cat hello.txt: $(cat "$work/err")"
 kmsfs umount "$work/plain"
 keyservice audit list --data-dir "$work/keyservice" --file /hello.txt | tail -n 2
 
-say "stopping the key service"
+say "stopping the key service (it seals the audit log with a signed checkpoint)"
 kill "$service_pid" && wait "$service_pid" 2>/dev/null || true
 service_pid=""
+say "the audit log verifies: hash chain, signed checkpoints, head"
+keyservice audit verify --data-dir "$work/keyservice"
 say "demo finished"
