@@ -25,6 +25,7 @@ service builds them only from the fields of ``build_record``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -244,9 +245,17 @@ class AuditLog:
         body["prev_hash"] = self._tail.prev_hash
         line = _encode_line(body)
         data = line + b"\n"
-        if os.write(self._fd, data) != len(data):
-            raise OSError("short write to the audit log")
-        os.fsync(self._fd)
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            if os.write(self._fd, data) != len(data):
+                raise OSError("short write to the audit log")
+            os.fsync(self._fd)
+        except OSError:
+            # Take back whatever part reached the file (a full disk writes half a line): the
+            # request fails, and the chain must go on from the last record that really exists.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            raise
         self._tail.prev_hash = line_hash(line)
         return line
 

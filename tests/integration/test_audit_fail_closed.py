@@ -1,0 +1,91 @@
+"""Fail-closed auditing: when a record cannot be written (full disk), the request fails with
+KMSInternalException and returns nothing, and a kmsfs open fails with EIO; once space is back,
+everything works and the log still verifies."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from tests.conftest import DevKeyService, run_keyservice, start_dev_service, stop_dev_service
+from tests.integration.kmsfs_mount_helpers import kmsfs, mounted, requires_fuse
+
+pytestmark = [pytest.mark.integration, requires_fuse]
+
+
+@pytest.fixture
+def small_audit_disk(tmp_path: Path) -> Iterator[tuple[DevKeyService, Path]]:
+    """A dev service whose audit directory is a 512 KiB tmpfs, unmounted afterwards."""
+    audit_dir = tmp_path / "keyservice-data" / "audit"
+    audit_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(audit_dir)], check=True)
+    try:
+        service = start_dev_service(tmp_path)
+        try:
+            yield service, audit_dir
+        finally:
+            stop_dev_service(service)
+    finally:
+        subprocess.run(["umount", "-l", str(audit_dir)], check=False)
+
+
+def _fill(directory: Path) -> Path:
+    """Fill the file system to the last byte."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 16, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError as error:
+                    assert error.errno == errno.ENOSPC
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_audit_disk_fails_requests_and_opens(small_audit_disk, tmp_path: Path) -> None:
+    service, audit_dir = small_audit_disk
+    kms = service.boto3_client(config=Config(retries={"max_attempts": 1}))
+    key_id = kms.create_key()["KeyMetadata"]["KeyId"]
+    cipher, plain = tmp_path / "cipher", tmp_path / "plain"
+    cipher.mkdir()
+    kmsfs("init", cipher, "--endpoint", service.endpoint, "--key", key_id, "--credentials",
+          service.credentials_file)
+    with mounted(cipher, plain, service.credentials_file):
+        (plain / "secret.txt").write_text("kept safe")
+        filler = _fill(audit_dir)
+        # The log's last tmpfs page may still hold a few records; the first one that does not fit
+        # must fail the request, and every later one too.
+        for _ in range(50):
+            try:
+                kms.encrypt(KeyId=key_id, Plaintext=b"must not be returned")
+            except ClientError as error:
+                assert error.response["Error"]["Code"] == "KMSInternalException"
+                assert "CiphertextBlob" not in error.response
+                break
+        else:
+            pytest.fail("requests kept succeeding although the audit log could not grow")
+        with pytest.raises(ClientError):
+            kms.generate_data_key(KeyId=key_id, KeySpec="AES_256")
+        with pytest.raises(OSError) as opened:
+            (plain / "secret.txt").read_text()
+        assert opened.value.errno == errno.EIO
+        filler.unlink()
+        assert (plain / "secret.txt").read_text() == "kept safe"
+        assert kms.encrypt(KeyId=key_id, Plaintext=b"x")["CiphertextBlob"]
+    stop_dev_service(service)
+    report = run_keyservice("audit", "verify", "--data-dir", str(service.data_dir))
+    assert report.returncode == 0, report.stdout
+    records = service.audit_records()
+    assert not any(r.get("error_code") == "KMSInternalException" for r in records)  # never written
+    assert os.path.getsize(audit_dir / "audit.log") > 0
