@@ -165,6 +165,7 @@ def open_service(
     clock: Clock | None = None,
     region: str | None = None,
     max_keys: int = DEFAULT_MAX_KEYS,
+    allow_pkcs1_import: bool = False,
 ) -> KeyService:
     """The service over an initialised data directory; ``region``, if given, must match the store's."""
     data_dir = Path(data_dir)
@@ -187,6 +188,7 @@ def open_service(
         clock=clock,
         root_key=root_key,
         max_keys=max_keys,
+        allow_pkcs1_import=allow_pkcs1_import,
     )
 
 

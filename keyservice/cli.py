@@ -23,7 +23,8 @@ from typing import Any
 
 from keyservice import bootstrap, cli_audit, rootkey, tls
 from keyservice.api import KmsApp
-from keyservice.clock import SystemClock
+from keyservice.clock import FileOffsetClock, SystemClock
+from keyservice.scheduler import DEFAULT_INTERVAL, Scheduler
 from keyservice.server import Server
 
 DEFAULT_LISTEN = "127.0.0.1:8600"
@@ -159,9 +160,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         root_key = rootkey.load_root_key(data_dir, _root_source(args, confirm=False))
         creds = None
     tls_cert, tls_key, ca_bundle = _tls_setup(args, data_dir, host)
-    service = bootstrap.open_service(data_dir, root_key, clock=SystemClock())
+    # The service's clock may be shifted for tests (--clock-offset-file); SigV4 always checks real time.
+    service_clock = FileOffsetClock(args.clock_offset_file) if args.clock_offset_file else SystemClock()
+    service = bootstrap.open_service(
+        data_dir,
+        root_key,
+        clock=service_clock,
+        max_keys=args.max_keys,
+        allow_pkcs1_import=args.allow_pkcs1_import,
+    )
     del root_key
-    app = KmsApp(service, SystemClock(), max_body=args.max_body)
+    metrics = {"/metrics": service.metrics_text}
+    app = KmsApp(service, SystemClock(), max_body=args.max_body, extra_routes=metrics)
+    scheduler = Scheduler(service, interval=args.scheduler_interval)
     server = Server(
         app, host, port, threads=args.threads, max_body=args.max_body, tls_cert=tls_cert, tls_key=tls_key
     )
@@ -183,12 +194,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"  aws --endpoint-url {endpoint} kms list-keys", flush=True)
         if args.credentials_out:
             _write_credentials(Path(args.credentials_out), creds, endpoint, service.region, ca_bundle)
+    scheduler.start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
+        scheduler.stop()
         service.close()  # seals the audit log with a final checkpoint
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
@@ -229,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--threads", type=int, default=8)
     serve.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
+    serve.add_argument("--max-keys", type=int, default=1000, help="customer managed key quota (default 1000)")
+    serve.add_argument(
+        "--allow-pkcs1-import",
+        action="store_true",
+        help="accept RSAES_PKCS1_V1_5 wrapping for imported key material (retired by AWS; off by default)",
+    )
+    serve.add_argument(
+        "--scheduler-interval",
+        type=float,
+        default=DEFAULT_INTERVAL,
+        metavar="SECONDS",
+        help="how often rotation, material expiry and the deletion reaper run (default 60)",
+    )
+    serve.add_argument(
+        "--clock-offset-file",
+        metavar="FILE",
+        help="TEST ONLY: add the seconds written in FILE to the service clock (never in production)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     init = sub.add_parser(

@@ -56,3 +56,26 @@ class OffsetClock:
 
     def advance(self, delta: timedelta) -> None:
         self.offset += delta
+
+
+class FileOffsetClock:
+    """TEST ONLY: the system clock plus a number of seconds read from a file on every call.
+
+    ``keyservice serve --clock-offset-file FILE`` lets tests against a real server process jump
+    days ahead (deletion windows, rotation periods, material expiry) by writing e.g. ``864000``
+    into FILE, without sleeping. A missing or unparsable file means no offset. Never use it in
+    production: whoever can write the file can move the service's notion of time.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def offset(self) -> timedelta:
+        try:
+            with open(self.path) as handle:
+                return timedelta(seconds=float(handle.read().strip() or 0))
+        except (OSError, ValueError):
+            return timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset()

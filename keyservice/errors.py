@@ -62,3 +62,8 @@ KMSInternalException = _error("KMSInternalException", 500)
 NotAuthorizedException = _error("NotAuthorizedException", 400)
 TagException = _error("TagException", 400)
 DryRunOperationException = _error("DryRunOperationException", 412)
+
+# Imported key material (issue 3).
+IncorrectKeyMaterialException = _error("IncorrectKeyMaterialException", 400)
+InvalidImportTokenException = _error("InvalidImportTokenException", 400)
+ExpiredImportTokenException = _error("ExpiredImportTokenException", 400)

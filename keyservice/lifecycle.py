@@ -1,15 +1,42 @@
 """The key state machine and the one check "may this key be used for this operation now?".
 
-Every operation that touches a key goes through ``check_usable`` so the rules of the AWS
-key-state table live in one place (SPEC K7, K8; later issues add expiry via ``now``).
+Every operation that touches a key goes through ``check_usable`` so the rules of AWS's key-state
+table (AWS KMS Developer Guide, "Key states of AWS KMS keys") live in one place: which state
+refuses which operation with which error, what origin (service-generated vs imported) allows,
+what a service-managed (``KeyManager=AWS``) key refuses its customers, and what time does to a
+key (imported material past its ValidTo is gone; a key past its deletion date no longer exists),
+so the answer is right even in the moment before the scheduler gets to a key.
+
+Footnotes of AWS's table, as used below:
+  [1] DisabledException: <arn> is disabled.
+  [3] KMSInvalidStateException: <arn> is pending deletion.
+  [4] KMSInvalidStateException: <arn> is not pending deletion.
+  [5] KMSInvalidStateException: <arn> is pending import.
+  [6]/[7] UnsupportedOperationException for rotation operations on imported keys.
+  [8] KMSInvalidStateException for import operations on an imported key pending deletion.
+  [9] UnsupportedOperationException for import operations on keys that cannot have imported material.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from keyservice.errors import DisabledException, KMSInvalidStateException
-from keyservice.model import DISABLED, ENABLED, PENDING_DELETION, PENDING_IMPORT, KeyRecord
+from keyservice.errors import (
+    AccessDeniedException,
+    DisabledException,
+    KMSError,
+    KMSInvalidStateException,
+    UnsupportedOperationException,
+)
+from keyservice.model import (
+    DISABLED,
+    ENABLED,
+    MANAGER_AWS,
+    ORIGIN_EXTERNAL,
+    PENDING_DELETION,
+    PENDING_IMPORT,
+    KeyRecord,
+)
 
 # Operations that use key material.
 CRYPTO_OPERATIONS = frozenset(
@@ -24,18 +51,16 @@ CRYPTO_OPERATIONS = frozenset(
     }
 )
 
-# Operations allowed on a key pending deletion (everything else is KMSInvalidStateException).
-_ALLOWED_PENDING_DELETION = frozenset(
+# Allowed in every state.
+ALWAYS_ALLOWED = frozenset(
     {
         "DescribeKey",
         "ListKeys",
         "ListAliases",
         "DeleteAlias",
-        "CancelKeyDeletion",
         "GetKeyPolicy",
         "ListKeyPolicies",
-        "GetKeyRotationStatus",
-        "ListKeyRotations",
+        "PutKeyPolicy",
         "ListResourceTags",
         "ListGrants",
         "RetireGrant",
@@ -43,34 +68,138 @@ _ALLOWED_PENDING_DELETION = frozenset(
     }
 )
 
-# Operations refused on a key waiting for imported material.
-_REFUSED_PENDING_IMPORT = CRYPTO_OPERATIONS | {
-    "EnableKey",
-    "DisableKey",
-    "RotateKeyOnDemand",
-    "EnableKeyRotation",
-}
+# Allowed unless the key is pending deletion [3].
+METADATA_OPERATIONS = frozenset(
+    {
+        "CreateAlias",
+        "UpdateAlias",
+        "UpdateKeyDescription",
+        "TagResource",
+        "UntagResource",
+        "ScheduleKeyDeletion",
+    }
+)
+
+# Enabled/Disabled only: refused pending import [5] and pending deletion [3].
+STATE_OPERATIONS = frozenset({"EnableKey", "DisableKey"})
+
+# Rotation of service-generated keys: [7] on imported keys, [1] disabled, [3] pending deletion.
+ROTATION_CHANGES = frozenset({"EnableKeyRotation", "DisableKeyRotation", "RotateKeyOnDemand"})
+# Rotation reads: [7] on imported keys, otherwise allowed in every state.
+ROTATION_READS = frozenset({"GetKeyRotationStatus", "ListKeyRotations"})
+
+# Import operations: [9] on service-generated keys, [8] pending deletion.
+IMPORT_OPERATIONS = frozenset({"GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial"})
+
+CANCEL_DELETION = "CancelKeyDeletion"
+
+# What the customer may do with a service-managed (KeyManager AWS) key: its key policy lets the
+# account use and view it, never manage it (AWS answers these with AccessDeniedException).
+AWS_MANAGED_ALLOWED = (
+    CRYPTO_OPERATIONS
+    | ROTATION_READS
+    | {
+        "DescribeKey",
+        "ListKeys",
+        "ListAliases",
+        "GetKeyPolicy",
+        "ListKeyPolicies",
+        "ListResourceTags",
+        "ListGrants",
+        "CreateGrant",
+        "RetireGrant",
+        "RevokeGrant",
+    }
+)
+
+ALL_OPERATIONS = (
+    CRYPTO_OPERATIONS
+    | ALWAYS_ALLOWED
+    | METADATA_OPERATIONS
+    | STATE_OPERATIONS
+    | ROTATION_CHANGES
+    | ROTATION_READS
+    | IMPORT_OPERATIONS
+    | {CANCEL_DELETION}
+)
+
+
+def material_expired(key: KeyRecord, now: datetime) -> bool:
+    """Imported material past its ValidTo is unusable even before the scheduler deletes it."""
+    return key.origin == ORIGIN_EXTERNAL and key.valid_to is not None and key.valid_to <= now
+
+
+def is_destroyed(key: KeyRecord, now: datetime) -> bool:
+    """A key whose deletion date has passed no longer exists, whether or not the reaper ran yet."""
+    return key.state == PENDING_DELETION and key.deletion_date is not None and key.deletion_date <= now
+
+
+def effective_state(key: KeyRecord, now: datetime) -> str:
+    """The KeyState AWS would report now (stored state, corrected for expired imported material)."""
+    if key.state in (ENABLED, DISABLED) and material_expired(key, now):
+        return PENDING_IMPORT
+    return key.state
+
+
+def refusal(key: KeyRecord, operation: str, now: datetime) -> KMSError | None:
+    """The AWS error for ``operation`` on ``key`` in its current state, or None if it may proceed.
+
+    ``is_destroyed`` keys must be treated as absent by the caller before asking.
+    """
+    if key.key_manager == MANAGER_AWS and operation not in AWS_MANAGED_ALLOWED:
+        return AccessDeniedException(
+            f"{key.arn} is managed by the service (KeyManager AWS); customers cannot call {operation} on it."
+        )
+    state = effective_state(key, now)
+    external = key.origin == ORIGIN_EXTERNAL
+    pending_deletion = KMSInvalidStateException(f"{key.arn} is pending deletion.")
+    pending_import = KMSInvalidStateException(f"{key.arn} is pending import.")
+
+    if operation in ALWAYS_ALLOWED:
+        return None
+    if operation in CRYPTO_OPERATIONS:
+        return {
+            ENABLED: None,
+            DISABLED: DisabledException(f"{key.arn} is disabled."),
+            PENDING_IMPORT: pending_import,
+            PENDING_DELETION: pending_deletion,
+        }.get(state, _unknown(key, state))
+    if operation in METADATA_OPERATIONS:
+        return pending_deletion if state == PENDING_DELETION else None
+    if operation in STATE_OPERATIONS:
+        return {PENDING_IMPORT: pending_import, PENDING_DELETION: pending_deletion}.get(state)
+    if operation == CANCEL_DELETION:
+        return (
+            None
+            if state == PENDING_DELETION
+            else KMSInvalidStateException(f"{key.arn} is not pending deletion.")
+        )
+    if operation in ROTATION_CHANGES or operation in ROTATION_READS:
+        if external:
+            return UnsupportedOperationException(
+                f"{key.arn} origin is EXTERNAL which is not valid for this operation."
+            )
+        if operation in ROTATION_READS:
+            return None
+        return {
+            DISABLED: DisabledException(f"{key.arn} is disabled."),
+            PENDING_DELETION: pending_deletion,
+        }.get(state)
+    if operation in IMPORT_OPERATIONS:
+        if not external:
+            return UnsupportedOperationException(
+                f"{key.arn} origin is {key.origin} which is not valid for this operation."
+            )
+        return pending_deletion if state == PENDING_DELETION else None
+    return KMSInvalidStateException(f"{operation} is not a key operation this service knows the rules of.")
 
 
 def check_usable(key: KeyRecord, operation: str, now: datetime) -> None:
-    """Raise the AWS error for using ``key`` with ``operation`` in its current state, else return.
+    """Raise the AWS error for using ``key`` with ``operation`` now, else return."""
+    error = refusal(key, operation, now)
+    if error is not None:
+        raise error
 
-    ``now`` is accepted so that time-dependent rules (imported material expiry) can join here.
-    """
-    del now  # no time-dependent rule yet
-    state = key.state
-    if state == ENABLED:
-        return
-    if state == DISABLED:
-        if operation in CRYPTO_OPERATIONS:
-            raise DisabledException(f"{key.arn} is disabled.")
-        return
-    if state == PENDING_DELETION:
-        if operation not in _ALLOWED_PENDING_DELETION:
-            raise KMSInvalidStateException(f"{key.arn} is pending deletion.")
-        return
-    if state == PENDING_IMPORT:
-        if operation in _REFUSED_PENDING_IMPORT:
-            raise KMSInvalidStateException(f"{key.arn} is pending import.")
-        return
-    raise KMSInvalidStateException(f"{key.arn} is in an unknown state {state!r}.")
+
+def _unknown(key: KeyRecord, state: str) -> KMSError:
+    return KMSInvalidStateException(f"{key.arn} is in an unknown state {state!r}.")

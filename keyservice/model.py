@@ -22,6 +22,14 @@ ORIGIN_EXTERNAL = "EXTERNAL"
 MANAGER_CUSTOMER = "CUSTOMER"
 MANAGER_AWS = "AWS"
 
+# Imported material (SPEC K3).
+EXPIRES = "KEY_MATERIAL_EXPIRES"
+DOES_NOT_EXPIRE = "KEY_MATERIAL_DOES_NOT_EXPIRE"
+
+# How a key version came to be (ListKeyRotations' RotationType; None for the first material).
+ROTATION_AUTOMATIC = "AUTOMATIC"
+ROTATION_ON_DEMAND = "ON_DEMAND"
+
 KEY_USAGE = "ENCRYPT_DECRYPT"
 KEY_SPEC = "SYMMETRIC_DEFAULT"
 ENCRYPTION_ALGORITHM = "SYMMETRIC_DEFAULT"
@@ -44,6 +52,15 @@ class KeyRecord:
     valid_to: datetime | None = None
     policy: str | None = None
     tags: list[dict[str, str]] = field(default_factory=list)
+    # Automatic rotation (SPEC K6): on/off, period, and when the scheduler rotates next.
+    rotation_enabled: bool = False
+    rotation_period_days: int | None = None
+    next_rotation_date: datetime | None = None
+    # Imported keys (SPEC K3): how the current material expires (None while none is imported) and
+    # KeyMaterialId, an HMAC of the material under the root key that lets a re-import prove it is
+    # the same material without the store keeping the material after it was deleted.
+    expiration_model: str | None = None
+    material_id: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -56,6 +73,20 @@ class KeyVersionRecord:
     version: int  # 1, 2, ... (rotation adds versions)
     creation_date: datetime
     sealed_material: bytes  # rootkey.seal(root, material, store.material_aad(key_id, version))
+    rotation_type: str | None = None  # ROTATION_AUTOMATIC / ROTATION_ON_DEMAND; None for version 1
+
+
+@dataclass(frozen=True)
+class ImportParameters:
+    """One GetParametersForImport answer: the RSA wrapping key pair, valid 24 hours, for one key."""
+
+    token_id: str  # hex; the ImportToken handed out names it
+    key_id: str
+    wrapping_algorithm: str
+    wrapping_key_spec: str
+    sealed_private_key: bytes  # rootkey.seal(root, PKCS#8 DER, store.import_key_aad(token_id))
+    creation_date: datetime
+    valid_to: datetime
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,18 @@ from pathlib import Path
 from typing import Protocol
 
 from keyservice.errors import AlreadyExistsException, LimitExceededException, NotFoundException
-from keyservice.model import MANAGER_CUSTOMER, AliasRecord, CredentialRecord, KeyRecord, KeyVersionRecord
+from keyservice.model import (
+    MANAGER_CUSTOMER,
+    ORIGIN_EXTERNAL,
+    PENDING_DELETION,
+    AliasRecord,
+    CredentialRecord,
+    ImportParameters,
+    KeyRecord,
+    KeyVersionRecord,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "keyservice.db"
 
 
@@ -37,6 +46,11 @@ def material_aad(key_id: str, version: int) -> bytes:
 def secret_aad(access_key_id: str) -> bytes:
     """AAD sealing a credential's secret access key: binds it to its access key id."""
     return f"keyservice/credential-secret/v1\x00{access_key_id}".encode()
+
+
+def import_key_aad(token_id: str) -> bytes:
+    """AAD sealing the RSA private wrapping key of one GetParametersForImport answer."""
+    return f"keyservice/import-wrapping-key/v1\x00{token_id}".encode()
 
 
 def root_check_aad() -> bytes:
@@ -51,16 +65,33 @@ class Store(Protocol):
     def set_meta(self, name: str, value: str) -> None: ...
 
     def create_key(
-        self, key: KeyRecord, first_version: KeyVersionRecord, *, max_customer_keys: int
+        self,
+        key: KeyRecord,
+        first_version: KeyVersionRecord | None,
+        *,
+        max_customer_keys: int,
+        alias: AliasRecord | None = None,
     ) -> None: ...
     def get_key(self, key_id: str) -> KeyRecord | None: ...
     def update_key(self, key: KeyRecord) -> None: ...
     def list_keys(self, *, after: str | None, limit: int) -> list[KeyRecord]: ...
     def count_customer_keys(self) -> int: ...
+    def count_keys_by_state(self) -> dict[tuple[str, str], int]: ...
+    def keys_due_rotation(self, now: datetime) -> list[KeyRecord]: ...
+    def keys_due_deletion(self, now: datetime) -> list[KeyRecord]: ...
+    def keys_with_material_expiry(self) -> list[KeyRecord]: ...
+    def destroy_key(self, key_id: str, now: datetime) -> bool: ...
 
     def add_key_version(self, version: KeyVersionRecord) -> None: ...
     def get_key_version(self, key_id: str, version: int) -> KeyVersionRecord | None: ...
     def latest_key_version(self, key_id: str) -> KeyVersionRecord | None: ...
+    def list_key_versions(self, key_id: str) -> list[KeyVersionRecord]: ...
+    def delete_key_material(self, key: KeyRecord) -> None: ...
+    def import_key_material(self, key: KeyRecord, version: KeyVersionRecord | None) -> None: ...
+
+    def add_import_parameters(self, params: ImportParameters) -> None: ...
+    def get_import_parameters(self, token_id: str) -> ImportParameters | None: ...
+    def purge_import_parameters(self, now: datetime) -> int: ...
 
     def create_alias(self, alias: AliasRecord) -> None: ...
     def update_alias(self, name: str, target_key_id: str, when: datetime) -> None: ...
@@ -75,7 +106,8 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-_SCHEMA = """
+# Schema version 1, as first released; later versions are reached by _MIGRATIONS.
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -122,6 +154,32 @@ CREATE TABLE IF NOT EXISTS credentials (
 """
 
 
+# _MIGRATIONS[n] takes a store from schema version n to n + 1, inside one write transaction, so a
+# data directory created by an older release keeps working (and a crash mid-migration changes nothing).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "ALTER TABLE keys ADD COLUMN rotation_enabled INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE keys ADD COLUMN rotation_period_days INTEGER",
+        "ALTER TABLE keys ADD COLUMN next_rotation_date TEXT",
+        "ALTER TABLE keys ADD COLUMN expiration_model TEXT",
+        "ALTER TABLE keys ADD COLUMN material_id TEXT",
+        "ALTER TABLE key_versions ADD COLUMN rotation_type TEXT",
+        """CREATE TABLE import_parameters (
+            token_id           TEXT PRIMARY KEY,
+            key_id             TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+            wrapping_algorithm TEXT NOT NULL,
+            wrapping_key_spec  TEXT NOT NULL,
+            sealed_private_key BLOB NOT NULL,
+            creation_date      TEXT NOT NULL,
+            valid_to           TEXT NOT NULL
+        )""",
+        "CREATE INDEX import_parameters_by_key ON import_parameters(key_id)",
+        "CREATE INDEX keys_by_next_rotation ON keys(next_rotation_date) WHERE rotation_enabled = 1",
+        "CREATE INDEX keys_by_deletion_date ON keys(deletion_date) WHERE deletion_date IS NOT NULL",
+    ),
+}
+
+
 def _ts(value: datetime | None) -> str | None:
     if value is None:
         return None
@@ -151,6 +209,11 @@ def _key_from_row(row: sqlite3.Row) -> KeyRecord:
         valid_to=_dt(row["valid_to"]),
         policy=row["policy"],
         tags=json.loads(row["tags"]),
+        rotation_enabled=bool(row["rotation_enabled"]),
+        rotation_period_days=row["rotation_period_days"],
+        next_rotation_date=_dt(row["next_rotation_date"]),
+        expiration_model=row["expiration_model"],
+        material_id=row["material_id"],
     )
 
 
@@ -160,6 +223,19 @@ def _version_from_row(row: sqlite3.Row) -> KeyVersionRecord:
         version=row["version"],
         creation_date=_dt(row["creation_date"]),  # type: ignore[arg-type]
         sealed_material=bytes(row["sealed_material"]),
+        rotation_type=row["rotation_type"],
+    )
+
+
+def _import_from_row(row: sqlite3.Row) -> ImportParameters:
+    return ImportParameters(
+        token_id=row["token_id"],
+        key_id=row["key_id"],
+        wrapping_algorithm=row["wrapping_algorithm"],
+        wrapping_key_spec=row["wrapping_key_spec"],
+        sealed_private_key=bytes(row["sealed_private_key"]),
+        creation_date=_dt(row["creation_date"]),  # type: ignore[arg-type]
+        valid_to=_dt(row["valid_to"]),  # type: ignore[arg-type]
     )
 
 
@@ -195,17 +271,23 @@ class SQLiteStore:
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
-        self._conn().executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        self._conn().executescript("BEGIN IMMEDIATE;" + _SCHEMA_V1 + "COMMIT;")
         with self._write() as conn:
             row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-            if row is None:
-                conn.execute(
-                    "INSERT INTO meta(name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif int(row[0]) != SCHEMA_VERSION:
+            if row is None:  # a new store: version 1 tables were just created
+                conn.execute("INSERT INTO meta(name, value) VALUES ('schema_version', '1')")
+                version = 1
+            else:
+                version = int(row[0])
+            if version > SCHEMA_VERSION:
                 raise RuntimeError(
-                    f"store schema version {row[0]} is not supported (expected {SCHEMA_VERSION})"
+                    f"store schema version {version} is newer than this release supports ({SCHEMA_VERSION})"
                 )
+            while version < SCHEMA_VERSION:
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
+                version += 1
+                conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),))
 
     # ----------------------------------------------------------------- connections
 
@@ -265,8 +347,16 @@ class SQLiteStore:
 
     # ----------------------------------------------------------------- keys
 
-    def create_key(self, key: KeyRecord, first_version: KeyVersionRecord, *, max_customer_keys: int) -> None:
-        """Insert a key and its first version atomically, enforcing the customer-key quota."""
+    def create_key(
+        self,
+        key: KeyRecord,
+        first_version: KeyVersionRecord | None,
+        *,
+        max_customer_keys: int,
+        alias: AliasRecord | None = None,
+    ) -> None:
+        """Insert a key, its first version (None for imported keys) and optionally an alias atomically,
+        enforcing the customer-key quota (service-managed keys do not count, SPEC K13)."""
         with self._write() as conn:
             if key.key_manager == MANAGER_CUSTOMER:
                 (count,) = conn.execute(
@@ -278,15 +368,48 @@ class SQLiteStore:
                     )
             conn.execute(
                 "INSERT INTO keys(key_id, arn, account_id, region, description, state, origin, key_manager,"
-                " key_usage, key_spec, creation_date, deletion_date, valid_to, policy, tags)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " key_usage, key_spec, creation_date, deletion_date, valid_to, policy, tags,"
+                " rotation_enabled, rotation_period_days, next_rotation_date, expiration_model, material_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    key.key_id, key.arn, key.account_id, key.region, key.description, key.state, key.origin,
-                    key.key_manager, key.key_usage, key.key_spec, _ts(key.creation_date),
-                    _ts(key.deletion_date), _ts(key.valid_to), key.policy, json.dumps(key.tags),
+                    key.key_id,
+                    key.arn,
+                    key.account_id,
+                    key.region,
+                    key.description,
+                    key.state,
+                    key.origin,
+                    key.key_manager,
+                    key.key_usage,
+                    key.key_spec,
+                    _ts(key.creation_date),
+                    _ts(key.deletion_date),
+                    _ts(key.valid_to),
+                    key.policy,
+                    json.dumps(key.tags),
+                    int(key.rotation_enabled),
+                    key.rotation_period_days,
+                    _ts(key.next_rotation_date),
+                    key.expiration_model,
+                    key.material_id,
                 ),
             )
-            self._insert_version(conn, first_version)
+            if first_version is not None:
+                self._insert_version(conn, first_version)
+            if alias is not None:
+                try:
+                    conn.execute(
+                        "INSERT INTO aliases(name, target_key_id, creation_date, last_updated_date)"
+                        " VALUES (?, ?, ?, ?)",
+                        (
+                            alias.name,
+                            alias.target_key_id,
+                            _ts(alias.creation_date),
+                            _ts(alias.last_updated_date),
+                        ),  # fmt: skip
+                    )
+                except sqlite3.IntegrityError:
+                    raise AlreadyExistsException(f"An alias named {alias.name} already exists") from None
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         row = self._one("SELECT * FROM keys WHERE key_id = ?", (key_id,))
@@ -297,33 +420,100 @@ class SQLiteStore:
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE keys SET description = ?, state = ?, deletion_date = ?, valid_to = ?, policy = ?,"
-                " tags = ? WHERE key_id = ?",
-                (
-                    key.description, key.state, _ts(key.deletion_date), _ts(key.valid_to), key.policy,
-                    json.dumps(key.tags), key.key_id,
-                ),
+                " tags = ?, rotation_enabled = ?, rotation_period_days = ?, next_rotation_date = ?,"
+                " expiration_model = ?, material_id = ? WHERE key_id = ?",
+                self._mutable(key),
             )
             if cur.rowcount != 1:
                 raise NotFoundException(f"Key '{key.arn}' does not exist")
 
+    @staticmethod
+    def _mutable(key: KeyRecord) -> tuple[object, ...]:
+        return (
+            key.description, key.state, _ts(key.deletion_date), _ts(key.valid_to), key.policy,
+            json.dumps(key.tags), int(key.rotation_enabled), key.rotation_period_days,
+            _ts(key.next_rotation_date), key.expiration_model, key.material_id, key.key_id,
+        )  # fmt: skip
+
     def list_keys(self, *, after: str | None, limit: int) -> list[KeyRecord]:
         """Keys ordered by key id, strictly after ``after``."""
-        rows = self._conn().execute(
-            "SELECT * FROM keys WHERE key_id > ? ORDER BY key_id LIMIT ?", (after or "", limit)
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute("SELECT * FROM keys WHERE key_id > ? ORDER BY key_id LIMIT ?", (after or "", limit))
+            .fetchall()
+        )
         return [_key_from_row(r) for r in rows]
 
     def count_customer_keys(self) -> int:
         row = self._one("SELECT COUNT(*) AS n FROM keys WHERE key_manager = ?", (MANAGER_CUSTOMER,))
         return int(row["n"]) if row else 0
 
+    def count_keys_by_state(self) -> dict[tuple[str, str], int]:
+        """{(key_manager, state): count}, for /metrics."""
+        rows = (
+            self._conn()
+            .execute("SELECT key_manager, state, COUNT(*) AS n FROM keys GROUP BY key_manager, state")
+            .fetchall()
+        )
+        return {(r["key_manager"], r["state"]): int(r["n"]) for r in rows}
+
+    def keys_due_rotation(self, now: datetime) -> list[KeyRecord]:
+        """Keys with automatic rotation on whose next rotation date has come."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM keys WHERE rotation_enabled = 1 AND next_rotation_date <= ? ORDER BY key_id",
+                (_ts(now),),
+            )
+            .fetchall()
+        )
+        return [_key_from_row(r) for r in rows]
+
+    def keys_due_deletion(self, now: datetime) -> list[KeyRecord]:
+        """Keys pending deletion whose waiting period has ended."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM keys WHERE state = ? AND deletion_date <= ? ORDER BY key_id",
+                (PENDING_DELETION, _ts(now)),
+            )
+            .fetchall()
+        )
+        return [_key_from_row(r) for r in rows]
+
+    def keys_with_material_expiry(self) -> list[KeyRecord]:
+        """Imported keys whose current material has an expiry time (ValidTo)."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM keys WHERE origin = ? AND valid_to IS NOT NULL ORDER BY key_id",
+                (ORIGIN_EXTERNAL,),
+            )
+            .fetchall()
+        )
+        return [_key_from_row(r) for r in rows]
+
+    def destroy_key(self, key_id: str, now: datetime) -> bool:
+        """Delete a key whose deletion is due, with its versions, aliases and import parameters.
+
+        Conditional on the key still being pending deletion with a due date, so a CancelKeyDeletion
+        that won the race is never undone. True if the key was destroyed.
+        """
+        with self._write() as conn:
+            cur = conn.execute(
+                "DELETE FROM keys WHERE key_id = ? AND state = ? AND deletion_date <= ?",
+                (key_id, PENDING_DELETION, _ts(now)),
+            )
+            return cur.rowcount == 1
+
     # ----------------------------------------------------------------- key versions
 
     @staticmethod
     def _insert_version(conn: sqlite3.Connection, v: KeyVersionRecord) -> None:
         conn.execute(
-            "INSERT INTO key_versions(key_id, version, creation_date, sealed_material) VALUES (?, ?, ?, ?)",
-            (v.key_id, v.version, _ts(v.creation_date), v.sealed_material),
+            "INSERT INTO key_versions(key_id, version, creation_date, sealed_material, rotation_type)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (v.key_id, v.version, _ts(v.creation_date), v.sealed_material, v.rotation_type),
         )
 
     def add_key_version(self, version: KeyVersionRecord) -> None:
@@ -339,6 +529,61 @@ class SQLiteStore:
             "SELECT * FROM key_versions WHERE key_id = ? ORDER BY version DESC LIMIT 1", (key_id,)
         )
         return None if row is None else _version_from_row(row)
+
+    def list_key_versions(self, key_id: str) -> list[KeyVersionRecord]:
+        rows = (
+            self._conn()
+            .execute("SELECT * FROM key_versions WHERE key_id = ? ORDER BY version", (key_id,))
+            .fetchall()
+        )
+        return [_version_from_row(r) for r in rows]
+
+    def delete_key_material(self, key: KeyRecord) -> None:
+        """Drop every version's sealed material and write back ``key`` (its new state), atomically."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM key_versions WHERE key_id = ?", (key.key_id,))
+            conn.execute("DELETE FROM import_parameters WHERE key_id = ?", (key.key_id,))
+            conn.execute(
+                "UPDATE keys SET description = ?, state = ?, deletion_date = ?, valid_to = ?, policy = ?,"
+                " tags = ?, rotation_enabled = ?, rotation_period_days = ?, next_rotation_date = ?,"
+                " expiration_model = ?, material_id = ? WHERE key_id = ?",
+                self._mutable(key),
+            )
+
+    def import_key_material(self, key: KeyRecord, version: KeyVersionRecord | None) -> None:
+        """Store imported material (None when the same material is already there) and write back ``key``."""
+        with self._write() as conn:
+            if version is not None:
+                conn.execute("DELETE FROM key_versions WHERE key_id = ?", (key.key_id,))
+                self._insert_version(conn, version)
+            conn.execute(
+                "UPDATE keys SET description = ?, state = ?, deletion_date = ?, valid_to = ?, policy = ?,"
+                " tags = ?, rotation_enabled = ?, rotation_period_days = ?, next_rotation_date = ?,"
+                " expiration_model = ?, material_id = ? WHERE key_id = ?",
+                self._mutable(key),
+            )
+
+    # ----------------------------------------------------------------- import parameters
+
+    def add_import_parameters(self, params: ImportParameters) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO import_parameters(token_id, key_id, wrapping_algorithm, wrapping_key_spec,"
+                " sealed_private_key, creation_date, valid_to) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    params.token_id, params.key_id, params.wrapping_algorithm, params.wrapping_key_spec,
+                    params.sealed_private_key, _ts(params.creation_date), _ts(params.valid_to),
+                ),
+            )  # fmt: skip
+
+    def get_import_parameters(self, token_id: str) -> ImportParameters | None:
+        row = self._one("SELECT * FROM import_parameters WHERE token_id = ?", (token_id,))
+        return None if row is None else _import_from_row(row)
+
+    def purge_import_parameters(self, now: datetime) -> int:
+        """Forget wrapping key pairs past their 24 hours; returns how many."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM import_parameters WHERE valid_to <= ?", (_ts(now),)).rowcount
 
     # ----------------------------------------------------------------- aliases
 
@@ -377,14 +622,20 @@ class SQLiteStore:
     def list_aliases(self, *, key_id: str | None, after: str | None, limit: int) -> list[AliasRecord]:
         """Aliases ordered by name, strictly after ``after``, optionally only those of ``key_id``."""
         if key_id is None:
-            rows = self._conn().execute(
-                "SELECT * FROM aliases WHERE name > ? ORDER BY name LIMIT ?", (after or "", limit)
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute("SELECT * FROM aliases WHERE name > ? ORDER BY name LIMIT ?", (after or "", limit))
+                .fetchall()
+            )
         else:
-            rows = self._conn().execute(
-                "SELECT * FROM aliases WHERE target_key_id = ? AND name > ? ORDER BY name LIMIT ?",
-                (key_id, after or "", limit),
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT * FROM aliases WHERE target_key_id = ? AND name > ? ORDER BY name LIMIT ?",
+                    (key_id, after or "", limit),
+                )
+                .fetchall()
+            )
         return [_alias_from_row(r) for r in rows]
 
     # ----------------------------------------------------------------- credentials
@@ -396,8 +647,12 @@ class SQLiteStore:
                     "INSERT INTO credentials(access_key_id, principal_arn, account_id, sealed_secret,"
                     " creation_date, enabled) VALUES (?, ?, ?, ?, ?, ?)",
                     (
-                        cred.access_key_id, cred.principal_arn, cred.account_id, cred.sealed_secret,
-                        _ts(cred.creation_date), int(cred.enabled),
+                        cred.access_key_id,
+                        cred.principal_arn,
+                        cred.account_id,
+                        cred.sealed_secret,
+                        _ts(cred.creation_date),
+                        int(cred.enabled),
                     ),
                 )
         except sqlite3.IntegrityError:
@@ -408,7 +663,7 @@ class SQLiteStore:
         return None if row is None else _cred_from_row(row)
 
     def list_credentials(self) -> list[CredentialRecord]:
-        rows = self._conn().execute(
-            "SELECT * FROM credentials ORDER BY creation_date, access_key_id"
-        ).fetchall()
+        rows = (
+            self._conn().execute("SELECT * FROM credentials ORDER BY creation_date, access_key_id").fetchall()
+        )
         return [_cred_from_row(r) for r in rows]

@@ -183,7 +183,7 @@ def test_create_and_describe_key(env: Env) -> None:
             {"KeySpec": "SYMMETRIC_DEFAULT", "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT"},
             errors.ValidationException,
         ),
-        ({"Origin": "EXTERNAL"}, errors.UnsupportedOperationException),
+        ({"Origin": "EXTERNAL_KEY_STORE"}, errors.UnsupportedOperationException),
         ({"Origin": "AWS_CLOUDHSM"}, errors.UnsupportedOperationException),
         ({"Origin": "MARS"}, errors.ValidationException),
         ({"MultiRegion": True}, errors.UnsupportedOperationException),

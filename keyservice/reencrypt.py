@@ -1,0 +1,81 @@
+"""ReEncrypt (SPEC K11): decrypt under the source key and encrypt under the destination key (or the
+newest version of the same key) inside the service, so the caller never sees the plaintext.
+
+Both keys go through ``lifecycle.check_usable`` for ReEncrypt. The audit record names the
+destination key and version in its key fields and context; the source key, version and context
+go under ``caller.keyservice`` until the audit record has fields for them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from keyservice import envelope, errors
+from keyservice.model import ENCRYPTION_ALGORITHM
+from keyservice.params import AuditInfo, check_grant_tokens, get_bytes, get_enum
+
+if TYPE_CHECKING:
+    from keyservice.service import KeyService
+
+MAX_CIPHERTEXT = 6144
+_ALGORITHMS = ("SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256", "SM2PKE")
+
+
+def _algorithm(params: dict[str, Any], name: str) -> None:
+    value = get_enum(params, name, _ALGORITHMS)
+    if value not in (None, ENCRYPTION_ALGORITHM):
+        raise errors.InvalidKeyUsageException(
+            f"{name} {value} is not supported by symmetric keys; use SYMMETRIC_DEFAULT."
+        )
+
+
+def re_encrypt(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
+    blob = get_bytes(params, "CiphertextBlob", 1, MAX_CIPHERTEXT)
+    assert blob is not None
+    source_context = service.context(params, AuditInfo(), "SourceEncryptionContext")
+    destination_context = service.context(params, info, "DestinationEncryptionContext")
+    info.encryption_context = destination_context
+    check_grant_tokens(params)
+    _algorithm(params, "SourceEncryptionAlgorithm")
+    _algorithm(params, "DestinationEncryptionAlgorithm")
+    source_info = AuditInfo()
+    wanted = None
+    if params.get("SourceKeyId") is not None:
+        wanted = service.key_param(params, source_info, allow_alias=True, name="SourceKeyId")
+    destination = service.key_param(
+        params, info, allow_alias=True, name="DestinationKeyId", create_default=True
+    )
+    parsed = envelope.parse_blob(blob)
+    info.extra = {
+        "source_key_id": service.key_arn(parsed.key_id),
+        "source_key_version": parsed.key_version,
+        "source_encryption_context": source_context,
+    }
+    if wanted is not None and wanted.key_id != parsed.key_id:
+        raise errors.IncorrectKeyException(
+            "The key ID in the request does not identify the KMS key that encrypted the ciphertext."
+        )
+    source = service.load_key(parsed.key_id)
+    if source is None:
+        raise errors.InvalidCiphertextException(envelope._UNDETAILED)
+    service.check_usable(source, "ReEncrypt")
+    service.check_usable(destination, "ReEncrypt")
+    version = service.store.get_key_version(source.key_id, parsed.key_version)
+    if version is None:
+        raise errors.InvalidCiphertextException(envelope._UNDETAILED)
+    service.dry_run(params)
+    plaintext = envelope.open_blob(service.material(version), parsed, source_context)
+    new_version, material = service.latest_version(destination, info)
+    out = envelope.seal_blob(
+        material, destination.key_id, new_version.version, plaintext, destination_context
+    )
+    return {
+        "CiphertextBlob": out,
+        "SourceKeyId": source.arn,
+        "KeyId": destination.arn,
+        "SourceEncryptionAlgorithm": ENCRYPTION_ALGORITHM,
+        "DestinationEncryptionAlgorithm": ENCRYPTION_ALGORITHM,
+    }
+
+
+HANDLERS = {"ReEncrypt": re_encrypt}
