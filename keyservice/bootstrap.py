@@ -47,6 +47,10 @@ class NotInitializedError(Exception):
     """The data directory has no store yet (run ``keyservice init``)."""
 
 
+class RegionMismatchError(ValueError):
+    """A server was started with a region other than the one its store was created in (K17)."""
+
+
 class AlreadyInitializedError(Exception):
     """The data directory already holds a store."""
 
@@ -174,7 +178,7 @@ def open_service(
         stored_region = store.get_meta("region") or DEFAULT_REGION
         account_id = store.get_meta("account_id") or DEFAULT_ACCOUNT_ID
         if region is not None and region != stored_region:
-            raise ValueError(f"this data directory serves region {stored_region}, not {region}")
+            raise RegionMismatchError(f"this data directory serves region {stored_region}, not {region}")
         clock = clock or SystemClock()
         audit_log = AuditLog(data_dir, signer=audit_signing.load_or_create(data_dir, root_key), now=clock.now)
     except BaseException:

@@ -166,6 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dir,
         root_key,
         clock=service_clock,
+        region=args.region,
         max_keys=args.max_keys,
         allow_pkcs1_import=args.allow_pkcs1_import,
     )
@@ -224,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--credentials-out", metavar="FILE", help="dev mode: write endpoint and admin credentials"
     )
-    serve.add_argument("--region", help=f"dev mode: region of a new store (default {DEFAULT_REGION})")
+    serve.add_argument(
+        "--region",
+        help=f"region of a new dev store (default {DEFAULT_REGION}); for an existing store it must match",
+    )
     serve.add_argument("--root-key-file", metavar="FILE", help="root key file (kept outside the data dir)")
     serve.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain); default DATA_DIR/tls")
     serve.add_argument("--tls-key", metavar="PEM", help="server private key")
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (CliError, rootkey.RootKeyError) as error:
+    except (CliError, rootkey.RootKeyError, bootstrap.RegionMismatchError) as error:
         print(f"keyservice: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -13,6 +13,8 @@ from typing import Any
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
+from keyservice.api import DRAIN_FACTOR
+
 
 class Server:
     """One listening server; ``port`` is known after construction (port 0 picks a free one)."""
@@ -21,7 +23,9 @@ class Server:
                  tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
         self._server = wsgi.Server((host, port), app, numthreads=threads, server_name="keyservice",
                                    timeout=30, shutdown_timeout=5)
-        self._server.max_request_body_size = max_body
+        # The application enforces ``max_body`` with a proper AWS error; the server's own cap is a
+        # backstop against clients that send far more.
+        self._server.max_request_body_size = max_body * DRAIN_FACTOR
         self.scheme = "http"
         if tls_cert is not None:
             if tls_key is None:

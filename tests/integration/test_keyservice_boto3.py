@@ -230,6 +230,7 @@ def test_body_limit(keyservice_dev) -> None:
         keyservice_dev.endpoint + "/", data=body, timeout=10, headers=_signed(keyservice_dev, "Encrypt", body)
     )
     assert reply.status_code == 413
+    assert reply.json()["__type"] == "RequestEntityTooLargeException"
 
 
 def test_keep_alive(keyservice_dev) -> None:

@@ -287,3 +287,29 @@ def test_operator_supplied_certificate(tmp_path: Path) -> None:
         assert not (data_dir / "tls").exists()
     finally:
         _stop(process)
+
+
+def test_region_is_fixed_at_creation(tmp_path: Path) -> None:
+    """K17: a store serves the region it was created in; ARNs carry it; a server cannot switch."""
+    service = start_dev_service(tmp_path, "--region", "eu-west-1")
+    try:
+        assert service.region == "eu-west-1"
+        kms = service.boto3_client()
+        arn = kms.create_key()["KeyMetadata"]["Arn"]
+        assert arn.startswith("arn:aws:kms:eu-west-1:")
+        with pytest.raises(ClientError) as excinfo:
+            kms.describe_key(KeyId=arn.replace("eu-west-1", "us-east-1"))
+        assert excinfo.value.response["Error"]["Code"] == "NotFoundException"
+    finally:
+        stop_dev_service(service)
+    wrong = run_keyservice(
+        "serve",
+        "--dev",
+        "--data-dir",
+        str(service.data_dir),
+        "--region",
+        "us-east-1",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    )
+    assert wrong.returncode == 1 and "serves region eu-west-1" in wrong.stderr
