@@ -31,7 +31,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,13 @@ class AuditLog:
 
     One instance per data directory per process. Without a ``signer`` (unit tests of the record
     format) no checkpoints are written and ``verify`` will report the log as unsealed.
+
+    Group commit: a record is written under ``_lock`` (which keeps the chain in order), then
+    ``append`` waits in ``_commit`` until an ``fsync`` that started after its write has
+    finished. Concurrent requests share one fsync instead of queueing for one each; every
+    request still returns only once its own record is on disk. If an fsync fails, the file is
+    cut back to the last durable byte, every request whose record was cut fails, and the chain
+    goes on from the last durable record.
     """
 
     def __init__(
@@ -221,7 +228,10 @@ class AuditLog:
         self._every = checkpoint_every
         self._seconds = checkpoint_seconds
         self._now = now or (lambda: datetime.now(UTC))
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the chain: writing lines, tail state
+        self._sync_lock = threading.Lock()  # one fsync at a time; durable state
+        self._head_lock = threading.Lock()
+        self._head_seq = 0
         self._tail, complete = _scan(self.path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self._fd).st_size > complete:
@@ -229,86 +239,122 @@ class AuditLog:
             # fsync), so the fragment is dropped rather than left to break the chain.
             os.ftruncate(self._fd, complete)
             os.fsync(self._fd)
+        self._end = complete  # bytes written
+        self._epoch = 0  # bumped when unsynced lines are cut back after a failed fsync
+        self._durable_end = complete
+        self._durable_tail = replace(self._tail)
         self._first_unsealed: datetime | None = None
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         if signer is not None:
             if self._tail.unsealed:
                 # Records left unsealed by an unclean shutdown: seal them now, marked as late.
-                with self._lock:
-                    self._checkpoint_locked(recovered=True)
+                self._seal(recovered=True)
             self._timer = threading.Thread(target=self._tick, name="audit-checkpoint", daemon=True)
             self._timer.start()
 
     # -- writing ----------------------------------------------------------------------------------
     def _write_locked(self, body: dict[str, Any]) -> bytes:
+        """Append one line (not yet durable); on failure nothing of it stays in the file."""
+        if self._fd < 0:
+            raise OSError("the audit log is closed")
         body["prev_hash"] = self._tail.prev_hash
         line = _encode_line(body)
         data = line + b"\n"
-        start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
             if os.write(self._fd, data) != len(data):
                 raise OSError("short write to the audit log")
-            os.fsync(self._fd)
         except OSError:
             # Take back whatever part reached the file (a full disk writes half a line): the
             # request fails, and the chain must go on from the last record that really exists.
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, start)
+                os.ftruncate(self._fd, self._end)
             raise
+        self._end += len(data)
         self._tail.prev_hash = line_hash(line)
         return line
 
-    def append(self, record: Mapping[str, Any]) -> None:
-        """Write one record and fsync it; raise KMSInternalException if that fails."""
-        with self._lock:
-            if self._fd < 0:
-                raise KMSInternalException("The audit log is closed.")
+    def _commit(self, end: int, epoch: int) -> None:
+        """Return once the file is durable up to ``end``; raise if those bytes were lost."""
+        with self._sync_lock:
+            if self._epoch != epoch:
+                raise OSError("the audit record was rolled back after a failed fsync")
+            if self._durable_end >= end:
+                return  # another request's fsync covered this record
+            with self._lock:
+                target, snapshot = self._end, replace(self._tail)
             try:
+                os.fsync(self._fd)
+            except OSError:
+                with self._lock:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, self._durable_end)
+                    self._end = self._durable_end
+                    self._tail = replace(self._durable_tail)
+                    self._epoch += 1
+                raise
+            self._durable_end, self._durable_tail = target, snapshot
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Write one record and wait until it is durable; raise KMSInternalException if it cannot be."""
+        try:
+            with self._lock:
                 self._write_locked(dict(record))
                 self._tail.records += 1
                 self._tail.unsealed += 1
                 if self._first_unsealed is None:
                     self._first_unsealed = self._now()
-                if self._signer is not None and self._tail.unsealed >= self._every:
-                    self._checkpoint_locked()
-            except (OSError, ValueError, TypeError) as exc:
-                raise KMSInternalException("The request could not be recorded in the audit log.") from exc
+                end, epoch = self._end, self._epoch
+                due = self._signer is not None and self._tail.unsealed >= self._every
+            self._commit(end, epoch)
+            if due:
+                self._seal(at_least=self._every)
+        except (OSError, ValueError, TypeError) as exc:
+            raise KMSInternalException("The request could not be recorded in the audit log.") from exc
 
-    def _checkpoint_locked(self, *, recovered: bool = False) -> None:
+    def _seal(self, *, at_least: int = 1, recovered: bool = False) -> None:
+        """Write, commit and publish a checkpoint if ``at_least`` records are unsealed."""
         assert self._signer is not None
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-        checkpoint: dict[str, Any] = {
-            "type": CHECKPOINT_TYPE,
-            "version": CHECKPOINT_VERSION,
-            "seq": self._tail.checkpoint_seq + 1,
-            "time": format_time(self._now()),
-            "records": self._tail.records,
-            "sealed": self._tail.unsealed,
-            "recovered": recovered,
-            "previous_checkpoint": self._tail.checkpoint_hash,
-            "key": base64.b64encode(
-                self._signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-            ).decode(),
-            "prev_hash": self._tail.prev_hash,
-        }
-        checkpoint["signature"] = base64.b64encode(self._signer.sign(_signed_bytes(checkpoint))).decode()
-        line = self._write_locked(checkpoint)
-        self._tail.checkpoint_seq = checkpoint["seq"]
-        self._tail.checkpoint_hash = line_hash(line)
-        self._tail.unsealed = 0
-        self._first_unsealed = None
-        _write_head(self.data_dir, line)
+        with self._lock:
+            if self._tail.unsealed < at_least:
+                return
+            checkpoint: dict[str, Any] = {
+                "type": CHECKPOINT_TYPE,
+                "version": CHECKPOINT_VERSION,
+                "seq": self._tail.checkpoint_seq + 1,
+                "time": format_time(self._now()),
+                "records": self._tail.records,
+                "sealed": self._tail.unsealed,
+                "recovered": recovered,
+                "previous_checkpoint": self._tail.checkpoint_hash,
+                "key": base64.b64encode(
+                    self._signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+                ).decode(),
+                "prev_hash": self._tail.prev_hash,
+            }
+            checkpoint["signature"] = base64.b64encode(self._signer.sign(_signed_bytes(checkpoint))).decode()
+            line = self._write_locked(checkpoint)
+            self._tail.checkpoint_seq = checkpoint["seq"]
+            self._tail.checkpoint_hash = line_hash(line)
+            self._tail.unsealed = 0
+            self._first_unsealed = None
+            end, epoch = self._end, self._epoch
+        self._commit(end, epoch)
+        with self._head_lock:  # only ever move the head forward
+            if checkpoint["seq"] > self._head_seq:
+                _write_head(self.data_dir, line)
+                self._head_seq = checkpoint["seq"]
 
     def checkpoint(self) -> None:
         """Seal the records written so far (no-op when there are none)."""
-        with self._lock:
-            if self._signer is not None and self._fd >= 0 and self._tail.unsealed:
-                try:
-                    self._checkpoint_locked()
-                except OSError as exc:
-                    raise KMSInternalException("The audit log could not be checkpointed.") from exc
+        if self._signer is None:
+            return
+        try:
+            self._seal()
+        except OSError as exc:
+            raise KMSInternalException("The audit log could not be checkpointed.") from exc
 
     def _tick(self) -> None:
         while not self._stop.wait(min(1.0, self._seconds / 4)):
@@ -323,11 +369,9 @@ class AuditLog:
         self._stop.set()
         if self._timer is not None:
             self._timer.join(timeout=5)
-        try:
+        with contextlib.suppress(KMSInternalException):
             self.checkpoint()
-        except KMSInternalException:
-            pass
-        with self._lock:
+        with self._sync_lock, self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1

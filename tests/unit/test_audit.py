@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -200,3 +201,46 @@ def test_missing_log_reads_empty(tmp_path: Path) -> None:
 
 def verify(data_dir: Path, **kwargs: object) -> audit.VerifyReport:
     return audit.verify(data_dir, SIGNER.public_key(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_group_commit_shares_fsyncs_and_keeps_every_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = audit.AuditLog(tmp_path, signer=SIGNER, checkpoint_every=1000, now=lambda: T0)
+    calls: list[int] = []
+    real = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        calls.append(fd)
+        time.sleep(0.01)
+        real(fd)
+
+    monkeypatch.setattr(audit.os, "fsync", slow_fsync)
+
+    def worker(n: int) -> None:
+        for i in range(20):
+            log.append(audit.build_record(when=T0, ctx=ctx(), operation=f"Op{n}-{i}"))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    assert len(list(audit_review.query(tmp_path))) == 160
+    assert len(calls) < 120, f"{len(calls)} fsyncs for 160 records: no group commit"
+    assert verify(tmp_path, checkpoint_every=1000).ok
+
+
+def test_failed_fsync_rolls_back_unsynced_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = audit.AuditLog(tmp_path, signer=SIGNER, now=lambda: T0)
+    log.append(audit.build_record(when=T0, ctx=ctx(), operation="Kept"))
+    real = os.fsync
+    monkeypatch.setattr(audit.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(KMSInternalException):
+        log.append(audit.build_record(when=T0, ctx=ctx(), operation="Lost"))
+    monkeypatch.setattr(audit.os, "fsync", real)
+    log.append(audit.build_record(when=T0, ctx=ctx(), operation="After"))
+    log.close()
+    assert [r["operation"] for r in audit_review.query(tmp_path)] == ["Kept", "After"]
+    assert verify(tmp_path).ok
