@@ -11,6 +11,7 @@ non-zero.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -18,10 +19,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kmsfs.config import CONFIG_NAME, Config, ConfigError
-from kmsfs.format import HEADER_XATTR, CorruptHeader, parse_header, plain_size
+from kmsfs.core import DEFAULT_REVALIDATE_AFTER
+from kmsfs.format import HEADER_XATTR, RESIZE_XATTR, CorruptHeader, parse_header, plain_size
 from kmsfs.keyclient import (
     DEFAULT_REGION,
     Credentials,
@@ -32,6 +35,8 @@ from kmsfs.keyclient import (
 )
 
 MOUNT_TIMEOUT = 30.0
+# Bound on one key service request (connect and read): new opens fail with EIO after at most this.
+DEFAULT_KMS_TIMEOUT = 5.0
 LOG_NAME = ".kmsfs.log"
 
 
@@ -73,13 +78,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build(cipherdir: str, credentials: str | None) -> tuple[Config, KeyClient]:
+def _build(cipherdir: str, credentials: str | None,
+           timeout: float = DEFAULT_KMS_TIMEOUT) -> tuple[Config, KeyClient]:
     try:
         config = Config.load(cipherdir)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     creds = _credentials(credentials)
-    return config, KeyClient(config.endpoint, config.region, creds)
+    return config, KeyClient(config.endpoint, config.region, creds, connect_timeout=timeout,
+                             read_timeout=timeout)
 
 
 def _check_service(client: KeyClient, config: Config) -> None:
@@ -96,14 +103,17 @@ def _check_service(client: KeyClient, config: Config) -> None:
 
 
 def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other: bool,
-           ready_fd: int | None, debug: bool) -> None:
+           ready_fd: int | None, debug: bool, args: argparse.Namespace) -> None:
     """Run the FUSE loop in this process (foreground)."""
     from kmsfs._fuse import FUSE
     from kmsfs.core import KmsfsCore
     from kmsfs.operations import KmsfsOperations
 
-    config, client = _build(cipherdir, credentials)
-    core = KmsfsCore(cipherdir, config, client)
+    config, client = _build(cipherdir, credentials, args.kms_timeout)
+    core = KmsfsCore(cipherdir, config, client, revalidate_after=args.revalidate_after)
+    logging.getLogger("kmsfs").info("revalidate open keys after %.1f s; key service timeout %.1f s; "
+                                    "sparse files %s", args.revalidate_after, args.kms_timeout,
+                                    "on" if core.sparse else "off (backing fs reports no holes)")
 
     def ready() -> None:
         if ready_fd is not None:
@@ -146,7 +156,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     log_file = os.path.abspath(args.log) if args.log else os.path.join(cipherdir, LOG_NAME)
     if args.foreground:
         _setup_logging(args.log, args.verbose)
-        _serve(cipherdir, mountpoint, credentials, args.allow_other, None, args.verbose)
+        _serve(cipherdir, mountpoint, credentials, args.allow_other, None, args.verbose, args)
         return 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -162,7 +172,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             os.dup2(logfd, 1)
             os.dup2(logfd, 2)
             _setup_logging(log_file, args.verbose)
-            _serve(cipherdir, mountpoint, credentials, args.allow_other, write_fd, args.verbose)
+            _serve(cipherdir, mountpoint, credentials, args.allow_other, write_fd, args.verbose, args)
         except BaseException as exc:  # noqa: BLE001 - the daemon must report, never re-enter main
             logging.getLogger("kmsfs").error("mount failed: %s", exc, exc_info=True)
             code = 1
@@ -215,9 +225,67 @@ def cmd_umount(args: argparse.Namespace) -> int:
     raise CliError("unmount failed: " + "; ".join(errors))
 
 
+def _tool_client(cipherdir: str, credentials: str | None) -> tuple[Config, KeyClient]:
+    config, client = _build(cipherdir, credentials)
+    return config, client
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    """Verify every header and block; exit 1 if anything is damaged."""
+    from kmsfs.fsck import fsck
+
+    _, client = _tool_client(args.cipherdir, args.credentials)
+    try:
+        report = fsck(args.cipherdir, client, progress=not args.quiet)
+    except KeyServiceUnavailable as exc:
+        raise CliError(f"fsck stopped: {exc}") from None
+    finally:
+        client.close()
+    for rel, problems in sorted(report.damaged.items()):
+        for problem in problems:
+            print(f"DAMAGED {rel}: {problem}")
+    for rel in report.pending:
+        print(f"PENDING {rel}: interrupted size change, completed at its next open")
+    for rel in report.temporaries:
+        print(f"LEFTOVER {rel}: temporary file of an interrupted create (safe to delete)")
+    state = "clean" if report.clean else f"{len(report.damaged)} damaged file(s)"
+    print(f"fsck: {report.files} files, {report.blocks} blocks checked: {state}")
+    return 0 if report.clean else 1
+
+
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    """Re-wrap every data key (ReEncrypt) under the newest key version or ``--to-key``."""
+    from kmsfs.rewrap import rewrap
+
+    _, client = _tool_client(args.cipherdir, args.credentials)
+    destination = args.to_key
+    if destination:
+        try:
+            destination = str(client.describe_key(destination).get("Arn") or destination)
+        except KeyServiceError as exc:
+            if exc.code != "AccessDeniedException":
+                raise CliError(f"key {args.to_key!r} refused: {exc}") from None
+        except KeyServiceUnavailable as exc:
+            raise CliError(str(exc)) from None
+    try:
+        report = rewrap(args.cipherdir, client, destination, progress=not args.quiet)
+    except KeyServiceUnavailable as exc:
+        raise CliError(f"rewrap interrupted (rerun to resume): {exc}") from None
+    finally:
+        client.close()
+    for rel, reason in sorted(report.failed.items()):
+        print(f"FAILED {rel}: {reason}")
+    keys = ", ".join(f"{n} under {arn}" for arn, n in sorted(report.keys.items())) or "none"
+    print(f"rewrap: {report.rewrapped} re-wrapped ({keys}), {report.skipped} already done, "
+          f"{len(report.failed)} failed")
+    return 1 if report.failed else 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    """Show the header of a backing file (works without the key service)."""
-    path = args.path
+    """Show the header of a backing file, or of the file behind a mount path (no secrets)."""
+    from kmsfs.backing import backing_path_of
+
+    path = backing_path_of(args.path)
     try:
         header = parse_header(os.getxattr(path, HEADER_XATTR))
     except OSError as exc:
@@ -228,12 +296,39 @@ def cmd_info(args: argparse.Namespace) -> int:
         "path": path, "format_version": header.version, "block_size": header.block_size,
         "file_id": header.file_id.hex(), "key_arn": header.key_arn,
         "wrapped_key_bytes": len(header.wrapped_key),
+        "wrapped_key_sha256": hashlib.sha256(header.wrapped_key).hexdigest(),
+        "key_version": _blob_key_version(header.wrapped_key),
         "encryption_context": header.encryption_context(),
         "backing_size": os.path.getsize(path),
         "plaintext_size": plain_size(os.path.getsize(path), header.block_size),
     }
+    try:
+        info["size_change_pending"] = bool(os.getxattr(path, RESIZE_XATTR))
+    except OSError:
+        info["size_change_pending"] = False
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _blob_key_version(blob: bytes) -> str | None:
+    """The key version our key service names in its blob, if the blob says (None for others)."""
+    try:
+        from keyservice.envelope import parse_blob
+    except ImportError:
+        return None
+    try:
+        return str(parse_blob(blob).key_version)
+    except Exception:  # noqa: BLE001 - informational only: another service's blob
+        return None
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g} seconds")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="initialise a cipherdir")
     s.add_argument("cipherdir")
     s.add_argument("--endpoint", help="key service URL (default: from credentials/env)")
-    s.add_argument("--key", required=True, help="key id, ARN, alias/name or alias ARN")
+    s.add_argument("--key", default="alias/aws/kmsfs",
+                   help="key id, ARN, alias/name or alias ARN (default: the service-managed alias/aws/kmsfs)")
     s.add_argument("--credentials", help="JSON credentials file (default: AWS env vars)")
     s.add_argument("--region")
     s.add_argument("--force", action="store_true", help="overwrite an existing configuration")
@@ -257,13 +353,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-other", action="store_true")
     s.add_argument("--log", help=f"daemon log file (default CIPHERDIR/{LOG_NAME})")
     s.add_argument("--verbose", "-v", action="store_true")
+    s.add_argument("--revalidate-after", type=_seconds(0.0, 60.0), default=DEFAULT_REVALIDATE_AFTER,
+                   metavar="SECONDS",
+                   help="open handles re-unwrap their key after this long, so revocation reaches "
+                        f"them (default {DEFAULT_REVALIDATE_AFTER:g}, at most 60)")
+    s.add_argument("--kms-timeout", type=_seconds(0.1, 120.0), default=DEFAULT_KMS_TIMEOUT,
+                   metavar="SECONDS",
+                   help=f"bound on each key service request (default {DEFAULT_KMS_TIMEOUT:g})")
     s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount")
     s.add_argument("mountpoint")
     s.set_defaults(func=cmd_umount)
 
-    s = sub.add_parser("info", help="show the header of a backing file")
+    s = sub.add_parser("fsck", help="verify every header and block through the key service")
+    s.add_argument("cipherdir")
+    s.add_argument("--credentials")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_fsck)
+
+    s = sub.add_parser("rewrap", help="re-wrap every data key (newest key version or --to-key)")
+    s.add_argument("cipherdir")
+    s.add_argument("--to-key", help="key id, ARN or alias to move the data keys to")
+    s.add_argument("--credentials")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_rewrap)
+
+    s = sub.add_parser("info", help="show the header of a backing file (or a mount path)")
     s.add_argument("path")
     s.set_defaults(func=cmd_info)
     return p

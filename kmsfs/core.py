@@ -10,12 +10,28 @@ Methods raise OSError (with an errno) or the domain errors: ``IntegrityError``, 
 Key handling: every open() and create() talks to the key service (Decrypt / GenerateDataKey): that
 request is the audited access. The plaintext data key is kept only while some handle of the inode
 is open, in a per-inode record that also holds the lock all handles of that inode share.
+
+Revocation reaches open handles (F6): an inode's unwrapped key is trusted for ``revalidate_after``
+seconds; the next read/write/truncate after that unwraps the header again (Decrypt). A refusal
+(disabled, pending deletion, deleted, access denied) fails that operation and every later one on
+the inode until a Decrypt succeeds again; a service *outage* keeps the key (open files keep
+working, F9) and retries after the next interval. No background thread is involved.
+
+Crash safety of create: the backing file is built as an O_TMPFILE (or under a hidden temporary
+name) with its header set and mode applied, and only then linked under its name, so a visible
+regular file always has a header whose key the service issued.
+
+A header-only file (a valid header copied onto an empty file by someone with access to the
+backing store) must not lend its data key to new contents: the first write into an empty file
+that this daemon did not create itself starts a fresh file id and data key.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
+import logging
 import os
 import stat
 import threading
@@ -30,6 +46,7 @@ from kmsfs.format import (
     DATA_KEY_SIZE,
     DEFAULT_BLOCK_SIZE,
     FILE_ID_SIZE,
+    FORMAT_VERSION,
     HEADER_XATTR,
     CorruptHeader,
     Header,
@@ -38,7 +55,14 @@ from kmsfs.format import (
     parse_header,
     plain_size,
 )
-from kmsfs.keyclient import KeyClient
+from kmsfs.holes import supports_sparse
+from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
+
+log = logging.getLogger("kmsfs")
+
+# Default bound on how long an open handle keeps using a key after it was revoked (seconds).
+DEFAULT_REVALIDATE_AFTER = 30.0
+TEMP_PREFIX = ".kmsfs-tmp-"
 
 Caller = dict[str, Any]
 _RESERVED_XATTR_PREFIX = "user.kmsfs."
@@ -56,6 +80,10 @@ class _Inode:
     cipher: BlockCipher
     lock: threading.RLock = field(default_factory=threading.RLock)
     refs: int = 0
+    checked_at: float = field(default_factory=time.monotonic)
+    revoked: BaseException | None = None
+    fresh: bool = False  # created by this daemon: its header is known to be ours
+    files: list[EncryptedFile] = field(default_factory=list)
 
 
 @dataclass
@@ -70,10 +98,14 @@ class _Handle:
 class KmsfsCore:
     """Plaintext view of a cipherdir."""
 
-    def __init__(self, cipherdir: str, config: Config, client: KeyClient) -> None:
+    def __init__(self, cipherdir: str, config: Config, client: KeyClient, *,
+                 revalidate_after: float = DEFAULT_REVALIDATE_AFTER,
+                 sparse: bool | None = None) -> None:
         self.root = os.path.realpath(cipherdir)
         self.config = config
         self.client = client
+        self.revalidate_after = revalidate_after
+        self.sparse = supports_sparse(self.root) if sparse is None else sparse
         self._lock = threading.Lock()
         self._inodes: dict[tuple[int, int], _Inode] = {}
         self._handles: dict[int, _Handle] = {}
@@ -150,8 +182,8 @@ class KmsfsCore:
     def mkdir(self, path: str, mode: int, caller: Caller | None = None) -> None:
         full = self.full(path)
         os.mkdir(full, 0o700)
+        self._own(full, caller)  # before chmod: exact modes, also with set-id bits
         os.chmod(full, mode & 0o7777)
-        self._own(full, caller)
 
     def rmdir(self, path: str) -> None:
         os.rmdir(self.full(path))
@@ -175,7 +207,7 @@ class KmsfsCore:
 
     def mknod(self, path: str, mode: int, dev: int, caller: Caller | None = None) -> None:
         if stat.S_ISREG(mode):  # a regular file needs a header: same as create
-            self.release(self.create(path, mode, caller))
+            self.release(path, self.create(path, mode, caller))
             return
         full = self.full(path)
         os.mknod(full, mode, dev)
@@ -202,25 +234,45 @@ class KmsfsCore:
         os.removexattr(self.full(path), name, follow_symlinks=False)
 
     # -- files ------------------------------------------------------------------------------------
-    def create(self, path: str, mode: int, caller: Caller | None = None, flags: int = os.O_RDWR) -> int:
-        """New file with a fresh data key from GenerateDataKey (F2); returns a handle."""
-        full = self.full(path)
+    def _new_key(self, path: str, caller: Caller | None) -> tuple[Header, bytes]:
+        """A fresh file id and data key (F2): GenerateDataKey bound to the file id."""
         file_id = os.urandom(FILE_ID_SIZE)
         key, blob, arn = self.client.generate_data_key(self.config.key_arn, encryption_context(file_id),
                                                        caller)
         if len(key) != DATA_KEY_SIZE:
             raise CorruptHeader("key service returned a data key of the wrong size")
-        header = Header(file_id=file_id, key_arn=arn, wrapped_key=blob)
-        fd = os.open(full, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        return Header(file_id=file_id, key_arn=arn, wrapped_key=blob, version=FORMAT_VERSION), key
+
+    def create(self, path: str, mode: int, caller: Caller | None = None, flags: int = os.O_RDWR) -> int:
+        """New file with a fresh data key from GenerateDataKey (F2); returns a handle.
+
+        The file becomes visible only once complete (header, mode, owner): O_TMPFILE + link, or a
+        hidden temporary name + link. The link fails with EEXIST if the name exists (O_EXCL).
+        """
+        full = self.full(path)
+        if os.path.lexists(full):
+            if flags & os.O_EXCL:
+                raise FileExistsError(errno.EEXIST, "file exists", path)
+            return self.open(path, flags & ~os.O_CREAT, caller)
+        header, key = self._new_key(path, caller)
+        directory = os.path.dirname(full)
+        fd, temp = _open_unnamed(directory)
         try:
             os.setxattr(fd, HEADER_XATTR, pack_header(header))
+            self._own(full, caller, fd)  # before chmod: chown clears set-id bits
             os.fchmod(fd, mode & 0o7777)
-            self._own(full, caller, fd)
+            if temp is None:
+                _link_fd(fd, full)
+            else:
+                os.link(temp, full, follow_symlinks=False)
         except BaseException:
             os.close(fd)
-            os.unlink(full)
             raise
-        return self._register(fd, path, header, key)
+        finally:
+            if temp is not None:
+                _unlink_quietly(temp)
+        fh = self._register(fd, path, header, key, fresh=True)
+        return fh
 
     def open(self, path: str, flags: int, caller: Caller | None = None) -> int:
         """Open an existing file: read its header, unwrap its key through the service (F5)."""
@@ -231,29 +283,47 @@ class KmsfsCore:
         fd = os.open(full, bflags | os.O_CLOEXEC)
         try:
             header = _read_header(fd)
-            key = self.client.decrypt(header.wrapped_key, header.encryption_context(), caller,
-                                      key_id=header.key_arn)
-            if len(key) != DATA_KEY_SIZE:
-                raise CorruptHeader("unwrapped data key has the wrong size")
+            key = self._unwrap(header, caller)
             fh = self._register(fd, path, header, key)
         except BaseException:
             os.close(fd)
             raise
+        handle = self._handles[fh]
+        with handle.inode.lock:
+            settled = handle.efile.recover()
+        if settled is not None:
+            log.warning("%s: completed an interrupted size change (size now %d)", path, settled)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             self.truncate(path, 0, fh)
         return fh
 
-    def _register(self, fd: int, path: str, header: Header, key: bytes) -> int:
+    def _unwrap(self, header: Header, caller: Caller | None) -> bytes:
+        key = self.client.decrypt(header.wrapped_key, header.encryption_context(), caller,
+                                  key_id=header.key_arn)
+        if len(key) != DATA_KEY_SIZE:
+            raise CorruptHeader("unwrapped data key has the wrong size")
+        return key
+
+    def _register(self, fd: int, path: str, header: Header, key: bytes | None,
+                  fresh: bool = False) -> int:
+        """A handle on ``fd``; ``key=None`` means "reuse the open inode's key" (LookupError if gone)."""
         st = os.fstat(fd)
         ident = (st.st_dev, st.st_ino)
         with self._lock:
             inode = self._inodes.get(ident)
-            if inode is None or inode.header.file_id != header.file_id:
-                inode = _Inode(header=header, cipher=BlockCipher(key))
+            if key is None and (inode is None or inode.header.file_id != header.file_id):
+                raise LookupError("inode no longer open")
+            if key is not None and (inode is None or inode.header.file_id != header.file_id):
+                inode = _Inode(header=header, cipher=BlockCipher(key), fresh=fresh)
                 self._inodes[ident] = inode
+            else:  # a successful unwrap proves the key is usable again
+                inode.revoked = None
+                inode.checked_at = time.monotonic()
             inode.refs += 1
             fh = next(self._fh)
-            efile = EncryptedFile(fd, inode.cipher, header.file_id, header.block_size, header.version)
+            efile = EncryptedFile(fd, inode.cipher, header.file_id, header.block_size, header.version,
+                                  sparse=self.sparse)
+            inode.files.append(efile)
             self._handles[fh] = _Handle(fd=fd, path=path, inode=inode, ident=ident, efile=efile)
         return fh
 
@@ -263,20 +333,72 @@ class KmsfsCore:
             raise OSError(errno.EBADF, "bad file handle")
         return handle
 
+    def _check_key(self, handle: _Handle) -> None:
+        """Revocation for open handles: re-unwrap the key once ``revalidate_after`` has passed.
+
+        Called with the inode lock held. Refusals stick (every call re-asks once the interval
+        passed); an unreachable service keeps the cached key.
+        """
+        inode = handle.inode
+        now = time.monotonic()
+        if inode.revoked is None and now - inode.checked_at < self.revalidate_after:
+            return
+        if inode.revoked is not None and now - inode.checked_at < min(1.0, self.revalidate_after):
+            raise inode.revoked
+        inode.checked_at = now
+        header = inode.header
+        try:
+            self._unwrap(header, {"path": handle.path, "revalidate": True})
+        except KeyServiceError as exc:
+            if exc.is_access_denied:
+                inode.revoked = exc
+                raise
+            inode.revoked = None
+            log.warning("%s: revalidation failed (%s); keeping the key", handle.path, exc)
+        except KeyServiceUnavailable as exc:
+            log.warning("%s: key service unavailable for revalidation (%s); keeping the key",
+                        handle.path, exc)
+        else:
+            inode.revoked = None
+
+    def _rekey_if_planted(self, handle: _Handle, caller: Caller | None) -> None:
+        """First write into an empty file we did not create: fresh file id and data key."""
+        inode = handle.inode
+        if inode.fresh or os.fstat(handle.fd).st_size != 0:
+            return
+        header, key = self._new_key(handle.path, caller)
+        fcntl.flock(handle.fd, fcntl.LOCK_EX)  # excludes a concurrent ``kmsfs rewrap``
+        try:
+            os.setxattr(handle.fd, HEADER_XATTR, pack_header(header))
+        finally:
+            fcntl.flock(handle.fd, fcntl.LOCK_UN)
+        cipher = BlockCipher(key)
+        inode.header, inode.cipher, inode.fresh = header, cipher, True
+        inode.checked_at, inode.revoked = time.monotonic(), None
+        for efile in inode.files:
+            efile.rekey(cipher, header.file_id, header.version)
+        log.info("%s: empty file got a fresh file id and data key", handle.path)
+
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         handle = self._handle(fh)
         with handle.inode.lock:
+            self._check_key(handle)
             return handle.efile.read(offset, size)
 
-    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+    def write(self, path: str, data: bytes, offset: int, fh: int, caller: Caller | None = None) -> int:
         handle = self._handle(fh)
         with handle.inode.lock:
+            self._check_key(handle)
+            self._rekey_if_planted(handle, caller)
             return handle.efile.write(offset, data)
 
     def truncate(self, path: str, length: int, fh: int | None = None, caller: Caller | None = None) -> None:
         if fh:
             handle = self._handle(fh)
             with handle.inode.lock:
+                self._check_key(handle)
+                if length > 0:
+                    self._rekey_if_planted(handle, caller)
                 handle.efile.truncate(length)
             return
         full = self.full(path)
@@ -286,21 +408,31 @@ class KmsfsCore:
                 st.st_mode) else OSError(errno.EINVAL, "not a regular file")
         with self._lock:
             inode = self._inodes.get((st.st_dev, st.st_ino))
-        if inode is None and length == 0:
-            os.truncate(full, 0)  # no plaintext needed to empty a file
-            return
+        fh = None
         if inode is not None:  # reuse the key already unwrapped for the open handles
             fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
             try:
-                with inode.lock:
-                    EncryptedFile(fd, inode.cipher, inode.header.file_id, inode.header.block_size,
-                                  inode.header.version).truncate(length)
-            finally:
+                fh = self._register(fd, path, inode.header, None)
+            except LookupError:
                 os.close(fd)
+        if fh is not None:
+            try:
+                self.truncate(path, length, fh, caller)
+            finally:
+                self.release(path, fh)
             return
+        if length == 0:
+            if inode is None:
+                fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(fd, 0)  # no plaintext needed to empty a file
+                    _clear_marker(fd)
+                finally:
+                    os.close(fd)
+                return
         fh = self.open(path, os.O_RDWR, caller)
         try:
-            self.truncate(path, length, fh)
+            self.truncate(path, length, fh, caller)
         finally:
             self.release(path, fh)
 
@@ -317,6 +449,8 @@ class KmsfsCore:
             if handle is None:
                 return
             handle.inode.refs -= 1
+            if handle.efile in handle.inode.files:
+                handle.inode.files.remove(handle.efile)
             if handle.inode.refs <= 0 and self._inodes.get(handle.ident) is handle.inode:
                 del self._inodes[handle.ident]
         os.close(handle.fd)
@@ -331,6 +465,46 @@ UTIME_OMIT = (1 << 30) - 2
 
 def _now_ns() -> int:
     return time.time_ns()
+
+
+def _open_unnamed(directory: str) -> tuple[int, str | None]:
+    """An O_TMPFILE in ``directory`` (no name yet), else a hidden temporary name."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600), None
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    temp = os.path.join(directory, TEMP_PREFIX + os.urandom(8).hex())
+    return os.open(temp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600), temp
+
+
+def _link_fd(fd: int, full: str) -> None:
+    """linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: gives an O_TMPFILE its name atomically.
+
+    Python calls plain link() unless a dir fd is given, and link() would not follow the magic link.
+    """
+    dir_fd = os.open(os.path.dirname(full), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", os.path.basename(full), dst_dir_fd=dir_fd, follow_symlinks=True)
+    finally:
+        os.close(dir_fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _clear_marker(fd: int) -> None:
+    from kmsfs.format import RESIZE_XATTR
+
+    try:
+        os.removexattr(fd, RESIZE_XATTR)
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+            raise
 
 
 def _read_header(fd: int) -> Header:

@@ -1,33 +1,51 @@
 """One encrypted file in plaintext terms, over a backing file descriptor. No FUSE here.
 
-Why separate from the FUSE adapter: all the block arithmetic and read-modify-write logic is
-testable with a plain temporary file and a fixed key, without a mount or a key service.
+Why separate from the FUSE adapter: all the block arithmetic, read-modify-write and crash
+recovery logic is testable with a plain temporary file and a fixed key, without a mount or a key
+service.
 
-Growth policy: extending a file (truncate up, or a write past the end) writes *encrypted zero
-blocks* for the gap; there are no holes in the backing file. Every stored block therefore
-authenticates, and an attacker cannot turn a block into zeros by punching a hole. The price is
-that sparse files are not sparse on disk (documented in docs/FORMAT.md).
+Format version 2 (new files):
+
+- the last block is sealed with the *final* flag in its AAD, every other block without it, so
+  cutting the file at a block boundary or appending anything fails authentication;
+- the backing length must be exactly ``backing_size(plain)``: trailing junk is an error;
+- growing leaves **holes** (sparse on disk) where the backing filesystem supports them; a hole
+  block reads as zeros only if it is a real hole (see ``kmsfs.holes``), zeroed data is EIO;
+- a size change that needs several writes (extending write, truncate) first sets an
+  authenticated *size-change marker* xattr and removes it when done; after a crash ``recover``
+  settles the file at one of the two sizes, so a crash never leaves a file unreadable.
+
+Format version 1 (read and written for files that have it): no final flag, no holes (growth
+writes encrypted zeros), a trailing fragment of ≤ 28 bytes (a torn append) is ignored.
 
 Locking is the caller's job: one EncryptedFile must not be used by two threads at once, and all
-handles of one inode must share one lock (operations.py does this).
+handles of one inode must share one lock (core.py does this).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 
 from kmsfs.cipher import BlockCipher, IntegrityError
 from kmsfs.format import (
     BLOCK_OVERHEAD,
     DEFAULT_BLOCK_SIZE,
+    FORMAT_V1,
     FORMAT_VERSION,
+    RESIZE_XATTR,
+    CorruptHeader,
     backing_size,
     block_aad,
     block_offset,
+    marker_aad,
+    pack_marker_sizes,
     plain_size,
+    unpack_marker,
 )
+from kmsfs.holes import all_zero, overlaps_hole
 
-# Largest run of blocks encrypted and written in one pwrite when filling a gap.
+# Largest run of blocks encrypted and written in one pwrite when filling a gap with zeros.
 _FILL_BLOCKS = 256
 
 
@@ -35,28 +53,59 @@ class EncryptedFile:
     """Read/write/truncate an encrypted file at plaintext offsets."""
 
     def __init__(self, fd: int, key: bytes | BlockCipher, file_id: bytes,
-                 block_size: int = DEFAULT_BLOCK_SIZE, version: int = FORMAT_VERSION) -> None:
+                 block_size: int = DEFAULT_BLOCK_SIZE, version: int = FORMAT_VERSION,
+                 sparse: bool = True) -> None:
         self.fd = fd
         self.cipher = key if isinstance(key, BlockCipher) else BlockCipher(key)
         self.file_id = file_id
         self.block_size = block_size
         self.version = version
+        self._v2 = version != FORMAT_V1
+        self._sparse_ok = sparse
+        self.sparse = sparse and self._v2
         self._stored = block_size + BLOCK_OVERHEAD
+
+    def rekey(self, cipher: BlockCipher, file_id: bytes, version: int) -> None:
+        """Switch to a new data key / file id (only valid while the backing file is empty)."""
+        self.cipher, self.file_id, self.version = cipher, file_id, version
+        self._v2 = version != FORMAT_V1
+        self.sparse = self._sparse_ok and self._v2
 
     # -- sizes -----------------------------------------------------------------------------------
     def size(self) -> int:
         """Plaintext size, derived from the backing file length."""
         return plain_size(os.fstat(self.fd).st_size, self.block_size)
 
-    # -- block primitives -------------------------------------------------------------------------
-    def _aad(self, block_no: int) -> bytes:
-        return block_aad(self.file_id, block_no, self.version)
+    def _sizes(self) -> tuple[int, int]:
+        backing = os.fstat(self.fd).st_size
+        return backing, plain_size(backing, self.block_size)
 
-    def _open_block(self, block_no: int, stored: bytes) -> bytes:
+    def _final(self, size: int) -> int:
+        return (size - 1) // self.block_size if size else -1
+
+    def _check_tail(self, backing: int, size: int) -> None:
+        """Version 2: bytes after the last block are junk (appended by someone else)."""
+        if self._v2 and backing != backing_size(size, self.block_size):
+            extra = backing - backing_size(size, self.block_size)
+            raise IntegrityError(f"block {self._final(size)} is followed by {extra} bytes of junk",
+                                 block=max(self._final(size), 0))
+
+    # -- block primitives -------------------------------------------------------------------------
+    def _aad(self, block_no: int, final: bool) -> bytes:
+        return block_aad(self.file_id, block_no, self.version, final)
+
+    def _open_block(self, block_no: int, stored: bytes, final: bool) -> bytes:
         try:
-            return self.cipher.open(stored, self._aad(block_no))
-        except IntegrityError as exc:
-            raise IntegrityError(f"block {block_no} failed authentication", block=block_no) from exc
+            return self.cipher.open(stored, self._aad(block_no, final))
+        except IntegrityError:
+            pass
+        if all_zero(stored):
+            offset = block_offset(block_no, self.block_size)
+            if self._v2 and not final and overlaps_hole(self.fd, offset, len(stored)):
+                return bytes(len(stored) - BLOCK_OVERHEAD)
+            what = "is zeroed (not a hole)" if self._v2 and not final else "is zeroed"
+            raise IntegrityError(f"block {block_no} {what}", block=block_no)
+        raise IntegrityError(f"block {block_no} failed authentication", block=block_no)
 
     def _read_block(self, block_no: int, size: int) -> bytes:
         """Plaintext of one existing block (``size`` is the current plaintext size)."""
@@ -67,28 +116,147 @@ class EncryptedFile:
         stored = os.pread(self.fd, want + BLOCK_OVERHEAD, block_offset(block_no, self.block_size))
         if len(stored) != want + BLOCK_OVERHEAD:
             raise IntegrityError(f"block {block_no} is short", block=block_no)
-        return self._open_block(block_no, stored)
+        return self._open_block(block_no, stored, block_no == self._final(size))
 
-    def _write_blocks(self, first_block: int, plaintext: bytes | bytearray | memoryview) -> None:
-        """Encrypt block-aligned plaintext starting at ``first_block`` and write it in one pwrite."""
-        bs = self.block_size
-        view = memoryview(plaintext)
+    def _seal(self, block_no: int, plaintext: bytes, final: bool) -> bytes:
+        return self.cipher.seal(plaintext, self._aad(block_no, final))
+
+    def _write_runs(self, blocks: dict[int, bytes], final_block: int) -> None:
+        """Seal and write blocks, one pwrite per run of consecutive block numbers, ascending."""
+        run_start = None
         out = bytearray()
-        for i in range(0, len(view), bs):
-            out += self.cipher.seal(bytes(view[i:i + bs]), self._aad(first_block + i // bs))
-        _pwrite_all(self.fd, out, block_offset(first_block, bs))
+        prev = None
+        for block_no in sorted(blocks):
+            if prev is not None and block_no != prev + 1:
+                _pwrite_all(self.fd, out, block_offset(run_start, self.block_size))
+                out = bytearray()
+                run_start = None
+            if run_start is None:
+                run_start = block_no
+            out += self._seal(block_no, blocks[block_no], block_no == final_block)
+            prev = block_no
+        if out:
+            _pwrite_all(self.fd, out, block_offset(run_start, self.block_size))
+
+    def _is_hole_block(self, block_no: int) -> bool:
+        offset = block_offset(block_no, self.block_size)
+        if not overlaps_hole(self.fd, offset, self._stored):
+            return False
+        return all_zero(os.pread(self.fd, self._stored, offset))
+
+    def _keep_hole_runs_long(self, blocks: dict[int, bytes], first: int, last: int,
+                             final_block: int) -> None:
+        """Never leave a hole run of exactly one block next to a written range (see holes.py)."""
+        if not self.sparse:
+            return
+        bs = self.block_size
+        before = first - 1
+        if before >= 0 and before not in blocks and self._is_hole_block(before) and (
+                before == 0 or (before - 1) in blocks or not self._is_hole_block(before - 1)):
+            blocks[before] = bytes(bs)
+        after = last + 1
+        if after < final_block and after not in blocks and self._is_hole_block(after) and (
+                after + 1 == final_block or (after + 1) in blocks or not self._is_hole_block(after + 1)):
+            blocks[after] = bytes(bs)
+
+    # -- size-change marker (version 2) ----------------------------------------------------------
+    def _set_marker(self, preferred: int, fallback: int) -> None:
+        if not self._v2:
+            return
+        seal = self.cipher.seal(b"", marker_aad(self.file_id, preferred, fallback))
+        os.setxattr(self.fd, RESIZE_XATTR, pack_marker_sizes(preferred, fallback) + seal)
+
+    def _clear_marker(self) -> None:
+        if not self._v2:
+            return
+        try:
+            os.removexattr(self.fd, RESIZE_XATTR)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+
+    def pending_marker(self) -> tuple[int, int] | None:
+        """The authenticated (preferred, fallback) sizes of an interrupted size change, if any."""
+        try:
+            raw = os.getxattr(self.fd, RESIZE_XATTR)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                return None
+            raise
+        preferred, fallback, seal = unpack_marker(raw)
+        try:
+            self.cipher.open(seal, marker_aad(self.file_id, preferred, fallback))
+        except IntegrityError:
+            raise CorruptHeader("size-change marker fails authentication") from None
+        return preferred, fallback
+
+    def recover(self) -> int | None:
+        """Finish or undo an interrupted size change; returns the settled size (None: nothing to do)."""
+        pending = self.pending_marker()
+        if pending is None:
+            return None
+        preferred, fallback = pending
+        for target, other in ((preferred, fallback), (fallback, preferred)):
+            if self._settle(target, other):
+                self._clear_marker()
+                return target
+        raise IntegrityError("interrupted size change cannot be recovered", block=self._final(preferred))
+
+    def _salvage(self, block_no: int, want: int, other: int) -> bytes | None:
+        """Plaintext (``want`` bytes, zero padded) of a block in any state a crash can leave."""
+        bs = self.block_size
+        offset = block_offset(block_no, bs)
+        raw = os.pread(self.fd, self._stored, offset)
+        lengths = [want]
+        if self._final(other) == block_no:
+            lengths.append(other - block_no * bs)
+        tries = [(True, n) for n in lengths] + [(False, bs)]
+        for final, n in tries:
+            if len(raw) >= n + BLOCK_OVERHEAD:
+                try:
+                    plain = self.cipher.open(raw[:n + BLOCK_OVERHEAD], self._aad(block_no, final))
+                except IntegrityError:
+                    continue
+                return (plain + bytes(want))[:want]
+        if not raw or (all_zero(raw) and (len(raw) < self._stored
+                                          or overlaps_hole(self.fd, offset, len(raw)))):
+            return bytes(want)
+        return None
+
+    def _settle(self, target: int, other: int) -> bool:
+        bs = self.block_size
+        if target == 0:
+            os.ftruncate(self.fd, 0)
+            return True
+        final_block, final_len = self._final(target), target - self._final(target) * bs
+        content = self._salvage(final_block, final_len, other)
+        if content is None:
+            return False
+        blocks = {final_block: content}
+        other_final = self._final(other)
+        if 0 <= other_final < final_block:  # growing: the old last block must become non-final
+            old = self._salvage(other_final, bs, other)
+            if old is None:
+                return False
+            blocks[other_final] = old
+        self._write_runs(blocks, final_block)
+        os.ftruncate(self.fd, backing_size(target, bs))
+        return True
 
     # -- plaintext API ----------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes from ``offset``; short at EOF; IntegrityError on a bad block."""
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
-        size = self.size()
+        backing, size = self._sizes()
         end = min(offset + length, size)
         if offset >= end:
             return b""
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
+        final_block = self._final(size)
+        if last == final_block:
+            self._check_tail(backing, size)
         stored_len = backing_size(min(size, (last + 1) * bs), bs) - block_offset(first, bs)
         raw = os.pread(self.fd, stored_len, block_offset(first, bs))
         out = bytearray()
@@ -98,7 +266,7 @@ class EncryptedFile:
             chunk = raw[pos:pos + plen + BLOCK_OVERHEAD]
             if len(chunk) != plen + BLOCK_OVERHEAD:
                 raise IntegrityError(f"block {block_no} is short", block=block_no)
-            out += self._open_block(block_no, chunk)
+            out += self._open_block(block_no, chunk, block_no == final_block)
             pos += plen + BLOCK_OVERHEAD
         skip = offset - first * bs
         return bytes(out[skip:skip + (end - offset)])
@@ -109,64 +277,144 @@ class EncryptedFile:
             raise ValueError("negative offset")
         if not data:
             return 0
-        size = self.size()
-        if offset > size:
+        backing, size = self._sizes()
+        if not self._v2 and offset > size:
             self.truncate(offset)
-            size = offset
+            backing, size = self._sizes()
+        self._check_tail(backing, size)
         bs = self.block_size
         end = offset + len(data)
+        new_size = max(size, end)
         first, last = offset // bs, (end - 1) // bs
-        seg_start = first * bs
-        seg_end = max(end, min(size, (last + 1) * bs))
-        buf = bytearray(seg_end - seg_start)
-        if offset > seg_start:  # partial head block: keep its old leading bytes
-            head = self._read_block(first, size)
-            buf[:len(head)] = head
-        tail_start = last * bs
-        if end < seg_end and (last != first or offset == seg_start):  # partial tail block
-            tail = self._read_block(last, size)
-            buf[tail_start - seg_start:tail_start - seg_start + len(tail)] = tail
-        buf[offset - seg_start:end - seg_start] = data
-        self._write_blocks(first, buf)
+        old_final, new_final = self._final(size), self._final(new_size)
+        blocks: dict[int, bytes] = {}
+        view = memoryview(data)
+        for block_no in range(first, last + 1):
+            b_start = block_no * bs
+            b_len = min(bs, new_size - b_start)
+            lo, hi = max(offset, b_start), min(end, b_start + b_len)
+            if lo == b_start and hi == b_start + b_len:
+                blocks[block_no] = bytes(view[lo - offset:hi - offset])
+                continue
+            buf = bytearray(b_len)
+            if b_start < size:
+                old = self._read_block(block_no, size)
+                buf[:len(old)] = old
+            buf[lo - b_start:hi - b_start] = view[lo - offset:hi - offset]
+            blocks[block_no] = bytes(buf)
+        if 0 <= old_final < first and new_final != old_final:  # old last block becomes non-final
+            old = self._read_block(old_final, size)
+            blocks[old_final] = old + bytes(bs - len(old))
+        if new_size > size:
+            gap = range(old_final + 1, first)
+            if not self.sparse:
+                self._fill_zeros(gap)
+            elif len(gap) == 1:
+                blocks[gap[0]] = bytes(bs)
+        self._keep_hole_runs_long(blocks, first, last, new_final)
+        if new_size == size:
+            self._write_runs(blocks, new_final)
+            return len(data)
+        self._set_marker(size, new_size)  # an interrupted append settles at the old size
+        saved = os.pread(self.fd, self._stored, block_offset(old_final, bs)) if old_final >= 0 else b""
+        try:
+            self._write_runs(blocks, new_final)
+        except OSError:
+            self._undo_growth(backing, old_final, saved)
+            raise
+        self._clear_marker()
         return len(data)
 
+    def _undo_growth(self, backing: int, old_final: int, saved: bytes) -> None:
+        """After a failed extending write (ENOSPC...): put the old last block and length back."""
+        try:
+            if saved:
+                _pwrite_all(self.fd, saved, block_offset(old_final, self.block_size))
+            os.ftruncate(self.fd, backing)
+            self._clear_marker()
+        except OSError:
+            pass  # the marker stays; recover() settles the file at its next open
+
+    def _fill_zeros(self, gap: range) -> None:
+        """Encrypted zero blocks for a gap (version 1, or a backing filesystem without holes)."""
+        bs = self.block_size
+        for start in range(gap.start, gap.stop, _FILL_BLOCKS):
+            stop = min(gap.stop, start + _FILL_BLOCKS)
+            self._write_runs({b: bytes(bs) for b in range(start, stop)}, -1)
+
     def truncate(self, length: int) -> None:
-        """Set the plaintext size; growing writes encrypted zeros (no holes)."""
+        """Set the plaintext size; growing leaves holes (v2) or writes encrypted zeros (v1)."""
         if length < 0:
             raise ValueError("negative length")
-        size = self.size()
+        backing, size = self._sizes()
         bs = self.block_size
         if length == size:
-            # A torn trailing fragment (crash mid-append) is dropped here too.
-            if os.fstat(self.fd).st_size != backing_size(size, bs):
-                os.ftruncate(self.fd, backing_size(size, bs))
+            if not self._v2 and backing != backing_size(size, bs):
+                os.ftruncate(self.fd, backing_size(size, bs))  # drop a torn v1 fragment
             return
+        if length > size:
+            self._check_tail(backing, size)
+        self._set_marker(length, size)  # an interrupted truncate settles at the new size
         if length < size:
-            block_no, rest = divmod(length, bs)
-            if rest:
-                plain = self._read_block(block_no, size)[:rest]
-                # Keep the old block whole while rewriting it, then cut: a crash in between
-                # damages only this block.
-                os.ftruncate(self.fd, block_offset(block_no, bs) + min(bs, size - block_no * bs)
-                             + BLOCK_OVERHEAD)
-                self._write_blocks(block_no, plain)
-            os.ftruncate(self.fd, backing_size(length, bs))
+            self._shrink(length, size)
+        else:
+            self._grow(length, size)
+        self._clear_marker()
+
+    def _shrink(self, length: int, size: int) -> None:
+        bs = self.block_size
+        if length == 0:
+            os.ftruncate(self.fd, 0)
             return
-        # Grow: re-encrypt the old partial last block padded with zeros, then append zero blocks.
-        block_no, rest = divmod(size, bs)
-        pos = block_no * bs
-        if rest:
-            head = self._read_block(block_no, size)
-            n = min(bs, length - pos)
-            self._write_blocks(block_no, head + bytes(n - len(head)))
-            pos += n
-            block_no += 1
-        while pos < length:
-            n = min(_FILL_BLOCKS * bs, length - pos)
-            self._write_blocks(block_no, bytes(n))
-            pos += n
-            block_no += -(-n // bs)
+        block_no = self._final(length)
+        keep = length - block_no * bs
+        plain = self._read_block(block_no, size)[:keep]
+        # Cut after the old block (kept whole), rewrite it shorter and final, then cut again: a
+        # crash in between leaves states recover() knows how to settle.
+        blocks = {block_no: plain}
+        self._keep_hole_runs_long(blocks, block_no, block_no, block_no)
+        os.ftruncate(self.fd, block_offset(block_no, bs) + min(bs, size - block_no * bs)
+                     + BLOCK_OVERHEAD)
+        self._write_runs(blocks, block_no)
         os.ftruncate(self.fd, backing_size(length, bs))
+
+    def _grow(self, length: int, size: int) -> None:
+        bs = self.block_size
+        old_final, new_final = self._final(size), self._final(length)
+        blocks: dict[int, bytes] = {}
+        if old_final == new_final:
+            old = self._read_block(old_final, size)
+            blocks[new_final] = old + bytes(length - size)
+        else:
+            if old_final >= 0:
+                old = self._read_block(old_final, size)
+                blocks[old_final] = old + bytes(bs - len(old))
+            gap = range(old_final + 1, new_final)
+            if not self.sparse:
+                if old_final >= 0:
+                    self._write_runs({old_final: blocks.pop(old_final)}, new_final)
+                self._fill_zeros(gap)
+            elif len(gap) == 1:
+                blocks[gap[0]] = bytes(bs)
+            blocks[new_final] = bytes(length - new_final * bs)
+        self._write_runs(blocks, new_final)
+        os.ftruncate(self.fd, backing_size(length, bs))
+
+    # -- verification (fsck) ---------------------------------------------------------------------
+    def verify(self) -> list[tuple[int, str]]:
+        """Authenticate every block; returns (block, reason) for each damaged one."""
+        backing, size = self._sizes()
+        damaged: list[tuple[int, str]] = []
+        try:
+            self._check_tail(backing, size)
+        except IntegrityError as exc:
+            damaged.append((exc.block or 0, str(exc)))
+        for block_no in range(self._final(size) + 1):
+            try:
+                self._read_block(block_no, size)
+            except IntegrityError as exc:
+                damaged.append((block_no, str(exc)))
+        return damaged
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:

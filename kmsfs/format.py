@@ -9,8 +9,10 @@ bytes (the last may be shorter, never empty) is stored as::
     nonce (12 random bytes) || AES-256-GCM ciphertext (same length as plaintext) || tag (16 bytes)
 
 Its AAD binds the format version, the file id and the block number, so a block moved to another
-position or another file fails authentication. The data key lives, wrapped by the key service,
-in the header, which is stored in the extended attribute ``user.kmsfs.header``.
+position or another file fails authentication. Since format version 2 the AAD also carries a
+*final* flag (STREAM-like): only the last block of a file is sealed as final, which authenticates
+the plaintext size (a file cut at a block boundary, or with blocks appended, fails). The data
+key lives, wrapped by the key service, in the header (extended attribute ``user.kmsfs.header``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from dataclasses import dataclass
 
 HEADER_XATTR = "user.kmsfs.header"
 MAGIC = b"KMSFS\x00"
-FORMAT_VERSION = 1
+FORMAT_V1 = 1
+FORMAT_V2 = 2
+# The version new files are written in; readers accept READABLE_VERSIONS.
+FORMAT_VERSION = FORMAT_V2
+READABLE_VERSIONS = frozenset({FORMAT_V1, FORMAT_V2})
 DEFAULT_BLOCK_SIZE = 4096
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -30,14 +36,25 @@ DATA_KEY_SIZE = 32
 MAX_KEY_ARN = 2048
 MAX_WRAPPED_KEY = 6144
 MAX_HEADER_SIZE = 8192
-# Block sizes format version 1 accepts. The field exists so a later version can vary it; the
-# FUSE layer derives plaintext sizes from backing sizes without reading headers, so v1 fixes it.
+# Block sizes versions 1 and 2 accept. The field exists so a later version can vary it; the
+# FUSE layer derives plaintext sizes from backing sizes without reading headers, so it is fixed.
 _VALID_BLOCK_SIZES = frozenset({DEFAULT_BLOCK_SIZE})
 
 # magic(6) version(u16) block_size(u32) file_id(16) arn_len(u16) blob_len(u16), big-endian.
 _FIXED = struct.Struct(">6sHI16sHH")
 _AAD = struct.Struct(">6sH16sQ")
-AAD_SIZE = _AAD.size  # 32
+AAD_SIZE = _AAD.size  # 32 (version 1)
+_AAD_V2 = struct.Struct(">6sH16sQB")
+AAD_V2_SIZE = _AAD_V2.size  # 33: version 1's fields plus the final-block flag
+FINAL_FLAG = 0x01
+
+# The size-change marker (version 2): set before a multi-step size change, removed after it.
+# Value: preferred size u64, fallback size u64, then AES-GCM seal of nothing (nonce 12, tag 16)
+# under the data key with AAD = MARKER_AAD_LABEL || file id || preferred || fallback.
+RESIZE_XATTR = "user.kmsfs.resize"
+_MARKER_SIZES = struct.Struct(">QQ")
+MARKER_SIZE = _MARKER_SIZES.size + NONCE_SIZE + TAG_SIZE  # 44
+MARKER_AAD_LABEL = b"KMSFS\x00resize"
 
 ENCRYPTION_CONTEXT_KEY = "kmsfs:file-id"
 
@@ -67,7 +84,7 @@ def encryption_context(file_id: bytes) -> dict[str, str]:
 
 def pack_header(header: Header) -> bytes:
     """Serialise a header; refuses values the parser would refuse, so what we write we can read."""
-    if header.version != FORMAT_VERSION:
+    if header.version not in READABLE_VERSIONS:
         raise ValueError(f"cannot write format version {header.version}")
     if header.block_size not in _VALID_BLOCK_SIZES:
         raise ValueError(f"invalid block size {header.block_size}")
@@ -95,7 +112,7 @@ def parse_header(data: bytes) -> Header:
     magic, version, block_size, file_id, arn_len, blob_len = _FIXED.unpack_from(data)
     if magic != MAGIC:
         raise CorruptHeader("bad magic")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CorruptHeader(f"unknown format version {version}")
     if block_size not in _VALID_BLOCK_SIZES:
         raise CorruptHeader(f"invalid block size {block_size}")
@@ -115,11 +132,31 @@ def parse_header(data: bytes) -> Header:
                   version=version)
 
 
-def block_aad(file_id: bytes, block_no: int, version: int = FORMAT_VERSION) -> bytes:
-    """AAD of one block: magic, format version, file id, block number (u64)."""
+def block_aad(file_id: bytes, block_no: int, version: int = FORMAT_VERSION, final: bool = False) -> bytes:
+    """AAD of one block: magic, format version, file id, block number (u64) and, from version 2
+    on, a flag byte that is 1 only for the file's last block (version 1 ignores ``final``)."""
     if len(file_id) != FILE_ID_SIZE:
         raise ValueError("file id must be 16 bytes")
-    return _AAD.pack(MAGIC, version, file_id, block_no)
+    if version == FORMAT_V1:
+        return _AAD.pack(MAGIC, version, file_id, block_no)
+    return _AAD_V2.pack(MAGIC, version, file_id, block_no, FINAL_FLAG if final else 0)
+
+
+def marker_aad(file_id: bytes, preferred: int, fallback: int) -> bytes:
+    """AAD authenticating a size-change marker to one file id and its two sizes."""
+    return MARKER_AAD_LABEL + file_id + _MARKER_SIZES.pack(preferred, fallback)
+
+
+def pack_marker_sizes(preferred: int, fallback: int) -> bytes:
+    return _MARKER_SIZES.pack(preferred, fallback)
+
+
+def unpack_marker(raw: bytes) -> tuple[int, int, bytes]:
+    """(preferred, fallback, seal) of a marker value; ``CorruptHeader`` if malformed."""
+    if len(raw) != MARKER_SIZE:
+        raise CorruptHeader("size-change marker has the wrong length")
+    preferred, fallback = _MARKER_SIZES.unpack_from(raw)
+    return preferred, fallback, bytes(raw[_MARKER_SIZES.size:])
 
 
 def stored_block_size(block_size: int = DEFAULT_BLOCK_SIZE) -> int:

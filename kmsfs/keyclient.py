@@ -185,6 +185,18 @@ class KeyClient:
         except (KeyError, ValueError, TypeError) as exc:
             raise KeyServiceUnavailable(f"malformed Decrypt reply: {exc}") from exc
 
+    def re_encrypt(self, blob: bytes, context: dict[str, str], destination_key_id: str,
+                   caller: dict[str, Any] | None = None) -> tuple[bytes, str]:
+        """ReEncrypt a wrapped key under ``destination_key_id`` (same context); (blob, key ARN)."""
+        payload = {"CiphertextBlob": base64.b64encode(blob).decode("ascii"),
+                   "SourceEncryptionContext": context, "DestinationKeyId": destination_key_id,
+                   "DestinationEncryptionContext": context}
+        reply = self.call("ReEncrypt", payload, caller)
+        try:
+            return _b64(reply["CiphertextBlob"]), str(reply["KeyId"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise KeyServiceUnavailable(f"malformed ReEncrypt reply: {exc}") from exc
+
     def describe_key(self, key_id: str) -> dict[str, Any]:
         reply = self.call("DescribeKey", {"KeyId": key_id})
         meta = reply.get("KeyMetadata")

@@ -6,6 +6,7 @@ translates domain errors to errno and logs them with the file path (and block):
 
     IntegrityError, CorruptHeader            -> EIO
     KeyServiceError (denied/disabled/state)  -> EACCES; other service errors -> EIO
+                                                (a deleted key logs "key deleted: file unrecoverable")
     KeyServiceUnavailable                    -> EIO
     anything else unexpected                 -> EIO (logged with traceback)
 
@@ -41,7 +42,12 @@ def translate(exc: BaseException, op: str, path: Any) -> int:
         return errno.EIO
     if isinstance(exc, KeyServiceError):
         code = errno.EACCES if exc.is_access_denied else errno.EIO
-        log.error("%s %s: key service refused: %s", op, path, exc)
+        if exc.code == "NotFoundException":
+            log.error("%s %s: key deleted: file unrecoverable (%s)", op, path, exc)
+        elif exc.code == "KMSInvalidStateException" and "deletion" in exc.message.lower():
+            log.error("%s %s: key pending deletion: access refused (%s)", op, path, exc)
+        else:
+            log.error("%s %s: key service refused: %s", op, path, exc)
         return code
     if isinstance(exc, KeyServiceUnavailable):
         log.error("%s %s: key service unavailable: %s", op, path, exc)

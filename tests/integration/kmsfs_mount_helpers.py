@@ -32,12 +32,23 @@ def kmsfs(*args: str | os.PathLike[str], check: bool = True,
     return proc
 
 
+def is_mounted(mountpoint: Path) -> bool:
+    """From /proc/mounts: os.path.ismount says False for a dead FUSE mount (ENOTCONN)."""
+    target = os.path.abspath(mountpoint).replace(" ", "\\040")
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            return any(line.split()[1] == target for line in mounts if len(line.split()) > 1)
+    except OSError:
+        return os.path.ismount(mountpoint)
+
+
 def force_unmount(mountpoint: Path) -> None:
-    """Unmount by every means available; used in teardown even when a test failed."""
+    """Unmount by every means available; used in teardown even when a test failed (and after a
+    daemon was killed, when the mount point answers ENOTCONN)."""
     for cmd in (["fusermount", "-u", str(mountpoint)], ["fusermount3", "-u", str(mountpoint)],
                 ["umount", str(mountpoint)], ["umount", "-l", str(mountpoint)],
                 ["fusermount", "-uz", str(mountpoint)]):
-        if not os.path.ismount(mountpoint):
+        if not is_mounted(mountpoint):
             return
         if shutil.which(cmd[0]):
             subprocess.run(cmd, capture_output=True, check=False)
@@ -45,11 +56,11 @@ def force_unmount(mountpoint: Path) -> None:
 
 
 @contextlib.contextmanager
-def mounted(cipherdir: Path, mountpoint: Path, credentials: Path) -> Iterator[Path]:
+def mounted(cipherdir: Path, mountpoint: Path, credentials: Path, *extra: str) -> Iterator[Path]:
     """``kmsfs mount`` (which must return only once ready), then always unmount."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     try:
-        kmsfs("mount", cipherdir, mountpoint, "--credentials", credentials)
+        kmsfs("mount", cipherdir, mountpoint, "--credentials", credentials, *extra)
         assert os.path.ismount(mountpoint), "kmsfs mount returned before the mount was ready"
         yield mountpoint
     finally:
@@ -58,8 +69,23 @@ def mounted(cipherdir: Path, mountpoint: Path, credentials: Path) -> Iterator[Pa
             if proc.returncode != 0:
                 force_unmount(mountpoint)
         force_unmount(mountpoint)
-        assert not os.path.ismount(mountpoint)
+        assert not is_mounted(mountpoint)
 
 
 def backing_files(cipherdir: Path) -> list[Path]:
     return [p for p in cipherdir.rglob("*") if p.is_file() and not p.name.startswith(".kmsfs")]
+
+
+def daemon_pid(cipherdir: Path, mountpoint: Path) -> int:
+    """The mount daemon's pid, from the ``mounted at ... (pid N`` line the log does not have: scan
+    /proc for the kmsfs process serving this mount point."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kmsfs" in b" ".join(cmd) and b"mount" in cmd and str(mountpoint).encode() in cmd:
+            return int(entry)
+    raise AssertionError(f"no kmsfs daemon for {mountpoint}")

@@ -28,9 +28,25 @@ def test_gcm_test_case_16():
 
 def test_kmsfs_block_vector():
     c = BlockCipher(bytes(range(32)))
-    aad = fmt.block_aad(bytes(range(16)), 7)
+    aad = fmt.block_aad(bytes(range(16)), 7, version=1)
     assert c.seal(b"hello kmsfs", aad, nonce=bytes(12)) == KMSFS_BLOCK
     assert c.open(KMSFS_BLOCK, aad) == b"hello kmsfs"
+
+
+# Version 2: the same block, AAD with version 00 02 and the final flag (00 non-final, 01 final).
+KMSFS_V2_BLOCK = bytes.fromhex("000000000000000000000000" "66d9d9b2da0ce8d07bceda"
+                               "d0940c0cf74eb24c6a984f4df37836d0")
+KMSFS_V2_FINAL_BLOCK = bytes.fromhex("000000000000000000000000" "66d9d9b2da0ce8d07bceda"
+                                     "bd083f6a4e9dacb5ffc2be69995ab125")
+
+
+def test_kmsfs_v2_block_vectors():
+    c = BlockCipher(bytes(range(32)))
+    for final, expected in ((False, KMSFS_V2_BLOCK), (True, KMSFS_V2_FINAL_BLOCK)):
+        aad = fmt.block_aad(bytes(range(16)), 7, version=2, final=final)
+        assert c.seal(b"hello kmsfs", aad, nonce=bytes(12)) == expected
+        with pytest.raises(IntegrityError):  # the flag is authenticated
+            c.open(expected, fmt.block_aad(bytes(range(16)), 7, version=2, final=not final))
 
 
 def test_random_nonce_and_layout():

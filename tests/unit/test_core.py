@@ -204,3 +204,37 @@ def test_dirs_links_rename(core: KmsfsCore) -> None:
         core.unlink(name)
     core.rmdir("/d")
     assert core.statfs("/")["f_bsize"] > 0
+
+
+def test_deleted_key_is_logged_as_unrecoverable(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("ERROR", logger="kmsfs"):
+        code = translate(KeyServiceError("NotFoundException", "key does not exist"), "open", "/f")
+    assert code == errno.EACCES
+    assert "key deleted: file unrecoverable" in caplog.text
+
+
+def test_revocation_reaches_an_open_handle(core: KmsfsCore) -> None:
+    core.revalidate_after = 0.0
+    fh = core.create("/r", 0o644, caller("/r"))
+    core.write("/r", b"data", 0, fh)
+    core.client.disabled = True  # type: ignore[attr-defined]
+    with pytest.raises(KeyServiceError):
+        core.read("/r", 4, 0, fh)
+    core.client.disabled = False  # type: ignore[attr-defined]
+    assert core.read("/r", 4, 0, fh) == b"data"
+    core.release("/r", fh)
+
+
+def test_create_never_leaves_a_file_without_header(core: KmsfsCore, tmp_path: Path) -> None:
+    core.client.disabled = True  # type: ignore[attr-defined]
+    with pytest.raises(KeyServiceError):
+        core.create("/nokey", 0o644, caller("/nokey"))
+    assert not (tmp_path / "cipher" / "nokey").exists()
+    core.client.disabled = False  # type: ignore[attr-defined]
+    fh = core.create("/ok", 0o4755, caller("/ok"))
+    backing = tmp_path / "cipher" / "ok"
+    assert fmt.parse_header(os.getxattr(backing, fmt.HEADER_XATTR)).version == 2
+    assert backing.stat().st_mode & 0o7777 == 0o4755
+    core.release("/ok", fh)
+    with pytest.raises(FileExistsError):
+        core.create("/ok", 0o644, caller("/ok"), os.O_RDWR | os.O_CREAT | os.O_EXCL)

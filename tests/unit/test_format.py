@@ -16,9 +16,10 @@ def make_header(**kw):
     return Header(**values)
 
 
-def test_pack_known_bytes():
-    raw = fmt.pack_header(make_header())
-    expected = (b"KMSFS\x00" + b"\x00\x01" + b"\x00\x00\x10\x00" + FILE_ID
+@pytest.mark.parametrize("version", [1, 2])
+def test_pack_known_bytes(version):
+    raw = fmt.pack_header(make_header(version=version))
+    expected = (b"KMSFS\x00" + version.to_bytes(2, "big") + b"\x00\x00\x10\x00" + FILE_ID
                 + len(ARN).to_bytes(2, "big") + len(BLOB).to_bytes(2, "big") + ARN.encode() + BLOB)
     assert raw == expected
     assert len(raw) == 32 + len(ARN) + len(BLOB)
@@ -34,7 +35,8 @@ def test_roundtrip():
     lambda r: b"",
     lambda r: r[:10],
     lambda r: b"XMSFS\x00" + r[6:],
-    lambda r: r[:6] + b"\x00\x02" + r[8:],            # unknown version
+    lambda r: r[:6] + b"\x00\x03" + r[8:],            # unknown version
+    lambda r: r[:6] + b"\x00\x00" + r[8:],            # version 0
     lambda r: r[:8] + b"\x00\x00\x20\x00" + r[12:],    # block size 8192 not in v1
     lambda r: r + b"\x00",                             # trailing garbage
     lambda r: r[:-1],                                  # truncated blob
@@ -89,9 +91,32 @@ def test_block_math():
     assert fmt.block_count(0) == 0 and fmt.block_count(1) == 1 and fmt.block_count(4097) == 2
 
 
-def test_aad_layout():
+def test_new_files_are_version_2():
+    assert fmt.FORMAT_VERSION == 2 and make_header().version == 2
+    assert fmt.READABLE_VERSIONS == {1, 2}
+
+
+def test_aad_v2_layout():
     aad = fmt.block_aad(FILE_ID, 7)
+    assert aad == b"KMSFS\x00" + b"\x00\x02" + FILE_ID + (7).to_bytes(8, "big") + b"\x00"
+    assert fmt.block_aad(FILE_ID, 7, final=True) == aad[:-1] + b"\x01"
+    assert len(aad) == fmt.AAD_V2_SIZE == 33
+
+
+def test_marker_layout():
+    assert fmt.marker_aad(FILE_ID, 5, 9) == b"KMSFS\x00resize" + FILE_ID + (5).to_bytes(8, "big") + (
+        9).to_bytes(8, "big")
+    raw = fmt.pack_marker_sizes(5, 9) + bytes(28)
+    assert len(raw) == fmt.MARKER_SIZE == 44
+    assert fmt.unpack_marker(raw) == (5, 9, bytes(28))
+    with pytest.raises(CorruptHeader):
+        fmt.unpack_marker(raw[:-1])
+
+
+def test_aad_layout():
+    aad = fmt.block_aad(FILE_ID, 7, version=1)
     assert aad == b"KMSFS\x00" + b"\x00\x01" + FILE_ID + (7).to_bytes(8, "big")
     assert len(aad) == fmt.AAD_SIZE == 32
-    assert fmt.block_aad(FILE_ID, 8) != aad
-    assert fmt.block_aad(bytes(16), 7) != aad
+    assert fmt.block_aad(FILE_ID, 8, version=1) != aad
+    assert fmt.block_aad(bytes(16), 7, version=1) != aad
+    assert fmt.block_aad(FILE_ID, 7, version=1, final=True) == aad  # v1 has no final flag

@@ -1,0 +1,97 @@
+"""``kmsfs rewrap``: move every wrapped data key to the newest key version or another key (F7).
+
+Why ReEncrypt: the service re-wraps the data key without showing it to us, and the contents (and
+the file id, which is the encryption context) stay as they are. Safe while mounted: the mount
+keeps using the data key it unwrapped, and the header is replaced with one atomic setxattr under
+an exclusive flock that the mount also takes when it replaces a header. Resumable: finished paths
+are appended to ``CIPHERDIR/.kmsfs.rewrap`` (first line: the target), so a rerun with the same
+target skips them; the journal is removed when a run completes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass, field
+
+from kmsfs.backing import backing_files
+from kmsfs.format import HEADER_XATTR, CorruptHeader, Header, pack_header, parse_header
+from kmsfs.keyclient import KeyClient, KeyServiceError
+from kmsfs.progress import Progress
+
+JOURNAL = ".kmsfs.rewrap"
+
+
+@dataclass
+class RewrapReport:
+    rewrapped: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, int] = field(default_factory=dict)
+
+
+def _journal(cipherdir: str, target: str) -> tuple[set[str], int]:
+    path = os.path.join(cipherdir, JOURNAL)
+    done: set[str] = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        if lines and lines[0] == target:
+            done = set(lines[1:])
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    if not done:
+        os.ftruncate(fd, 0)
+        os.write(fd, (target + "\n").encode())
+    return done, fd
+
+
+def rewrap_file(path: str, client: KeyClient, destination: str | None) -> str:
+    """Re-wrap one file's key; returns the new key ARN. Raises on any failure."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        header = parse_header(os.getxattr(fd, HEADER_XATTR))
+        blob, arn = client.re_encrypt(header.wrapped_key, header.encryption_context(),
+                                      destination or header.key_arn,
+                                      {"path": path, "process": "kmsfs-rewrap"})
+        new = Header(file_id=header.file_id, key_arn=arn, wrapped_key=blob,
+                     block_size=header.block_size, version=header.version)
+        os.setxattr(fd, HEADER_XATTR, pack_header(new), os.XATTR_REPLACE)
+        return arn
+    finally:
+        os.close(fd)  # also releases the flock
+
+
+def rewrap(cipherdir: str, client: KeyClient, destination: str | None,
+           progress: bool = True) -> RewrapReport:
+    report = RewrapReport()
+    root = os.path.realpath(cipherdir)
+    target = destination or "newest-version"
+    done, journal = _journal(root, target)
+    paths = list(backing_files(root))
+    bar = Progress(len(paths), "rewrap") if progress else None
+    try:
+        for path in paths:
+            rel = "/" + os.path.relpath(path, root)
+            if rel in done:
+                report.skipped += 1
+            else:
+                try:
+                    arn = rewrap_file(path, client, destination)
+                except (OSError, CorruptHeader, KeyServiceError) as exc:
+                    report.failed[rel] = str(exc)
+                else:
+                    report.rewrapped += 1
+                    report.keys[arn] = report.keys.get(arn, 0) + 1
+                    os.write(journal, (rel + "\n").encode())
+            if bar:
+                bar.tick(rel)
+    finally:
+        os.close(journal)
+        if bar:
+            bar.done()
+    if not report.failed:
+        os.unlink(os.path.join(root, JOURNAL))
+    return report
