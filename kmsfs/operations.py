@@ -16,8 +16,10 @@ translates domain errors to errno and logs them with the file path (and block):
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
+import pwd
 from collections.abc import Callable
 from typing import Any
 
@@ -56,15 +58,24 @@ def translate(exc: BaseException, op: str, path: Any) -> int:
     return errno.EIO
 
 
+@functools.lru_cache(maxsize=256)
+def user_name(uid: int) -> str:
+    """The local user name of ``uid`` ("" if it has none), cached: it is asked on every open."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
 def caller_info(path: str) -> dict[str, Any]:
-    """The audited identity of the FUSE request: mount path, local uid/gid/pid, process name."""
+    """The audited identity of the FUSE request: mount path, local uid/user/gid/pid, process name."""
     uid, gid, pid = fuse_get_context()
     try:
         with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
             process = f.read().strip()
     except OSError:
         process = ""
-    return {"path": path, "uid": uid, "gid": gid, "pid": pid, "process": process}
+    return {"path": path, "uid": uid, "user": user_name(uid), "gid": gid, "pid": pid, "process": process}
 
 
 def _fh(fi: Any) -> int | None:

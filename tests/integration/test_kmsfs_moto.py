@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from kmsfs_mount_helpers import backing_files, kmsfs, mounted, requires_fuse
 
 from kmsfs import format as fmt
+from tests.integration.kmsfs_mount_helpers import backing_files, kmsfs, mounted, requires_fuse
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 boto3 = pytest.importorskip("boto3")

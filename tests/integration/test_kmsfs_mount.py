@@ -6,6 +6,7 @@ import errno
 import filecmp
 import json
 import os
+import pwd
 import shutil
 import sqlite3
 import subprocess
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kmsfs_mount_helpers import backing_files, kmsfs, mounted, requires_fuse
 
 from kmsfs import format as fmt
+from tests.conftest import run_keyservice
+from tests.integration.kmsfs_mount_helpers import backing_files, kmsfs, mounted, requires_fuse
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 
@@ -34,8 +36,16 @@ class Mount:
 def _init(service: Any, tmp: Path, description: str) -> tuple[Path, str]:
     key = service.boto3_client().create_key(Description=description)["KeyMetadata"]
     cipherdir = tmp / "cipher"
-    kmsfs("init", cipherdir, "--endpoint", service.endpoint, "--key", key["KeyId"],
-          "--credentials", service.credentials_file)
+    kmsfs(
+        "init",
+        cipherdir,
+        "--endpoint",
+        service.endpoint,
+        "--key",
+        key["KeyId"],
+        "--credentials",
+        service.credentials_file,
+    )
     return cipherdir, key["Arn"]
 
 
@@ -152,12 +162,19 @@ def test_sqlite_database(mnt: Mount) -> None:
 def test_git_inside_mount(mnt: Mount) -> None:
     repo = mnt.path / "repo"
     repo.mkdir()
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com", "HOME": str(repo)}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+        "HOME": str(repo),
+    }
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
-                              text=True).stdout
+        return subprocess.run(
+            ["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True
+        ).stdout
 
     git("init", "-q")
     (repo / "a.txt").write_text("first\n")
@@ -227,11 +244,36 @@ def test_open_is_audited_with_caller(mnt: Mount, keyservice_dev: Any) -> None:
     caller = decrypts[-1]["caller"]
     assert caller["path"] == name
     assert caller["uid"] == os.getuid()
+    assert caller["user"] == pwd.getpwuid(os.getuid()).pw_name
     assert isinstance(caller["pid"], int) and caller["pid"] > 0
     assert caller["process"]
     assert decrypts[-1]["encryption_context"] == {"kmsfs:file-id": _file_id(mnt, name)}
     creates = [r for r in records if r.get("operation") == "GenerateDataKey"]
     assert creates and creates[-1]["caller"]["path"] == name
+    # F10: the review commands find it by file and by local user.
+    user = caller["user"]
+    listed = run_keyservice(
+        "audit",
+        "list",
+        "--data-dir",
+        str(keyservice_dev.data_dir),
+        "--file",
+        name,
+        "--user",
+        user,
+        "--operation",
+        "Decrypt",
+        "--json",
+    )
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == len(decrypts)
+    files = run_keyservice(
+        "audit", "files", "--data-dir", str(keyservice_dev.data_dir), "--file", name, "--json"
+    )
+    rows = [json.loads(line) for line in files.stdout.splitlines()]
+    assert [(r["path"], r["user"], r["opens"], r["created"]) for r in rows] == [
+        (name, user, len(decrypts), 1)
+    ]
+    assert rows[0]["key_id"] == decrypts[-1]["key_id"]
 
 
 def _file_id(mnt: Mount, name: str) -> str:
@@ -241,9 +283,23 @@ def _file_id(mnt: Mount, name: str) -> str:
 
 def _audit(service: Any, path: str) -> list[dict[str, Any]]:
     """Records for one file, through the CLI (``keyservice audit list --file``), else the raw log."""
-    proc = subprocess.run([sys.executable, "-m", "keyservice", "audit", "list", "--data-dir",
-                           str(service.data_dir), "--file", path, "--json"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keyservice",
+            "audit",
+            "list",
+            "--data-dir",
+            str(service.data_dir),
+            "--file",
+            path,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if proc.returncode == 0 and proc.stdout.strip():
         text = proc.stdout.strip()
         try:
@@ -280,7 +336,7 @@ def test_concurrent_writers_and_readers(mnt: Mount) -> None:
     assert not errors
     data = path.read_bytes()
     for i in range(8):
-        assert data[i * 8 * 4096 + 100:i * 8 * 4096 + 400] == bytes([i + 1]) * 300
+        assert data[i * 8 * 4096 + 100 : i * 8 * 4096 + 400] == bytes([i + 1]) * 300
 
 
 def test_disabled_key_refuses_opens_then_enable_restores(keyservice_dev: Any, tmp_path: Path) -> None:
