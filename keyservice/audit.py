@@ -304,48 +304,61 @@ class AuditLog:
                 self._tail.unsealed += 1
                 if self._first_unsealed is None:
                     self._first_unsealed = self._now()
+                sealed = None
+                if self._signer is not None and self._tail.unsealed >= self._every:
+                    # Sealed in the same critical section, so no checkpoint ever seals more than
+                    # ``checkpoint_every`` records; it becomes durable with this batch.
+                    sealed = self._checkpoint_locked()
                 end, epoch = self._end, self._epoch
-                due = self._signer is not None and self._tail.unsealed >= self._every
             self._commit(end, epoch)
-            if due:
-                self._seal(at_least=self._every)
+            if sealed is not None:
+                self._publish(*sealed)
         except (OSError, ValueError, TypeError) as exc:
             raise KMSInternalException("The request could not be recorded in the audit log.") from exc
 
-    def _seal(self, *, at_least: int = 1, recovered: bool = False) -> None:
-        """Write, commit and publish a checkpoint if ``at_least`` records are unsealed."""
+    def _checkpoint_locked(self, *, recovered: bool = False) -> tuple[int, bytes]:
+        """Write (not yet durable) a checkpoint sealing every unsealed record; caller holds ``_lock``."""
         assert self._signer is not None
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+        checkpoint: dict[str, Any] = {
+            "type": CHECKPOINT_TYPE,
+            "version": CHECKPOINT_VERSION,
+            "seq": self._tail.checkpoint_seq + 1,
+            "time": format_time(self._now()),
+            "records": self._tail.records,
+            "sealed": self._tail.unsealed,
+            "recovered": recovered,
+            "previous_checkpoint": self._tail.checkpoint_hash,
+            "key": base64.b64encode(
+                self._signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            ).decode(),
+            "prev_hash": self._tail.prev_hash,
+        }
+        checkpoint["signature"] = base64.b64encode(self._signer.sign(_signed_bytes(checkpoint))).decode()
+        line = self._write_locked(checkpoint)
+        self._tail.checkpoint_seq = checkpoint["seq"]
+        self._tail.checkpoint_hash = line_hash(line)
+        self._tail.unsealed = 0
+        self._first_unsealed = None
+        return checkpoint["seq"], line
+
+    def _publish(self, seq: int, line: bytes) -> None:
+        """Mirror a durable checkpoint in the head file; the head only ever moves forward."""
+        with self._head_lock:
+            if seq > self._head_seq:
+                _write_head(self.data_dir, line)
+                self._head_seq = seq
+
+    def _seal(self, *, recovered: bool = False) -> None:
+        """Write, commit and publish a checkpoint if any record is unsealed."""
         with self._lock:
-            if self._tail.unsealed < at_least:
+            if self._tail.unsealed == 0:
                 return
-            checkpoint: dict[str, Any] = {
-                "type": CHECKPOINT_TYPE,
-                "version": CHECKPOINT_VERSION,
-                "seq": self._tail.checkpoint_seq + 1,
-                "time": format_time(self._now()),
-                "records": self._tail.records,
-                "sealed": self._tail.unsealed,
-                "recovered": recovered,
-                "previous_checkpoint": self._tail.checkpoint_hash,
-                "key": base64.b64encode(
-                    self._signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-                ).decode(),
-                "prev_hash": self._tail.prev_hash,
-            }
-            checkpoint["signature"] = base64.b64encode(self._signer.sign(_signed_bytes(checkpoint))).decode()
-            line = self._write_locked(checkpoint)
-            self._tail.checkpoint_seq = checkpoint["seq"]
-            self._tail.checkpoint_hash = line_hash(line)
-            self._tail.unsealed = 0
-            self._first_unsealed = None
+            sealed = self._checkpoint_locked(recovered=recovered)
             end, epoch = self._end, self._epoch
         self._commit(end, epoch)
-        with self._head_lock:  # only ever move the head forward
-            if checkpoint["seq"] > self._head_seq:
-                _write_head(self.data_dir, line)
-                self._head_seq = checkpoint["seq"]
+        self._publish(*sealed)
 
     def checkpoint(self) -> None:
         """Seal the records written so far (no-op when there are none)."""

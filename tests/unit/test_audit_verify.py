@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -192,3 +193,23 @@ def test_head_file_rollback_and_removal(tmp_path: Path) -> None:
     write_log(tmp_path, 12)
     audit.head_path(tmp_path).unlink()
     assert "missing" in verify(tmp_path).problems[0]
+
+
+def test_concurrent_appends_never_overfill_a_checkpoint(tmp_path: Path) -> None:
+    log = audit.AuditLog(tmp_path, signer=SIGNER, checkpoint_every=EVERY, checkpoint_seconds=60, now=Clock())
+
+    def worker(n: int) -> None:
+        for i in range(25):
+            log.append(
+                audit.build_record(when=T0, ctx=RequestContext(f"{n}-{i}", "", ALICE, "", {}), operation="Op")
+            )
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    report = verify(tmp_path)
+    assert report.ok, report.problems
+    assert report.records == 200 and report.checkpoints == 40
