@@ -1,5 +1,9 @@
 """Alias operations: CreateAlias, UpdateAlias, DeleteAlias, ListAliases.
 
+Each needs permission on the key(s) involved (kms:CreateAlias on the target; kms:UpdateAlias on the
+old and the new target; kms:DeleteAlias on the target); ListAliases is authorized by identity
+policies alone.
+
 ``alias/aws/`` is reserved for service-managed keys (``default_keys.py``): customers cannot create,
 repoint or delete such aliases, nor point their own aliases at service-managed keys
 (NotAuthorizedException, as AWS answers).
@@ -65,7 +69,7 @@ def _target_key(service: KeyService, params: Mapping[str, Any], info: AuditInfo,
     info.alias_name = alias_name
     if key.key_manager != MANAGER_CUSTOMER:
         raise errors.NotAuthorizedException("Aliases of service-managed keys cannot be changed.")
-    service.check_usable(key, operation)
+    service.check_usable(key, operation, info)
     return key
 
 
@@ -86,8 +90,12 @@ def create_alias(service: KeyService, params: dict[str, Any], info: AuditInfo) -
 
 def update_alias(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     name = _alias_name(service, params, info)
-    if service.store.get_alias(name) is None:
+    alias = service.store.get_alias(name)
+    if alias is None:
         raise errors.NotFoundException(f"Alias {service.alias_arn(name)} is not found.")
+    current = service.load_key(alias.target_key_id)
+    if current is not None:  # AWS needs kms:UpdateAlias on the old and on the new target
+        service.authorize(current, "UpdateAlias", info)
     key = _target_key(service, params, info, "UpdateAlias")
     service.store.update_alias(name, key.key_id, service.clock.now())
     return {}
@@ -99,6 +107,10 @@ def delete_alias(service: KeyService, params: dict[str, Any], info: AuditInfo) -
     if alias is None:
         raise errors.NotFoundException(f"Alias {service.alias_arn(name)} is not found.")
     info.key_arn = service.key_arn(alias.target_key_id)
+    key = service.load_key(alias.target_key_id)
+    if key is None:
+        raise errors.NotFoundException(f"Alias {service.alias_arn(name)} is not found.")
+    service.check_usable(key, "DeleteAlias", info)
     service.store.delete_alias(name)
     return {}
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from keyservice import bootstrap, cli_audit, rootkey, tls
+from keyservice import bootstrap, cli_audit, cli_principal, rootkey, tls
 from keyservice.api import KmsApp
 from keyservice.clock import FileOffsetClock, SystemClock
 from keyservice.scheduler import DEFAULT_INTERVAL, Scheduler
@@ -284,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init)
 
     cli_audit.register(sub)
+    cli_principal.register(sub)
     return parser
 
 

@@ -3,7 +3,8 @@
 Like AWS managed keys (``alias/aws/s3``, ...), the key appears the first time a caller names its
 alias in DescribeKey, Encrypt or GenerateDataKey*; it has KeyManager AWS, rotates yearly on its
 own, is not counted in the customer-key quota, and customers can use and view it but never
-disable, delete, tag, re-alias or re-policy it (``lifecycle.AWS_MANAGED_ALLOWED``). Creation is
+disable, delete, tag, re-alias or re-policy it: its key policy (``policy.aws_managed_key_policy``)
+says so, and ``lifecycle.AWS_MANAGED_ALLOWED`` backs it up. Creation is
 audited as part of the request that triggered it (that record names the new key).
 """
 
@@ -14,7 +15,7 @@ import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from keyservice import errors
+from keyservice import errors, policy
 from keyservice.model import ENABLED, MANAGER_AWS, ORIGIN_AWS_KMS, AliasRecord, KeyRecord, KeyVersionRecord
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ def ensure(service: KeyService, alias_name: str) -> AliasRecord | None:
             rotation_enabled=True,
             rotation_period_days=AWS_MANAGED_ROTATION_DAYS,
             next_rotation_date=now + timedelta(days=AWS_MANAGED_ROTATION_DAYS),
+            policy=policy.aws_managed_key_policy(service.account_id),
         )
         version = KeyVersionRecord(
             key_id=key_id,

@@ -42,7 +42,7 @@ def _window(params: dict[str, Any]) -> int:
 def schedule_key_deletion(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     key = service.key_param(params, info, allow_alias=False)
     days = _window(params)
-    service.check_usable(key, "ScheduleKeyDeletion")
+    service.check_usable(key, "ScheduleKeyDeletion", info)
     key.state = PENDING_DELETION
     key.deletion_date = service.now() + timedelta(days=days)
     service.store.update_key(key)
@@ -57,7 +57,7 @@ def schedule_key_deletion(service: KeyService, params: dict[str, Any], info: Aud
 
 def cancel_key_deletion(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     key = service.key_param(params, info, allow_alias=False)
-    service.check_usable(key, "CancelKeyDeletion")
+    service.check_usable(key, "CancelKeyDeletion", info)
     no_material = key.origin == ORIGIN_EXTERNAL and service.store.latest_key_version(key.key_id) is None
     key.state = PENDING_IMPORT if no_material else DISABLED
     key.deletion_date = None

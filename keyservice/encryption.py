@@ -36,7 +36,7 @@ def encrypt(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dic
     assert plaintext is not None
     check_grant_tokens(params)
     service.check_algorithm(params)
-    service.check_usable(key, "Encrypt")
+    service.check_usable(key, "Encrypt", info)
     service.dry_run(params)
     version, material = service.latest_version(key, info)
     blob = envelope.seal_blob(material, key.key_id, version.version, plaintext, context)
@@ -63,7 +63,7 @@ def decrypt(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dic
     key = service.load_key(parsed.key_id)
     if key is None:
         raise errors.InvalidCiphertextException(envelope._UNDETAILED)
-    service.check_usable(key, "Decrypt")
+    service.check_usable(key, "Decrypt", info)
     version = service.store.get_key_version(key.key_id, parsed.key_version)
     if version is None:
         raise errors.InvalidCiphertextException(envelope._UNDETAILED)
@@ -87,7 +87,7 @@ def _data_key(
     assert size is not None
     check_grant_tokens(params)
     service.no_recipient(params)
-    service.check_usable(key, operation)
+    service.check_usable(key, operation, info)
     service.dry_run(params)
     version, material = service.latest_version(key, info)
     data_key = os.urandom(size)

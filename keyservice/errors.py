@@ -67,3 +67,7 @@ DryRunOperationException = _error("DryRunOperationException", 412)
 IncorrectKeyMaterialException = _error("IncorrectKeyMaterialException", 400)
 InvalidImportTokenException = _error("InvalidImportTokenException", 400)
 ExpiredImportTokenException = _error("ExpiredImportTokenException", 400)
+
+# Grants and policies (issue 4).
+InvalidGrantTokenException = _error("InvalidGrantTokenException", 400)
+InvalidGrantIdException = _error("InvalidGrantIdException", 400)

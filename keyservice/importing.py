@@ -106,7 +106,7 @@ def get_parameters_for_import(service: KeyService, params: dict[str, Any], info:
             "RSAES_PKCS1_V1_5 wrapping is retired (as by AWS in 2023); use RSAES_OAEP_SHA_256 or "
             "RSA_AES_KEY_WRAP_SHA_256, or start the server with --allow-pkcs1-import."
         )
-    service.check_usable(key, "GetParametersForImport")
+    service.check_usable(key, "GetParametersForImport", info)
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS[key_spec])
     private_der = private_key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -176,7 +176,7 @@ def import_key_material(service: KeyService, params: dict[str, Any], info: Audit
     import_type = get_enum(params, "ImportType", ("NEW_KEY_MATERIAL", "EXISTING_KEY_MATERIAL"))
     get_str(params, "KeyMaterialDescription", max_len=256)
     wanted_id = get_str(params, "KeyMaterialId", min_len=64, max_len=64)
-    service.check_usable(key, "ImportKeyMaterial")
+    service.check_usable(key, "ImportKeyMaterial", info)
     if import_type == "NEW_KEY_MATERIAL" and key.material_id is not None:
         raise errors.UnsupportedOperationException(
             "Importing new key material into a key that already has material (rotation of imported keys) "
@@ -233,7 +233,7 @@ def delete_imported_key_material(
 ) -> dict[str, Any]:
     key = service.key_param(params, info, allow_alias=False)
     wanted_id = get_str(params, "KeyMaterialId", min_len=64, max_len=64)
-    service.check_usable(key, "DeleteImportedKeyMaterial")
+    service.check_usable(key, "DeleteImportedKeyMaterial", info)
     if wanted_id is not None and wanted_id != key.material_id:
         raise errors.NotFoundException(f"Key material {wanted_id} is not associated with {key.arn}.")
     if service.store.latest_key_version(key.key_id) is not None or key.state != PENDING_IMPORT:

@@ -1,18 +1,19 @@
 """Key operations: CreateKey, DescribeKey, ListKeys, UpdateKeyDescription, EnableKey, DisableKey.
 
 CreateKey makes symmetric ENCRYPT_DECRYPT keys only: with fresh material (origin AWS_KMS, state
-Enabled) or without (origin EXTERNAL, state PendingImport until ImportKeyMaterial). The quota on
+Enabled) or without (origin EXTERNAL, state PendingImport until ImportKeyMaterial). A key without a
+``Policy`` gets AWS's default key policy (the account has full access). The quota on
 customer keys is enforced by the store in the same transaction as the insert (SPEC K13).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from keyservice import errors
+from keyservice import errors, key_policies
+from keyservice import policy as policy_module
 from keyservice.model import (
     DISABLED,
     ENABLED,
@@ -57,7 +58,7 @@ def create_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> 
     spec = key_spec or cmk_spec or KEY_SPEC
     origin = get_enum(params, "Origin", ORIGINS) or ORIGIN_AWS_KMS
     policy = get_str(params, "Policy", min_len=1, max_len=MAX_POLICY)
-    get_bool(params, "BypassPolicyLockoutSafetyCheck")
+    bypass = get_bool(params, "BypassPolicyLockoutSafetyCheck")
     multi_region = get_bool(params, "MultiRegion")
     tags = parse_tags(params.get("Tags"))
     if usage != KEY_USAGE:
@@ -76,12 +77,6 @@ def create_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> 
         raise errors.UnsupportedOperationException("Multi-Region keys are not supported.")
     if params.get("CustomKeyStoreId") is not None or params.get("XksKeyId") is not None:
         raise errors.UnsupportedOperationException("Custom key stores are not supported.")
-    if policy is not None:
-        try:
-            json.loads(policy)
-        except ValueError:
-            raise errors.MalformedPolicyDocumentException("The key policy is not valid JSON.") from None
-
     now = service.clock.now()
     key_id = str(uuid.uuid4())
     key = KeyRecord(
@@ -96,9 +91,11 @@ def create_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> 
         creation_date=now,
         key_usage=usage,
         key_spec=spec,
-        policy=policy,
+        policy=policy_module.default_key_policy(service.account_id),
         tags=tags,
     )
+    if policy is not None:  # parsed and lockout-checked against the key it will protect
+        key.policy = key_policies.validate_new_policy(service, info, key, policy, bypass=bypass)
     first: KeyVersionRecord | None = None
     if origin == ORIGIN_AWS_KMS:  # imported keys get their material from ImportKeyMaterial
         sealed = service.seal_material(key_id, 1, os.urandom(MATERIAL_LEN))
@@ -134,7 +131,7 @@ def parse_tags(tags: object) -> list[dict[str, str]]:
 def describe_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     check_grant_tokens(params)
     key = service.key_param(params, info, allow_alias=True, create_default=True)
-    service.check_usable(key, "DescribeKey")
+    service.check_usable(key, "DescribeKey", info)
     return {"KeyMetadata": service.metadata(key)}
 
 
@@ -157,7 +154,7 @@ def update_key_description(service: KeyService, params: dict[str, Any], info: Au
     key = service.key_param(params, info, allow_alias=False)
     description = get_str(params, "Description", required=True, max_len=MAX_DESCRIPTION)
     assert description is not None
-    service.check_usable(key, "UpdateKeyDescription")
+    service.check_usable(key, "UpdateKeyDescription", info)
     key.description = description
     service.store.update_key(key)
     return {}
@@ -165,7 +162,7 @@ def update_key_description(service: KeyService, params: dict[str, Any], info: Au
 
 def enable_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     key = service.key_param(params, info, allow_alias=False)
-    service.check_usable(key, "EnableKey")
+    service.check_usable(key, "EnableKey", info)
     if key.state != ENABLED:
         key.state = ENABLED
         service.store.update_key(key)
@@ -174,7 +171,7 @@ def enable_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> 
 
 def disable_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     key = service.key_param(params, info, allow_alias=False)
-    service.check_usable(key, "DisableKey")
+    service.check_usable(key, "DisableKey", info)
     if key.state != DISABLED:
         key.state = DISABLED
         service.store.update_key(key)

@@ -77,6 +77,7 @@ METADATA_OPERATIONS = frozenset(
         "TagResource",
         "UntagResource",
         "ScheduleKeyDeletion",
+        "CreateGrant",
     }
 )
 
@@ -93,8 +94,10 @@ IMPORT_OPERATIONS = frozenset({"GetParametersForImport", "ImportKeyMaterial", "D
 
 CANCEL_DELETION = "CancelKeyDeletion"
 
-# What the customer may do with a service-managed (KeyManager AWS) key: its key policy lets the
-# account use and view it, never manage it (AWS answers these with AccessDeniedException).
+# What the customer may do with a service-managed (KeyManager AWS) key: its key policy
+# (``policy.aws_managed_key_policy``, enforced by ``authorize.py`` before this check) lets the
+# account use and view it, never manage it; this list is a backstop should a store ever hold
+# another policy for such a key (AWS answers these with AccessDeniedException).
 AWS_MANAGED_ALLOWED = (
     CRYPTO_OPERATIONS
     | ROTATION_READS

@@ -105,3 +105,37 @@ class CredentialRecord:
     sealed_secret: bytes  # rootkey.seal(root, secret, store.secret_aad(access_key_id))
     creation_date: datetime
     enabled: bool = True
+
+
+@dataclass(frozen=True)
+class PrincipalRecord:
+    """A named user of the account (``arn:aws:iam::<account>:user/<name>``); its access keys are
+    ``CredentialRecord`` rows with its ARN, its identity policies ``IdentityPolicyRecord`` rows."""
+
+    arn: str
+    name: str
+    account_id: str
+    creation_date: datetime
+
+
+@dataclass(frozen=True)
+class IdentityPolicyRecord:
+    principal_arn: str
+    name: str
+    document: str  # the policy JSON as attached (validated by policy.parse(key_policy=False))
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    """A grant on one key: who may do which operations, under which context constraints."""
+
+    grant_id: str  # 64 hex characters, like AWS's
+    key_id: str
+    grantee: str
+    operations: tuple[str, ...]  # AWS operation names, e.g. "Decrypt"
+    issuing_account: str
+    creation_date: datetime
+    retiring_principal: str | None = None
+    name: str | None = None
+    context_subset: dict[str, str] | None = None
+    context_equals: dict[str, str] | None = None

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from keyservice import errors
+from keyservice.context import Principal
 
 # --------------------------------------------------------------------------- limits and enums
 
@@ -72,6 +73,11 @@ class AuditInfo:
     # Facts without a field of their own in the audit record (e.g. ReEncrypt's source key); the
     # service records them under caller["keyservice"] until audit.py grows a field for them.
     extra: dict[str, Any] = field(default_factory=dict)
+    # Not audited: the authenticated caller (authorization reads it; the audit record takes the
+    # caller from the request context), and the keys this request was authorized on, so that
+    # ``KeyService.call`` can refuse to return a key operation that skipped authorization.
+    principal: Principal | None = None
+    authorized_keys: set[str] = field(default_factory=set)
 
 
 Handler = Callable[[dict[str, Any], AuditInfo], dict[str, Any]]

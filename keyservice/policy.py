@@ -130,6 +130,18 @@ class Request:
 class Decision:
     allowed: bool
     reason: str
+    # Why a denial happened, in the words AWS uses in AccessDeniedException messages (never the
+    # policy text): "resource-deny", "identity-deny", "no-identity-allow" or "no-resource-allow".
+    denial: str = ""
+    grant_id: str = ""  # set when a grant (and nothing else) allowed the request
+
+    def message(self) -> str:
+        """The tail of an AccessDeniedException message for ``action`` (AWS's wording)."""
+        return {
+            "resource-deny": "with an explicit deny in a resource-based policy",
+            "identity-deny": "with an explicit deny in an identity-based policy",
+            "no-identity-allow": "because no identity-based policy allows the {action} action",
+        }.get(self.denial, "because no resource-based policy allows the {action} action")
 
 
 def _parse_principal(value: object) -> tuple[str, ...]:
@@ -330,15 +342,30 @@ def _applies(statement: Statement, request: Request) -> bool:
     )
 
 
+# Grant operations that take an encryption context: only these are subject to grant constraints
+# (AWS: "Grant constraints are not applied to ... DescribeKey or RetireGrant").
+CONTEXT_OPERATIONS = frozenset({
+    "Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo", "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext",
+})  # fmt: skip
+
+
 def _grant_allows(grant: Grant, request: Request) -> bool:
     if grant.grantee != request.principal_arn or grant.key_arn != request.resource:
         return False
     if request.operation not in grant.operations:
         return False
-    context = request.encryption_context
-    if grant.context_equals is not None and dict(context) != dict(grant.context_equals):
-        return False
-    if grant.context_subset is not None and any(context.get(k) != v for k, v in grant.context_subset.items()):
+    if request.operation not in CONTEXT_OPERATIONS:
+        return True
+    # In a grant constraint the context *keys* compare case-insensitively, the values exactly (AWS).
+    context = {k.lower(): v for k, v in request.encryption_context.items()}
+    if grant.context_equals is not None:
+        wanted = {k.lower(): v for k, v in grant.context_equals.items()}
+        if context != wanted:
+            return False
+    if grant.context_subset is not None and any(
+        context.get(k.lower()) != v for k, v in grant.context_subset.items()
+    ):
         return False
     return True
 
@@ -356,10 +383,14 @@ def decide(
         if statement.effect == "Deny" and (
             _names_caller(statement, request) or _names_account(statement, request)
         ):
-            return Decision(False, f"explicit deny in the key policy ({statement.sid or 'no Sid'})")
+            return Decision(
+                False, f"explicit deny in the key policy ({statement.sid or 'no Sid'})", "resource-deny"
+            )
     for statement in identity_statements:
         if statement.effect == "Deny":
-            return Decision(False, f"explicit deny in an identity policy ({statement.sid or 'no Sid'})")
+            return Decision(
+                False, f"explicit deny in an identity policy ({statement.sid or 'no Sid'})", "identity-deny"
+            )
     for statement in key_statements:
         if statement.effect == "Allow" and _names_caller(statement, request):
             return Decision(True, f"key policy allows ({statement.sid or 'no Sid'})")
@@ -376,5 +407,58 @@ def decide(
                 )
     for grant in grants:
         if _grant_allows(grant, request):
-            return Decision(True, f"grant {grant.grant_id}")
-    return Decision(False, "no statement or grant allows it")
+            return Decision(True, f"grant {grant.grant_id}", grant_id=grant.grant_id)
+    if delegated:
+        return Decision(False, "delegated to identity policies; none allows it", "no-identity-allow")
+    return Decision(False, "no statement or grant allows it", "no-resource-allow")
+
+
+def decide_identity(identity_policies: Sequence[Policy], request: Request) -> Decision:
+    """Allow or deny an operation that is not about one key (CreateKey, ListKeys, ...; resource
+    ``"*"``): only identity policies speak. The account root user may do everything."""
+    statements = [s for p in identity_policies for s in p.statements if _applies(s, request)]
+    for statement in statements:
+        if statement.effect == "Deny":
+            return Decision(
+                False, f"explicit deny in an identity policy ({statement.sid or 'no Sid'})", "identity-deny"
+            )
+    if request.is_account_root:
+        return Decision(True, "the account root user has every permission")
+    for statement in statements:
+        if statement.effect == "Allow":
+            return Decision(True, f"identity policy allows ({statement.sid or 'no Sid'})")
+    return Decision(False, "no identity policy allows it", "no-identity-allow")
+
+
+def aws_managed_key_policy(account_id: str) -> str:
+    """The key policy of a service-managed key (``alias/aws/kmsfs``), after AWS's: the account may
+    use it and read its metadata; nobody may manage it (disable, delete, re-policy, tag, ...).
+
+    AWS lets every principal of the account (``"*"`` with ``kms:CallerAccount``) use an AWS managed
+    key *through the integrated service* (``kms:ViaService``). This service cannot tell whether a
+    call comes through kmsfs, so usage is delegated to identity policies instead: the account root
+    may use the key, other principals only if an identity policy of theirs allows it.
+    """
+    root = f"arn:aws:iam::{account_id}:root"
+    return json.dumps({
+        "Version": "2012-10-17",
+        "Id": "auto-kmsfs-1",
+        "Statement": [
+            {
+                "Sid": "Allow use of the key by principals of the account that are authorized to use it",
+                "Effect": "Allow",
+                "Principal": {"AWS": root},
+                "Action": ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*",
+                           "kms:CreateGrant", "kms:DescribeKey"],
+                "Resource": "*",
+                "Condition": {"StringEquals": {"kms:CallerAccount": account_id}},
+            },
+            {
+                "Sid": "Allow direct access to key metadata to the account",
+                "Effect": "Allow",
+                "Principal": {"AWS": root},
+                "Action": ["kms:Describe*", "kms:Get*", "kms:List*", "kms:RevokeGrant"],
+                "Resource": "*",
+            },
+        ],
+    }, indent=2)  # fmt: skip

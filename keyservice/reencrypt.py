@@ -1,7 +1,9 @@
 """ReEncrypt (SPEC K11): decrypt under the source key and encrypt under the destination key (or the
 newest version of the same key) inside the service, so the caller never sees the plaintext.
 
-Both keys go through ``lifecycle.check_usable`` for ReEncrypt. The audit record names the
+Both keys go through ``check_usable`` for ReEncrypt: the source key (the one named inside the blob,
+never SourceKeyId) is authorized for kms:ReEncryptFrom under the source context, the destination
+for kms:ReEncryptTo under the destination context. The audit record names the
 destination key and version in its key fields and context; the source key, version and context
 go under ``caller.keyservice`` until the audit record has fields for them.
 """
@@ -58,8 +60,10 @@ def re_encrypt(service: KeyService, params: dict[str, Any], info: AuditInfo) -> 
     source = service.load_key(parsed.key_id)
     if source is None:
         raise errors.InvalidCiphertextException(envelope._UNDETAILED)
-    service.check_usable(source, "ReEncrypt")
-    service.check_usable(destination, "ReEncrypt")
+    service.check_usable(source, "ReEncrypt", info, action="kms:ReEncryptFrom", context=source_context)
+    service.check_usable(
+        destination, "ReEncrypt", info, action="kms:ReEncryptTo", context=destination_context
+    )
     version = service.store.get_key_version(source.key_id, parsed.key_version)
     if version is None:
         raise errors.InvalidCiphertextException(envelope._UNDETAILED)

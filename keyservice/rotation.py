@@ -51,7 +51,7 @@ def rotate(service: KeyService, key: KeyRecord, rotation_type: str, now: datetim
 def enable_key_rotation(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     key = service.key_param(params, info, allow_alias=False)
     period = get_int(params, "RotationPeriodInDays", MIN_PERIOD_DAYS, MAX_PERIOD_DAYS) or DEFAULT_PERIOD_DAYS
-    service.check_usable(key, "EnableKeyRotation")
+    service.check_usable(key, "EnableKeyRotation", info)
     if not (key.rotation_enabled and key.rotation_period_days == period):
         key.rotation_enabled = True
         key.rotation_period_days = period
@@ -63,7 +63,7 @@ def enable_key_rotation(service: KeyService, params: dict[str, Any], info: Audit
 
 def disable_key_rotation(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     key = service.key_param(params, info, allow_alias=False)
-    service.check_usable(key, "DisableKeyRotation")
+    service.check_usable(key, "DisableKeyRotation", info)
     if key.rotation_enabled:
         key.rotation_enabled = False
         key.rotation_period_days = None
@@ -74,7 +74,7 @@ def disable_key_rotation(service: KeyService, params: dict[str, Any], info: Audi
 
 def get_key_rotation_status(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     key = service.key_param(params, info, allow_alias=False)
-    service.check_usable(key, "GetKeyRotationStatus")
+    service.check_usable(key, "GetKeyRotationStatus", info)
     result: dict[str, Any] = {"KeyRotationEnabled": key.rotation_enabled, "KeyId": key.arn}
     if key.rotation_enabled:
         result["RotationPeriodInDays"] = key.rotation_period_days
@@ -84,7 +84,7 @@ def get_key_rotation_status(service: KeyService, params: dict[str, Any], info: A
 
 def rotate_key_on_demand(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     key = service.key_param(params, info, allow_alias=False)
-    service.check_usable(key, "RotateKeyOnDemand")
+    service.check_usable(key, "RotateKeyOnDemand", info)
     done = sum(
         1 for v in service.store.list_key_versions(key.key_id) if v.rotation_type == ROTATION_ON_DEMAND
     )
@@ -106,7 +106,7 @@ def list_key_rotations(service: KeyService, params: dict[str, Any], info: AuditI
     include = (
         get_enum(params, "IncludeKeyMaterial", ("ALL_KEY_MATERIAL", "ROTATIONS_ONLY")) or "ROTATIONS_ONLY"
     )
-    service.check_usable(key, "ListKeyRotations")
+    service.check_usable(key, "ListKeyRotations", info)
     try:
         after_version = int(after) if after is not None else 0
     except ValueError:

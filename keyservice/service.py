@@ -6,8 +6,10 @@ JSON and base64, and calls ``call(operation, params, ctx)``; binary fields arriv
 success or error, before it returns or raises; if the record cannot be written the caller gets
 ``KMSInternalException`` instead of the result (fail closed).
 
-Policy evaluation (K4/K5) is a later issue: today any authenticated principal of this account
-may do everything. Key material is unsealed only inside the operation that needs it; there is
+Authorization (K4/K5) is ``authorize.py``'s: every handler's ``check_usable(key, operation, info)``
+authorizes the caller on the key before checking its state, and ``call`` authorizes operations
+that are not about one key and refuses to return a key operation whose key was never authorized.
+Key material is unsealed only inside the operation that needs it; there is
 no cache.
 
 The operations themselves live in per-group modules (``keys.py``, ``aliases.py``,
@@ -34,14 +36,18 @@ from typing import Any
 
 from keyservice import (
     aliases,
+    authorize,
     default_keys,
     deletion,
     encryption,
     envelope,
     errors,
+    grants,
     importing,
+    key_policies,
     keys,
     lifecycle,
+    policy,
     reencrypt,
     rootkey,
     rotation,
@@ -95,6 +101,10 @@ READ_ONLY_OPERATIONS = frozenset(
         "GetKeyRotationStatus",
         "ListKeyRotations",
         "ListResourceTags",
+        "GetKeyPolicy",
+        "ListKeyPolicies",
+        "ListGrants",
+        "ListRetirableGrants",
     }
 )
 
@@ -132,7 +142,8 @@ class KeyService:
         self.lock = threading.RLock()
         self._root_key = bytes(root_key)
         self._handlers: dict[str, Handler] = {}
-        for module in (keys, aliases, encryption, rotation, deletion, importing, tagging, reencrypt):
+        modules = (keys, aliases, encryption, rotation, deletion, importing, tagging, reencrypt)
+        for module in (*modules, key_policies, grants):
             for name, fn in module.HANDLERS.items():
                 self._handlers[name] = functools.partial(fn, self)
 
@@ -169,13 +180,21 @@ class KeyService:
             if handler is None:
                 raise errors.UnknownOperationException(f"Operation {operation[:128]!r} is not supported.")
             self._check_principal(ctx)
+            info.principal = ctx.principal
             if not isinstance(params, dict):
                 raise errors.SerializationException("The request body must be a JSON object.")
+            if operation in authorize.ACCOUNT_OPERATIONS:
+                authorize.authorize_account(self, info, operation)
+            authorize.check_grant_tokens(self, params)
             if operation in READ_ONLY_OPERATIONS:
                 result = handler(params, info)
             else:
                 with self.lock:
                     result = handler(params, info)
+            if operation not in authorize.ACCOUNT_OPERATIONS and not info.authorized_keys:
+                # Fail closed: a key operation that never authorized its key is a bug, not a grant.
+                log.error("%s returned without authorizing a key", operation)
+                raise errors.KMSInternalException("An internal error occurred.")
         except errors.KMSError as exc:
             self._audit(operation, ctx, info, exc)
             raise
@@ -393,8 +412,38 @@ class KeyService:
                 meta["ValidTo"] = key.valid_to
         return meta
 
-    def check_usable(self, key: KeyRecord, operation: str) -> None:
+    def check_usable(
+        self,
+        key: KeyRecord,
+        operation: str,
+        info: AuditInfo,
+        *,
+        action: str | None = None,
+        context: Mapping[str, str] | None = None,
+        also_allowed: bool = False,
+    ) -> policy.Decision:
+        """May the caller do ``operation`` on ``key`` now? Authorization first (so a caller without
+        permission learns nothing about the key's state), then the key-state rules."""
+        decision = self.authorize(
+            key, operation, info, action=action, context=context, also_allowed=also_allowed
+        )
         lifecycle.check_usable(key, operation, self.clock.now())
+        return decision
+
+    def authorize(
+        self,
+        key: KeyRecord,
+        operation: str,
+        info: AuditInfo,
+        *,
+        action: str | None = None,
+        context: Mapping[str, str] | None = None,
+        also_allowed: bool = False,
+    ) -> policy.Decision:
+        """Authorization alone (UpdateAlias's old target key): see ``authorize.authorize_key``."""
+        return authorize.authorize_key(
+            self, info, key, operation, action=action, context=context, also_allowed=also_allowed
+        )
 
     def material(self, version: KeyVersionRecord) -> bytes:
         try:

@@ -16,25 +16,35 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from keyservice.errors import AlreadyExistsException, LimitExceededException, NotFoundException
+from keyservice import policy
+from keyservice.errors import (
+    AlreadyExistsException,
+    LimitExceededException,
+    MalformedPolicyDocumentException,
+    NotFoundException,
+)
 from keyservice.model import (
+    MANAGER_AWS,
     MANAGER_CUSTOMER,
     ORIGIN_EXTERNAL,
     PENDING_DELETION,
     AliasRecord,
     CredentialRecord,
+    GrantRecord,
+    IdentityPolicyRecord,
     ImportParameters,
     KeyRecord,
     KeyVersionRecord,
+    PrincipalRecord,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "keyservice.db"
 
 
@@ -103,6 +113,24 @@ class Store(Protocol):
     def get_credential(self, access_key_id: str) -> CredentialRecord | None: ...
     def list_credentials(self) -> list[CredentialRecord]: ...
 
+    def delete_credentials(self, principal_arn: str, *, except_access_key_id: str | None = None) -> int: ...
+
+    def create_principal(self, principal: PrincipalRecord) -> None: ...
+    def get_principal(self, arn: str) -> PrincipalRecord | None: ...
+    def list_principals(self) -> list[PrincipalRecord]: ...
+    def delete_principal(self, arn: str) -> bool: ...
+    def put_identity_policy(self, record: IdentityPolicyRecord) -> None: ...
+    def delete_identity_policy(self, principal_arn: str, name: str) -> bool: ...
+    def identity_policies(self, principal_arn: str) -> list[IdentityPolicyRecord]: ...
+
+    def create_grant(self, grant: GrantRecord) -> None: ...
+    def get_grant(self, grant_id: str) -> GrantRecord | None: ...
+    def list_grants(
+        self, *, key_id: str | None = None, grantee: str | None = None, retiring_principal: str | None = None,
+        grant_id: str | None = None, after: str | None = None, limit: int = 1000,
+    ) -> list[GrantRecord]: ...  # fmt: skip
+    def delete_grant(self, grant_id: str) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -156,7 +184,7 @@ CREATE TABLE IF NOT EXISTS credentials (
 
 # _MIGRATIONS[n] takes a store from schema version n to n + 1, inside one write transaction, so a
 # data directory created by an older release keeps working (and a crash mid-migration changes nothing).
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
+_MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = {
     1: (
         "ALTER TABLE keys ADD COLUMN rotation_enabled INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE keys ADD COLUMN rotation_period_days INTEGER",
@@ -178,6 +206,54 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX keys_by_deletion_date ON keys(deletion_date) WHERE deletion_date IS NOT NULL",
     ),
 }
+
+
+def _fill_key_policies(conn: sqlite3.Connection) -> None:
+    """Schema 3: every key gets a key policy. Keys without one, or with one that is not a valid
+    policy document (CreateKey did not validate before schema 3; nothing enforced them), get the
+    default policy (the account has full access, as before); service-managed keys get theirs."""
+    rows = conn.execute("SELECT key_id, account_id, key_manager, policy FROM keys").fetchall()
+    for key_id, account_id, manager, text in rows:
+        if manager == MANAGER_AWS:
+            new = policy.aws_managed_key_policy(account_id)
+        else:
+            try:
+                policy.parse(text)
+                continue
+            except MalformedPolicyDocumentException:
+                new = policy.default_key_policy(account_id)
+        conn.execute("UPDATE keys SET policy = ? WHERE key_id = ?", (new, key_id))
+
+
+_MIGRATIONS[2] = (
+    """CREATE TABLE principals (
+        arn           TEXT PRIMARY KEY,
+        name          TEXT NOT NULL UNIQUE,
+        account_id    TEXT NOT NULL,
+        creation_date TEXT NOT NULL
+    )""",
+    """CREATE TABLE identity_policies (
+        principal_arn TEXT NOT NULL REFERENCES principals(arn) ON DELETE CASCADE,
+        name          TEXT NOT NULL,
+        document      TEXT NOT NULL,
+        PRIMARY KEY (principal_arn, name)
+    )""",
+    """CREATE TABLE grants (
+        grant_id           TEXT PRIMARY KEY,
+        key_id             TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+        grantee            TEXT NOT NULL,
+        retiring_principal TEXT,
+        operations         TEXT NOT NULL,
+        constraints        TEXT,
+        name               TEXT,
+        issuing_account    TEXT NOT NULL,
+        creation_date      TEXT NOT NULL
+    )""",
+    "CREATE INDEX grants_by_key ON grants(key_id, grantee)",
+    "CREATE INDEX grants_by_retiring_principal ON grants(retiring_principal)",
+    "CREATE INDEX credentials_by_principal ON credentials(principal_arn)",
+    _fill_key_policies,
+)
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -248,6 +324,22 @@ def _alias_from_row(row: sqlite3.Row) -> AliasRecord:
     )
 
 
+def _grant_from_row(row: sqlite3.Row) -> GrantRecord:
+    constraints = json.loads(row["constraints"]) if row["constraints"] else {}
+    return GrantRecord(
+        grant_id=row["grant_id"],
+        key_id=row["key_id"],
+        grantee=row["grantee"],
+        operations=tuple(json.loads(row["operations"])),
+        issuing_account=row["issuing_account"],
+        creation_date=_dt(row["creation_date"]),  # type: ignore[arg-type]
+        retiring_principal=row["retiring_principal"],
+        name=row["name"],
+        context_subset=constraints.get("EncryptionContextSubset"),
+        context_equals=constraints.get("EncryptionContextEquals"),
+    )
+
+
 def _cred_from_row(row: sqlite3.Row) -> CredentialRecord:
     return CredentialRecord(
         access_key_id=row["access_key_id"],
@@ -285,7 +377,10 @@ class SQLiteStore:
                 )
             while version < SCHEMA_VERSION:
                 for statement in _MIGRATIONS[version]:
-                    conn.execute(statement)
+                    if callable(statement):
+                        statement(conn)
+                    else:
+                        conn.execute(statement)
                 version += 1
                 conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),))
 
@@ -667,3 +762,111 @@ class SQLiteStore:
             self._conn().execute("SELECT * FROM credentials ORDER BY creation_date, access_key_id").fetchall()
         )
         return [_cred_from_row(r) for r in rows]
+
+    def delete_credentials(self, principal_arn: str, *, except_access_key_id: str | None = None) -> int:
+        """Delete the access keys of ``principal_arn`` (all, or all but one); returns how many."""
+        with self._write() as conn:
+            return conn.execute(
+                "DELETE FROM credentials WHERE principal_arn = ? AND access_key_id != ?",
+                (principal_arn, except_access_key_id or ""),
+            ).rowcount
+
+    # ----------------------------------------------------------------- principals and identity policies
+
+    def create_principal(self, principal: PrincipalRecord) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT INTO principals(arn, name, account_id, creation_date) VALUES (?, ?, ?, ?)",
+                    (principal.arn, principal.name, principal.account_id, _ts(principal.creation_date)),
+                )
+        except sqlite3.IntegrityError:
+            raise AlreadyExistsException(f"Principal {principal.name} already exists") from None
+
+    def get_principal(self, arn: str) -> PrincipalRecord | None:
+        row = self._one("SELECT * FROM principals WHERE arn = ?", (arn,))
+        return None if row is None else self._principal(row)
+
+    @staticmethod
+    def _principal(row: sqlite3.Row) -> PrincipalRecord:
+        return PrincipalRecord(
+            arn=row["arn"], name=row["name"], account_id=row["account_id"],
+            creation_date=_dt(row["creation_date"]),  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    def list_principals(self) -> list[PrincipalRecord]:
+        rows = self._conn().execute("SELECT * FROM principals ORDER BY name").fetchall()
+        return [self._principal(r) for r in rows]
+
+    def delete_principal(self, arn: str) -> bool:
+        """Delete a principal with its access keys and identity policies, atomically."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM credentials WHERE principal_arn = ?", (arn,))
+            conn.execute("DELETE FROM identity_policies WHERE principal_arn = ?", (arn,))
+            return conn.execute("DELETE FROM principals WHERE arn = ?", (arn,)).rowcount == 1
+
+    def put_identity_policy(self, record: IdentityPolicyRecord) -> None:
+        """Attach (or replace) the identity policy ``record.name`` of a principal."""
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT INTO identity_policies(principal_arn, name, document) VALUES (?, ?, ?)"
+                    " ON CONFLICT(principal_arn, name) DO UPDATE SET document = excluded.document",
+                    (record.principal_arn, record.name, record.document),
+                )
+        except sqlite3.IntegrityError:
+            raise NotFoundException(f"Principal {record.principal_arn} does not exist") from None
+
+    def delete_identity_policy(self, principal_arn: str, name: str) -> bool:
+        with self._write() as conn:
+            sql = "DELETE FROM identity_policies WHERE principal_arn = ? AND name = ?"
+            return conn.execute(sql, (principal_arn, name)).rowcount == 1
+
+    def identity_policies(self, principal_arn: str) -> list[IdentityPolicyRecord]:
+        sql = "SELECT * FROM identity_policies WHERE principal_arn = ? ORDER BY name"
+        rows = self._conn().execute(sql, (principal_arn,)).fetchall()
+        return [IdentityPolicyRecord(r["principal_arn"], r["name"], r["document"]) for r in rows]
+
+    # ----------------------------------------------------------------- grants
+
+    def create_grant(self, grant: GrantRecord) -> None:
+        constraints: dict[str, dict[str, str]] = {}
+        if grant.context_subset is not None:
+            constraints["EncryptionContextSubset"] = grant.context_subset
+        if grant.context_equals is not None:
+            constraints["EncryptionContextEquals"] = grant.context_equals
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO grants(grant_id, key_id, grantee, retiring_principal, operations, constraints,"
+                " name, issuing_account, creation_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    grant.grant_id, grant.key_id, grant.grantee, grant.retiring_principal,
+                    json.dumps(list(grant.operations)), json.dumps(constraints) if constraints else None,
+                    grant.name, grant.issuing_account, _ts(grant.creation_date),
+                ),
+            )  # fmt: skip
+
+    def get_grant(self, grant_id: str) -> GrantRecord | None:
+        row = self._one("SELECT * FROM grants WHERE grant_id = ?", (grant_id,))
+        return None if row is None else _grant_from_row(row)
+
+    def list_grants(
+        self, *, key_id: str | None = None, grantee: str | None = None, retiring_principal: str | None = None,
+        grant_id: str | None = None, after: str | None = None, limit: int = 1000,
+    ) -> list[GrantRecord]:  # fmt: skip
+        """Grants ordered by grant id, strictly after ``after``, filtered by the given fields."""
+        where, args = ["grant_id > ?"], [after or ""]
+        for column, value in (
+            ("key_id", key_id), ("grantee", grantee), ("retiring_principal", retiring_principal),
+            ("grant_id", grant_id),
+        ):  # fmt: skip
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = f"SELECT * FROM grants WHERE {' AND '.join(where)} ORDER BY grant_id LIMIT ?"
+        rows = self._conn().execute(sql, (*args, limit)).fetchall()
+        return [_grant_from_row(r) for r in rows]
+
+    def delete_grant(self, grant_id: str) -> bool:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM grants WHERE grant_id = ?", (grant_id,)).rowcount == 1

@@ -27,7 +27,7 @@ def tag_resource(service: KeyService, params: dict[str, Any], info: AuditInfo) -
             "Member must not be null"
         )
     new = parse_tags(params.get("Tags"))
-    service.check_usable(key, "TagResource")
+    service.check_usable(key, "TagResource", info)
     merged = {t["TagKey"]: t["TagValue"] for t in key.tags}
     merged.update({t["TagKey"]: t["TagValue"] for t in new})
     if len(merged) > MAX_TAGS:
@@ -45,7 +45,7 @@ def untag_resource(service: KeyService, params: dict[str, Any], info: AuditInfo)
     for name in names:
         if name.startswith("aws:"):
             raise errors.TagException("Tag keys beginning with 'aws:' are reserved.")
-    service.check_usable(key, "UntagResource")
+    service.check_usable(key, "UntagResource", info)
     key.tags = [t for t in key.tags if t["TagKey"] not in set(names)]
     service.store.update_key(key)
     info.extra = {"tag_keys": sorted(names)}
@@ -56,7 +56,7 @@ def list_resource_tags(service: KeyService, params: dict[str, Any], info: AuditI
     key = service.key_param(params, info, allow_alias=False)
     limit = get_int(params, "Limit", 1, 50) or MAX_TAGS
     after = decode_marker("tags", get_str(params, "Marker", min_len=1, max_len=1024))
-    service.check_usable(key, "ListResourceTags")
+    service.check_usable(key, "ListResourceTags", info)
     tags = sorted(key.tags, key=lambda t: t["TagKey"])
     if after is not None:
         tags = [t for t in tags if t["TagKey"] > after]

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from keyservice import audit, bootstrap, errors, rootkey, scheduler, store
+from keyservice import audit, bootstrap, errors, policy, rootkey, scheduler, store
 from keyservice.clock import FileOffsetClock, FixedClock
 from keyservice.context import RequestContext
 from keyservice.service import KeyService
@@ -188,9 +188,10 @@ def test_schema_v1_store_is_migrated(tmp_path: Path) -> None:
         db.execute("INSERT INTO key_versions VALUES ('k', 1, ?, x'00')", (T0.isoformat(),))
     s = store.SQLiteStore(path)
     try:
-        assert s.get_meta("schema_version") == str(store.SCHEMA_VERSION) == "2"
+        assert s.get_meta("schema_version") == str(store.SCHEMA_VERSION) == "3"
         key = s.get_key("k")
         assert key is not None and key.rotation_enabled is False and key.material_id is None
+        assert key.policy == policy.default_key_policy("1")  # schema 3: every key has a key policy
         version = s.latest_key_version("k")
         assert version is not None and version.rotation_type is None
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from keyservice import audit, audit_review, audit_signing, bootstrap, errors, rootkey
+from keyservice import audit, audit_review, audit_signing, bootstrap, errors, policy, rootkey
 from keyservice.clock import FixedClock
 from keyservice.context import Principal, RequestContext
 from keyservice.service import KeyService
@@ -205,7 +205,12 @@ def test_create_key_validation(env: Env, params: dict[str, Any], error: type[err
 def test_create_key_explicit_defaults(env: Env) -> None:
     meta = env.call(
         "CreateKey",
-        {"KeyUsage": "ENCRYPT_DECRYPT", "KeySpec": "SYMMETRIC_DEFAULT", "Origin": "AWS_KMS", "Policy": "{}"},
+        {
+            "KeyUsage": "ENCRYPT_DECRYPT",
+            "KeySpec": "SYMMETRIC_DEFAULT",
+            "Origin": "AWS_KMS",
+            "Policy": policy.default_key_policy(ACCOUNT),
+        },
     )["KeyMetadata"]
     assert meta["Description"] == ""
 

@@ -29,6 +29,7 @@ UNS = "UnsupportedOperationException"
 AWS_KMS_TABLE: dict[str, tuple[str, str, str, str]] = {
     "CancelKeyDeletion": (INV, INV, INV, OK),
     "CreateAlias": (OK, OK, OK, INV),
+    "CreateGrant": (OK, OK, OK, INV),
     "Decrypt": (OK, DIS, INV, INV),
     "DeleteAlias": (OK, OK, OK, OK),
     "DeleteImportedKeyMaterial": (UNS, UNS, UNS, UNS),
@@ -138,6 +139,7 @@ def test_service_managed_key_refuses_management(operation: str) -> None:
         "ListGrants",
         "RetireGrant",
         "RevokeGrant",
+        "CreateGrant",
         "ListAliases",
         "GetKeyRotationStatus",
         "ListKeyRotations",

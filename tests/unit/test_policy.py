@@ -174,3 +174,43 @@ def test_identity_policy_must_not_name_a_principal() -> None:
     with pytest.raises(MalformedPolicyDocumentException):
         policy.parse(doc(stmt()), key_policy=False)
     policy.parse(doc(stmt(principal=None)), key_policy=False)
+
+
+def test_denial_kinds_name_the_reason_in_aws_words() -> None:
+    default = policy.default_key_policy(ACCOUNT)
+    assert ask(default).denial == "no-identity-allow"
+    assert ask(doc(stmt(principal=BOB))).denial == "no-resource-allow"
+    assert ask(doc(stmt(principal=ALICE), stmt("Deny", ALICE, "kms:Encrypt"))).denial == "resource-deny"
+    identity_deny = json.dumps({"Statement": [{"Effect": "Deny", "Action": "kms:*", "Resource": "*"}]})
+    assert ask(default, identity=(identity_deny,)).denial == "identity-deny"
+    assert "no resource-based policy allows the kms:Encrypt" in ask(
+        doc(stmt(principal=BOB))
+    ).message().format(action="kms:Encrypt")
+
+
+def test_identity_only_decisions_for_account_operations() -> None:
+    allow = json.dumps({"Statement": [{"Effect": "Allow", "Action": "kms:CreateKey", "Resource": "*"}]})
+    deny = json.dumps({"Statement": [{"Effect": "Deny", "Action": "kms:*", "Resource": "*"}]})
+
+    def decide(principal: str, *docs: str) -> policy.Decision:
+        request = policy.Request(principal, ACCOUNT, ACCOUNT, "kms:CreateKey", "*")
+        return policy.decide_identity([policy.parse(d, key_policy=False) for d in docs], request)
+
+    assert decide(ROOT).allowed and not decide(ALICE).allowed
+    assert decide(ALICE, allow).allowed and not decide(ALICE, allow, deny).allowed
+
+
+def test_grant_constraints_keys_ignore_case_and_skip_non_context_operations() -> None:
+    locked = doc(stmt(principal=ROOT))
+    grant = policy.Grant("g", KEY, BOB, frozenset({"Decrypt", "DescribeKey"}), context_equals={"Dept": "hr"})
+    assert ask(locked, BOB, "kms:Decrypt", grants=(grant,), context={"dept": "hr"}).allowed
+    assert not ask(locked, BOB, "kms:Decrypt", grants=(grant,), context={"dept": "HR"}).allowed
+    assert ask(locked, BOB, "kms:DescribeKey", grants=(grant,)).allowed  # constraints do not apply
+    assert ask(locked, BOB, "kms:Decrypt", grants=(grant,), context={"dept": "hr"}).grant_id == "g"
+
+
+def test_aws_managed_key_policy_parses_and_denies_management_even_to_root() -> None:
+    managed = policy.aws_managed_key_policy(ACCOUNT)
+    assert ask(managed, ROOT, "kms:Decrypt").allowed and ask(managed, ROOT, "kms:GetKeyPolicy").allowed
+    assert not ask(managed, ROOT, "kms:DisableKey").allowed
+    assert not ask(managed, ALICE, "kms:Decrypt").allowed
