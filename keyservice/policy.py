@@ -29,6 +29,7 @@ rather than silently ignored.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -219,7 +220,22 @@ def _parse_statement(raw: object, *, key_policy: bool) -> Statement:
 
 
 def parse(text: object, *, key_policy: bool = True) -> Policy:
-    """Parse and validate a policy document; raise MalformedPolicyDocumentException if it is not one."""
+    """Parse and validate a policy document; raise MalformedPolicyDocumentException if it is not one.
+
+    Parsed policies are immutable and depend only on the text, so stored policies — asked for on
+    every request — are parsed once (a changed policy is a different text).
+    """
+    if isinstance(text, str):
+        return _parse_cached(text, key_policy)
+    return _parse(text, key_policy=key_policy)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(text: str, key_policy: bool) -> Policy:
+    return _parse(text, key_policy=key_policy)
+
+
+def _parse(text: object, *, key_policy: bool) -> Policy:
     if not isinstance(text, str) or not text.strip():
         raise _malformed("the policy must be a non-empty JSON string")
     if len(text.encode("utf-8")) > MAX_POLICY_BYTES:

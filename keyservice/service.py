@@ -141,6 +141,7 @@ class KeyService:
         # default key is created from inside a crypto call).
         self.lock = threading.RLock()
         self._root_key = bytes(root_key)
+        self._secrets: dict[tuple[str, bytes], str] = {}
         self._handlers: dict[str, Handler] = {}
         modules = (keys, aliases, encryption, rotation, deletion, importing, tagging, reencrypt)
         for module in (*modules, key_policies, grants):
@@ -164,13 +165,28 @@ class KeyService:
         if cred is None or not cred.enabled:
             raise errors.UnrecognizedClientException("The security token included in the request is invalid.")
         try:
-            secret = rootkey.unseal(self._root_key, cred.sealed_secret, secret_aad(access_key_id)).decode()
+            secret = self._secret(access_key_id, cred.sealed_secret)
         except rootkey.UnsealError:
             log.error("credential %s does not unseal under the root key", access_key_id)
             raise errors.KMSInternalException("An internal error occurred.") from None
         return secret, Principal(
             account_id=cred.account_id, arn=cred.principal_arn, access_key_id=access_key_id
         )
+
+    def _secret(self, access_key_id: str, sealed: bytes) -> str:
+        """Unseal an access key's secret, remembering the last few: SigV4 needs it on every request.
+
+        Keyed by the sealed bytes, so a rotated or deleted key never hits a stale entry (the store
+        is still asked first on every request).
+        """
+        cache_key = (access_key_id, sealed)
+        secret = self._secrets.get(cache_key)
+        if secret is None:
+            secret = rootkey.unseal(self._root_key, sealed, secret_aad(access_key_id)).decode()
+            if len(self._secrets) >= 256:
+                self._secrets.clear()
+            self._secrets[cache_key] = secret
+        return secret
 
     def call(self, operation: str, params: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         """Run one AWS KMS operation for an authenticated caller and audit it."""
