@@ -59,8 +59,16 @@ def test_full_audit_disk_fails_requests_and_opens(small_audit_disk, tmp_path: Pa
     key_id = kms.create_key()["KeyMetadata"]["KeyId"]
     cipher, plain = tmp_path / "cipher", tmp_path / "plain"
     cipher.mkdir()
-    kmsfs("init", cipher, "--endpoint", service.endpoint, "--key", key_id, "--credentials",
-          service.credentials_file)
+    kmsfs(
+        "init",
+        cipher,
+        "--endpoint",
+        service.endpoint,
+        "--key",
+        key_id,
+        "--credentials",
+        service.credentials_file,
+    )
     with mounted(cipher, plain, service.credentials_file):
         (plain / "secret.txt").write_text("kept safe")
         filler = _fill(audit_dir)
@@ -89,3 +97,40 @@ def test_full_audit_disk_fails_requests_and_opens(small_audit_disk, tmp_path: Pa
     records = service.audit_records()
     assert not any(r.get("error_code") == "KMSInternalException" for r in records)  # never written
     assert os.path.getsize(audit_dir / "audit.log") > 0
+
+
+def test_read_only_audit_log_fails_requests_and_opens(keyservice_dev: DevKeyService, tmp_path: Path) -> None:
+    """An audit log that cannot be written to (immutable: writes get EPERM even on the server's
+    open descriptor) fails every request and every kmsfs open until it is writable again."""
+    log_file = keyservice_dev.data_dir / "audit" / "audit.log"
+    if subprocess.run(["chattr", "+i", str(log_file)], capture_output=True).returncode != 0:
+        pytest.skip("the file system of the test directory does not support chattr +i")
+    subprocess.run(["chattr", "-i", str(log_file)], check=True)
+    kms = keyservice_dev.boto3_client(config=Config(retries={"max_attempts": 1}))
+    key_id = kms.create_key()["KeyMetadata"]["KeyId"]
+    cipher, plain = tmp_path / "cipher", tmp_path / "plain"
+    cipher.mkdir()
+    kmsfs(
+        "init",
+        cipher,
+        "--endpoint",
+        keyservice_dev.endpoint,
+        "--key",
+        key_id,
+        "--credentials",
+        keyservice_dev.credentials_file,
+    )
+    with mounted(cipher, plain, keyservice_dev.credentials_file):
+        (plain / "doc.txt").write_text("still here")
+        subprocess.run(["chattr", "+i", str(log_file)], check=True)
+        try:
+            with pytest.raises(ClientError) as excinfo:
+                kms.encrypt(KeyId=key_id, Plaintext=b"must not be returned")
+            assert excinfo.value.response["Error"]["Code"] == "KMSInternalException"
+            with pytest.raises(OSError) as opened:
+                (plain / "doc.txt").read_text()
+            assert opened.value.errno == errno.EIO
+        finally:
+            subprocess.run(["chattr", "-i", str(log_file)], check=True)
+        assert (plain / "doc.txt").read_text() == "still here"
+    assert run_keyservice("audit", "verify", "--data-dir", str(keyservice_dev.data_dir)).returncode == 0
