@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from keyservice.context import RequestContext
 from keyservice.errors import KMSError, KMSInternalException
+from keyservice.files import write_atomic
 
 RECORD_VERSION = 1
 AUDIT_DIR = "audit"
@@ -392,15 +393,7 @@ class AuditLog:
 
 def _write_head(data_dir: Path, checkpoint_line: bytes) -> None:
     """Atomically replace audit-head.json with the newest checkpoint line."""
-    path = head_path(data_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, checkpoint_line + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(head_path(data_dir), checkpoint_line + b"\n")
 
 
 # --------------------------------------------------------------------------- reading

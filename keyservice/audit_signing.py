@@ -9,7 +9,6 @@ operator can keep a copy elsewhere and pin it with ``keyservice audit verify --p
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -22,21 +21,12 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from keyservice import rootkey
+from keyservice.files import write_atomic
 
 PRIVATE_FILE = "audit-signing.key"
 PUBLIC_FILE = "audit-signing.pub"
 _AAD = b"keyservice/audit-signing-key/v1"
 
-
-def _write_private(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def load_or_create(data_dir: Path, root_key: bytes) -> Ed25519PrivateKey:
@@ -47,9 +37,9 @@ def load_or_create(data_dir: Path, root_key: bytes) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(raw)
     key = Ed25519PrivateKey.generate()
     raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    _write_private(private_path, rootkey.seal(root_key, raw, _AAD), 0o600)
+    write_atomic(private_path, rootkey.seal(root_key, raw, _AAD), 0o600)
     pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-    _write_private(Path(data_dir) / PUBLIC_FILE, pem, 0o644)
+    write_atomic(Path(data_dir) / PUBLIC_FILE, pem, 0o644)
     return key
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from keyservice import bootstrap, cli_audit, cli_principal, rootkey, tls
 from keyservice.api import KmsApp
 from keyservice.clock import FileOffsetClock, SystemClock
+from keyservice.files import write_atomic
 from keyservice.scheduler import DEFAULT_INTERVAL, Scheduler
 from keyservice.server import Server
 
@@ -78,12 +79,7 @@ def _write_credentials(
     if ca_bundle is not None:
         payload["ca_bundle"] = str(ca_bundle)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 def _new_account_id() -> str:

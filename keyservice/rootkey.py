@@ -33,6 +33,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from keyservice.files import write_atomic
+
 ROOT_KEY_LEN = 32
 SEAL_VERSION = 1
 NONCE_LEN = 12
@@ -171,16 +173,6 @@ def _derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=ROOT_KEY_LEN, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
 
 def ensure_private_dir(path: Path) -> None:
     """Create ``path`` (and parents) if needed and make it mode 0700."""
@@ -229,7 +221,7 @@ def create_root_config(data_dir: Path, source: RootKeySource) -> bytes:
     else:  # pragma: no cover - guarded by the Literal type
         raise RootKeyError(f"unknown root key source {source.kind!r}")
     config["verifier"] = seal(root_key, _VERIFIER_PLAINTEXT, _VERIFIER_AAD).hex()
-    _write_private(config_path, (json.dumps(config, indent=2) + "\n").encode())
+    write_atomic(config_path, (json.dumps(config, indent=2) + "\n").encode())
     return root_key
 
 

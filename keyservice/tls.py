@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from keyservice.files import write_atomic
 
 TLS_DIR = "tls"
 VALIDITY = dt.timedelta(days=825)
@@ -59,16 +60,6 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
 
 def generate(data_dir: Path, hosts: list[str], *, now: dt.datetime | None = None) -> TlsFiles:
     """Create a private CA and a server certificate for ``hosts`` (DNS names or IP addresses)."""
@@ -98,10 +89,10 @@ def generate(data_dir: Path, hosts: list[str], *, now: dt.datetime | None = None
         .sign(ca_key, hashes.SHA256())
     )  # fmt: skip
     pem = serialization.Encoding.PEM
-    _write(files.key, server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+    write_atomic(files.key, server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()), 0o600)
-    _write(files.cert, server_cert.public_bytes(pem) + ca_cert.public_bytes(pem), 0o644)
-    _write(files.ca, ca_cert.public_bytes(pem), 0o644)
+    write_atomic(files.cert, server_cert.public_bytes(pem) + ca_cert.public_bytes(pem), 0o644)
+    write_atomic(files.ca, ca_cert.public_bytes(pem), 0o644)
     return files
 
 
