@@ -160,21 +160,23 @@ def update_key_description(service: KeyService, params: dict[str, Any], info: Au
     return {}
 
 
-def enable_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
+def _set_state(
+    service: KeyService, params: dict[str, Any], info: AuditInfo, operation: str, state: str
+) -> None:
     key = service.key_param(params, info, allow_alias=False)
-    service.check_usable(key, "EnableKey", info)
-    if key.state != ENABLED:
-        key.state = ENABLED
+    service.check_usable(key, operation, info)
+    if key.state != state:
+        key.state = state
         service.store.update_key(key)
+
+
+def enable_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
+    _set_state(service, params, info, "EnableKey", ENABLED)
     return {}
 
 
 def disable_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
-    key = service.key_param(params, info, allow_alias=False)
-    service.check_usable(key, "DisableKey", info)
-    if key.state != DISABLED:
-        key.state = DISABLED
-        service.store.update_key(key)
+    _set_state(service, params, info, "DisableKey", DISABLED)
     return {}
 
 
