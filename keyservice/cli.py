@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from keyservice import bootstrap, cli_audit, cli_principal, rootkey, tls
 from keyservice.api import KmsApp
@@ -98,8 +99,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     print("Admin credentials (shown once; keep them safe):")
     print(f"  access_key_id:     {creds.access_key_id}")
     print(f"  secret_access_key: {creds.secret_access_key}")
+    ca_bundle = None
+    if not args.no_tls:
+        host = urlsplit(args.endpoint).hostname or "127.0.0.1"
+        files = tls.generate(data_dir, [*tls.default_hosts(host), *(args.tls_hostname or [])])
+        ca_bundle = files.ca
+        print(f"TLS: private CA {files.ca} (give it to clients), server certificate {files.cert}")
     if args.credentials_out:
-        _write_credentials(Path(args.credentials_out), creds, args.endpoint, args.region)
+        _write_credentials(Path(args.credentials_out), creds, args.endpoint, args.region, ca_bundle)
         print(f"  written to {args.credentials_out}")
     return 0
 
@@ -276,7 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--region", default=DEFAULT_REGION)
     init.add_argument("--account-id", help="12-digit account id (random if omitted)")
     init.add_argument("--credentials-out", metavar="FILE", help="write the admin credentials as JSON")
-    init.add_argument("--endpoint", default=f"http://{DEFAULT_LISTEN}", help="endpoint recorded in that file")
+    init.add_argument(
+        "--endpoint", default=f"https://{DEFAULT_LISTEN}", help="endpoint recorded in that file"
+    )
+    init.add_argument(
+        "--tls-hostname",
+        action="append",
+        metavar="NAME",
+        help="extra DNS name or IP for the server certificate (repeatable)",
+    )
+    init.add_argument(
+        "--no-tls",
+        action="store_true",
+        help="do not generate a private CA (bring your own with serve --tls-cert/--tls-key)",
+    )
     init.set_defaults(func=cmd_init)
 
     cli_audit.register(sub)

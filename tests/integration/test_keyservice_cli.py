@@ -136,6 +136,7 @@ def test_real_store_with_key_file(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     creds = json.loads(creds_file.read_text())
+    assert creds["endpoint"].startswith("https://") and creds["ca_bundle"] == str(data_dir / "tls" / "ca.pem")
     assert creds["secret_access_key"] in out.stdout  # shown once, at creation
     assert key_file.exists() and oct(key_file.stat().st_mode & 0o777) == "0o600"
     again = run_keyservice("init", "--data-dir", str(data_dir), "--root-key-file", str(key_file))
@@ -262,6 +263,7 @@ def test_operator_supplied_certificate(tmp_path: Path) -> None:
     data_dir, key_file = tmp_path / "data", tmp_path / "root.key"
     init = run_keyservice(
         "init",
+        "--no-tls",
         "--data-dir",
         str(data_dir),
         "--root-key-file",
