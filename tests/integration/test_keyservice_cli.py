@@ -315,3 +315,46 @@ def test_region_is_fixed_at_creation(tmp_path: Path) -> None:
         f"127.0.0.1:{free_port()}",
     )
     assert wrong.returncode == 1 and "serves region eu-west-1" in wrong.stderr
+
+
+def test_audit_verify_command_finds_tampering(tmp_path: Path) -> None:
+    """`keyservice audit verify` on a real server's log: intact -> 0; one edited record -> 1, naming the
+    line; a pinned public key from elsewhere -> refused as a bad signature."""
+    service = start_dev_service(tmp_path)
+    try:
+        kms = service.boto3_client()
+        key_id = kms.create_key()["KeyMetadata"]["KeyId"]
+        for _ in range(5):
+            kms.encrypt(KeyId=key_id, Plaintext=b"x")
+    finally:
+        stop_dev_service(service)  # seals the log with a final checkpoint
+    data_dir = str(service.data_dir)
+    intact = run_keyservice("audit", "verify", "--data-dir", data_dir)
+    assert intact.returncode == 0 and "OK" in intact.stdout, intact.stdout
+    pinned = tmp_path / "pinned.pub"
+    pinned.write_bytes((service.data_dir / "audit-signing.pub").read_bytes())
+    assert (
+        run_keyservice("audit", "verify", "--data-dir", data_dir, "--public-key", str(pinned)).returncode == 0
+    )
+
+    other = tmp_path / "other"
+    other.mkdir()
+    stop_dev_service(start_dev_service(other))
+    foreign = run_keyservice(
+        "audit",
+        "verify",
+        "--data-dir",
+        data_dir,
+        "--public-key",
+        str(other / "keyservice-data" / "audit-signing.pub"),
+    )
+    assert foreign.returncode == 1 and "bad signature" in foreign.stdout
+
+    log = service.data_dir / "audit" / "audit.log"
+    lines = log.read_text().splitlines(keepends=True)
+    encrypts = [n for n, line in enumerate(lines) if '"operation":"Encrypt"' in line]
+    lines[encrypts[2]] = lines[encrypts[2]].replace('"outcome":"success"', '"outcome":"error"')
+    log.write_text("".join(lines))
+    tampered = run_keyservice("audit", "verify", "--data-dir", data_dir)
+    assert tampered.returncode == 1
+    assert f"TAMPERED: line {encrypts[2] + 2}:" in tampered.stdout, tampered.stdout
