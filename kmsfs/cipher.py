@@ -45,6 +45,30 @@ class BlockCipher:
             raise ValueError("nonce must be 12 bytes")
         return nonce + self._aead.encrypt(nonce, plaintext, aad)
 
+    def seal_many(self, parts: list[tuple[bytes | memoryview, bytes]]) -> bytearray:
+        """Seal several (plaintext, aad) pairs into one buffer of nonce || ciphertext || tag each.
+
+        Why: one ``os.urandom`` call for all the nonces (96 fresh random bits each, exactly as
+        ``seal``) and no per-block method calls; a 128 KiB FUSE write is 32 blocks.
+        """
+        nonces = os.urandom(NONCE_SIZE * len(parts))
+        encrypt = self._aead.encrypt
+        out = bytearray()
+        pos = 0
+        for plaintext, aad in parts:
+            nonce = nonces[pos:pos + NONCE_SIZE]
+            pos += NONCE_SIZE
+            out += nonce
+            out += encrypt(nonce, plaintext, aad)
+        return out
+
+    def open_raw(self, block: bytes | memoryview, aad: bytes) -> bytes:
+        """``open`` without the IntegrityError wrapping: raises cryptography's InvalidTag.
+
+        For the read fast path, which handles a failure (hole or damage) on its slow path.
+        """
+        return self._aead.decrypt(block[:NONCE_SIZE], block[NONCE_SIZE:], aad)
+
     def open(self, block: bytes, aad: bytes) -> bytes:
         """Authenticate and decrypt nonce || ciphertext || tag, or raise IntegrityError."""
         if len(block) < NONCE_SIZE + TAG_SIZE:

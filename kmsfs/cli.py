@@ -110,7 +110,16 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
     from kmsfs.operations import KmsfsOperations
 
     config, client = _build(cipherdir, credentials, args.kms_timeout)
-    core = KmsfsCore(cipherdir, config, client, revalidate_after=args.revalidate_after)
+    pool = None
+    if args.key_pool:
+        from kmsfs.keypool import DataKeyPool
+
+        # Keys older than the revalidation interval are discarded: revocation reaches creates
+        # within the same bound as it reaches open handles.
+        pool = DataKeyPool(client.generate_data_key, config.key_arn, args.key_pool,
+                           max(1.0, args.revalidate_after))
+        pool.start()
+    core = KmsfsCore(cipherdir, config, client, revalidate_after=args.revalidate_after, key_pool=pool)
     logging.getLogger("kmsfs").info("revalidate open keys after %.1f s; key service timeout %.1f s; "
                                     "sparse files %s", args.revalidate_after, args.kms_timeout,
                                     "on" if core.sparse else "off (backing fs reports no holes)")
@@ -129,7 +138,11 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
     }
     if allow_other:
         options["allow_other"] = True
-    FUSE(ops, mountpoint, **options)
+    try:
+        FUSE(ops, mountpoint, **options)
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def _setup_logging(log_file: str | None, verbose: bool) -> None:
@@ -331,6 +344,18 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kmsfs", description="Encrypted FUSE filesystem over a KMS.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -360,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kms-timeout", type=_seconds(0.1, 120.0), default=DEFAULT_KMS_TIMEOUT,
                    metavar="SECONDS",
                    help=f"bound on each key service request (default {DEFAULT_KMS_TIMEOUT:g})")
+    s.add_argument("--key-pool", type=_count(0, 1024), default=0, metavar="N",
+                   help="keep N pre-generated data keys for creates (default 0: every create asks "
+                        "the service itself; see kmsfs/keypool.py for what changes in the audit)")
     s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount")

@@ -57,12 +57,15 @@ from kmsfs.format import (
 )
 from kmsfs.holes import supports_sparse
 from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
+from kmsfs.keypool import DataKeyPool
 
 log = logging.getLogger("kmsfs")
 
 # Default bound on how long an open handle keeps using a key after it was revoked (seconds).
 DEFAULT_REVALIDATE_AFTER = 30.0
 TEMP_PREFIX = ".kmsfs-tmp-"
+# How much of a file an open asks the kernel to read ahead while the key is being unwrapped.
+PREFETCH_BYTES = 128 * 1024
 
 Caller = dict[str, Any]
 _RESERVED_XATTR_PREFIX = "user.kmsfs."
@@ -100,8 +103,9 @@ class KmsfsCore:
 
     def __init__(self, cipherdir: str, config: Config, client: KeyClient, *,
                  revalidate_after: float = DEFAULT_REVALIDATE_AFTER,
-                 sparse: bool | None = None) -> None:
+                 sparse: bool | None = None, key_pool: DataKeyPool | None = None) -> None:
         self.root = os.path.realpath(cipherdir)
+        self.key_pool = key_pool
         self.config = config
         self.client = client
         self.revalidate_after = revalidate_after
@@ -235,7 +239,15 @@ class KmsfsCore:
 
     # -- files ------------------------------------------------------------------------------------
     def _new_key(self, path: str, caller: Caller | None) -> tuple[Header, bytes]:
-        """A fresh file id and data key (F2): GenerateDataKey bound to the file id."""
+        """A fresh file id and data key (F2): GenerateDataKey bound to the file id.
+
+        From the key pool when one is configured and has a key ready (generated the same way,
+        for a file id chosen beforehand, used once), else a request made now for this caller.
+        """
+        pooled = self.key_pool.take() if self.key_pool is not None else None
+        if pooled is not None:
+            return Header(file_id=pooled.file_id, key_arn=pooled.key_arn, wrapped_key=pooled.wrapped_key,
+                          version=FORMAT_VERSION), pooled.key
         file_id = os.urandom(FILE_ID_SIZE)
         key, blob, arn = self.client.generate_data_key(self.config.key_arn, encryption_context(file_id),
                                                        caller)
@@ -282,6 +294,7 @@ class KmsfsCore:
             bflags = (bflags & ~os.O_ACCMODE) | os.O_RDWR
         fd = os.open(full, bflags | os.O_CLOEXEC)
         try:
+            _prefetch(fd)
             header = _read_header(fd)
             key = self._unwrap(header, caller)
             fh = self._register(fd, path, header, key)
@@ -505,6 +518,19 @@ def _clear_marker(fd: int) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
             raise
+
+
+def _prefetch(fd: int) -> None:
+    """Start reading the first blocks from disk while the key service unwraps the key.
+
+    Why: an open waits ~1.5 ms for Decrypt; a cold read of the first blocks afterwards costs
+    another ~0.3 ms. Asking the kernel for them now overlaps the two (a hint only: bounded to
+    PREFETCH_BYTES, errors ignored).
+    """
+    try:
+        os.posix_fadvise(fd, 0, PREFETCH_BYTES, os.POSIX_FADV_WILLNEED)
+    except (OSError, AttributeError):
+        pass
 
 
 def _read_header(fd: int) -> Header:

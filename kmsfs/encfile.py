@@ -27,6 +27,8 @@ from __future__ import annotations
 import errno
 import os
 
+from cryptography.exceptions import InvalidTag
+
 from kmsfs.cipher import BlockCipher, IntegrityError
 from kmsfs.format import (
     BLOCK_OVERHEAD,
@@ -36,7 +38,7 @@ from kmsfs.format import (
     RESIZE_XATTR,
     CorruptHeader,
     backing_size,
-    block_aad,
+    block_aad_prefix,
     block_offset,
     marker_aad,
     pack_marker_sizes,
@@ -64,10 +66,12 @@ class EncryptedFile:
         self._sparse_ok = sparse
         self.sparse = sparse and self._v2
         self._stored = block_size + BLOCK_OVERHEAD
+        self._aad_prefix = block_aad_prefix(file_id, version)
 
     def rekey(self, cipher: BlockCipher, file_id: bytes, version: int) -> None:
         """Switch to a new data key / file id (only valid while the backing file is empty)."""
         self.cipher, self.file_id, self.version = cipher, file_id, version
+        self._aad_prefix = block_aad_prefix(file_id, version)
         self._v2 = version != FORMAT_V1
         self.sparse = self._sparse_ok and self._v2
 
@@ -92,7 +96,10 @@ class EncryptedFile:
 
     # -- block primitives -------------------------------------------------------------------------
     def _aad(self, block_no: int, final: bool) -> bytes:
-        return block_aad(self.file_id, block_no, self.version, final)
+        """``block_aad`` from the cached prefix (same bytes, see format.block_aad_prefix)."""
+        if not self._v2:
+            return self._aad_prefix + block_no.to_bytes(8, "big")
+        return self._aad_prefix + block_no.to_bytes(8, "big") + (b"\x01" if final else b"\x00")
 
     def _open_block(self, block_no: int, stored: bytes, final: bool) -> bytes:
         try:
@@ -118,25 +125,23 @@ class EncryptedFile:
             raise IntegrityError(f"block {block_no} is short", block=block_no)
         return self._open_block(block_no, stored, block_no == self._final(size))
 
-    def _seal(self, block_no: int, plaintext: bytes, final: bool) -> bytes:
-        return self.cipher.seal(plaintext, self._aad(block_no, final))
+    def _write_runs(self, blocks: dict[int, bytes | memoryview], final_block: int) -> None:
+        """Seal and write blocks, one pwrite per run of consecutive block numbers, ascending.
 
-    def _write_runs(self, blocks: dict[int, bytes], final_block: int) -> None:
-        """Seal and write blocks, one pwrite per run of consecutive block numbers, ascending."""
-        run_start = None
-        out = bytearray()
-        prev = None
+        Each run is sealed in one ``seal_many`` call (one urandom for all its nonces)."""
+        run: list[tuple[bytes | memoryview, bytes]] = []
+        run_start = prev = -2
+        aad = self._aad
         for block_no in sorted(blocks):
-            if prev is not None and block_no != prev + 1:
-                _pwrite_all(self.fd, out, block_offset(run_start, self.block_size))
-                out = bytearray()
-                run_start = None
-            if run_start is None:
+            if block_no != prev + 1 and run:
+                _pwrite_all(self.fd, self.cipher.seal_many(run), block_offset(run_start, self.block_size))
+                run = []
+            if not run:
                 run_start = block_no
-            out += self._seal(block_no, blocks[block_no], block_no == final_block)
+            run.append((blocks[block_no], aad(block_no, block_no == final_block)))
             prev = block_no
-        if out:
-            _pwrite_all(self.fd, out, block_offset(run_start, self.block_size))
+        if run:
+            _pwrite_all(self.fd, self.cipher.seal_many(run), block_offset(run_start, self.block_size))
 
     def _is_hole_block(self, block_no: int) -> bool:
         offset = block_offset(block_no, self.block_size)
@@ -144,7 +149,7 @@ class EncryptedFile:
             return False
         return all_zero(os.pread(self.fd, self._stored, offset))
 
-    def _keep_hole_runs_long(self, blocks: dict[int, bytes], first: int, last: int,
+    def _keep_hole_runs_long(self, blocks: dict[int, bytes | memoryview], first: int, last: int,
                              final_block: int) -> None:
         """Never leave a hole run of exactly one block next to a written range (see holes.py)."""
         if not self.sparse:
@@ -258,18 +263,27 @@ class EncryptedFile:
         if last == final_block:
             self._check_tail(backing, size)
         stored_len = backing_size(min(size, (last + 1) * bs), bs) - block_offset(first, bs)
-        raw = os.pread(self.fd, stored_len, block_offset(first, bs))
-        out = bytearray()
+        raw = memoryview(os.pread(self.fd, stored_len, block_offset(first, bs)))
+        if len(raw) != stored_len:
+            raise IntegrityError(f"block {first + len(raw) // self._stored} is short",
+                                 block=first + len(raw) // self._stored)
+        parts: list[bytes] = []
         pos = 0
+        open_raw = self.cipher.open_raw
+        aad = self._aad
         for block_no in range(first, last + 1):
-            plen = min(bs, size - block_no * bs)
-            chunk = raw[pos:pos + plen + BLOCK_OVERHEAD]
-            if len(chunk) != plen + BLOCK_OVERHEAD:
-                raise IntegrityError(f"block {block_no} is short", block=block_no)
-            out += self._open_block(block_no, chunk, block_no == final_block)
-            pos += plen + BLOCK_OVERHEAD
+            stop = pos + min(bs, size - block_no * bs) + BLOCK_OVERHEAD
+            final = block_no == final_block
+            try:
+                parts.append(open_raw(raw[pos:stop], aad(block_no, final)))
+            except InvalidTag:  # a hole, or damage: the slow path tells which
+                parts.append(self._open_block(block_no, bytes(raw[pos:stop]), final))
+            pos = stop
+        out = b"".join(parts)
         skip = offset - first * bs
-        return bytes(out[skip:skip + (end - offset)])
+        if skip == 0 and len(out) == end - offset:
+            return out
+        return out[skip:skip + (end - offset)]
 
     def write(self, offset: int, data: bytes) -> int:
         """Write ``data`` at ``offset`` (read-modify-write of partial edge blocks)."""
@@ -287,14 +301,14 @@ class EncryptedFile:
         new_size = max(size, end)
         first, last = offset // bs, (end - 1) // bs
         old_final, new_final = self._final(size), self._final(new_size)
-        blocks: dict[int, bytes] = {}
+        blocks: dict[int, bytes | memoryview] = {}
         view = memoryview(data)
         for block_no in range(first, last + 1):
             b_start = block_no * bs
             b_len = min(bs, new_size - b_start)
             lo, hi = max(offset, b_start), min(end, b_start + b_len)
             if lo == b_start and hi == b_start + b_len:
-                blocks[block_no] = bytes(view[lo - offset:hi - offset])
+                blocks[block_no] = view[lo - offset:hi - offset]  # sealed straight from the buffer
                 continue
             buf = bytearray(b_len)
             if b_start < size:
@@ -381,7 +395,7 @@ class EncryptedFile:
     def _grow(self, length: int, size: int) -> None:
         bs = self.block_size
         old_final, new_final = self._final(size), self._final(length)
-        blocks: dict[int, bytes] = {}
+        blocks: dict[int, bytes | memoryview] = {}
         if old_final == new_final:
             old = self._read_block(old_final, size)
             blocks[new_final] = old + bytes(length - size)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kmsfs_mount_helpers import kmsfs, mounted, requires_fuse
 
 from kmsfs import format as fmt
+from tests.integration.kmsfs_mount_helpers import kmsfs, mounted, requires_fuse
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 BS = fmt.DEFAULT_BLOCK_SIZE

@@ -1,0 +1,626 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: kmsfs vs gocryptfs vs a fusepy passthrough vs the bare directory.
+
+Why one script: absolute numbers on a VM's disk drift 20-50 % between runs (FUSE-NOTES), so the
+only meaningful figures are ratios measured in one run, on one backing disk, with the same tools.
+This script installs what it lacks (Debian ``fio`` and ``gocryptfs``; gocryptfs depends on
+``fuse3``, so it is only installed when ``fuse3`` is already the fusermount provider or neither is
+installed: the packages ``fuse`` and ``fuse3`` conflict and are never forced over each other),
+starts a real ``keyservice serve --dev`` (TLS), creates a key, mounts the four targets under one
+run directory, runs every workload (median of 3), measures the key service alone and kmsfs's
+peak RSS, prints one table with kmsfs/gocryptfs and kmsfs/passthrough ratios and writes JSON.
+Everything it mounted or started is unmounted and stopped on the way out, also on failure.
+
+``--quick`` uses small sizes and one repetition (the test suite runs it; it never installs).
+Run as root: dropping the page cache needs it (``sync; echo 3 > /proc/sys/vm/drop_caches``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+TARGETS = ("bare", "passthrough", "gocryptfs", "kmsfs")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: how to read it and which target it has."""
+
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    target: str = ""  # human-readable target for the kmsfs/gocryptfs ratio
+
+
+FS_ROWS = (
+    Row("seq_write", "seq write {size}, fsync", "MB/s", True, ">= 1.2x"),
+    Row("seq_read", "seq read {size}, cold", "MB/s", True, ">= 1.2x"),
+    Row("rand_iops", "random 4 KiB 50/50 ({fio_size})", "IOPS", True, ">= 1.0x"),
+    Row("untar", "untar {files} files", "s", False, "<= 1.0x"),
+    Row("find_ls", "find|wc -l + ls -lR, cold", "s", False, ""),
+    Row("cat_all", "cat every file, cold", "files/s", True, ">= 0.8x"),
+    Row("rm", "rm -rf", "s", False, "<= 1.0x"),
+    Row("tar_diff", "tar -d after untar (differences)", "lines", False, "0"),
+)
+KMS_ROWS = (
+    Row("kms_decrypt_rps", "key service Decrypt, 16 clients", "req/s", True, ">= 5500"),
+    Row("kms_decrypt_p50", "  Decrypt p50", "ms", False, ""),
+    Row("kms_decrypt_p99", "  Decrypt p99", "ms", False, "< 5"),
+    Row("kms_gdk_rps", "key service GenerateDataKey, 16 clients", "req/s", True, ""),
+    Row("kms_gdk_p50", "  GenerateDataKey p50", "ms", False, ""),
+    Row("kms_gdk_p99", "  GenerateDataKey p99", "ms", False, ""),
+    Row("kmsfs_rss", "kmsfs peak RSS writing {rss_size}", "MiB", False, "<= 100"),
+)
+
+
+@dataclass
+class Sizes:
+    seq_mib: int
+    fio_mib: int
+    fio_seconds: int
+    rss_mib: int
+    kms_seconds: float
+    reps: int
+
+
+FULL = Sizes(seq_mib=512, fio_mib=128, fio_seconds=15, rss_mib=2048, kms_seconds=8.0, reps=3)
+QUICK = Sizes(seq_mib=16, fio_mib=8, fio_seconds=2, rss_mib=64, kms_seconds=1.5, reps=1)
+
+
+def say(msg: str) -> None:
+    """Progress on stderr (the table goes to stdout)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str] | str, *, check: bool = True, capture: bool = True, timeout: float = 3600,
+        **kw: Any) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, text=True, capture_output=capture, timeout=timeout,
+                          shell=isinstance(cmd, str), **kw)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"command failed ({proc.returncode}): {cmd}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+# -- installing tools ----------------------------------------------------------------------------
+def ensure_tools(want_gocryptfs: bool, install: bool) -> dict[str, bool]:
+    """fio and gocryptfs, installed with apt-get when missing and allowed."""
+    missing = [tool for tool, wanted in (("fio", True), ("gocryptfs", want_gocryptfs))
+               if wanted and shutil.which(tool) is None]
+    if missing and install:
+        if os.geteuid() != 0:
+            raise RuntimeError(f"need root to install {missing}")
+        if "gocryptfs" in missing and _fuse2_provides_fusermount():
+            say("not installing gocryptfs: it needs fuse3, which would remove the installed 'fuse'")
+            missing.remove("gocryptfs")
+        if missing:
+            say(f"installing {' '.join(missing)} (apt-get)")
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            run(["apt-get", "update", "-qq"], env=env, check=False)
+            run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
+    return {"fio": shutil.which("fio") is not None,
+            "gocryptfs": want_gocryptfs and shutil.which("gocryptfs") is not None}
+
+
+def _fuse2_provides_fusermount() -> bool:
+    proc = run(["dpkg-query", "-W", "-f=${Status}", "fuse"], check=False)
+    return "install ok installed" in proc.stdout
+
+
+# -- mounts ----------------------------------------------------------------------------------------
+def is_mounted(path: Path) -> bool:
+    target = os.path.abspath(path).replace(" ", "\\040")
+    with open("/proc/mounts", encoding="utf-8") as mounts:
+        return any(len(f := line.split()) > 1 and f[1] == target for line in mounts)
+
+
+def unmount(path: Path) -> None:
+    for cmd in (["fusermount", "-u"], ["fusermount3", "-u"], ["umount"], ["umount", "-l"]):
+        if not is_mounted(path):
+            return
+        if shutil.which(cmd[0]):
+            run([*cmd, str(path)], check=False)
+            for _ in range(20):
+                if not is_mounted(path):
+                    return
+                time.sleep(0.05)
+
+
+def wait_mounted(path: Path, proc: subprocess.Popen[Any] | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_mounted(path):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"mount of {path} exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{path} not mounted after {timeout} s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def daemon_pid(mountpoint: Path) -> int | None:
+    """The kmsfs daemon serving ``mountpoint`` (scanned from /proc)."""
+    want = str(mountpoint).encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"mount" in cmd and want in cmd and any(b"kmsfs" in c for c in cmd):
+                return int(entry)
+    return None
+
+
+@dataclass
+class Env:
+    """Everything started, so that ``close`` can stop it all."""
+
+    run_dir: Path
+    mounts: dict[str, Path] = field(default_factory=dict)
+    procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+    creds: Path | None = None
+    key_id: str = ""
+    kms_pid: int | None = None
+    kmsfs_opts: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        for mnt in self.mounts.values():
+            if mnt.exists() and is_mounted(mnt):
+                say(f"unmounting {mnt}")
+                unmount(mnt)
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+
+def start_keyservice(env: Env) -> None:
+    data, creds = env.run_dir / "keyservice", env.run_dir / "creds.json"
+    port = free_port()
+    log = open(env.run_dir / "keyservice.log", "w")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen([PY, "-m", "keyservice", "serve", "--dev", "--data-dir", str(data),
+                             "--listen", f"127.0.0.1:{port}", "--credentials-out", str(creds)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=env.run_dir)
+    env.procs.append(proc)
+    env.kms_pid = proc.pid
+    deadline = time.monotonic() + 30
+    while not creds.exists() or not creds.read_text().strip().endswith("}"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("keyservice did not start:\n" + (env.run_dir / "keyservice.log").read_text())
+        time.sleep(0.1)
+    time.sleep(0.2)
+    env.creds = creds
+    info = json.loads(creds.read_text())
+    import boto3
+
+    kms = boto3.client("kms", endpoint_url=info["endpoint"], region_name=info["region"],
+                       aws_access_key_id=info["access_key_id"],
+                       aws_secret_access_key=info["secret_access_key"],
+                       verify=info.get("ca_bundle") or True)
+    env.key_id = kms.create_key(Description="bench")["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName="alias/bench", TargetKeyId=env.key_id)
+    say(f"keyservice at {info['endpoint']} (pid {proc.pid}), key {env.key_id}")
+
+
+def mount_kmsfs(env: Env, name: str = "kmsfs") -> Path:
+    cipher, mnt = env.run_dir / f"{name}.cipher", env.run_dir / name
+    mnt.mkdir(exist_ok=True)
+    if not (cipher / ".kmsfs.json").exists():
+        cipher.mkdir(exist_ok=True)
+        run([PY, "-m", "kmsfs", "init", str(cipher), "--key", "alias/bench", "--credentials", str(env.creds)])
+    run([PY, "-m", "kmsfs", "mount", str(cipher), str(mnt), "--credentials", str(env.creds),
+         *env.kmsfs_opts])
+    env.mounts[name] = mnt
+    return mnt
+
+
+def mount_passthrough(env: Env) -> Path:
+    back, mnt = env.run_dir / "passthrough.back", env.run_dir / "passthrough"
+    back.mkdir(exist_ok=True)
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.Popen([PY, str(ROOT / "scripts" / "passthrough.py"), str(back), str(mnt)],
+                            stdout=subprocess.DEVNULL, stderr=open(env.run_dir / "passthrough.log", "w"))  # noqa: SIM115
+    env.procs.append(proc)
+    env.mounts["passthrough"] = mnt
+    wait_mounted(mnt, proc)
+    return mnt
+
+
+def mount_gocryptfs(env: Env) -> Path:
+    cipher, mnt = env.run_dir / "gocryptfs.cipher", env.run_dir / "gocryptfs"
+    cipher.mkdir(exist_ok=True)
+    mnt.mkdir(exist_ok=True)
+    run(["gocryptfs", "-init", "-q", "-extpass", "echo pw", str(cipher)])
+    run(["gocryptfs", "-q", "-extpass", "echo pw", str(cipher), str(mnt)])
+    env.mounts["gocryptfs"] = mnt
+    wait_mounted(mnt)
+    return mnt
+
+
+# -- workloads -------------------------------------------------------------------------------------
+def drop_caches() -> None:
+    os.sync()
+    if os.geteuid() == 0:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def seq_write(mnt: Path, mib: int) -> float:
+    path = mnt / "seq.bin"
+    secs = timed(lambda: run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}",
+                              "conv=fsync"]))
+    return mib * 1.048576 / secs
+
+
+def seq_read(mnt: Path, mib: int) -> float:
+    drop_caches()
+    secs = timed(lambda: run(["dd", f"if={mnt / 'seq.bin'}", "of=/dev/null", "bs=1M"]))
+    return mib * 1.048576 / secs
+
+
+def rand_iops(mnt: Path, mib: int, seconds: int) -> float:
+    out = run(["fio", "--name=rand", f"--filename={mnt / 'fio.bin'}", f"--size={mib}M",
+               "--rw=randrw", "--rwmixread=50", "--bs=4k", "--ioengine=psync", "--iodepth=1",
+               "--numjobs=1", "--time_based", f"--runtime={seconds}", "--randrepeat=0",
+               "--output-format=json"]).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    (mnt / "fio.bin").unlink()
+    return float(job["read"]["iops"] + job["write"]["iops"])
+
+
+def tree_workloads(mnt: Path, tarball: Path, nfiles: int, check_diff: bool) -> dict[str, float]:
+    """untar, find+ls cold, cat cold, (tar -d), rm -rf: one repetition."""
+    dest = mnt / "tree"
+    dest.mkdir()
+    drop_caches()
+    res = {"untar": timed(lambda: run(["tar", "-xf", str(tarball), "-C", str(dest)]))}
+    drop_caches()
+    res["find_ls"] = timed(lambda: (run(f"find '{dest}' | wc -l"), run(["ls", "-lR", str(dest)])))
+    drop_caches()
+    res["cat_all"] = nfiles / timed(lambda: run(
+        f"find '{dest}' -type f -print0 | xargs -0 -n 256 cat > /dev/null"))
+    if check_diff:
+        proc = run(["tar", "-df", str(tarball), "-C", str(dest)], check=False)
+        res["tar_diff"] = float(len((proc.stdout + proc.stderr).splitlines()))
+        if res["tar_diff"]:
+            say(f"tar -d on {mnt.name} reports differences:\n{(proc.stdout + proc.stderr)[:2000]}")
+    res["rm"] = timed(lambda: run(["rm", "-rf", str(dest)]))
+    return res
+
+
+def make_tarball(run_dir: Path) -> tuple[Path, int]:
+    """The Python standard library (without site-packages), tarred once."""
+    base = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    tarball = run_dir / "stdlib.tar"
+    run(["tar", "-cf", str(tarball), "-C", str(base.parent), "--exclude", f"{base.name}/site-packages",
+         base.name])
+    listing = run(["tar", "-tvf", str(tarball)]).stdout.splitlines()
+    nfiles = sum(1 for line in listing if line.startswith("-"))
+    return tarball, nfiles
+
+
+def quick_tarball(run_dir: Path) -> tuple[Path, int]:
+    """A small tree for --quick: the kmsfs and scripts sources."""
+    tarball = run_dir / "small.tar"
+    run(["tar", "-cf", str(tarball), "-C", str(ROOT), "--exclude", "__pycache__", "kmsfs", "scripts",
+         "docs"])
+    listing = run(["tar", "-tvf", str(tarball)]).stdout.splitlines()
+    return tarball, sum(1 for line in listing if line.startswith("-"))
+
+
+def kmsfs_peak_rss(env: Env, mib: int) -> float:
+    """Peak RSS (VmHWM) of a freshly mounted kmsfs daemon while writing ``mib`` MiB."""
+    mnt = mount_kmsfs(env, "kmsfs-rss")
+    pid = daemon_pid(mnt)
+    if pid is None:
+        raise RuntimeError("cannot find the kmsfs daemon")
+    run(["dd", "if=/dev/zero", f"of={mnt / 'big.bin'}", "bs=1M", f"count={mib}", "conv=fsync"])
+    hwm = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    (mnt / "big.bin").unlink()
+    unmount(mnt)
+    return int(hwm.split()[1]) / 1024
+
+
+# -- the key service alone --------------------------------------------------------------------------
+def _kms_request(creds: dict[str, Any], operation: str,
+                 payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """Body and signed headers of one KMS request (SigV4 by our own signer)."""
+    from urllib.parse import urlsplit
+
+    from keyservice.sigv4 import sign_request
+
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = {"Host": urlsplit(creds["endpoint"]).netloc, "Content-Type": "application/x-amz-json-1.1",
+               "X-Amz-Target": f"TrentService.{operation}"}
+    headers.update(sign_request(method="POST", url=creds["endpoint"].rstrip("/") + "/", headers=headers,
+                                body=body, access_key_id=creds["access_key_id"],
+                                secret_access_key=creds["secret_access_key"], region=creds["region"]))
+    return body, headers
+
+
+def _connection(creds: dict[str, Any]) -> Any:
+    import http.client
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(creds["endpoint"])
+    if parts.scheme == "https":
+        ctx = ssl.create_default_context(cafile=creds.get("ca_bundle") or None)
+        return http.client.HTTPSConnection(parts.hostname, parts.port, context=ctx, timeout=10)
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+
+
+def _kms_call(conn: Any, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
+    conn.request("POST", "/", body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    if resp.status != 200:
+        raise RuntimeError(f"key service answered {resp.status}: {data[:300]!r}")
+    return json.loads(data)
+
+
+def _kms_worker(creds: dict[str, Any], operation: str, payload: dict[str, Any], threads: int,
+                start_at: float, stop_at: float, out: Any) -> None:
+    """One load process: ``threads`` keep-alive connections, each sending back-to-back requests.
+
+    Requests are signed once per thread and re-signed every 60 s (SigV4 dates stay valid for
+    minutes), so the client's cost per request is one HTTP round trip and a JSON parse.
+    """
+    import threading
+
+    lat: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def loop() -> None:
+        mine: list[float] = []
+        try:
+            conn = _connection(creds)
+            body, headers = _kms_request(creds, operation, payload)
+            signed_at = time.time()
+            _kms_call(conn, body, headers)  # connect + TLS handshake outside the window
+            while time.time() < start_at:
+                time.sleep(0.001)
+            while (now := time.time()) < stop_at:
+                if now - signed_at > 60:
+                    body, headers = _kms_request(creds, operation, payload)
+                    signed_at = now
+                t0 = time.perf_counter()
+                _kms_call(conn, body, headers)
+                mine.append(time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            with lock:
+                errors.append(repr(exc))
+        with lock:
+            lat.extend(mine)
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    out.put((lat, errors))
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """In milliseconds, from seconds."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))] * 1000
+
+
+def kms_load(creds: dict[str, Any], key_id: str, *, seconds: float, clients: int = 16,
+             processes: int = 4) -> dict[str, float]:
+    """Decrypt and GenerateDataKey requests/s and p50/p99 latency from ``clients`` keep-alive
+    clients spread over ``processes`` processes (2 cores and the GIL: one process would measure
+    the client, not the server)."""
+    import base64
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    context = {"kmsfs:file-id": "00" * 16}
+    gdk = {"KeyId": key_id, "KeySpec": "AES_256", "EncryptionContext": context}
+    conn = _connection(creds)
+    blob = _kms_call(conn, *_kms_request(creds, "GenerateDataKey", gdk))["CiphertextBlob"]
+    conn.close()
+    base64.b64decode(blob)
+    result: dict[str, float] = {}
+    decrypt = {"CiphertextBlob": blob, "EncryptionContext": context}
+    for name, operation, payload in (("decrypt", "Decrypt", decrypt), ("gdk", "GenerateDataKey", gdk)):
+        out = ctx.Queue()
+        start_at = time.time() + 1.0
+        stop_at = start_at + seconds
+        per = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+        procs = [ctx.Process(target=_kms_worker, args=(creds, operation, payload, n, start_at, stop_at, out))
+                 for n in per if n]
+        for proc in procs:
+            proc.start()
+        lat: list[float] = []
+        errors: list[str] = []
+        for _ in procs:
+            got_lat, got_err = out.get(timeout=seconds + 60)
+            lat.extend(got_lat)
+            errors.extend(got_err)
+        for proc in procs:
+            proc.join(10)
+        if errors:
+            say(f"{operation}: {len(errors)} client error(s), first: {errors[0]}")
+        lat.sort()
+        result[f"kms_{name}_rps"] = len(lat) / seconds
+        result[f"kms_{name}_p50"] = _percentile(lat, 0.50)
+        result[f"kms_{name}_p99"] = _percentile(lat, 0.99)
+        say(f"{operation}: {result[f'kms_{name}_rps']:,.0f}/s, p50 {result[f'kms_{name}_p50']:.2f} ms, "
+            f"p99 {result[f'kms_{name}_p99']:.2f} ms")
+    return result
+
+
+# -- main ------------------------------------------------------------------------------------------
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def render(result: dict[str, Any]) -> str:
+    cols = ["workload", "unit", *TARGETS, "kmsfs/gocryptfs", "kmsfs/passthrough", "target"]
+    lines = [cols]
+    for row in result["rows"]:
+        v = row["values"]
+        lines.append([row["label"], row["unit"], *(fmt(v.get(t)) for t in TARGETS),
+                      fmt(row.get("ratio_gocryptfs")), fmt(row.get("ratio_passthrough")), row["target"]])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
+    out = []
+    for n, line in enumerate(lines):
+        cells = zip(line, widths, strict=True)
+        out.append(" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(cells)))
+        if n == 0:
+            out.append("-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
+    sizes = QUICK if args.quick else FULL
+    if args.reps:
+        sizes.reps = args.reps
+    tools = ensure_tools(want_gocryptfs="gocryptfs" in args.targets, install=not args.quick)
+    targets = [t for t in args.targets if t != "gocryptfs" or tools["gocryptfs"]]
+    if not tools["fio"]:
+        say("fio missing: no random-I/O figures")
+    say(f"run directory {env.run_dir}; targets {', '.join(targets)}; {sizes.reps} repetition(s)")
+    start_keyservice(env)
+    tarball, nfiles = quick_tarball(env.run_dir) if args.quick else make_tarball(env.run_dir)
+    say(f"tree: {nfiles} files in {tarball.name}")
+    mounters = {"kmsfs": mount_kmsfs, "passthrough": mount_passthrough, "gocryptfs": mount_gocryptfs}
+    mnts: dict[str, Path] = {}
+    for t in targets:
+        if t == "bare":
+            mnts[t] = env.run_dir / "bare"
+            mnts[t].mkdir(exist_ok=True)
+        else:
+            mnts[t] = mounters[t](env)
+        say(f"{t}: {mnts[t]}")
+    samples: dict[str, dict[str, list[float]]] = {r.key: {t: [] for t in targets} for r in FS_ROWS}
+    for rep in range(sizes.reps):
+        for t in targets:
+            mnt = mnts[t]
+            got = {"seq_write": seq_write(mnt, sizes.seq_mib), "seq_read": seq_read(mnt, sizes.seq_mib)}
+            (mnt / "seq.bin").unlink()
+            if tools["fio"]:
+                got["rand_iops"] = rand_iops(mnt, sizes.fio_mib, sizes.fio_seconds)
+            got.update(tree_workloads(mnt, tarball, nfiles, check_diff=(rep == 0)))
+            for k, v in got.items():
+                samples[k][t].append(v)
+            say(f"rep {rep + 1}/{sizes.reps} {t}: " + ", ".join(f"{k} {fmt(v)}" for k, v in got.items()))
+    rows: list[dict[str, Any]] = []
+    subst = {"size": f"{sizes.seq_mib} MiB", "fio_size": f"{sizes.fio_mib} MiB", "files": f"{nfiles:,}",
+             "rss_size": f"{sizes.rss_mib} MiB"}
+    for r in FS_ROWS:
+        values = {t: median(samples[r.key][t]) for t in targets}
+        rows.append({"key": r.key, "label": r.label.format(**subst), "unit": r.unit,
+                     "higher_is_better": r.higher_is_better, "target": r.target, "values": values,
+                     "samples": samples[r.key],
+                     "ratio_gocryptfs": ratio(values.get("kmsfs"), values.get("gocryptfs")),
+                     "ratio_passthrough": ratio(values.get("kmsfs"), values.get("passthrough"))})
+    say("key service alone: Decrypt and GenerateDataKey, 16 concurrent clients")
+    kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=sizes.kms_seconds,
+                   clients=16, processes=4)
+    say("kmsfs peak RSS")
+    kms["kmsfs_rss"] = kmsfs_peak_rss(env, sizes.rss_mib)
+    for r in KMS_ROWS:
+        rows.append({"key": r.key, "label": r.label.format(**subst), "unit": r.unit,
+                     "higher_is_better": r.higher_is_better, "target": r.target,
+                     "values": {"kmsfs": kms.get(r.key)}, "samples": {},
+                     "ratio_gocryptfs": None, "ratio_passthrough": None})
+    return {"quick": bool(args.quick), "kmsfs_options": env.kmsfs_opts, "reps": sizes.reps,
+            "targets": targets, "files": nfiles,
+            "sizes": sizes.__dict__, "kernel": os.uname().release, "time": time.strftime("%F %T %Z"),
+            "rows": rows}
+
+
+@contextlib.contextmanager
+def run_directory(path: str | None, keep: bool) -> Iterator[Path]:
+    parent = Path(path).resolve() if path else Path("/var/tmp")
+    parent.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="kmsfs-bench-", dir=parent))
+    try:
+        yield run_dir
+    finally:
+        if not keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, one repetition, never installs")
+    p.add_argument("--json-out", help="write the results as JSON here")
+    p.add_argument("--run-dir",
+                   help="parent of the run directory (a new kmsfs-bench-* inside it; default /var/tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the run directory")
+    p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help="comma-separated subset of " + ",".join(TARGETS))
+    p.add_argument("--key-pool", type=int, default=64, metavar="N",
+                   help="kmsfs mount --key-pool N (default 64; 0 measures kmsfs without the pool)")
+    args = p.parse_args(argv)
+    args.targets = [t for t in args.targets.split(",") if t]
+    if "kmsfs" not in args.targets:
+        p.error("--targets must include kmsfs")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with run_directory(args.run_dir, args.keep) as run_dir:
+        env = Env(run_dir, kmsfs_opts=[] if args.key_pool == 0 else [f"--key-pool={args.key_pool}"])
+        try:
+            result = bench(args, env)
+        finally:
+            env.close()
+    print(render(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+        say(f"JSON written to {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
