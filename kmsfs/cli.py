@@ -26,6 +26,7 @@ from kmsfs.config import CONFIG_NAME, Config, ConfigError
 from kmsfs.core import DEFAULT_REVALIDATE_AFTER
 from kmsfs.format import HEADER_XATTR, RESIZE_XATTR, CorruptHeader, parse_header, plain_size
 from kmsfs.keyclient import (
+    CA_BUNDLE_ENV,
     DEFAULT_REGION,
     Credentials,
     KeyClient,
@@ -410,11 +411,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="show the header of a backing file (or a mount path)")
     s.add_argument("path")
     s.set_defaults(func=cmd_info)
+
+    for name in ("init", "mount", "fsck", "rewrap", "info"):
+        sub.choices[name].add_argument(
+            "--ca-bundle", metavar="PEM",
+            help="CA certificates to verify the key service's TLS certificate with (default: the "
+                 "credentials file's ca_bundle, else AWS_CA_BUNDLE, else the system CAs); "
+                 "verification is never turned off",
+        )  # fmt: skip
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "ca_bundle", None):
+        if not os.path.isfile(args.ca_bundle):
+            print(f"kmsfs: --ca-bundle {args.ca_bundle}: no such file", file=sys.stderr)
+            return 1
+        os.environ[CA_BUNDLE_ENV] = os.path.abspath(args.ca_bundle)
     try:
         return args.func(args)
     except CliError as exc:

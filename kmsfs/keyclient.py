@@ -30,6 +30,9 @@ CONTENT_TYPE = "application/x-amz-json-1.1"
 TARGET_PREFIX = "TrentService."
 CALLER_HEADER = "X-Kmsfs-Caller"
 DEFAULT_REGION = "us-east-1"
+# The CA bundle to verify the key service with, overriding the credentials file's ``ca_bundle`` and
+# AWS_CA_BUNDLE (``kmsfs --ca-bundle`` sets it, so the forked mount daemon inherits it).
+CA_BUNDLE_ENV = "KMSFS_CA_BUNDLE"
 
 # Error codes that mean "you may not use this key now" (mapped to EACCES by the FUSE layer).
 ACCESS_CODES = frozenset({
@@ -84,7 +87,7 @@ def load_credentials(path: str | os.PathLike[str] | None = None,
                 session_token=data.get("session_token"),
                 endpoint=data.get("endpoint"),
                 region=data.get("region"),
-                ca_bundle=data.get("ca_bundle") or env.get("AWS_CA_BUNDLE") or None,
+                ca_bundle=env.get(CA_BUNDLE_ENV) or data.get("ca_bundle") or env.get("AWS_CA_BUNDLE") or None,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot read credentials file {path}: {exc}") from exc
@@ -98,7 +101,7 @@ def load_credentials(path: str | os.PathLike[str] | None = None,
         session_token=env.get("AWS_SESSION_TOKEN") or None,
         endpoint=env.get("AWS_ENDPOINT_URL_KMS") or env.get("AWS_ENDPOINT_URL") or None,
         region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
-        ca_bundle=env.get("AWS_CA_BUNDLE") or None,
+        ca_bundle=env.get(CA_BUNDLE_ENV) or env.get("AWS_CA_BUNDLE") or None,
     )
 
 
