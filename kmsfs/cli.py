@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from kmsfs.config import CONFIG_NAME, Config, ConfigError
 from kmsfs.core import DEFAULT_REVALIDATE_AFTER
@@ -86,8 +87,20 @@ def _build(cipherdir: str, credentials: str | None,
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     creds = _credentials(credentials)
+    if creds.endpoint and _origin(creds.endpoint) != _origin(config.endpoint):
+        # The config lies in the cipherdir, which is untrusted storage: an edited endpoint must not
+        # redirect signed requests (and the data keys they return) to another server.
+        raise CliError(
+            f"the cipherdir names the key service {config.endpoint} but the credentials are for "
+            f"{creds.endpoint}; refusing to use either (re-run 'kmsfs init --force' if it moved)"
+        )
     return config, KeyClient(config.endpoint, config.region, creds, connect_timeout=timeout,
                              read_timeout=timeout)
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
 def _check_service(client: KeyClient, config: Config) -> None:
@@ -181,11 +194,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
             os.setsid()
             os.chdir("/")  # do not keep the caller's working directory busy
             devnull = os.open(os.devnull, os.O_RDWR)
-            logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            # O_NOFOLLOW: the default log lives in the cipherdir, which is untrusted storage; a
+            # planted symlink must not make a root daemon append to some other file.
+            logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
             os.dup2(devnull, 0)
             os.dup2(logfd, 1)
             os.dup2(logfd, 2)
-            _setup_logging(log_file, args.verbose)
+            _setup_logging(None, args.verbose)  # stderr is the log file now
             _serve(cipherdir, mountpoint, credentials, args.allow_other, write_fd, args.verbose, args)
         except BaseException as exc:  # noqa: BLE001 - the daemon must report, never re-enter main
             logging.getLogger("kmsfs").error("mount failed: %s", exc, exc_info=True)
@@ -194,6 +209,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
             os._exit(code)
     os.close(write_fd)
     return _await_ready(pid, read_fd, mountpoint, log_file)
+
+
+def _log_tail(log_file: str, lines: int = 10) -> str:
+    """The last lines of the daemon log, never through a symlink planted in the cipherdir."""
+    try:
+        fd = os.open(log_file, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        return f"(log unreadable: {exc.strerror})\n"
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+        return "".join(f.read().splitlines(True)[-lines:])
 
 
 def _await_ready(pid: int, read_fd: int, mountpoint: str, log_file: str) -> int:
@@ -218,7 +243,7 @@ def _await_ready(pid: int, read_fd: int, mountpoint: str, log_file: str) -> int:
         os.kill(pid, 15)
     tail = ""
     try:
-        tail = "".join(Path(log_file).read_text(errors="replace").splitlines(True)[-10:])
+        tail = _log_tail(log_file)
     except OSError:
         pass
     raise CliError(f"mount of {mountpoint} failed (see {log_file})\n{tail}".rstrip())

@@ -40,7 +40,8 @@ def _journal(cipherdir: str, target: str) -> tuple[set[str], int]:
             done = set(lines[1:])
     except FileNotFoundError:
         pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    # O_NOFOLLOW: the journal lives in the (untrusted) cipherdir; never follow a planted symlink.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     if not done:
         os.ftruncate(fd, 0)
         os.write(fd, (target + "\n").encode())

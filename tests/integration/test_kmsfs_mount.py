@@ -21,7 +21,7 @@ import pytest
 
 from kmsfs import format as fmt
 from tests.conftest import run_keyservice
-from tests.integration.kmsfs_mount_helpers import backing_files, kmsfs, mounted, requires_fuse
+from tests.integration.kmsfs_mount_helpers import backing_files, force_unmount, kmsfs, mounted, requires_fuse
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 
@@ -373,11 +373,53 @@ def test_mount_fails_clearly_when_service_unreachable(tmp_path: Path, keyservice
     (cipherdir / ".kmsfs.json").write_text(json.dumps(config))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    # Credentials that name their endpoint refuse a cipherdir naming another (tested below);
+    # these name none, so the mount really tries the unreachable one.
+    creds = {k: v for k, v in keyservice_dev.credentials.items() if k != "endpoint"}
+    (tmp_path / "creds.json").write_text(json.dumps(creds))
     start = time.monotonic()
-    proc = kmsfs("mount", cipherdir, mnt, "--credentials", keyservice_dev.credentials_file, check=False)
+    proc = kmsfs("mount", cipherdir, mnt, "--credentials", tmp_path / "creds.json", check=False)
     assert proc.returncode != 0 and "unreachable" in proc.stderr
     assert time.monotonic() - start < 20
     assert not os.path.ismount(mnt)
+
+
+def test_a_redirected_endpoint_in_the_cipherdir_is_refused(tmp_path: Path, keyservice_dev: Any) -> None:
+    """The cipherdir is untrusted storage: editing its config must not send requests elsewhere."""
+    cipherdir, _ = _init(keyservice_dev, tmp_path, "kmsfs redirect test")
+    config = json.loads((cipherdir / ".kmsfs.json").read_text())
+    config["endpoint"] = "https://attacker.example:443"
+    (cipherdir / ".kmsfs.json").write_text(json.dumps(config))
+    (tmp_path / "mnt").mkdir()
+    proc = kmsfs(
+        "mount", cipherdir, tmp_path / "mnt", "--credentials", keyservice_dev.credentials_file, check=False
+    )
+    assert proc.returncode == 1 and "attacker.example" in proc.stderr and "refusing" in proc.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_a_planted_log_symlink_is_not_followed(tmp_path: Path, keyservice_dev: Any) -> None:
+    """The daemon log defaults to the (untrusted) cipherdir; a symlink planted there must not make
+    the root daemon append to the file it points to."""
+    cipherdir, _ = _init(keyservice_dev, tmp_path, "kmsfs symlink test")
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    (cipherdir / ".kmsfs.log").unlink(missing_ok=True)
+    (cipherdir / ".kmsfs.log").symlink_to(victim)
+    (tmp_path / "mnt").mkdir()
+    try:
+        proc = kmsfs(
+            "mount",
+            cipherdir,
+            tmp_path / "mnt",
+            "--credentials",
+            keyservice_dev.credentials_file,
+            check=False,
+        )
+    finally:
+        force_unmount(tmp_path / "mnt")
+    assert proc.returncode == 1
+    assert victim.read_text() == "untouched\n"
 
 
 def test_service_outage_fails_new_opens_fast_keeps_open_files(tmp_path: Path) -> None:
