@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 say "ruff"
-ruff check keyservice kmsfs tests
+ruff check .
 say "pytest"
 start=$(date +%s)
 pytest -q "$@"
