@@ -6,6 +6,7 @@ between kmsfs and a real key service, so TLS and the protocol are untouched."""
 from __future__ import annotations
 
 import errno
+import json
 import socket
 import threading
 import time
@@ -77,17 +78,10 @@ def test_slow_service_fails_new_opens_in_bounded_time(
     key_id = keyservice_dev.boto3_client().create_key()["KeyMetadata"]["KeyId"]
     cipher = tmp_path / "cipher"
     endpoint = f"https://127.0.0.1:{proxy.port}"
-    kmsfs(
-        "init",
-        cipher,
-        "--endpoint",
-        endpoint,
-        "--key",
-        key_id,
-        "--credentials",
-        keyservice_dev.credentials_file,
-    )
-    with mounted(cipher, tmp_path / "plain", keyservice_dev.credentials_file, "--kms-timeout", "1") as plain:
+    creds = tmp_path / "credentials.json"  # the same principal, reached through the proxy
+    creds.write_text(json.dumps({**keyservice_dev.credentials, "endpoint": endpoint}))
+    kmsfs("init", cipher, "--endpoint", endpoint, "--key", key_id, "--credentials", creds)
+    with mounted(cipher, tmp_path / "plain", creds, "--kms-timeout", "1") as plain:
         (plain / "held.txt").write_text("open before the stall")
         (plain / "other.txt").write_text("needs the service")
         with open(plain / "held.txt", "r+b") as held:
