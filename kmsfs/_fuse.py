@@ -1,21 +1,124 @@
-"""The only module that imports the FUSE binding (fusepy).
+"""The only module that imports a FUSE binding: mfusepy on libfuse3 if available, else fusepy.
 
-Why: a later switch to another binding (e.g. mfusepy for libfuse3) must be a one-file change.
+Why one module: switching binding must be a one-file change. Which one is used is decided here,
+once, at import: mfusepy (a maintained fusepy fork) when it is installed and ``libfuse.so.3`` is
+present, otherwise fusepy on libfuse2. ``KMSFS_FUSE=fusepy`` forces the fallback (benchmarks,
+debugging). ``BINDING`` and ``LIBFUSE`` name what was chosen (the mount log prints them).
+
+What differs between the two, and is absorbed here rather than in operations.py:
+
+- mfusepy ignores ``Operations.__call__`` (fusepy dispatches every operation through it, and
+  kmsfs translates domain errors to errno there): ``FUSE`` hands mfusepy a proxy whose methods
+  go through ``__call__``, so the error mapping is identical.
+- mfusepy finds libfuse2 first when both libraries are installed: the libfuse3 path is passed
+  to it explicitly.
+- mfusepy gives libfuse a zeroed stat (inode 0: readdir(3) skips it) for each name readdir
+  returns: the proxy returns ``(name, None, 0)`` instead, i.e. no stat, like fusepy.
+- libfuse3 passes renameat2 flags, which mfusepy drops (RENAME_EXCHANGE would become a plain
+  rename): ``FUSE`` refuses them with EINVAL as libfuse2 did, except RENAME_NOREPLACE.
+- libfuse3 asks the kernel for AUTO_INVAL_DATA and HANDLE_KILLPRIV by default; both are turned
+  off in ``init`` so the kernel behaves as it did with libfuse2 (see ``_CAP_*``).
+- libfuse3 drops the file handle of ``truncate`` in mfusepy; ``FUSE`` passes it on, as fusepy's
+  ``ftruncate`` does on libfuse2.
+- Mount options: ``IO_OPTIONS`` are the request-size options for the chosen library (libfuse2:
+  ``big_writes`` and 128 KiB reads, its maximum; libfuse3 has no ``big_writes``, negotiates
+  ``max_pages`` itself and writes up to 1 MiB per request by default). ``use_ino`` and
+  mtime-only utimens (``flag_utime_omit_ok`` on libfuse2) work on both.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import errno
+import functools
+import os
+import shutil
 from typing import Any
 
-from fuse import FUSE as _FUSE
-from fuse import FuseOSError, LoggingMixIn, Operations, fuse_exit, fuse_get_context
 
-__all__ = ["FUSE", "FuseOSError", "LoggingMixIn", "Operations", "fuse_exit", "fuse_get_context"]
+def _load_mfusepy() -> Any:
+    if os.environ.get("KMSFS_FUSE", "").lower() == "fusepy":
+        raise ImportError("KMSFS_FUSE=fusepy")
+    lib = os.environ.get("FUSE_LIBRARY_PATH") or ctypes.util.find_library("fuse3")
+    if not lib:
+        raise ImportError("libfuse3 not found")
+    if os.geteuid() != 0 and not shutil.which("fusermount3"):  # root mounts without it
+        raise ImportError("libfuse3 needs fusermount3 to mount as a user")
+    saved = os.environ.get("FUSE_LIBRARY_PATH")
+    os.environ["FUSE_LIBRARY_PATH"] = lib
+    try:
+        import mfusepy
+    finally:
+        if saved is None:
+            del os.environ["FUSE_LIBRARY_PATH"]
+    if mfusepy.fuse_version_major != 3:
+        raise ImportError(f"{lib} is not libfuse3")
+    return mfusepy
 
 
-class FUSE(_FUSE):
-    """fusepy's FUSE with a C-callback-level answer for ``security.*`` getxattr.
+try:
+    _binding = _load_mfusepy()
+    BINDING = "mfusepy"
+    IO_OPTIONS: dict[str, object] = {}  # libfuse3: no big_writes; max_write is 1 MiB by default
+except (ImportError, OSError, AttributeError):
+    import fuse as _binding  # type: ignore[no-redef]
+
+    BINDING = "fusepy"
+    IO_OPTIONS = {"big_writes": True, "max_read": 131072}  # libfuse2 clamps requests to 128 KiB
+
+LIBFUSE = (f"{_binding.fuse_version_major}.{_binding.fuse_version_minor}"
+           if hasattr(_binding, "fuse_version_major") else "2")
+FuseOSError = _binding.FuseOSError
+LoggingMixIn = _binding.LoggingMixIn
+Operations = _binding.Operations
+fuse_exit = _binding.fuse_exit
+fuse_get_context = _binding.fuse_get_context
+
+__all__ = ["BINDING", "FUSE", "IO_OPTIONS", "LIBFUSE", "FuseOSError", "LoggingMixIn", "Operations",
+           "fuse_exit", "fuse_get_context"]
+
+
+# fuse_common.h (libfuse 3): capabilities libfuse3 asks for by default and libfuse2 did not.
+# AUTO_INVAL_DATA: the kernel drops a file's cached pages whenever its mtime changes (every write).
+# HANDLE_KILLPRIV: the kernel leaves clearing setuid/setgid on write/truncate/chown to the
+# filesystem, which kmsfs does not do (its daemon writes the backing file with CAP_FSETID).
+_CAP_AUTO_INVAL_DATA = 1 << 12
+_CAP_HANDLE_KILLPRIV = 1 << 20
+_RENAME_NOREPLACE = 1  # linux/fs.h
+
+
+class _CallDispatch:
+    """What mfusepy sees as the Operations object: every implemented operation goes through the
+    object's ``__call__`` (the one error-translation point), everything else is passed through."""
+
+    def __init__(self, operations: Any) -> None:
+        self._ops = operations
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        """libfuse3 only: keep libfuse2's kernel contract where libfuse3 changed its defaults."""
+        if conn is not None:
+            conn.want &= ~(_CAP_AUTO_INVAL_DATA | _CAP_HANDLE_KILLPRIV)
+        self._ops("init", "/")
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._ops, name)
+        if (callable(value) and not name.startswith("_") and hasattr(Operations, name)
+                and not getattr(value, "libfuse_ignore", False)):
+            value = functools.partial(self._ops.__call__, name)
+            if name == "readdir":
+                value = functools.partial(_readdir_no_stat, value)
+        self.__dict__[name] = value  # resolved once: later lookups skip __getattr__
+        return value
+
+
+def _readdir_no_stat(readdir: Any, path: str, fh: Any) -> list[tuple[str, None, int]]:
+    """mfusepy fills a zeroed stat for a bare name; with use_ino that is inode 0, which readdir(3)
+    skips (an empty listing). ``(name, None, 0)`` passes no stat, as fusepy does."""
+    return [(name, None, 0) for name in readdir(path, fh)]
+
+
+class FUSE(_binding.FUSE):  # type: ignore[misc,name-defined]
+    """The binding's FUSE with a C-callback-level answer for ``security.*`` getxattr.
 
     Why: once getxattr is implemented, the kernel asks ``security.capability`` before every
     write(2) (FUSE-NOTES), e.g. ~19,000 times for an untar of 3,400 files. kmsfs never stores
@@ -23,7 +126,26 @@ class FUSE(_FUSE):
     straight from the ctypes callback: no name decoding, no dispatch, no exception.
     """
 
+    def __init__(self, operations: Any, mountpoint: str, **kwargs: Any) -> None:
+        if BINDING == "mfusepy":
+            operations = _CallDispatch(operations)
+        super().__init__(operations, mountpoint, **kwargs)
+
     def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
         if name.startswith(b"security."):
             return -errno.ENODATA
         return int(super().getxattr(path, name, value, size, *args))
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        """renameat2 flags reach libfuse3 (libfuse2 refused them: EINVAL); mfusepy would drop them
+        and turn RENAME_EXCHANGE into a plain rename that destroys the target. RENAME_NOREPLACE
+        is safe to drop: the VFS already refused an existing target under both directory locks."""
+        if flags & ~_RENAME_NOREPLACE:
+            return -errno.EINVAL
+        return int(super().rename_fuse_3(old, new, 0) or 0)
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        """libfuse3 passes the open file to truncate (ftruncate); mfusepy would drop it."""
+        if fip:
+            return int(self.ftruncate(path, length, fip) or 0)
+        return int(super().truncate_fuse_3(path, length, fip) or 0)

@@ -119,7 +119,7 @@ def _check_service(client: KeyClient, config: Config) -> None:
 def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other: bool,
            ready_fd: int | None, debug: bool, args: argparse.Namespace) -> None:
     """Run the FUSE loop in this process (foreground)."""
-    from kmsfs._fuse import FUSE
+    from kmsfs._fuse import BINDING, FUSE, IO_OPTIONS, LIBFUSE
     from kmsfs.core import KmsfsCore
     from kmsfs.operations import KmsfsOperations
 
@@ -134,6 +134,7 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
                            max(1.0, args.revalidate_after))
         pool.start()
     core = KmsfsCore(cipherdir, config, client, revalidate_after=args.revalidate_after, key_pool=pool)
+    logging.getLogger("kmsfs").info("FUSE binding %s on libfuse %s", BINDING, LIBFUSE)
     logging.getLogger("kmsfs").info("revalidate open keys after %.1f s; key service timeout %.1f s; "
                                     "sparse files %s", args.revalidate_after, args.kms_timeout,
                                     "on" if core.sparse else "off (backing fs reports no holes)")
@@ -147,8 +148,8 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
     options: dict[str, object] = {
         "foreground": True, "nothreads": False, "raw_fi": True,
         "fsname": os.path.realpath(cipherdir).replace("\\", "\\\\").replace(",", "\\,"),
-        "subtype": "kmsfs", "use_ino": True, "default_permissions": True, "big_writes": True,
-        "max_read": 131072, "debug": debug,
+        "subtype": "kmsfs", "use_ino": True, "default_permissions": True, "debug": debug,
+        **IO_OPTIONS,  # request sizes: binding- and libfuse-specific (kmsfs/_fuse.py)
     }
     if allow_other:
         options["allow_other"] = True

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs what kmsfs needs on a Debian machine, idempotently: libfuse2, a fusermount (from `fuse`
-# or `fuse3`, whichever is there: they conflict, so never force one over the other), Python's venv,
-# and a .venv with the project and its test tools. Sourced by demo.sh and test.sh; run as root.
+# Installs what kmsfs needs on a Debian machine, idempotently: libfuse3 and libfuse2, a fusermount
+# (from `fuse` or `fuse3`, whichever is there: they conflict, so never force one over the other),
+# Python's venv, and a .venv with the project and its test tools. Sourced by demo.sh and test.sh;
+# run as root.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,6 +20,10 @@ apt_install() {
 }
 
 packages=()
+# libfuse3 for kmsfs (mfusepy); libfuse2 for the fusepy fallback and the benchmark's passthrough.
+if ! ldconfig -p 2>/dev/null | grep -q 'libfuse3\.so\.3'; then
+    if apt-cache show libfuse3-4 >/dev/null 2>&1; then packages+=(libfuse3-4); else packages+=(libfuse3-3); fi
+fi
 if ! ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2'; then
     if apt-cache show libfuse2t64 >/dev/null 2>&1; then packages+=(libfuse2t64); else packages+=(libfuse2); fi
 fi

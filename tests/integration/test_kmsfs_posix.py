@@ -140,6 +140,28 @@ def test_rename_over_file_and_directory(m: M) -> None:
     assert info.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
 
 
+def test_renameat2_exchange_is_refused_and_noreplace_honoured(m: M) -> None:
+    """libfuse3 passes renameat2 flags; a binding that dropped them would turn RENAME_EXCHANGE
+    into a plain rename and destroy the target (mfusepy 3.1 does: kmsfs/_fuse.py refuses it)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def renameat2(old: Path, new: Path, flags: int) -> int:
+        at_fdcwd = -100
+        if libc.renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new), flags) == 0:
+            return 0
+        return ctypes.get_errno()
+
+    (m.path / "xa").write_bytes(b"A")
+    (m.path / "xb").write_bytes(b"B")
+    assert renameat2(m.path / "xa", m.path / "xb", 2) == errno.EINVAL  # RENAME_EXCHANGE
+    assert renameat2(m.path / "xa", m.path / "xb", 1) == errno.EEXIST  # RENAME_NOREPLACE
+    assert (m.path / "xa").read_bytes() == b"A" and (m.path / "xb").read_bytes() == b"B"
+    assert renameat2(m.path / "xa", m.path / "xc", 1) in (0, errno.EINVAL)  # libfuse2: EINVAL
+    assert (m.path / "xb").read_bytes() == b"B"
+
+
 def test_hard_links_share_one_header(m: M) -> None:
     (m.path / "h1").write_bytes(b"linked")
     os.link(m.path / "h1", m.path / "h2")
