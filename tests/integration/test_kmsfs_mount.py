@@ -450,3 +450,27 @@ def test_service_outage_fails_new_opens_fast_keeps_open_files(tmp_path: Path) ->
     finally:
         if not stopped:
             stop_dev_service(service)
+
+
+@pytest.mark.parametrize("binding", ["fusepy", "default"])
+def test_both_fuse_bindings_mount_and_keep_tar_metadata(
+    tmp_path: Path, keyservice_dev: Any, monkeypatch: pytest.MonkeyPatch, binding: str
+) -> None:
+    """kmsfs prefers mfusepy on libfuse3 and falls back to fusepy on libfuse2; both must work."""
+    if binding == "fusepy":
+        monkeypatch.setenv("KMSFS_FUSE", "fusepy")
+    cipherdir, _ = _init(keyservice_dev, tmp_path, f"binding {binding}")
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f.txt").write_text("x" * 10000)
+    os.utime(src / "d" / "f.txt", (1_600_000_000, 1_600_000_000))
+    subprocess.run(["tar", "-C", str(src), "-cf", str(tmp_path / "t.tar"), "."], check=True)
+    with mounted(cipherdir, tmp_path / "mnt", keyservice_dev.credentials_file) as m:
+        subprocess.run(["tar", "-C", str(m), "-xf", str(tmp_path / "t.tar")], check=True)
+        diff = subprocess.run(
+            ["tar", "-C", str(m), "-df", str(tmp_path / "t.tar")], capture_output=True, text=True
+        )
+        assert diff.returncode == 0 and diff.stdout == "", diff.stdout
+    log = (cipherdir / ".kmsfs.log").read_text()
+    expected = "fusepy" if binding == "fusepy" else "mfusepy"
+    assert f"FUSE binding {expected} " in log, log[-2000:]
