@@ -303,12 +303,29 @@ class KmsfsCore:
             raise
         handle = self._handles[fh]
         with handle.inode.lock:
-            settled = handle.efile.recover()
+            settled = self._recover(full, handle)
         if settled is not None:
             log.warning("%s: completed an interrupted size change (size now %d)", path, settled)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             self.truncate(path, 0, fh)
         return fh
+
+    def _recover(self, full: str, handle: _Handle) -> int | None:
+        """Settle a size change a crash interrupted (inode lock held).
+
+        Settling writes and truncates, so a handle opened read-only settles through a second,
+        read-write descriptor of the same backing file."""
+        if handle.efile.pending_marker() is None:
+            return None
+        if fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+            return handle.efile.recover()
+        fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            efile = handle.efile
+            return EncryptedFile(fd, handle.inode.cipher, efile.file_id, efile.block_size,
+                                 handle.inode.header.version, sparse=self.sparse).recover()
+        finally:
+            os.close(fd)
 
     def _unwrap(self, header: Header, caller: Caller | None) -> bytes:
         key = self.client.decrypt(header.wrapped_key, header.encryption_context(), caller,

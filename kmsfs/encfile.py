@@ -244,6 +244,12 @@ class EncryptedFile:
             if old is None:
                 return False
             blocks[other_final] = old
+        if other_final < final_block:  # the gap follows the same rule as in _grow
+            gap = range(other_final + 1, final_block)
+            if not self.sparse:
+                self._fill_zeros(gap)
+            elif len(gap) == 1:  # a one-block hole could not be told from a zeroed block
+                blocks[gap[0]] = bytes(bs)
         self._write_runs(blocks, final_block)
         os.ftruncate(self.fd, backing_size(target, bs))
         return True

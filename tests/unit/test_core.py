@@ -238,3 +238,27 @@ def test_create_never_leaves_a_file_without_header(core: KmsfsCore, tmp_path: Pa
     core.release("/ok", fh)
     with pytest.raises(FileExistsError):
         core.create("/ok", 0o644, caller("/ok"), os.O_RDWR | os.O_CREAT | os.O_EXCL)
+
+
+@pytest.mark.parametrize("flags", [os.O_RDONLY, os.O_RDWR])
+@pytest.mark.parametrize(("preferred", "fallback"), [(0, 5000), (3, 9000), (9000, 3)])
+def test_interrupted_size_change_is_recovered_by_a_read_only_open(
+    core: KmsfsCore, flags: int, preferred: int, fallback: int
+) -> None:
+    """A kill -9 can leave the size-change marker on a file (e.g. an `open(..., "wb")` cut down to
+    0 bytes); the next open must settle it even when it only asks to read (it used to fail with
+    EINVAL: ftruncate on the read-only backing descriptor)."""
+    fh = core.create("/m.bin", 0o100644, caller("/m.bin"))
+    data = os.urandom(fallback)
+    core.write("/m.bin", data[:fallback], 0, fh)
+    handle = core._handles[fh]  # noqa: SLF001 - simulating the crash point
+    handle.efile._set_marker(preferred, fallback)  # noqa: SLF001
+    if preferred == 0:
+        os.ftruncate(handle.fd, 0)  # the truncate happened, the marker was not cleared yet
+    core.release("/m.bin", fh)
+    fh = core.open("/m.bin", flags, caller("/m.bin"))
+    size = core.getattr("/m.bin", fh)["st_size"]
+    assert size in (preferred, fallback)
+    assert core.read("/m.bin", 20000, 0, fh) == (data + bytes(preferred))[:size]
+    core.release("/m.bin", fh)
+    assert fmt.RESIZE_XATTR not in os.listxattr(os.path.join(core.root, "m.bin"))
