@@ -23,12 +23,14 @@ def fuse_available() -> bool:
 requires_fuse = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount")
 
 
-def kmsfs(*args: str | os.PathLike[str], check: bool = True,
-          timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def kmsfs(
+    *args: str | os.PathLike[str], check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([*KMSFS, *map(str, args)], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"kmsfs {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"kmsfs {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -42,12 +44,34 @@ def is_mounted(mountpoint: Path) -> bool:
         return os.path.ismount(mountpoint)
 
 
+def kmsfs_init(
+    cipherdir: Path, endpoint: str, key_id: str, credentials: Path | str, *extra: object, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``kmsfs init CIPHERDIR --endpoint E --key K --credentials C [extra...]``."""
+    return kmsfs(
+        "init",
+        cipherdir,
+        "--endpoint",
+        endpoint,
+        "--key",
+        key_id,
+        "--credentials",
+        credentials,
+        *map(str, extra),
+        check=check,
+    )
+
+
 def force_unmount(mountpoint: Path) -> None:
     """Unmount by every means available; used in teardown even when a test failed (and after a
     daemon was killed, when the mount point answers ENOTCONN)."""
-    for cmd in (["fusermount", "-u", str(mountpoint)], ["fusermount3", "-u", str(mountpoint)],
-                ["umount", str(mountpoint)], ["umount", "-l", str(mountpoint)],
-                ["fusermount", "-uz", str(mountpoint)]):
+    for cmd in (
+        ["fusermount", "-u", str(mountpoint)],
+        ["fusermount3", "-u", str(mountpoint)],
+        ["umount", str(mountpoint)],
+        ["umount", "-l", str(mountpoint)],
+        ["fusermount", "-uz", str(mountpoint)],
+    ):
         if not is_mounted(mountpoint):
             return
         if shutil.which(cmd[0]):

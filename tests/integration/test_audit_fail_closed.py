@@ -15,7 +15,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.conftest import DevKeyService, run_keyservice, start_dev_service, stop_dev_service
-from tests.integration.kmsfs_mount_helpers import kmsfs, mounted, requires_fuse
+from tests.integration.kmsfs_mount_helpers import kmsfs_init, mounted, requires_fuse
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 
@@ -59,16 +59,7 @@ def test_full_audit_disk_fails_requests_and_opens(small_audit_disk, tmp_path: Pa
     key_id = kms.create_key()["KeyMetadata"]["KeyId"]
     cipher, plain = tmp_path / "cipher", tmp_path / "plain"
     cipher.mkdir()
-    kmsfs(
-        "init",
-        cipher,
-        "--endpoint",
-        service.endpoint,
-        "--key",
-        key_id,
-        "--credentials",
-        service.credentials_file,
-    )
+    kmsfs_init(cipher, service.endpoint, key_id, service.credentials_file)
     with mounted(cipher, plain, service.credentials_file):
         (plain / "secret.txt").write_text("kept safe")
         filler = _fill(audit_dir)
@@ -110,16 +101,7 @@ def test_read_only_audit_log_fails_requests_and_opens(keyservice_dev: DevKeyServ
     key_id = kms.create_key()["KeyMetadata"]["KeyId"]
     cipher, plain = tmp_path / "cipher", tmp_path / "plain"
     cipher.mkdir()
-    kmsfs(
-        "init",
-        cipher,
-        "--endpoint",
-        keyservice_dev.endpoint,
-        "--key",
-        key_id,
-        "--credentials",
-        keyservice_dev.credentials_file,
-    )
+    kmsfs_init(cipher, keyservice_dev.endpoint, key_id, keyservice_dev.credentials_file)
     with mounted(cipher, plain, keyservice_dev.credentials_file):
         (plain / "doc.txt").write_text("still here")
         subprocess.run(["chattr", "+i", str(log_file)], check=True)

@@ -10,7 +10,7 @@ import pytest
 
 from keyservice import tls
 from tests.conftest import DevKeyService
-from tests.integration.kmsfs_mount_helpers import force_unmount, kmsfs, mounted, requires_fuse
+from tests.integration.kmsfs_mount_helpers import force_unmount, kmsfs, kmsfs_init, mounted, requires_fuse
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 
@@ -29,45 +29,12 @@ def test_wrong_or_missing_ca_is_refused_and_ca_bundle_works(
     creds = _creds_without_ca(keyservice_dev, tmp_path)
     cipher = tmp_path / "cipher"
     # No CA for the private certificate: the system CAs (or AWS_CA_BUNDLE) do not vouch for it.
-    refused = kmsfs(
-        "init",
-        cipher,
-        "--endpoint",
-        keyservice_dev.endpoint,
-        "--key",
-        key_id,
-        "--credentials",
-        creds,
-        check=False,
-    )
+    refused = kmsfs_init(cipher, keyservice_dev.endpoint, key_id, creds, check=False)
     assert refused.returncode == 1 and "certificate" in refused.stderr.lower(), refused.stderr
     other = tls.generate(tmp_path / "other", ["127.0.0.1"])
-    wrong = kmsfs(
-        "init",
-        cipher,
-        "--endpoint",
-        keyservice_dev.endpoint,
-        "--key",
-        key_id,
-        "--credentials",
-        creds,
-        "--ca-bundle",
-        other.ca,
-        check=False,
-    )
+    wrong = kmsfs_init(cipher, keyservice_dev.endpoint, key_id, creds, "--ca-bundle", other.ca, check=False)
     assert wrong.returncode == 1 and "certificate" in wrong.stderr.lower(), wrong.stderr
-    kmsfs(
-        "init",
-        cipher,
-        "--endpoint",
-        keyservice_dev.endpoint,
-        "--key",
-        key_id,
-        "--credentials",
-        creds,
-        "--ca-bundle",
-        keyservice_dev.ca_bundle,
-    )
+    kmsfs_init(cipher, keyservice_dev.endpoint, key_id, creds, "--ca-bundle", keyservice_dev.ca_bundle)
     (tmp_path / "plain").mkdir()
     try:
         bad_mount = kmsfs("mount", cipher, tmp_path / "plain", "--credentials", creds, check=False)
