@@ -459,6 +459,8 @@ def test_both_fuse_bindings_mount_and_keep_tar_metadata(
     """kmsfs prefers mfusepy on libfuse3 and falls back to fusepy on libfuse2; both must work."""
     if binding == "fusepy":
         monkeypatch.setenv("KMSFS_FUSE", "fusepy")
+    else:
+        monkeypatch.delenv("KMSFS_FUSE", raising=False)
     cipherdir, _ = _init(keyservice_dev, tmp_path, f"binding {binding}")
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
