@@ -10,13 +10,12 @@ audited as part of the request that triggered it (that record names the new key)
 
 from __future__ import annotations
 
-import os
 import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from keyservice import errors, policy
-from keyservice.model import ENABLED, MANAGER_AWS, ORIGIN_AWS_KMS, AliasRecord, KeyRecord, KeyVersionRecord
+from keyservice.model import ENABLED, MANAGER_AWS, ORIGIN_AWS_KMS, AliasRecord, KeyRecord
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService
@@ -55,12 +54,7 @@ def ensure(service: KeyService, alias_name: str) -> AliasRecord | None:
             next_rotation_date=now + timedelta(days=AWS_MANAGED_ROTATION_DAYS),
             policy=policy.aws_managed_key_policy(service.account_id),
         )
-        version = KeyVersionRecord(
-            key_id=key_id,
-            version=1,
-            creation_date=now,
-            sealed_material=service.seal_material(key_id, 1, os.urandom(32)),
-        )
+        version = service.fresh_version(key_id, 1, now)
         alias = AliasRecord(name=alias_name, target_key_id=key_id, creation_date=now, last_updated_date=now)
         try:
             service.store.create_key(key, version, max_customer_keys=service.max_keys, alias=alias)

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
 
-from keyservice import errors, lifecycle
+from keyservice import envelope, errors, lifecycle
 from keyservice.model import (
     DOES_NOT_EXPIRE,
     ENABLED,
@@ -48,7 +48,6 @@ KEY_SPECS = ("RSA_2048", "RSA_3072", "RSA_4096", "SM2")
 KEY_BITS = {"RSA_2048": 2048, "RSA_3072": 3072, "RSA_4096": 4096}
 PARAMETERS_LIFETIME = timedelta(hours=24)
 MAX_VALID_TO = timedelta(days=365)
-MATERIAL_LEN = 32
 TOKEN_VERSION = 1
 TOKEN_ID_LEN = 32
 MAX_BLOB = 6144
@@ -187,7 +186,7 @@ def import_key_material(service: KeyService, params: dict[str, Any], info: Audit
     private_key = serialization.load_der_private_key(private_der, password=None)
     assert isinstance(private_key, rsa.RSAPrivateKey)
     material = unwrap(record.wrapping_algorithm, private_key, wrapped)
-    if len(material) != MATERIAL_LEN:
+    if len(material) != envelope.MATERIAL_LEN:
         raise errors.IncorrectKeyMaterialException("Symmetric key material must be 256 bits (32 bytes).")
     new_id = material_id(service, key.key_id, material)
     if (key.material_id is not None and new_id != key.material_id) or (wanted_id and wanted_id != new_id):

@@ -8,7 +8,6 @@ customer keys is enforced by the store in the same transaction as the insert (SP
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,6 @@ from keyservice.params import (
     DEFAULT_LIST_LIMIT,
     KEY_SPECS,
     KEY_USAGES,
-    MATERIAL_LEN,
     MAX_DESCRIPTION,
     MAX_POLICY,
     ORIGINS,
@@ -98,8 +96,7 @@ def create_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> 
         key.policy = key_policies.validate_new_policy(service, info, key, policy, bypass=bypass)
     first: KeyVersionRecord | None = None
     if origin == ORIGIN_AWS_KMS:  # imported keys get their material from ImportKeyMaterial
-        sealed = service.seal_material(key_id, 1, os.urandom(MATERIAL_LEN))
-        first = KeyVersionRecord(key_id=key_id, version=1, creation_date=now, sealed_material=sealed)
+        first = service.fresh_version(key_id, 1, now)
         info.key_version = 1
     service.store.create_key(key, first, max_customer_keys=service.max_keys)
     info.key_arn = key.arn

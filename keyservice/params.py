@@ -22,7 +22,6 @@ from keyservice.context import Principal
 
 # --------------------------------------------------------------------------- limits and enums
 
-MATERIAL_LEN = 32
 MAX_PLAINTEXT = 4096
 MAX_CIPHERTEXT = 6144
 MAX_DESCRIPTION = 8192

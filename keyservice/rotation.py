@@ -11,12 +11,11 @@ On-demand rotations leave the automatic schedule alone, and at most 10 are allow
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from keyservice import errors
-from keyservice.model import ROTATION_AUTOMATIC, ROTATION_ON_DEMAND, KeyRecord, KeyVersionRecord
+from keyservice.model import ROTATION_AUTOMATIC, ROTATION_ON_DEMAND, KeyRecord
 from keyservice.params import AuditInfo, decode_marker, encode_marker, get_enum, get_int
 
 if TYPE_CHECKING:
@@ -26,22 +25,13 @@ DEFAULT_PERIOD_DAYS = 365
 MIN_PERIOD_DAYS = 90
 MAX_PERIOD_DAYS = 2560
 MAX_ON_DEMAND_ROTATIONS = 10
-MATERIAL_LEN = 32
 
 
 def rotate(service: KeyService, key: KeyRecord, rotation_type: str, now: datetime) -> int:
     """Append a new version with fresh material; returns its number. Caller holds ``service.lock``."""
     latest = service.store.latest_key_version(key.key_id)
     number = (latest.version if latest else 0) + 1
-    service.store.add_key_version(
-        KeyVersionRecord(
-            key_id=key.key_id,
-            version=number,
-            creation_date=now,
-            sealed_material=service.seal_material(key.key_id, number, os.urandom(MATERIAL_LEN)),
-            rotation_type=rotation_type,
-        )
-    )
+    service.store.add_key_version(service.fresh_version(key.key_id, number, now, rotation_type))
     if rotation_type == ROTATION_AUTOMATIC and key.rotation_period_days:
         key.next_rotation_date = now + timedelta(days=key.rotation_period_days)
         service.store.update_key(key)

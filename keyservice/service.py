@@ -28,6 +28,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Mapping
@@ -369,6 +370,18 @@ class KeyService:
 
     def seal_material(self, key_id: str, version: int, material: bytes) -> bytes:
         return rootkey.seal(self._root_key, material, material_aad(key_id, version))
+
+    def fresh_version(
+        self, key_id: str, number: int, now: datetime, rotation_type: str | None = None
+    ) -> KeyVersionRecord:
+        """A key version with new service-generated material, sealed at once (CreateKey, rotation)."""
+        return KeyVersionRecord(
+            key_id=key_id,
+            version=number,
+            creation_date=now,
+            sealed_material=self.seal_material(key_id, number, os.urandom(envelope.MATERIAL_LEN)),
+            rotation_type=rotation_type,
+        )
 
     def root_mac(self, purpose: bytes, data: bytes) -> bytes:
         """HMAC-SHA256 under a subkey of the root key, for fingerprints that must not be computable
