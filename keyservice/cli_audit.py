@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from keyservice import audit, audit_review, audit_signing
 
@@ -23,23 +25,23 @@ def _filters(args: argparse.Namespace) -> dict[str, object]:
     }  # fmt: skip
 
 
+def _print(items: Iterable[Mapping[str, Any]], as_json: bool, table: Callable[[Any], str]) -> None:
+    if as_json:
+        for item in items:
+            print(json.dumps(item, sort_keys=True))
+    else:
+        print(table(items), end="")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     records = audit_review.query(Path(args.data_dir), **_filters(args))  # type: ignore[arg-type]
-    if args.json:
-        for record in records:
-            print(json.dumps(record, sort_keys=True))
-    else:
-        print(audit_review.format_table(records), end="")
+    _print(records, args.json, audit_review.format_table)
     return 0
 
 
 def cmd_files(args: argparse.Namespace) -> int:
-    rows = audit_review.files_summary(audit_review.query(Path(args.data_dir), **_filters(args)))  # type: ignore[arg-type]
-    if args.json:
-        for row in rows:
-            print(json.dumps(row, sort_keys=True))
-    else:
-        print(audit_review.format_files(rows), end="")
+    records = audit_review.query(Path(args.data_dir), **_filters(args))  # type: ignore[arg-type]
+    _print(audit_review.files_summary(records), args.json, audit_review.format_files)
     return 0
 
 

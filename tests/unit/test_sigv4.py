@@ -38,6 +38,19 @@ def _botocore_headers(body: bytes = BODY, region: str = "us-east-1") -> dict[str
     return headers
 
 
+def _sign(headers: dict[str, str], now: datetime | None = None) -> dict[str, str]:
+    return sign_request(
+        method="POST",
+        url=URL,
+        headers=headers,
+        body=BODY,
+        access_key_id=AKID,
+        secret_access_key=SECRET,
+        region="us-east-1",
+        now=now,
+    )
+
+
 def _verify(headers: dict[str, str], body: bytes = BODY, now: datetime | None = None) -> str:
     return verify_request(
         method="POST",
@@ -65,16 +78,7 @@ def test_our_signature_equals_botocores() -> None:
     theirs = _botocore_headers()
     base = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "TrentService.DescribeKey"}
     moment = datetime.strptime(theirs["x-amz-date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-    ours = sign_request(
-        method="POST",
-        url=URL,
-        headers=base,
-        body=BODY,
-        access_key_id=AKID,
-        secret_access_key=SECRET,
-        region="us-east-1",
-        now=moment,
-    )
+    ours = _sign(base, now=moment)
     assert ours["Authorization"].split("Signature=")[1] == theirs["authorization"].split("Signature=")[1]
 
 
@@ -84,15 +88,7 @@ def test_kmsfs_headers_are_signed() -> None:
         "X-Amz-Target": "TrentService.Decrypt",
         "X-Kmsfs-Caller": '{"path": "/a"}',
     }
-    added = sign_request(
-        method="POST",
-        url=URL,
-        headers=base,
-        body=BODY,
-        access_key_id=AKID,
-        secret_access_key=SECRET,
-        region="us-east-1",
-    )
+    added = _sign(base)
     assert "x-kmsfs-caller" in added["Authorization"]
     headers = {k.lower(): v for k, v in {**base, **added}.items()} | {"host": "127.0.0.1:8600"}
     _verify(headers)
@@ -164,15 +160,7 @@ def test_other_region_is_refused() -> None:
 
 def test_host_must_be_signed() -> None:
     base = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "TrentService.DescribeKey"}
-    added = sign_request(
-        method="POST",
-        url=URL,
-        headers=base,
-        body=BODY,
-        access_key_id=AKID,
-        secret_access_key=SECRET,
-        region="us-east-1",
-    )
+    added = _sign(base)
     added["Authorization"] = added["Authorization"].replace("host;", "")
     headers = {k.lower(): v for k, v in {**base, **added}.items()} | {"host": "127.0.0.1:8600"}
     with pytest.raises(errors.InvalidSignatureException, match="host"):
