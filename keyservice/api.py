@@ -1,24 +1,36 @@
-"""The HTTP layer: AWS KMS JSON 1.1 over WSGI, translated to and from ``KeyService.call``.
+"""The HTTP layer: AWS KMS JSON 1.1 over ASGI, translated to and from ``KeyService.call``.
 
 This module only translates: it reads the body (bounded), verifies the SigV4 signature, decodes
 JSON and base64, hands the request to the service core, and encodes the reply or the AWS error.
-It decides nothing about keys. Served by waitress (a production WSGI server with HTTP/1.1
-keep-alive) from ``keyservice.cli``.
+It decides nothing about keys. ``KmsApp.respond`` is the whole translation, free of any server
+API; ``KmsApp.__call__`` is the ASGI adapter that ``keyservice.server`` runs on uvicorn.
+
+Why ASGI on an event loop rather than a threaded WSGI server: a Decrypt is ~0.2 ms of Python, and
+a thread-per-request server (cheroot, used first) spent more than that again on its own request
+parsing and thread hand-offs (docs/PERFORMANCE.md). The data-plane operations therefore run
+directly on the event loop; their audit record is written there and made durable by
+``audit.AsyncCommitter`` (group commit on one thread), and the reply leaves only after that.
+Everything else (key management: SQLite writes, imports) runs on a thread pool and commits its
+audit record the blocking way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from keyservice import errors
+from keyservice.audit import AsyncCommitter, deferred_commits
 from keyservice.clock import Clock
 from keyservice.context import Principal, RequestContext
 from keyservice.sigv4 import verify_request
@@ -50,9 +62,45 @@ BLOB_FIELDS = frozenset(
     }
 )
 
+# Data-plane operations: no SQLite writes, no service lock, bounded CPU. They run on the event
+# loop; every other operation runs on the thread pool (see the module docstring).
+INLINE_OPERATIONS = frozenset(
+    {
+        "Decrypt",
+        "Encrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "ReEncrypt",
+        "GenerateRandom",
+        "DescribeKey",
+    }
+)
+
 _CLAIMED_KEY = re.compile(r"Credential=([A-Za-z0-9]+)/")
 
-StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+ASGIReceive = Callable[[], Any]
+ASGISend = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One request as the HTTP server delivered it; ``headers`` have lower-case names."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    remote_addr: str
+    too_large: bool = False  # the body exceeded the limit (and was drained, not kept)
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    content_type: str
+    body: bytes
+    request_id: str
 
 
 class Service(Protocol):
@@ -69,11 +117,12 @@ class Service(Protocol):
     ) -> None: ...
 
 
-def _request_headers(environ: dict[str, Any]) -> dict[str, str]:
-    headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")}
-    for key, name in (("CONTENT_TYPE", "content-type"), ("CONTENT_LENGTH", "content-length")):
-        if environ.get(key):
-            headers[name] = environ[key]
+def _asgi_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """ASGI header pairs (already lower-case) as a dict; repeated names joined with commas."""
+    headers: dict[str, str] = {}
+    for name_b, value_b in raw:
+        name, value = name_b.decode("latin-1"), value_b.decode("latin-1")
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
     return headers
 
 
@@ -121,7 +170,7 @@ def _parse_caller(raw: str | None) -> dict[str, object]:
 
 
 class KmsApp:
-    """The WSGI application. One instance serves every request, from waitress's thread pool."""
+    """The application: ``respond`` translates one request; calling it as ASGI serves it."""
 
     def __init__(
         self,
@@ -130,57 +179,50 @@ class KmsApp:
         *,
         max_body: int = MAX_BODY_BYTES,
         extra_routes: dict[str, Callable[[], tuple[str, str]]] | None = None,
+        threads: int = 8,
     ) -> None:
         self.service = service
         self.clock = clock
         self.max_body = max_body
         self.extra_routes = {"/healthz": lambda: ("text/plain; charset=utf-8", "ok\n")} | (extra_routes or {})
+        self._threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._committer: AsyncCommitter | None = None
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    # -- the translation ----------------------------------------------------------------------------
+    def respond(self, request: HttpRequest) -> HttpReply:
         request_id = str(uuid.uuid4())
-        method = environ.get("REQUEST_METHOD", "")
-        path = environ.get("PATH_INFO", "") or "/"
-        if method == "GET" and path in self.extra_routes:
-            content_type, text = self.extra_routes[path]()
-            return self._reply(start_response, "200 OK", content_type, text.encode("utf-8"), request_id)
+        if request.method == "GET" and request.path in self.extra_routes:
+            content_type, text = self.extra_routes[request.path]()
+            return HttpReply(200, content_type, text.encode("utf-8"), request_id)
         try:
-            if method != "POST" or path != "/":
-                raise errors.UnknownOperationException(f"{method} {path[:100]} is not a KMS operation.")
-            return self._handle(environ, start_response, request_id, path)
+            if request.method != "POST" or request.path != "/":
+                raise errors.UnknownOperationException(
+                    f"{request.method[:16]} {request.path[:100]} is not a KMS operation."
+                )
+            return self._handle(request, request_id)
         except errors.KMSError as error:
-            return self._error(start_response, error, request_id)
+            return self.error_reply(error, request_id)
 
-    def _handle(
-        self, environ: dict[str, Any], start_response: StartResponse, request_id: str, path: str
-    ) -> Iterable[bytes]:
-        headers = _request_headers(environ)
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            raise errors.SerializationException("Invalid Content-Length.") from None
-        if length > self.max_body:
-            # Read and drop the body (the server caps it at DRAIN_FACTOR x the limit) so the client,
-            # still sending, gets this 413 rather than a reset connection.
-            stream = environ["wsgi.input"]
-            while length > 0 and (chunk := stream.read(min(length, 65536))):
-                length -= len(chunk)
+    def _handle(self, request: HttpRequest, request_id: str) -> HttpReply:
+        headers = request.headers
+        if request.too_large:
             raise errors.RequestEntityTooLargeException(f"Request body exceeds {self.max_body} bytes.")
-        body = environ["wsgi.input"].read(length) if length else b""
         target = headers.get("x-amz-target", "")
         operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
         ctx = RequestContext(
             request_id=request_id,
-            source_address=environ.get("REMOTE_ADDR", ""),
+            source_address=request.remote_addr,
             user_agent=headers.get("user-agent", "")[:256],
             caller=_parse_caller(headers.get(CALLER_HEADER)),
         )
         try:
             principal = verify_request(
-                method=environ.get("REQUEST_METHOD", "POST"),
-                path=path,
-                query=environ.get("QUERY_STRING", ""),
+                method=request.method,
+                path=request.path,
+                query=request.query,
                 headers=headers,
-                body=body,
+                body=request.body,
                 region=self.service.region,
                 lookup=self.service.authenticate,
                 now=self.clock.now(),
@@ -206,7 +248,7 @@ class KmsApp:
             self.service.record_refused(target[:100] or "(none)", ctx, error)
             raise error
         try:
-            params = _decode_params(body)
+            params = _decode_params(request.body)
         except errors.KMSError as error:
             self.service.record_refused(operation, ctx, error)
             raise
@@ -218,30 +260,94 @@ class KmsApp:
             log.exception("internal error in %s (request %s)", operation, request_id)
             raise errors.KMSInternalException("The request failed because of an internal error.") from None
         body_out = json.dumps(_encode(result), separators=(",", ":")).encode("utf-8")
-        return self._reply(start_response, "200 OK", CONTENT_TYPE, body_out, request_id)
-
-    def _error(
-        self, start_response: StartResponse, error: errors.KMSError, request_id: str
-    ) -> Iterable[bytes]:
-        body = json.dumps({"__type": error.aws_type, "message": error.message}).encode("utf-8")
-        status = {
-            400: "400 Bad Request",
-            404: "404 Not Found",
-            413: "413 Request Entity Too Large",
-            500: "500 Internal Server Error",
-        }.get(error.status, f"{error.status} Error")
-        return self._reply(start_response, status, CONTENT_TYPE, body, request_id)
+        return HttpReply(200, CONTENT_TYPE, body_out, request_id)
 
     @staticmethod
-    def _reply(
-        start_response: StartResponse, status: str, content_type: str, body: bytes, request_id: str
-    ) -> Iterable[bytes]:
-        start_response(
-            status,
-            [
-                ("Content-Type", content_type),
-                ("Content-Length", str(len(body))),
-                ("x-amzn-RequestId", request_id),
-            ],
+    def error_reply(error: errors.KMSError, request_id: str) -> HttpReply:
+        body = json.dumps({"__type": error.aws_type, "message": error.message}).encode("utf-8")
+        return HttpReply(error.status, CONTENT_TYPE, body, request_id)
+
+    # -- ASGI ---------------------------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan or websocket support; the server runs with lifespan="off"
+        body, too_large = await self._read_body(scope, receive)
+        client = scope.get("client")
+        request = HttpRequest(
+            method=scope["method"],
+            path=scope.get("path") or "/",
+            query=scope.get("query_string", b"").decode("latin-1"),
+            headers=_asgi_headers(scope["headers"]),
+            body=body,
+            remote_addr=client[0] if client else "",
+            too_large=too_large,
         )
-        return [body]
+        target = request.headers.get("x-amz-target", "")
+        if target[len(TARGET_PREFIX) :] in INLINE_OPERATIONS or request.method != "POST":
+            reply = await self._respond_inline(request)
+        else:
+            reply = await asyncio.get_running_loop().run_in_executor(self._executor(), self.respond, request)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": reply.status,
+                "headers": [
+                    (b"content-type", reply.content_type.encode("latin-1")),
+                    (b"content-length", str(len(reply.body)).encode("ascii")),
+                    (b"x-amzn-requestid", reply.request_id.encode("ascii")),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def _respond_inline(self, request: HttpRequest) -> HttpReply:
+        """Run on the event loop; the reply waits until its audit records are durable."""
+        with deferred_commits() as tickets:
+            reply = self.respond(request)
+        if tickets:
+            if self._committer is None:
+                self._committer = AsyncCommitter()
+            try:
+                await self._committer.wait(tickets)
+            except errors.KMSError as error:
+                return self.error_reply(error, reply.request_id)
+        return reply
+
+    async def _read_body(self, scope: dict[str, Any], receive: ASGIReceive) -> tuple[bytes, bool]:
+        """The body, or (b"", True) past ``max_body``.
+
+        An oversize body is read and dropped up to DRAIN_FACTOR x the limit, so a client still
+        sending gets the 413 rather than a reset connection; beyond that the reply goes out and the
+        server closes the connection without reading the rest.
+        """
+        chunks: list[bytes] = []
+        size = 0
+        too_large = False
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            size += len(chunk)
+            if size > self.max_body:
+                if not too_large:
+                    too_large, chunks = True, []
+                if size > self.max_body * DRAIN_FACTOR:
+                    break
+            elif chunk:
+                chunks.append(chunk)
+        return (b"", True) if too_large else (b"".join(chunks), False)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="kms-request")
+        return self._pool
+
+    def close(self) -> None:
+        """Finish queued audit commits and stop the worker threads (after the server stopped)."""
+        if self._committer is not None:
+            self._committer.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

@@ -6,6 +6,10 @@ docs/AUDIT.md); reviewing (filters, tables, summaries) lives in ``audit_review``
 Writing (``AuditLog.append``) writes each line with one ``write`` on an O_APPEND descriptor and
 ``fsync``s it under a lock before returning. If anything fails the caller gets
 ``KMSInternalException``: a request that cannot be audited is not answered (fail closed).
+The HTTP server's event loop must not block on that ``fsync``: it runs requests inside
+``deferred_commits()``, where ``append`` writes the line and hands back a ``CommitTicket``
+instead of waiting, and awaits ``AsyncCommitter.wait`` before it sends the reply. The rule is the
+same either way: no reply leaves before its record is on disk.
 
 Tamper evidence has three layers:
 
@@ -24,8 +28,11 @@ service builds them only from the fields of ``build_record``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import collections
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -198,6 +205,116 @@ def _scan(path: Path) -> tuple[_Tail, int]:
     return tail, complete
 
 
+@dataclass(frozen=True)
+class CommitTicket:
+    """A written, not yet durable record: durable once ``log`` has synced up to ``end``."""
+
+    log: AuditLog
+    end: int
+    epoch: int
+    sealed: tuple[int, bytes] | None  # a checkpoint written with it, published once durable
+
+    def commit(self) -> None:
+        """Wait until durable (raise OSError if the bytes were lost); then publish its checkpoint."""
+        self.log._commit(self.end, self.epoch)
+        if self.sealed is not None:
+            self.log._publish(*self.sealed)
+
+
+_deferred: contextvars.ContextVar[list[CommitTicket] | None] = contextvars.ContextVar(
+    "audit_deferred", default=None
+)
+
+
+@contextlib.contextmanager
+def deferred_commits() -> Iterator[list[CommitTicket]]:
+    """Within this block (per thread / asyncio task), ``append`` returns before the fsync.
+
+    The yielded list collects one ``CommitTicket`` per record; the caller must not answer the
+    request before every ticket is committed (``AsyncCommitter.wait``).
+    """
+    tickets: list[CommitTicket] = []
+    token = _deferred.set(tickets)
+    try:
+        yield tickets
+    finally:
+        _deferred.reset(token)
+
+
+_Outcome = tuple["asyncio.Future[None]", BaseException | None]
+
+
+class AsyncCommitter:
+    """Commits tickets on one background thread and wakes the waiting asyncio tasks.
+
+    Group commit for the event loop: every ticket queued while an ``fsync`` runs is covered by the
+    next one, and one ``call_soon_threadsafe`` wakes the whole batch.
+    """
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[tuple[list[CommitTicket], asyncio.Future[None]]] = collections.deque()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="audit-commit", daemon=True)
+        self._thread.start()
+
+    async def wait(self, tickets: list[CommitTicket]) -> None:
+        """Return once every ticket is durable; raise KMSInternalException if one was lost."""
+        if not tickets:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._ready:
+            if self._stopping:
+                raise KMSInternalException("The request could not be recorded in the audit log.")
+            self._queue.append((tickets, future))
+            self._ready.notify()
+        await future
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._stopping:
+                    self._ready.wait()
+                if not self._queue:
+                    return
+                batch = list(self._queue)
+                self._queue.clear()
+            outcomes: list[_Outcome] = []
+            # The highest end first: one fsync covers the batch, the rest return at once.
+            for tickets, future in sorted(batch, key=lambda item: -max(t.end for t in item[0])):
+                error: BaseException | None = None
+                try:
+                    for ticket in tickets:
+                        ticket.commit()
+                except (OSError, ValueError) as exc:
+                    error = KMSInternalException("The request could not be recorded in the audit log.")
+                    error.__cause__ = exc
+                outcomes.append((future, error))
+            by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+            for future, error in outcomes:
+                by_loop.setdefault(future.get_loop(), []).append((future, error))
+            for loop, items in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                    loop.call_soon_threadsafe(_settle, items)
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the thread."""
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        self._thread.join(timeout=10)
+
+
+def _settle(items: list[_Outcome]) -> None:
+    for future, error in items:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
 class AuditLog:
     """Appends records durably and seals them with signed checkpoints. Thread-safe.
 
@@ -310,10 +427,12 @@ class AuditLog:
                     # Sealed in the same critical section, so no checkpoint ever seals more than
                     # ``checkpoint_every`` records; it becomes durable with this batch.
                     sealed = self._checkpoint_locked()
-                end, epoch = self._end, self._epoch
-            self._commit(end, epoch)
-            if sealed is not None:
-                self._publish(*sealed)
+                ticket = CommitTicket(self, self._end, self._epoch, sealed)
+            pending = _deferred.get()
+            if pending is not None:
+                pending.append(ticket)
+                return
+            ticket.commit()
         except (OSError, ValueError, TypeError) as exc:
             raise KMSInternalException("The request could not be recorded in the audit log.") from exc
 

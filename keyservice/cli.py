@@ -175,11 +175,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     del root_key
     metrics = {"/metrics": service.metrics_text}
-    app = KmsApp(service, SystemClock(), max_body=args.max_body, extra_routes=metrics)
+    app = KmsApp(service, SystemClock(), max_body=args.max_body, extra_routes=metrics, threads=args.threads)
     scheduler = Scheduler(service, interval=args.scheduler_interval)
-    server = Server(
-        app, host, port, threads=args.threads, max_body=args.max_body, tls_cert=tls_cert, tls_key=tls_key
-    )
+    server = Server(app, host, port, tls_cert=tls_cert, tls_key=tls_key)
     endpoint = server.endpoint
 
     def stop(signum: int, frame: Any) -> None:
@@ -205,6 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         server.stop()
+        app.close()  # the last audit commits, before the log's final checkpoint
         scheduler.stop()
         service.close()  # seals the audit log with a final checkpoint
         if temp_dir is not None:
@@ -247,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve plain HTTP (loopback addresses only; for tests and debugging)",
     )
-    serve.add_argument("--threads", type=int, default=8)
+    serve.add_argument("--threads", type=int, default=8, help="worker threads for key management requests")
     serve.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
     serve.add_argument("--max-keys", type=int, default=1000, help="customer managed key quota (default 1000)")
     serve.add_argument(

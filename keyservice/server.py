@@ -1,40 +1,111 @@
-"""The HTTP(S) server around the WSGI app: cheroot, with TLS when given a certificate.
+"""The HTTP(S) server around the ASGI app: uvicorn on uvloop + httptools, with TLS when given a certificate.
 
-Why cheroot: a production WSGI server (CherryPy's) with a thread pool, HTTP/1.1 keep-alive, a
-request body limit and built-in TLS. (waitress, used first, has no TLS.)
+Why uvicorn: HTTP/1.1 keep-alive, TLS and flow control on an event loop, with its request parser
+(httptools) and loop (uvloop) in C. Measured on 2 cores against a trivial app, one request cost
+0.10 ms of server CPU here versus 0.36 ms on cheroot (CherryPy's threaded WSGI server, used
+before) and 0.48 ms for WSGI run inside uvicorn (docs/PERFORMANCE.md). uvloop and httptools are
+optional speed-ups: without them uvicorn falls back to asyncio and h11 and works the same.
+
+The listening socket is bound here, before serving, so the chosen port (port 0 picks a free one)
+can be printed first. TLS uses our own ``SSLContext`` (TLS 1.2 minimum, the ``ssl`` module's
+secure defaults) rather than uvicorn's cipher default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import importlib.util
+import logging
+import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
-from cheroot import wsgi
-from cheroot.ssl.builtin import BuiltinSSLAdapter
+import uvicorn
 
-from keyservice.api import DRAIN_FACTOR
+# Connections idle this long are closed; clients (kmsfs's pool, botocore) reconnect transparently.
+KEEP_ALIVE_SECONDS = 30
+# In-flight requests get this long to finish at shutdown.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+LISTEN_BACKLOG = 1024
+
+
+def _tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(LISTEN_BACKLOG)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn with a shutdown that does not wait on idle TLS connections.
+
+    uvicorn closes an idle connection at shutdown with ``transport.close()``, and a TLS transport
+    then waits up to 30 s for the client's close_notify, which an idle keep-alive client never
+    sends: every stop took the whole graceful timeout. Here in-flight requests get
+    GRACEFUL_SHUTDOWN_SECONDS to finish (their replies wait for the audit commit), then every
+    remaining connection is aborted.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # idle: closed; busy: no keep-alive after this reply
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GRACEFUL_SHUTDOWN_SECONDS
+        while self.server_state.tasks and loop.time() < deadline and not self.force_exit:
+            await asyncio.sleep(0.02)
+        for task in list(self.server_state.tasks):
+            logging.getLogger("keyservice").warning("shutdown: cancelling a request still running")
+            task.cancel()
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
 
 
 class Server:
-    """One listening server; ``port`` is known after construction (port 0 picks a free one)."""
+    """One listening server; ``port`` is known after construction."""
 
-    def __init__(self, app: Callable[..., Any], host: str, port: int, *, threads: int, max_body: int,
+    def __init__(self, app: Any, host: str, port: int, *,
                  tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
-        self._server = wsgi.Server((host, port), app, numthreads=threads, server_name="keyservice",
-                                   timeout=30, shutdown_timeout=5)
-        # The application enforces ``max_body`` with a proper AWS error; the server's own cap is a
-        # backstop against clients that send far more.
-        self._server.max_request_body_size = max_body * DRAIN_FACTOR
-        self.scheme = "http"
-        if tls_cert is not None:
-            if tls_key is None:
-                raise ValueError("--tls-cert needs --tls-key")
-            self._server.ssl_adapter = BuiltinSSLAdapter(str(tls_cert), str(tls_key))
-            self.scheme = "https"
-        self._server.prepare()  # binds now, so the chosen port can be printed before serving
+        if tls_cert is not None and tls_key is None:
+            raise ValueError("--tls-cert needs --tls-key")
+        self._socket = _bind(host, port)
+        config = uvicorn.Config(
+            app,
+            loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+            http="httptools" if importlib.util.find_spec("httptools") else "h11",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            log_level=logging.WARNING,
+            server_header=False,
+            date_header=True,
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            backlog=LISTEN_BACKLOG,
+        )
+        config.load()
+        if tls_cert is not None and tls_key is not None:
+            config.ssl = _tls_context(tls_cert, tls_key)
+        self._server = _Uvicorn(config)
+        self.scheme = "https" if tls_cert is not None else "http"
         self.host = host
-        self.port = int(self._server.bind_addr[1])
+        self.port = int(self._socket.getsockname()[1])
 
     @property
     def endpoint(self) -> str:
@@ -42,7 +113,11 @@ class Server:
         return f"{self.scheme}://{host}:{self.port}"
 
     def serve_forever(self) -> None:
-        self._server.serve()
+        """Serve until ``stop`` or SIGINT/SIGTERM (uvicorn handles both and re-raises them after)."""
+        try:
+            self._server.run(sockets=[self._socket])
+        finally:
+            self._socket.close()
 
     def stop(self) -> None:
-        self._server.stop()
+        self._server.should_exit = True

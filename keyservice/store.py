@@ -6,7 +6,7 @@ AAD of each seal binds the sealed value to its row, so swapping sealed blobs bet
 them fail to open. See docs/STORE.md for the schema.
 
 SQLite runs in WAL mode with ``synchronous=FULL`` (a commit is durable when it returns), one
-connection per thread (waitress serves requests from a thread pool), ``BEGIN IMMEDIATE`` for
+connection per thread (the event loop and the management thread pool each get one), ``BEGIN IMMEDIATE`` for
 writes so concurrent writers queue on the busy timeout instead of failing on lock upgrade.
 """
 
