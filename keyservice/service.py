@@ -84,6 +84,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_KEYS = 1000
 
+# Unsealed key material kept for reuse (see ``KeyService.material``).
+MATERIAL_CACHE_SIZE = 1024
+
 # Who the audit log names for transitions the service makes by itself.
 SERVICE_PRINCIPAL = "keyservice"
 
@@ -143,6 +146,7 @@ class KeyService:
         self.lock = threading.RLock()
         self._root_key = bytes(root_key)
         self._secrets: dict[tuple[str, bytes], str] = {}
+        self._materials: dict[tuple[str, int, bytes], bytes] = {}
         self._handlers: dict[str, Handler] = {}
         modules = (keys, aliases, encryption, rotation, deletion, importing, tagging, reencrypt)
         for module in (*modules, key_policies, grants):
@@ -475,13 +479,27 @@ class KeyService:
         )
 
     def material(self, version: KeyVersionRecord) -> bytes:
+        """A version's unsealed key material, remembered for the next request.
+
+        Keyed by the sealed bytes, so new or deleted material never hits a stale entry; the store
+        is still asked for the version (and the key's state checked) on every request. The
+        material lives only in this process's memory, as it must while it is being used.
+        """
+        cache_key = (version.key_id, version.version, version.sealed_material)
+        material = self._materials.get(cache_key)
+        if material is not None:
+            return material
         try:
-            return rootkey.unseal(
+            material = rootkey.unseal(
                 self._root_key, version.sealed_material, material_aad(version.key_id, version.version)
             )
         except rootkey.UnsealError:
             log.error("key material of %s v%d does not unseal", version.key_id, version.version)
             raise errors.KMSInternalException("An internal error occurred.") from None
+        if len(self._materials) >= MATERIAL_CACHE_SIZE:
+            self._materials.clear()
+        self._materials[cache_key] = material
+        return material
 
     def latest_version(self, key: KeyRecord, info: AuditInfo) -> tuple[KeyVersionRecord, bytes]:
         """The newest version (every new encryption uses it, SPEC K6) and its unsealed material."""

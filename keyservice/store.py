@@ -8,10 +8,18 @@ them fail to open. See docs/STORE.md for the schema.
 SQLite runs in WAL mode with ``synchronous=FULL`` (a commit is durable when it returns), one
 connection per thread (the event loop and the management thread pool each get one), ``BEGIN IMMEDIATE`` for
 writes so concurrent writers queue on the busy timeout instead of failing on lock upgrade.
+
+The lookups every Decrypt makes (credential, key, version, grants, identity policies, aliases)
+are memoised per thread (``_memo``). A thread's memo is dropped whenever the database may have
+changed: SQLite's ``PRAGMA data_version`` (it moves when any *other* connection, in this process
+or another such as ``keyservice principal``, commits) or this store's own write counter (a
+connection's own commits do not move its data_version). One pragma costs ~4 µs; a lookup ~25.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import sqlite3
@@ -20,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from keyservice import policy
 from keyservice.errors import (
@@ -351,6 +359,37 @@ def _cred_from_row(row: sqlite3.Row) -> CredentialRecord:
     )
 
 
+_MEMO_LIMIT = 4096
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _memo(method: _F) -> _F:
+    """Memoise a read-only lookup in the calling thread until the database changes (see module doc).
+
+    Results are handed out as copies where the record type is mutable (``KeyRecord``, lists), so
+    a caller that edits what it got cannot edit the memo.
+    """
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
+        memo = self._memo_for_thread()
+        key = (name, args, tuple(sorted(kwargs.items())))
+        try:
+            value = memo[key]
+        except KeyError:
+            value = method(self, *args, **kwargs)
+            if len(memo) < _MEMO_LIMIT:
+                memo[key] = value
+        if isinstance(value, list):
+            return list(value)
+        if isinstance(value, KeyRecord):
+            return copy.copy(value)
+        return value
+
+    return wrapper  # type: ignore[return-value]
+
+
 class SQLiteStore:
     """The embedded default store: one SQLite file in WAL mode, a connection per thread."""
 
@@ -363,6 +402,7 @@ class SQLiteStore:
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
+        self._writes = 0  # commits made through this store, by any of its connections
         self._conn().executescript("BEGIN IMMEDIATE;" + _SCHEMA_V1 + "COMMIT;")
         with self._write() as conn:
             row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
@@ -411,7 +451,20 @@ class SQLiteStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        finally:
+            with self._all_lock:
+                self._writes += 1
+
+    def _memo_for_thread(self) -> dict[tuple[Any, ...], Any]:
+        """This thread's memo, emptied first if anything may have been committed since it was filled."""
+        local = self._local
+        generation = (self._conn().execute("PRAGMA data_version").fetchone()[0], self._writes)
+        if getattr(local, "generation", None) != generation:
+            local.memo = {}
+            local.generation = generation
+        return local.memo
 
     def _one(self, sql: str, args: tuple[object, ...]) -> sqlite3.Row | None:
         return self._conn().execute(sql, args).fetchone()
@@ -506,6 +559,7 @@ class SQLiteStore:
                 except sqlite3.IntegrityError:
                     raise AlreadyExistsException(f"An alias named {alias.name} already exists") from None
 
+    @_memo
     def get_key(self, key_id: str) -> KeyRecord | None:
         row = self._one("SELECT * FROM keys WHERE key_id = ?", (key_id,))
         return None if row is None else _key_from_row(row)
@@ -615,10 +669,12 @@ class SQLiteStore:
         with self._write() as conn:
             self._insert_version(conn, version)
 
+    @_memo
     def get_key_version(self, key_id: str, version: int) -> KeyVersionRecord | None:
         row = self._one("SELECT * FROM key_versions WHERE key_id = ? AND version = ?", (key_id, version))
         return None if row is None else _version_from_row(row)
 
+    @_memo
     def latest_key_version(self, key_id: str) -> KeyVersionRecord | None:
         row = self._one(
             "SELECT * FROM key_versions WHERE key_id = ? ORDER BY version DESC LIMIT 1", (key_id,)
@@ -710,6 +766,7 @@ class SQLiteStore:
             if cur.rowcount != 1:
                 raise NotFoundException(f"Alias {name} is not found.")
 
+    @_memo
     def get_alias(self, name: str) -> AliasRecord | None:
         row = self._one("SELECT * FROM aliases WHERE name = ?", (name,))
         return None if row is None else _alias_from_row(row)
@@ -753,6 +810,7 @@ class SQLiteStore:
         except sqlite3.IntegrityError:
             raise AlreadyExistsException(f"Access key {cred.access_key_id} already exists") from None
 
+    @_memo
     def get_credential(self, access_key_id: str) -> CredentialRecord | None:
         row = self._one("SELECT * FROM credentials WHERE access_key_id = ?", (access_key_id,))
         return None if row is None else _cred_from_row(row)
@@ -783,6 +841,7 @@ class SQLiteStore:
         except sqlite3.IntegrityError:
             raise AlreadyExistsException(f"Principal {principal.name} already exists") from None
 
+    @_memo
     def get_principal(self, arn: str) -> PrincipalRecord | None:
         row = self._one("SELECT * FROM principals WHERE arn = ?", (arn,))
         return None if row is None else self._principal(row)
@@ -822,6 +881,7 @@ class SQLiteStore:
             sql = "DELETE FROM identity_policies WHERE principal_arn = ? AND name = ?"
             return conn.execute(sql, (principal_arn, name)).rowcount == 1
 
+    @_memo
     def identity_policies(self, principal_arn: str) -> list[IdentityPolicyRecord]:
         sql = "SELECT * FROM identity_policies WHERE principal_arn = ? ORDER BY name"
         rows = self._conn().execute(sql, (principal_arn,)).fetchall()
@@ -850,6 +910,7 @@ class SQLiteStore:
         row = self._one("SELECT * FROM grants WHERE grant_id = ?", (grant_id,))
         return None if row is None else _grant_from_row(row)
 
+    @_memo
     def list_grants(
         self, *, key_id: str | None = None, grantee: str | None = None, retiring_principal: str | None = None,
         grant_id: str | None = None, after: str | None = None, limit: int = 1000,

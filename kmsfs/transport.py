@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import select
+import socket
 import ssl
 import threading
 import urllib.request
@@ -90,6 +91,10 @@ class ConnectionPool:
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout[0])
         conn.connect()
+        # http.client sends the headers and the body with two writes: with Nagle on, the body
+        # waited for the ACK of the headers, which the server delays (up to 40 ms) while it waits
+        # for the body. Measured: serial Decrypt p99 26 ms -> see docs/PERFORMANCE.md.
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sock.settimeout(timeout[1])
         return conn
 

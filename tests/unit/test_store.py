@@ -220,3 +220,31 @@ def test_closed_store_refuses(tmp_path: Path) -> None:
     s.close()
     with pytest.raises(RuntimeError):
         s.get_meta("x")
+
+
+def test_memoised_lookups_see_every_commit(store: SQLiteStore, tmp_path: Path) -> None:
+    """The per-thread memo never serves a value older than the last commit, from any connection."""
+    key, version = make_key()
+    store.create_key(key, version, max_customer_keys=10)
+    first = store.get_key(key.key_id)
+    assert first is not None
+    first.description = "edited by the caller"  # must not leak into the memo
+    assert store.get_key(key.key_id).description == "d"
+    # A write through this store, from another thread (its own connection).
+    changed = store.get_key(key.key_id)
+    changed.state = DISABLED
+    worker = threading.Thread(target=store.update_key, args=(changed,))
+    worker.start()
+    worker.join()
+    assert store.get_key(key.key_id).state == DISABLED
+    # A write from another process's connection (as `keyservice principal` makes offline).
+    other = sqlite3.connect(tmp_path / "ks.db", isolation_level=None)
+    other.execute("UPDATE keys SET description = 'from outside' WHERE key_id = ?", (key.key_id,))
+    other.close()
+    assert store.get_key(key.key_id).description == "from outside"
+    # A write on this very thread's connection.
+    mine = store.get_key(key.key_id)
+    mine.description = "mine"
+    store.update_key(mine)
+    assert store.get_key(key.key_id).description == "mine"
+    assert store.latest_key_version(key.key_id) == version
