@@ -255,6 +255,7 @@ class AsyncCommitter:
         self._queue: collections.deque[tuple[list[CommitTicket], asyncio.Future[None]]] = collections.deque()
         self._ready = threading.Condition()
         self._stopping = False
+        self._idle = False  # the thread waits for work: only then does a new ticket need a notify
         self._thread = threading.Thread(target=self._run, name="audit-commit", daemon=True)
         self._thread.start()
 
@@ -267,14 +268,17 @@ class AsyncCommitter:
             if self._stopping:
                 raise KMSInternalException("The request could not be recorded in the audit log.")
             self._queue.append((tickets, future))
-            self._ready.notify()
+            if self._idle:
+                self._ready.notify()
         await future
 
     def _run(self) -> None:
         while True:
             with self._ready:
                 while not self._queue and not self._stopping:
+                    self._idle = True
                     self._ready.wait()
+                    self._idle = False
                 if not self._queue:
                     return
                 batch = list(self._queue)
