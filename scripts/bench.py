@@ -68,6 +68,7 @@ KMS_ROWS = (
     Row("kms_gdk_rps", "key service GenerateDataKey, 16 clients", "req/s", True, ""),
     Row("kms_gdk_p50", "  GenerateDataKey p50", "ms", False, ""),
     Row("kms_gdk_p99", "  GenerateDataKey p99", "ms", False, ""),
+    Row("kms_serial_p50", "one Decrypt through kmsfs's client, serial, p50", "ms", False, ""),
     Row("kmsfs_rss", "kmsfs peak RSS writing {rss_size}", "MiB", False, "<= 100"),
 )
 
@@ -530,7 +531,29 @@ def kms_load(creds: dict[str, Any], key_id: str, *, seconds: float, clients: int
         result[f"kms_{name}_rps"], result[f"kms_{name}_p50"], result[f"kms_{name}_p99"] = rps, p50, p99
         say(f"{operation} ({'wrk' if use_wrk else 'Python clients'}): {rps:,.0f}/s, p50 {p50:.2f} ms, "
             f"p99 {p99:.2f} ms")
+    result["kms_serial_p50"] = serial_decrypt_ms(creds, blob, context)
+    say(f"one Decrypt at a time through kmsfs's KeyClient: p50 {result['kms_serial_p50']:.2f} ms")
     return result
+
+
+def serial_decrypt_ms(creds: dict[str, Any], blob: str, context: dict[str, str], n: int = 1000) -> float:
+    """p50 of back-to-back Decrypts through kmsfs's own client: what every open waits for."""
+    import base64
+
+    from kmsfs.keyclient import KeyClient, load_credentials
+
+    client = KeyClient(creds["endpoint"], creds["region"], load_credentials(creds["_path"]))
+    raw = base64.b64decode(blob)
+    lat = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            client.decrypt(raw, context)
+            lat.append(time.perf_counter() - t0)
+    finally:
+        client.close()
+    lat.sort()
+    return _percentile(lat, 0.5)
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -611,8 +634,8 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
                      "ratio_gocryptfs": ratio(values.get("kmsfs"), values.get("gocryptfs")),
                      "ratio_passthrough": ratio(values.get("kmsfs"), values.get("passthrough"))})
     say("key service alone: Decrypt and GenerateDataKey, 16 concurrent clients")
-    kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=sizes.kms_seconds,
-                   clients=16, processes=4, run_dir=env.run_dir)
+    creds = json.loads(env.creds.read_text()) | {"_path": str(env.creds)}
+    kms = kms_load(creds, env.key_id, seconds=sizes.kms_seconds, clients=16, processes=4, run_dir=env.run_dir)
     say("kmsfs peak RSS")
     kms["kmsfs_rss"] = kmsfs_peak_rss(env, sizes.rss_mib)
     for r in KMS_ROWS:

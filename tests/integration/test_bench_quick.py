@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration, requires_fuse]
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = {"seq_write", "seq_read", "rand_iops", "untar", "find_ls", "cat_all", "rm", "tar_diff",
         "kms_decrypt_rps", "kms_decrypt_p50", "kms_decrypt_p99", "kms_gdk_rps", "kms_gdk_p50",
-        "kms_gdk_p99", "kmsfs_rss"}
+        "kms_gdk_p99", "kms_serial_p50", "kmsfs_rss"}
 
 
 def test_bench_quick_produces_every_row(tmp_path: Path) -> None:
@@ -47,6 +47,7 @@ def test_bench_quick_produces_every_row(tmp_path: Path) -> None:
         assert rows["seq_write"]["values"][target] > 0
         assert rows["tar_diff"]["values"][target] == 0, f"tar -d differences on {target}"
     assert rows["kms_decrypt_rps"]["values"]["kmsfs"] > 0
+    assert 0 < rows["kms_serial_p50"]["values"]["kmsfs"] < 1000
     assert "kmsfs/gocryptfs" in proc.stdout
     with open("/proc/mounts", encoding="utf-8") as mounts:
         assert str(run_dir) not in mounts.read(), "bench left a mount behind"
