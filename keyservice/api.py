@@ -287,17 +287,14 @@ class KmsApp:
             reply = await self._respond_inline(request)
         else:
             reply = await asyncio.get_running_loop().run_in_executor(self._executor(), self.respond, request)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": reply.status,
-                "headers": [
-                    (b"content-type", reply.content_type.encode("latin-1")),
-                    (b"content-length", str(len(reply.body)).encode("ascii")),
-                    (b"x-amzn-requestid", reply.request_id.encode("ascii")),
-                ],
-            }
-        )
+        headers = [
+            (b"content-type", reply.content_type.encode("latin-1")),
+            (b"content-length", str(len(reply.body)).encode("ascii")),
+            (b"x-amzn-requestid", reply.request_id.encode("ascii")),
+        ]
+        if too_large:
+            headers.append((b"connection", b"close"))  # the rest of the body is not worth reading
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": reply.body})
 
     async def _respond_inline(self, request: HttpRequest) -> HttpReply:
@@ -317,8 +314,8 @@ class KmsApp:
         """The body, or (b"", True) past ``max_body``.
 
         An oversize body is read and dropped up to DRAIN_FACTOR x the limit, so a client still
-        sending gets the 413 rather than a reset connection; beyond that the reply goes out and the
-        server closes the connection without reading the rest.
+        sending gets the 413 rather than a reset connection; beyond that the reply goes out at once.
+        Either way the connection is closed after the 413.
         """
         chunks: list[bytes] = []
         size = 0

@@ -28,6 +28,46 @@ KEEP_ALIVE_SECONDS = 30
 # In-flight requests get this long to finish at shutdown.
 GRACEFUL_SHUTDOWN_SECONDS = 5
 LISTEN_BACKLOG = 1024
+# Request line plus headers, per request. httptools buffers a header until it is complete and has
+# no cap of its own, so without this one client could grow the server without bound. (h11, the
+# fallback parser, caps at 16 KiB itself.) SigV4 and the kmsfs caller header need a few KiB.
+MAX_HEADER_BYTES = 256 * 1024
+_HEADERS_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
+                      b"connection: close\r\n\r\n")
+
+
+def _http_protocol() -> Any:
+    """httptools with a header size limit, or uvicorn's h11 protocol when httptools is missing."""
+    if importlib.util.find_spec("httptools") is None:
+        return "h11"
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        """Counts the bytes that arrive while a request's headers are incomplete; past
+        MAX_HEADER_BYTES the client gets a 431 and the connection is closed."""
+
+        _header_bytes = 0
+        _in_headers = True
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_headers:
+                self._header_bytes += len(data)
+                if self._header_bytes > MAX_HEADER_BYTES:
+                    self._in_headers = False
+                    self.transport.write(_HEADERS_TOO_LARGE)
+                    self.transport.close()
+                    return
+            super().data_received(data)
+
+        def on_headers_complete(self) -> None:
+            self._in_headers = False
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_headers, self._header_bytes = True, 0
+            super().on_message_complete()
+
+    return BoundedHttpToolsProtocol
 
 
 def _tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -88,7 +128,7 @@ class Server:
         config = uvicorn.Config(
             app,
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-            http="httptools" if importlib.util.find_spec("httptools") else "h11",
+            http=_http_protocol(),
             lifespan="off",
             access_log=False,
             log_config=None,

@@ -4,6 +4,7 @@ the SigV4 failures, and the audit record each request leaves."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -231,6 +232,30 @@ def test_body_limit(keyservice_dev) -> None:
     )
     assert reply.status_code == 413
     assert reply.json()["__type"] == "RequestEntityTooLargeException"
+    assert reply.headers.get("connection") == "close"
+
+
+def test_oversized_headers_are_refused_without_buffering(keyservice_dev) -> None:
+    """An endless header gets a 431 and a closed connection, not unbounded server memory."""
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(keyservice_dev.endpoint)
+    raw = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    if parts.scheme == "https":
+        context = ssl.create_default_context(cafile=keyservice_dev.http.verify)
+        raw = context.wrap_socket(raw, server_hostname=parts.hostname)
+    with raw:
+        raw.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Junk: ")
+        reply = b""
+        with contextlib.suppress(OSError):
+            for _ in range(64):  # up to 4 MiB; the limit is 256 KiB
+                raw.sendall(b"a" * 65536)
+        with contextlib.suppress(OSError):
+            while chunk := raw.recv(4096):
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:100]
 
 
 def test_keep_alive(keyservice_dev) -> None:
