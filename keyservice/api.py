@@ -25,6 +25,7 @@ import re
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -107,6 +108,8 @@ class Service(Protocol):
     """What the HTTP layer needs from the service core."""
 
     region: str
+
+    def request_scope(self) -> AbstractContextManager[None]: ...
 
     def authenticate(self, access_key_id: str) -> tuple[str, Principal]: ...
 
@@ -200,7 +203,8 @@ class KmsApp:
                 raise errors.UnknownOperationException(
                     f"{request.method[:16]} {request.path[:100]} is not a KMS operation."
                 )
-            return self._handle(request, request_id)
+            with self.service.request_scope():
+                return self._handle(request, request_id)
         except errors.KMSError as error:
             return self.error_reply(error, request_id)
 

@@ -23,6 +23,7 @@ record never loses a concurrent change.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -163,6 +164,10 @@ class KeyService:
         self.audit_log.close()
 
     # ----------------------------------------------------------------- entry points
+
+    def request_scope(self) -> contextlib.AbstractContextManager[None]:
+        """Bracket one request: its store lookups share one check for outside commits."""
+        return self.store.one_read_check()
 
     def authenticate(self, access_key_id: str) -> tuple[str, Principal]:
         """The secret access key and principal of ``access_key_id``, or UnrecognizedClientException."""

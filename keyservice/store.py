@@ -25,7 +25,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -79,6 +79,7 @@ def root_check_aad() -> bytes:
 class Store(Protocol):
     """What the service needs from persistence. All methods are thread-safe."""
 
+    def one_read_check(self) -> AbstractContextManager[None]: ...
     def get_meta(self, name: str) -> str | None: ...
     def set_meta(self, name: str, value: str) -> None: ...
 
@@ -457,9 +458,27 @@ class SQLiteStore:
             with self._all_lock:
                 self._writes += 1
 
+    @contextmanager
+    def one_read_check(self) -> Iterator[None]:
+        """Within this block (one request), check for other connections' commits once, at entry.
+
+        Memoised lookups inside then see the database as of the block's start, plus every write
+        made through this store (those still empty the memo at once). Saves a ``PRAGMA
+        data_version`` per lookup: a Decrypt makes five. Outside such a block every lookup checks.
+        """
+        local = self._local
+        self._memo_for_thread()
+        local.pinned = True
+        try:
+            yield
+        finally:
+            local.pinned = False
+
     def _memo_for_thread(self) -> dict[tuple[Any, ...], Any]:
         """This thread's memo, emptied first if anything may have been committed since it was filled."""
         local = self._local
+        if getattr(local, "pinned", False) and local.generation[1] == self._writes:
+            return local.memo
         generation = (self._conn().execute("PRAGMA data_version").fetchone()[0], self._writes)
         if getattr(local, "generation", None) != generation:
             local.memo = {}

@@ -248,3 +248,20 @@ def test_memoised_lookups_see_every_commit(store: SQLiteStore, tmp_path: Path) -
     store.update_key(mine)
     assert store.get_key(key.key_id).description == "mine"
     assert store.latest_key_version(key.key_id) == version
+
+
+def test_one_read_check_per_request_still_sees_its_own_writes(store: SQLiteStore, tmp_path: Path) -> None:
+    key, version = make_key()
+    store.create_key(key, version, max_customer_keys=10)
+    other = sqlite3.connect(tmp_path / "ks.db", isolation_level=None)
+    with store.one_read_check():
+        assert store.get_key(key.key_id).description == "d"
+        mine = store.get_key(key.key_id)
+        mine.description = "mine"
+        store.update_key(mine)  # a write through the store empties the memo at once
+        assert store.get_key(key.key_id).description == "mine"
+        other.execute("UPDATE keys SET description = 'outside' WHERE key_id = ?", (key.key_id,))
+    # The next request (or any lookup outside a request) sees the outside commit.
+    with store.one_read_check():
+        assert store.get_key(key.key_id).description == "outside"
+    other.close()
