@@ -49,6 +49,8 @@ from kmsfs.holes import all_zero, overlaps_hole
 
 # Largest run of blocks encrypted and written in one pwrite when filling a gap with zeros.
 _FILL_BLOCKS = 256
+# Most blocks per pwritev: two iovecs each, within Linux's IOV_MAX of 1024.
+_IOV_BLOCKS = 500
 
 
 class EncryptedFile:
@@ -126,22 +128,23 @@ class EncryptedFile:
         return self._open_block(block_no, stored, block_no == self._final(size))
 
     def _write_runs(self, blocks: dict[int, bytes | memoryview], final_block: int) -> None:
-        """Seal and write blocks, one pwrite per run of consecutive block numbers, ascending.
+        """Seal and write blocks, one ``pwritev`` per run of consecutive block numbers, ascending.
 
-        Each run is sealed in one ``seal_many`` call (one urandom for all its nonces)."""
-        run: list[tuple[bytes | memoryview, bytes]] = []
-        run_start = prev = -2
+        Each run is sealed in one ``seal_iov`` call (one urandom for all its nonces) and handed to
+        the kernel as nonce/ciphertext pieces, without first copying them into one buffer."""
+        order = sorted(blocks)
         aad = self._aad
-        for block_no in sorted(blocks):
-            if block_no != prev + 1 and run:
-                _pwrite_all(self.fd, self.cipher.seal_many(run), block_offset(run_start, self.block_size))
-                run = []
-            if not run:
-                run_start = block_no
-            run.append((blocks[block_no], aad(block_no, block_no == final_block)))
-            prev = block_no
-        if run:
-            _pwrite_all(self.fd, self.cipher.seal_many(run), block_offset(run_start, self.block_size))
+        bs = self.block_size
+        i, count = 0, len(order)
+        while i < count:
+            j = i + 1
+            while j < count and order[j] == order[j - 1] + 1 and j - i < _IOV_BLOCKS:
+                j += 1
+            run = order[i:j]
+            iov = self.cipher.seal_iov([blocks[b] for b in run],
+                                       [aad(b, b == final_block) for b in run])
+            _pwrite_all(self.fd, iov, block_offset(run[0], bs))
+            i = j
 
     def _is_hole_block(self, block_no: int) -> bool:
         offset = block_offset(block_no, self.block_size)
@@ -156,6 +159,10 @@ class EncryptedFile:
             return
         bs = self.block_size
         before = first - 1
+        if before < 0 and last + 1 >= final_block:
+            return
+        if not _hole_in(self.fd, block_offset(max(before, first), bs), block_offset(last + 2, bs)):
+            return  # no hole near the written range: none of the probes below can succeed
         if before >= 0 and before not in blocks and self._is_hole_block(before) and (
                 before == 0 or (before - 1) in blocks or not self._is_hole_block(before - 1)):
             blocks[before] = bytes(bs)
@@ -259,10 +266,24 @@ class EncryptedFile:
         """Up to ``length`` bytes from ``offset``; short at EOF; IntegrityError on a bad block."""
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
+        out = bytearray(max(0, min(length, self.size() - offset)))
+        count = self.read_into(offset, memoryview(out))
+        return bytes(out) if count == len(out) else bytes(out[:count])
+
+    def read_into(self, offset: int, out: memoryview) -> int:
+        """Decrypt up to ``len(out)`` bytes from ``offset`` into ``out``; returns how many (short
+        at EOF). IntegrityError on a bad block, and then ``out`` holds zeros, never plaintext.
+
+        Why into a caller's buffer: the FUSE layer passes the kernel's reply buffer, so whole
+        blocks are authenticated and decrypted straight into it, with no per-block ``bytes``, no
+        join and no final copy. Only partial edge blocks go through a temporary.
+        """
+        if offset < 0:
+            raise ValueError("negative offset")
         backing, size = self._sizes()
-        end = min(offset + length, size)
+        end = min(offset + len(out), size)
         if offset >= end:
-            return b""
+            return 0
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
         final_block = self._final(size)
@@ -273,23 +294,33 @@ class EncryptedFile:
         if len(raw) != stored_len:
             raise IntegrityError(f"block {first + len(raw) // self._stored} is short",
                                  block=first + len(raw) // self._stored)
-        parts: list[bytes] = []
-        pos = 0
-        open_raw = self.cipher.open_raw
+        open_into = self.cipher.open_into
         aad = self._aad
-        for block_no in range(first, last + 1):
-            stop = pos + min(bs, size - block_no * bs) + BLOCK_OVERHEAD
-            final = block_no == final_block
-            try:
-                parts.append(open_raw(raw[pos:stop], aad(block_no, final)))
-            except InvalidTag:  # a hole, or damage: the slow path tells which
-                parts.append(self._open_block(block_no, bytes(raw[pos:stop]), final))
-            pos = stop
-        out = b"".join(parts)
-        skip = offset - first * bs
-        if skip == 0 and len(out) == end - offset:
-            return out
-        return out[skip:skip + (end - offset)]
+        pos = dst = 0
+        try:
+            for block_no in range(first, last + 1):
+                b_start = block_no * bs
+                b_len = min(bs, size - b_start)
+                stop = pos + b_len + BLOCK_OVERHEAD
+                lo, hi = max(offset, b_start), min(end, b_start + b_len)
+                final = block_no == final_block
+                if lo == b_start and hi == b_start + b_len:  # whole block: straight into out
+                    try:
+                        open_into(raw[pos:stop], aad(block_no, final), out[dst:dst + b_len])
+                    except InvalidTag:  # a hole, or damage: the slow path tells which
+                        out[dst:dst + b_len] = self._open_block(block_no, bytes(raw[pos:stop]), final)
+                else:
+                    try:
+                        plain = self.cipher.open_raw(raw[pos:stop], aad(block_no, final))
+                    except InvalidTag:
+                        plain = self._open_block(block_no, bytes(raw[pos:stop]), final)
+                    out[dst:dst + hi - lo] = plain[lo - b_start:hi - b_start]
+                dst += hi - lo
+                pos = stop
+        except BaseException:
+            out[:] = bytes(len(out))  # decrypt_into may have left unauthenticated bytes
+            raise
+        return end - offset
 
     def write(self, offset: int, data: bytes) -> int:
         """Write ``data`` at ``offset`` (read-modify-write of partial edge blocks)."""
@@ -437,7 +468,32 @@ class EncryptedFile:
         return damaged
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+def _hole_in(fd: int, start: int, end: int) -> bool:
+    """Whether any hole of the backing file (other than the one at its end) begins or lies
+    within [start, end): one ``lseek(SEEK_HOLE)``.
+
+    Why: ``_keep_hole_runs_long`` probes up to four blocks around every write, each probe an
+    lseek plus an fstat; a file without holes near the write answers all of them with this one
+    call. False here implies each of those probes (``overlaps_hole`` on a block inside the range)
+    would be false, so the result is unchanged."""
+    try:
+        hole = os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.EINVAL):
+            return False
+        raise
+    return hole < end and hole < os.fstat(fd).st_size
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | list[bytes], offset: int) -> None:
+    """Write all of ``data`` at ``offset``: a buffer, or a list of pieces gathered by ``pwritev``
+    (sealed blocks, see ``BlockCipher.seal_iov``); short writes are continued."""
+    if isinstance(data, list):
+        total = sum(map(len, data))
+        done = os.pwritev(fd, data, offset) if data else 0
+        if done == total:
+            return
+        data, offset = b"".join(data)[done:], offset + done  # rare: continue with pwrite
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
