@@ -165,15 +165,20 @@ def _unescape_mount(field: str) -> str:
     return field
 
 
+# PyMemoryView_FromMemory(char *, Py_ssize_t, int): a memoryview over C memory in one call (the
+# callbacks' buffer pointers are passed as they are: no ctypes.cast, no array type per size).
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.argtypes = (ctypes.POINTER(ctypes.c_byte), ctypes.c_ssize_t, ctypes.c_int)
+_memory_view.restype = ctypes.py_object
+_PYBUF_WRITE = 0x200
+
+
 def _c_buffer(buf: Any, size: int) -> memoryview:
     """A writable byte view of the C buffer ``buf`` points to (no copy).
 
     Valid only during the callback that received ``buf``: nothing may keep it (or a slice of
     it) afterwards. kmsfs's read and write paths only use it within the call."""
-    if not size:
-        return memoryview(b"")
-    address = ctypes.cast(buf, ctypes.c_void_p).value
-    return memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
+    return memoryview(b"") if not size else _memory_view(buf, size, _PYBUF_WRITE)  # type: ignore[no-any-return]
 
 
 class FUSE(_binding.FUSE):  # type: ignore[misc,name-defined]

@@ -23,26 +23,37 @@ from types import TracebackType
 class SharedLock:
     """Reader/writer lock; ``with lock:`` is exclusive (reentrant), ``lock.shared()`` is shared."""
 
-    __slots__ = ("_cond", "_readers", "_owner", "_depth", "_writers_waiting")
+    __slots__ = ("_mutex", "_cond", "_readers", "_owner", "_depth", "_writers_waiting", "_waiting")
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # State changes hold the plain mutex (C-level ``with``); the condition, over the same
+        # mutex, is only used to wait and notify.
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._owner: int | None = None
         self._depth = 0
         self._writers_waiting = 0
+        self._waiting = 0  # threads inside _wait: release notifies only when someone waits
+
+    def _wait(self) -> None:
+        self._waiting += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._waiting -= 1
 
     # -- exclusive side ---------------------------------------------------------------------------
     def acquire(self) -> bool:
         me = threading.get_ident()
-        with self._cond:
+        with self._mutex:
             if self._owner == me:
                 self._depth += 1
                 return True
             self._writers_waiting += 1
             try:
                 while self._owner is not None or self._readers:
-                    self._cond.wait()
+                    self._wait()
             finally:
                 self._writers_waiting -= 1
             self._owner = me
@@ -50,13 +61,14 @@ class SharedLock:
         return True
 
     def release(self) -> None:
-        with self._cond:
+        with self._mutex:
             if self._owner != threading.get_ident():
                 raise RuntimeError("cannot release a lock not held exclusively by this thread")
             self._depth -= 1
             if self._depth == 0:
                 self._owner = None
-                self._cond.notify_all()
+                if self._waiting:
+                    self._cond.notify_all()
 
     def __enter__(self) -> SharedLock:
         self.acquire()
@@ -69,21 +81,21 @@ class SharedLock:
     # -- shared side ------------------------------------------------------------------------------
     def acquire_shared(self) -> None:
         me = threading.get_ident()
-        with self._cond:
+        with self._mutex:
             if self._owner == me:  # the exclusive owner reads under its own hold
                 self._depth += 1
                 return
             while self._owner is not None or self._writers_waiting:
-                self._cond.wait()
+                self._wait()
             self._readers += 1
 
     def release_shared(self) -> None:
-        with self._cond:
+        with self._mutex:
             if self._owner is not None and self._owner == threading.get_ident():
                 self._depth -= 1
                 return
             self._readers -= 1
-            if not self._readers and self._writers_waiting:
+            if not self._readers and self._waiting:
                 self._cond.notify_all()
 
     def shared(self) -> _Shared:

@@ -186,3 +186,31 @@ def test_mountinfo_unescape() -> None:
     from kmsfs._fuse import _unescape_mount
 
     assert _unescape_mount("/var/tmp/a\\040b\\134c") == "/var/tmp/a b\\c"
+
+
+def test_large_reads_prefetch_the_backing_file_once_per_half_window(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kmsfs.encfile as encfile
+
+    hints: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            hints.append((offset, length))
+        real(fd, offset, length, advice)
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        ef = EncryptedFile(fd, bytes(32), FILE_ID)
+        data = os.urandom(24 << 20)
+        ef.write(0, data)
+        monkeypatch.setattr(encfile.os, "posix_fadvise", spy)
+        assert ef.read(0, 4 * BS) == data[:4 * BS]  # small reads give no hint
+        assert hints == []
+        got = b"".join(ef.read(off, 1 << 20) for off in range(0, len(data), 1 << 20))
+        assert got == data
+        assert 4 <= len(hints) <= 8  # about one per half window (8 MiB ahead), not one per read
+        assert hints[0][0] == fmt.backing_size(1 << 20)  # starts right after the first request
+    finally:
+        os.close(fd)
