@@ -214,3 +214,31 @@ def test_large_reads_prefetch_the_backing_file_once_per_half_window(
         assert hints[0][0] == fmt.backing_size(1 << 20)  # starts right after the first request
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("version", [fmt.FORMAT_V1, fmt.FORMAT_V2])
+def test_batched_aads_equal_block_aad(tmp_path: Path, version: int) -> None:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        ef = EncryptedFile(fd, bytes(32), FILE_ID, version=version)
+        for first, count, final in ((0, 1, 0), (5, 10, 9), (5, 10, 14), (5, 10, 15), (7, 3, -1)):
+            assert ef._aads(first, count, final) == [  # noqa: SLF001
+                fmt.block_aad(FILE_ID, b, version, b == final) for b in range(first, first + count)]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("offset", [0, 1, BS - 1, BS, 3 * BS + 7])
+@pytest.mark.parametrize("length", [1, BS, 2 * BS, 2 * BS + 1, 3 * BS - 2, 70 * BS + 5])
+def test_writes_of_every_alignment_read_back(tmp_path: Path, offset: int, length: int) -> None:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        ef = EncryptedFile(fd, bytes(32), FILE_ID)
+        model = bytearray(os.urandom(5 * BS + 3))
+        ef.write(0, bytes(model))
+        chunk = os.urandom(length)
+        ef.write(offset, chunk)
+        model[offset:offset + length] = chunk
+        assert ef.read(0, len(model) + BS) == bytes(model) and ef.verify() == []
+    finally:
+        os.close(fd)
