@@ -341,10 +341,18 @@ class EncryptedFile:
             raise IntegrityError(f"block {first + len(raw) // self._stored} is short",
                                  block=first + len(raw) // self._stored)
         open_into = self.cipher.open_into
-        aad = self._aad
+        stored = self._stored
         pos = dst = 0
         try:
-            for block_no in range(first, last + 1):
+            for block_no in (first, last) if last != first else (first,):  # edges: maybe partial
+                if block_no == last and last - first > 1:  # the whole blocks in between
+                    for n, aad in enumerate(self._aads(first + 1, last - first - 1, -1), first + 1):
+                        try:
+                            open_into(raw[pos:pos + stored], aad, out[dst:dst + bs])
+                        except InvalidTag:  # a hole, or damage: the slow path tells which
+                            out[dst:dst + bs] = self._open_block(n, bytes(raw[pos:pos + stored]), False)
+                        pos += stored
+                        dst += bs
                 b_start = block_no * bs
                 b_len = min(bs, size - b_start)
                 stop = pos + b_len + BLOCK_OVERHEAD
@@ -352,12 +360,12 @@ class EncryptedFile:
                 final = block_no == final_block
                 if lo == b_start and hi == b_start + b_len:  # whole block: straight into out
                     try:
-                        open_into(raw[pos:stop], aad(block_no, final), out[dst:dst + b_len])
-                    except InvalidTag:  # a hole, or damage: the slow path tells which
+                        open_into(raw[pos:stop], self._aad(block_no, final), out[dst:dst + b_len])
+                    except InvalidTag:
                         out[dst:dst + b_len] = self._open_block(block_no, bytes(raw[pos:stop]), final)
                 else:
                     try:
-                        plain = self.cipher.open_raw(raw[pos:stop], aad(block_no, final))
+                        plain = self.cipher.open_raw(raw[pos:stop], self._aad(block_no, final))
                     except InvalidTag:
                         plain = self._open_block(block_no, bytes(raw[pos:stop]), final)
                     out[dst:dst + hi - lo] = plain[lo - b_start:hi - b_start]
