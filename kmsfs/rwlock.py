@@ -60,7 +60,7 @@ class SharedLock:
             self._depth = 1
         return True
 
-    def release(self) -> None:
+    def release(self, *_exc_info: object) -> None:
         with self._mutex:
             if self._owner != threading.get_ident():
                 raise RuntimeError("cannot release a lock not held exclusively by this thread")
@@ -70,13 +70,9 @@ class SharedLock:
                 if self._waiting:
                     self._cond.notify_all()
 
-    def __enter__(self) -> SharedLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.release()
+    # ``with lock:`` calls these directly (one Python frame each way, on every read and write).
+    __enter__ = acquire
+    __exit__ = release
 
     # -- shared side ------------------------------------------------------------------------------
     def acquire_shared(self) -> None:
