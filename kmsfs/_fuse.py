@@ -24,13 +24,21 @@ What differs between the two, and is absorbed here rather than in operations.py:
   ``big_writes`` and 128 KiB reads, its maximum; libfuse3 has no ``big_writes``, negotiates
   ``max_pages`` itself and writes up to 1 MiB per request by default). ``use_ino`` and
   mtime-only utimens (``flag_utime_omit_ok`` on libfuse2) work on both.
+- Reads still arrive as 128 KiB requests on libfuse3: the kernel caps the mount's read-ahead at
+  its default, which libfuse cannot raise. ``raise_readahead`` sets it to 1 MiB through sysfs
+  (root only) on the first getattr.
+- Both bindings copy request data (``string_at`` for writes, ``memmove`` for reads): ``FUSE``
+  passes views of libfuse's buffers instead (write data, and the read reply through
+  ``Operations.read_into``), still through ``__call__``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import errno
 import functools
+import logging
 import os
 import shutil
 from typing import Any
@@ -85,6 +93,8 @@ __all__ = ["BINDING", "FUSE", "IO_OPTIONS", "LIBFUSE", "FuseOSError", "LoggingMi
 _CAP_AUTO_INVAL_DATA = 1 << 12
 _CAP_HANDLE_KILLPRIV = 1 << 20
 _RENAME_NOREPLACE = 1  # linux/fs.h
+# Read-ahead window of a kmsfs mount (libfuse3): one full-size (1 MiB, max_pages) read request.
+READAHEAD_KIB = 1024
 
 
 class _CallDispatch:
@@ -117,19 +127,110 @@ def _readdir_no_stat(readdir: Any, path: str, fh: Any) -> list[tuple[str, None, 
     return [(name, None, 0) for name in readdir(path, fh)]
 
 
-class FUSE(_binding.FUSE):  # type: ignore[misc,name-defined]
-    """The binding's FUSE with a C-callback-level answer for ``security.*`` getxattr.
+def raise_readahead(mountpoint: str, kib: int = READAHEAD_KIB) -> None:
+    """Raise the read-ahead window of the FUSE mount at ``mountpoint`` to ``kib`` KiB (root only).
 
-    Why: once getxattr is implemented, the kernel asks ``security.capability`` before every
-    write(2) (FUSE-NOTES), e.g. ~19,000 times for an untar of 3,400 files. kmsfs never stores
-    ``security.*`` attributes (operations.py answers ENODATA for them too), so this answers
-    straight from the ctypes callback: no name decoding, no dispatch, no exception.
+    Why: the kernel caps a FUSE mount's read-ahead at its default 128 KiB (libfuse can only lower
+    the value the kernel proposes), so a sequential read reaches the daemon as 128 KiB requests
+    even though libfuse3 negotiates 1 MiB ones (``max_pages``), and the per-request cost
+    dominates cold sequential reads. The window is a property of the mount's backing device
+    info, settable in ``/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`` (the device number is found
+    in /proc/self/mountinfo: asking the mount itself would wait for this initialising daemon).
+    Files opened afterwards read ahead up to 1 MiB per request. A hint only: never lowered,
+    errors (not root, no sysfs) ignored; no data or security property depends on it.
+    """
+    try:
+        device = None
+        with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 4 and _unescape_mount(fields[4]) == mountpoint:
+                    device = fields[2]  # the last (topmost) mount at that path wins
+        if device is None:
+            return
+        knob = f"/sys/class/bdi/{device}/read_ahead_kb"
+        with open(knob, encoding="ascii") as current:
+            if int(current.read()) >= kib:
+                return
+        with open(knob, "w", encoding="ascii") as new:
+            new.write(str(kib))
+    except (OSError, ValueError) as exc:
+        logging.getLogger("kmsfs").debug("read-ahead of %s left unchanged: %s", mountpoint, exc)
+
+
+def _unescape_mount(field: str) -> str:
+    """/proc/self/mountinfo writes space, tab, newline and backslash as octal escapes."""
+    for escaped, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(escaped, char)
+    return field
+
+
+# PyMemoryView_FromMemory(char *, Py_ssize_t, int): a memoryview over C memory in one call (the
+# callbacks' buffer pointers are passed as they are: no ctypes.cast, no array type per size).
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.argtypes = (ctypes.POINTER(ctypes.c_byte), ctypes.c_ssize_t, ctypes.c_int)
+_memory_view.restype = ctypes.py_object
+_PYBUF_WRITE = 0x200
+
+
+def _c_buffer(buf: Any, size: int) -> memoryview:
+    """A writable byte view of the C buffer ``buf`` points to (no copy).
+
+    Valid only during the callback that received ``buf``: nothing may keep it (or a slice of
+    it) afterwards. kmsfs's read and write paths only use it within the call."""
+    return memoryview(b"") if not size else _memory_view(buf, size, _PYBUF_WRITE)  # type: ignore[no-any-return]
+
+
+class FUSE(_binding.FUSE):  # type: ignore[misc,name-defined]
+    """The binding's FUSE with a C-callback-level answer for ``security.*`` getxattr, and reads
+    and writes that do not copy the request data.
+
+    Why getxattr: once getxattr is implemented, the kernel asks ``security.capability`` before
+    every write(2) (FUSE-NOTES), e.g. ~19,000 times for an untar of 3,400 files. kmsfs never
+    stores ``security.*`` attributes (operations.py answers ENODATA for them too), so this
+    answers straight from the ctypes callback: no name decoding, no dispatch, no exception.
+
+    Why read/write: both bindings copy every request (``ctypes.string_at`` of the written data,
+    ``memmove`` of the returned bytes), 1 MiB / 128 KiB each time. Here a write hands kmsfs a
+    view of libfuse's buffer, which it seals from directly, and a read has kmsfs decrypt into
+    the reply buffer (``read_into``). Both still go through ``Operations.__call__``, the single
+    errno-translation point.
     """
 
     def __init__(self, operations: Any, mountpoint: str, **kwargs: Any) -> None:
+        # Resolved now: once mounted, resolving it would ask this (still initialising) daemon.
+        self._mountpoint = os.path.realpath(mountpoint)
+        self._readahead_pending = True
+        self._dispatch = operations  # Operations.__call__: every operation's entry point
+        self._read_into = callable(getattr(operations, "read_into", None))
         if BINDING == "mfusepy":
             operations = _CallDispatch(operations)
         super().__init__(operations, mountpoint, **kwargs)
+
+    def _path(self, path: bytes | None) -> str | None:
+        return None if path is None else path.decode(self.encoding, getattr(self, "errors", "strict"))
+
+    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        if not self._read_into:
+            return int(super().read(path, buf, size, offset, fip))
+        fh = fip.contents if self.raw_fi else fip.contents.fh
+        return int(self._dispatch("read_into", self._path(path), _c_buffer(buf, size), offset, fh))
+
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        fh = fip.contents if self.raw_fi else fip.contents.fh
+        return int(self._dispatch("write", self._path(path), _c_buffer(buf, size), offset, fh))
+
+    def getattr_fuse_3(self, path: bytes, buf: Any, fip: Any) -> int:
+        """libfuse3: the first getattr also raises the mount's read-ahead (``raise_readahead``).
+
+        Why here and not in ``init``: the kernel applies the INIT reply (which resets the
+        read-ahead window) only after ``init`` returns, and holds every other request until it
+        has. Any open needs a lookup, i.e. a getattr, first, so every file opened on this mount
+        starts with the larger window (the kernel copies it into the file at open)."""
+        if self._readahead_pending:
+            self._readahead_pending = False
+            raise_readahead(self._mountpoint)
+        return int(super().getattr_fuse_3(path, buf, fip) or 0)
 
     def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
         if name.startswith(b"security."):

@@ -58,6 +58,7 @@ from kmsfs.format import (
 from kmsfs.holes import supports_sparse
 from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
 from kmsfs.keypool import DataKeyPool
+from kmsfs.rwlock import SharedLock
 
 log = logging.getLogger("kmsfs")
 
@@ -81,7 +82,7 @@ class _Inode:
 
     header: Header
     cipher: BlockCipher
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    lock: SharedLock = field(default_factory=SharedLock)  # reads share it, all else exclusive
     refs: int = 0
     checked_at: float = field(default_factory=time.monotonic)
     revoked: BaseException | None = None
@@ -363,6 +364,10 @@ class KmsfsCore:
             raise OSError(errno.EBADF, "bad file handle")
         return handle
 
+    def _key_current(self, inode: _Inode) -> bool:
+        """True while ``_check_key`` would return at once (no revalidation due, not revoked)."""
+        return inode.revoked is None and time.monotonic() - inode.checked_at < self.revalidate_after
+
     def _check_key(self, handle: _Handle) -> None:
         """Revocation for open handles: re-unwrap the key once ``revalidate_after`` has passed.
 
@@ -410,10 +415,28 @@ class KmsfsCore:
         log.info("%s: empty file got a fresh file id and data key", handle.path)
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        out = bytearray(size)
+        count = self.read_into(path, memoryview(out), offset, fh)
+        return bytes(out) if count == size else bytes(out[:count])
+
+    def read_into(self, path: str, out: memoryview, offset: int, fh: int) -> int:
+        """Decrypt up to ``len(out)`` bytes at ``offset`` into ``out``; returns the count.
+
+        Reads share the inode lock (see kmsfs.rwlock): concurrent readahead requests overlap
+        their preads with each other's decryption. A read that finds the key due for
+        revalidation (or revoked) takes the lock exclusively, as before, to ask the service.
+        """
         handle = self._handle(fh)
-        with handle.inode.lock:
+        lock = handle.inode.lock
+        lock.acquire_shared()
+        try:
+            if self._key_current(handle.inode):
+                return handle.efile.read_into(offset, out)
+        finally:
+            lock.release_shared()
+        with lock:
             self._check_key(handle)
-            return handle.efile.read(offset, size)
+            return handle.efile.read_into(offset, out)
 
     def write(self, path: str, data: bytes, offset: int, fh: int, caller: Caller | None = None) -> int:
         handle = self._handle(fh)

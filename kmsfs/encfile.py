@@ -49,6 +49,12 @@ from kmsfs.holes import all_zero, overlaps_hole
 
 # Largest run of blocks encrypted and written in one pwrite when filling a gap with zeros.
 _FILL_BLOCKS = 256
+# Reads at least this large (backing bytes) come from the kernel's read-ahead: the backing file is
+# then read ahead by _PREFETCH_AHEAD bytes beyond them (see EncryptedFile._prefetch).
+_PREFETCH_MIN = 256 * 1024
+_PREFETCH_AHEAD = 8 << 20
+# Most blocks per pwritev: two iovecs each, within Linux's IOV_MAX of 1024.
+_IOV_BLOCKS = 500
 
 
 class EncryptedFile:
@@ -67,6 +73,7 @@ class EncryptedFile:
         self.sparse = sparse and self._v2
         self._stored = block_size + BLOCK_OVERHEAD
         self._aad_prefix = block_aad_prefix(file_id, version)
+        self._prefetched_to = 0  # backing offset up to which _prefetch has asked for read-ahead
 
     def rekey(self, cipher: BlockCipher, file_id: bytes, version: int) -> None:
         """Switch to a new data key / file id (only valid while the backing file is empty)."""
@@ -101,6 +108,16 @@ class EncryptedFile:
             return self._aad_prefix + block_no.to_bytes(8, "big")
         return self._aad_prefix + block_no.to_bytes(8, "big") + (b"\x01" if final else b"\x00")
 
+    def _aads(self, first: int, count: int, final_block: int) -> list[bytes]:
+        """``[_aad(b, b == final_block) for b in range(first, first + count)]``, built faster."""
+        prefix = self._aad_prefix
+        if not self._v2:
+            return [prefix + b.to_bytes(8, "big") for b in range(first, first + count)]
+        out = [prefix + b.to_bytes(8, "big") + b"\x00" for b in range(first, first + count)]
+        if first <= final_block < first + count:
+            out[final_block - first] = self._aad(final_block, True)
+        return out
+
     def _open_block(self, block_no: int, stored: bytes, final: bool) -> bytes:
         try:
             return self.cipher.open(stored, self._aad(block_no, final))
@@ -125,23 +142,53 @@ class EncryptedFile:
             raise IntegrityError(f"block {block_no} is short", block=block_no)
         return self._open_block(block_no, stored, block_no == self._final(size))
 
-    def _write_runs(self, blocks: dict[int, bytes | memoryview], final_block: int) -> None:
-        """Seal and write blocks, one pwrite per run of consecutive block numbers, ascending.
+    def _prefetch(self, start: int) -> None:
+        """Ask the kernel to read the backing file ahead of a large (read-ahead) request.
 
-        Each run is sealed in one ``seal_many`` call (one urandom for all its nonces)."""
-        run: list[tuple[bytes | memoryview, bytes]] = []
-        run_start = prev = -2
+        Why: the kernel's read-ahead sends kmsfs 1 MiB requests for a sequential read, several
+        at once (threads); their preads on the backing file arrive out of order and the backing
+        file's own read-ahead then lags, so a request often waited for the disk. Starting the
+        next ``_PREFETCH_AHEAD`` bytes now keeps the disk ahead of decryption. A hint only (no
+        data is read here), at most one call per half window; the unlocked bookkeeping may race
+        between concurrent readers, which costs at most a redundant hint."""
+        ahead = self._prefetched_to - start
+        if _PREFETCH_AHEAD // 2 <= ahead <= 2 * _PREFETCH_AHEAD:  # (out-of-order requests: up to 2x)
+            return
+        begin = start if ahead < 0 or ahead > 2 * _PREFETCH_AHEAD else self._prefetched_to
+        self._prefetched_to = start + _PREFETCH_AHEAD
+        try:
+            os.posix_fadvise(self.fd, begin, self._prefetched_to - begin, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
+    def _write_runs(self, blocks: dict[int, bytes | memoryview], final_block: int) -> None:
+        """Seal and write blocks, one ``pwritev`` per run of consecutive block numbers, ascending.
+
+        Each run is sealed in one ``seal_iov`` call (one urandom for all its nonces) and handed to
+        the kernel as nonce/ciphertext pieces, without first copying them into one buffer. A
+        single block (a 4 KiB random write) takes the shortest path: ``seal`` and ``pwrite``."""
         aad = self._aad
-        for block_no in sorted(blocks):
-            if block_no != prev + 1 and run:
-                _pwrite_all(self.fd, self.cipher.seal_many(run), block_offset(run_start, self.block_size))
-                run = []
-            if not run:
-                run_start = block_no
-            run.append((blocks[block_no], aad(block_no, block_no == final_block)))
-            prev = block_no
-        if run:
-            _pwrite_all(self.fd, self.cipher.seal_many(run), block_offset(run_start, self.block_size))
+        bs = self.block_size
+        if len(blocks) == 1:
+            ((block_no, plain),) = blocks.items()
+            _pwrite_all(self.fd, self.cipher.seal(plain, aad(block_no, block_no == final_block)),
+                        block_offset(block_no, bs))
+            return
+        order = sorted(blocks)
+        if order[-1] - order[0] == len(order) - 1 and len(order) <= _IOV_BLOCKS:  # one run
+            _pwrite_all(self.fd, self.cipher.seal_iov([blocks[b] for b in order],
+                                                      self._aads(order[0], len(order), final_block)),
+                        block_offset(order[0], bs))
+            return
+        start = 0
+        for i in range(1, len(order) + 1):
+            if i < len(order) and order[i] == order[i - 1] + 1 and i - start < _IOV_BLOCKS:
+                continue
+            run = order[start:i]
+            iov = self.cipher.seal_iov([blocks[b] for b in run],
+                                       [aad(b, b == final_block) for b in run])
+            _pwrite_all(self.fd, iov, block_offset(run[0], bs))
+            start = i
 
     def _is_hole_block(self, block_no: int) -> bool:
         offset = block_offset(block_no, self.block_size)
@@ -156,6 +203,10 @@ class EncryptedFile:
             return
         bs = self.block_size
         before = first - 1
+        if before < 0 and last + 1 >= final_block:
+            return
+        if not _hole_in(self.fd, block_offset(max(before, first), bs), block_offset(last + 2, bs)):
+            return  # no hole near the written range: none of the probes below can succeed
         if before >= 0 and before not in blocks and self._is_hole_block(before) and (
                 before == 0 or (before - 1) in blocks or not self._is_hole_block(before - 1)):
             blocks[before] = bytes(bs)
@@ -259,37 +310,71 @@ class EncryptedFile:
         """Up to ``length`` bytes from ``offset``; short at EOF; IntegrityError on a bad block."""
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
+        out = bytearray(max(0, min(length, self.size() - offset)))
+        count = self.read_into(offset, memoryview(out))
+        return bytes(out) if count == len(out) else bytes(out[:count])
+
+    def read_into(self, offset: int, out: memoryview) -> int:
+        """Decrypt up to ``len(out)`` bytes from ``offset`` into ``out``; returns how many (short
+        at EOF). IntegrityError on a bad block, and then ``out`` holds zeros, never plaintext.
+
+        Why into a caller's buffer: the FUSE layer passes the kernel's reply buffer, so whole
+        blocks are authenticated and decrypted straight into it, with no per-block ``bytes``, no
+        join and no final copy. Only partial edge blocks go through a temporary.
+        """
+        if offset < 0:
+            raise ValueError("negative offset")
         backing, size = self._sizes()
-        end = min(offset + length, size)
+        end = min(offset + len(out), size)
         if offset >= end:
-            return b""
+            return 0
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
         final_block = self._final(size)
         if last == final_block:
             self._check_tail(backing, size)
         stored_len = backing_size(min(size, (last + 1) * bs), bs) - block_offset(first, bs)
+        if stored_len >= _PREFETCH_MIN:
+            self._prefetch(block_offset(first, bs) + stored_len)
         raw = memoryview(os.pread(self.fd, stored_len, block_offset(first, bs)))
         if len(raw) != stored_len:
             raise IntegrityError(f"block {first + len(raw) // self._stored} is short",
                                  block=first + len(raw) // self._stored)
-        parts: list[bytes] = []
-        pos = 0
-        open_raw = self.cipher.open_raw
-        aad = self._aad
-        for block_no in range(first, last + 1):
-            stop = pos + min(bs, size - block_no * bs) + BLOCK_OVERHEAD
-            final = block_no == final_block
-            try:
-                parts.append(open_raw(raw[pos:stop], aad(block_no, final)))
-            except InvalidTag:  # a hole, or damage: the slow path tells which
-                parts.append(self._open_block(block_no, bytes(raw[pos:stop]), final))
-            pos = stop
-        out = b"".join(parts)
-        skip = offset - first * bs
-        if skip == 0 and len(out) == end - offset:
-            return out
-        return out[skip:skip + (end - offset)]
+        open_into = self.cipher.open_into
+        stored = self._stored
+        pos = dst = 0
+        try:
+            for block_no in (first, last) if last != first else (first,):  # edges: maybe partial
+                if block_no == last and last - first > 1:  # the whole blocks in between
+                    for n, aad in enumerate(self._aads(first + 1, last - first - 1, -1), first + 1):
+                        try:
+                            open_into(raw[pos:pos + stored], aad, out[dst:dst + bs])
+                        except InvalidTag:  # a hole, or damage: the slow path tells which
+                            out[dst:dst + bs] = self._open_block(n, bytes(raw[pos:pos + stored]), False)
+                        pos += stored
+                        dst += bs
+                b_start = block_no * bs
+                b_len = min(bs, size - b_start)
+                stop = pos + b_len + BLOCK_OVERHEAD
+                lo, hi = max(offset, b_start), min(end, b_start + b_len)
+                final = block_no == final_block
+                if lo == b_start and hi == b_start + b_len:  # whole block: straight into out
+                    try:
+                        open_into(raw[pos:stop], self._aad(block_no, final), out[dst:dst + b_len])
+                    except InvalidTag:
+                        out[dst:dst + b_len] = self._open_block(block_no, bytes(raw[pos:stop]), final)
+                else:
+                    try:
+                        plain = self.cipher.open_raw(raw[pos:stop], self._aad(block_no, final))
+                    except InvalidTag:
+                        plain = self._open_block(block_no, bytes(raw[pos:stop]), final)
+                    out[dst:dst + hi - lo] = plain[lo - b_start:hi - b_start]
+                dst += hi - lo
+                pos = stop
+        except BaseException:
+            out[:] = bytes(len(out))  # decrypt_into may have left unauthenticated bytes
+            raise
+        return end - offset
 
     def write(self, offset: int, data: bytes) -> int:
         """Write ``data`` at ``offset`` (read-modify-write of partial edge blocks)."""
@@ -309,7 +394,12 @@ class EncryptedFile:
         old_final, new_final = self._final(size), self._final(new_size)
         blocks: dict[int, bytes | memoryview] = {}
         view = memoryview(data)
-        for block_no in range(first, last + 1):
+        if last - first > 1:  # middle blocks: whole, sealed straight from the buffer
+            start = (first + 1) * bs - offset
+            blocks.update(zip(range(first + 1, last),
+                              [view[i:i + bs] for i in range(start, start + (last - first - 1) * bs, bs)],
+                              strict=True))
+        for block_no in (first, last) if last != first else (first,):  # edges: maybe partial
             b_start = block_no * bs
             b_len = min(bs, new_size - b_start)
             lo, hi = max(offset, b_start), min(end, b_start + b_len)
@@ -437,7 +527,32 @@ class EncryptedFile:
         return damaged
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+def _hole_in(fd: int, start: int, end: int) -> bool:
+    """Whether any hole of the backing file (other than the one at its end) begins or lies
+    within [start, end): one ``lseek(SEEK_HOLE)``.
+
+    Why: ``_keep_hole_runs_long`` probes up to four blocks around every write, each probe an
+    lseek plus an fstat; a file without holes near the write answers all of them with this one
+    call. False here implies each of those probes (``overlaps_hole`` on a block inside the range)
+    would be false, so the result is unchanged."""
+    try:
+        hole = os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.EINVAL):
+            return False
+        raise
+    return hole < end and hole < os.fstat(fd).st_size
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | list[bytes], offset: int) -> None:
+    """Write all of ``data`` at ``offset``: a buffer, or a list of pieces gathered by ``pwritev``
+    (sealed blocks, see ``BlockCipher.seal_iov``); short writes are continued."""
+    if isinstance(data, list):
+        total = sum(map(len, data))
+        done = os.pwritev(fd, data, offset) if data else 0
+        if done == total:
+            return
+        data, offset = b"".join(data)[done:], offset + done  # rare: continue with pwrite
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)

@@ -195,7 +195,12 @@ class KmsfsOperations(Operations):
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
         return self.core.read(path, size, offset, _fh(fi))
 
-    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+    def read_into(self, path: str, out: memoryview, offset: int, fi: Any) -> int:
+        """``read`` into the kernel's reply buffer (called by ``_fuse.FUSE.read``; not a fusepy
+        operation, but dispatched through ``__call__`` like one)."""
+        return self.core.read_into(path, out, offset, _fh(fi))
+
+    def write(self, path: str, data: bytes | memoryview, offset: int, fi: Any) -> int:
         return self.core.write(path, data, offset, _fh(fi))
 
     def truncate(self, path: str, length: int, fi: Any = None) -> None:
