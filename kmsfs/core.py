@@ -8,8 +8,11 @@ Methods raise OSError (with an errno) or the domain errors: ``IntegrityError``, 
 ``KeyServiceError``, ``KeyServiceUnavailable``.
 
 Key handling: every open() and create() talks to the key service (Decrypt / GenerateDataKey): that
-request is the audited access. The plaintext data key is kept only while some handle of the inode
-is open, in a per-inode record that also holds the lock all handles of that inode share.
+request is the audited access. A create may take a data key the pool generated ahead of time
+(kmsfs/keypool.py); its path is then audited by a claim Decrypt sent right after the create, off
+its critical path, and a refused claim fails the new handle like a refused revalidation. The
+plaintext data key is kept only while some handle of the inode is open, in a per-inode record that
+also holds the lock all handles of that inode share.
 
 Revocation reaches open handles (F6): an inode's unwrapped key is trusted for ``revalidate_after``
 seconds; the next read/write/truncate after that unwraps the header again (Decrypt). A refusal
@@ -32,6 +35,7 @@ import errno
 import fcntl
 import itertools
 import logging
+import math
 import os
 import stat
 import threading
@@ -57,7 +61,7 @@ from kmsfs.format import (
 )
 from kmsfs.holes import supports_sparse
 from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
-from kmsfs.keypool import DataKeyPool
+from kmsfs.keypool import DataKeyPool, PooledKey
 
 log = logging.getLogger("kmsfs")
 
@@ -239,21 +243,37 @@ class KmsfsCore:
 
     # -- files ------------------------------------------------------------------------------------
     def _new_key(self, path: str, caller: Caller | None) -> tuple[Header, bytes]:
-        """A fresh file id and data key (F2): GenerateDataKey bound to the file id.
-
-        From the key pool when one is configured and has a key ready (generated the same way,
-        for a file id chosen beforehand, used once), else a request made now for this caller.
-        """
-        pooled = self.key_pool.take() if self.key_pool is not None else None
-        if pooled is not None:
-            return Header(file_id=pooled.file_id, key_arn=pooled.key_arn, wrapped_key=pooled.wrapped_key,
-                          version=FORMAT_VERSION), pooled.key
+        """A fresh file id and data key (F2): GenerateDataKey bound to the file id, asked now for
+        this caller (so the service audits it with the path). Creates may use the key pool first
+        (``create``); a re-key of a planted file always asks here."""
         file_id = os.urandom(FILE_ID_SIZE)
         key, blob, arn = self.client.generate_data_key(self.config.key_arn, encryption_context(file_id),
                                                        caller)
         if len(key) != DATA_KEY_SIZE:
             raise CorruptHeader("key service returned a data key of the wrong size")
         return Header(file_id=file_id, key_arn=arn, wrapped_key=blob, version=FORMAT_VERSION), key
+
+    def _claim(self, pooled: PooledKey, path: str, caller: Caller | None, inode: _Inode) -> None:
+        """Have the service audit this create with its path (a claim Decrypt, in the background).
+
+        Why: the pooled key's GenerateDataKey was audited without a path. If the service refuses
+        the claim, the create's inode is treated like one whose revalidation was refused: I/O on
+        it fails with EACCES until a Decrypt succeeds again (``_check_key`` re-asks after a
+        second). If the service unwraps to a different key, the inode never works again and is
+        dropped, so later opens start from the service's key."""
+        assert self.key_pool is not None
+
+        def refused(exc: BaseException, mismatch: bool) -> None:
+            # Runs on the claim thread. revoked first: a reader that sees it raises it.
+            inode.revoked = exc
+            inode.checked_at = math.inf if mismatch else time.monotonic()
+            if mismatch:
+                with self._lock:
+                    for ident, known in list(self._inodes.items()):
+                        if known is inode:
+                            del self._inodes[ident]
+
+        self.key_pool.claim(pooled, {**(caller or {}), "path": path}, refused)
 
     def create(self, path: str, mode: int, caller: Caller | None = None, flags: int = os.O_RDWR) -> int:
         """New file with a fresh data key from GenerateDataKey (F2); returns a handle.
@@ -266,7 +286,12 @@ class KmsfsCore:
             if flags & os.O_EXCL:
                 raise FileExistsError(errno.EEXIST, "file exists", path)
             return self.open(path, flags & ~os.O_CREAT, caller)
-        header, key = self._new_key(path, caller)
+        pooled = self.key_pool.take() if self.key_pool is not None else None
+        if pooled is None:
+            header, key = self._new_key(path, caller)
+        else:  # generated ahead for a file id chosen then; claimed below, once the file exists
+            header, key = Header(file_id=pooled.file_id, key_arn=pooled.key_arn,
+                                 wrapped_key=pooled.wrapped_key, version=FORMAT_VERSION), pooled.key
         directory = os.path.dirname(full)
         fd, temp = _open_unnamed(directory)
         try:
@@ -284,6 +309,8 @@ class KmsfsCore:
             if temp is not None:
                 _unlink_quietly(temp)
         fh = self._register(fd, path, header, key, fresh=True)
+        if pooled is not None:
+            self._claim(pooled, path, caller, self._handles[fh].inode)
         return fh
 
     def open(self, path: str, flags: int, caller: Caller | None = None) -> int:
