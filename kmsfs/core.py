@@ -40,6 +40,7 @@ import os
 import stat
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,11 @@ class KmsfsCore:
                  revalidate_after: float = DEFAULT_REVALIDATE_AFTER,
                  sparse: bool | None = None, key_pool: DataKeyPool | None = None) -> None:
         self.root = os.path.realpath(cipherdir)
+        self._root_slash = self.root.rstrip("/") + "/"
+        # Held for the core's life: creates name their O_TMPFILE relative to it (no directory
+        # open and close per create).
+        self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        weakref.finalize(self, os.close, self._root_fd)
         self.key_pool = key_pool
         self.config = config
         self.client = client
@@ -122,11 +128,17 @@ class KmsfsCore:
 
     # -- paths ------------------------------------------------------------------------------------
     def full(self, path: str) -> str:
-        """Backing path of a mount path; reserved names in the root do not exist in the mount."""
+        """Backing path of a mount path; reserved names in the root do not exist in the mount.
+
+        Called on every path operation, hence plain string operations (the first component
+        starts with the reserved prefix exactly when the relative path does: the prefix has no
+        slash; ``root + "/" + rel`` is what ``os.path.join`` returns for a relative ``rel``)."""
         rel = path.lstrip("/")
-        if rel.split("/", 1)[0].startswith(RESERVED_PREFIX):
+        if not rel:
+            return self.root
+        if rel.startswith(RESERVED_PREFIX):
             raise FileNotFoundError(errno.ENOENT, "reserved name", path)
-        return os.path.join(self.root, rel) if rel else self.root
+        return self._root_slash + rel
 
     def _own(self, full: str, caller: Caller | None, fd: int | None = None) -> None:
         """When running as root, new entries belong to the requesting user (like a local fs)."""
@@ -140,14 +152,18 @@ class KmsfsCore:
 
     # -- attributes -------------------------------------------------------------------------------
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        """The backing file's attributes, with the plaintext size for regular files.
+
+        The most frequent request (several per created file: the kernel re-asks after every
+        write), so the dict is built in one literal rather than by a loop of ``getattr``."""
         handle = self._handles.get(fh) if fh else None
         st = os.fstat(handle.fd) if handle else os.lstat(self.full(path))
-        attrs = {k: getattr(st, k) for k in ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid",
-                                             "st_size", "st_blocks", "st_rdev")}
-        attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
-        if stat.S_ISREG(st.st_mode):
-            attrs["st_size"] = plain_size(st.st_size, DEFAULT_BLOCK_SIZE)
-        return attrs
+        mode = st.st_mode
+        return {"st_mode": mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
+                "st_gid": st.st_gid,
+                "st_size": plain_size(st.st_size, DEFAULT_BLOCK_SIZE) if stat.S_ISREG(mode) else st.st_size,
+                "st_blocks": st.st_blocks, "st_rdev": st.st_rdev, "st_atime": st.st_atime_ns,
+                "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
 
     def readdir(self, path: str) -> list[str]:
         names = os.listdir(self.full(path))
@@ -299,7 +315,7 @@ class KmsfsCore:
             self._own(full, caller, fd)  # before chmod: chown clears set-id bits
             os.fchmod(fd, mode & 0o7777)
             if temp is None:
-                _link_fd(fd, full)
+                _link_fd(fd, self._root_fd, full[len(self._root_slash):])
             else:
                 os.link(temp, full, follow_symlinks=False)
         except BaseException:
@@ -535,16 +551,13 @@ def _open_unnamed(directory: str) -> tuple[int, str | None]:
     return os.open(temp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600), temp
 
 
-def _link_fd(fd: int, full: str) -> None:
+def _link_fd(fd: int, root_fd: int, rel: str) -> None:
     """linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: gives an O_TMPFILE its name atomically.
 
-    Python calls plain link() unless a dir fd is given, and link() would not follow the magic link.
+    ``rel`` is relative to the directory ``root_fd``. Python calls plain link() unless a dir fd is
+    given, and link() would not follow the magic link.
     """
-    dir_fd = os.open(os.path.dirname(full), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.link(f"/proc/self/fd/{fd}", os.path.basename(full), dst_dir_fd=dir_fd, follow_symlinks=True)
-    finally:
-        os.close(dir_fd)
+    os.link(f"/proc/self/fd/{fd}", rel, dst_dir_fd=root_fd, follow_symlinks=True)
 
 
 def _unlink_quietly(path: str) -> None:
