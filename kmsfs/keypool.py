@@ -119,7 +119,12 @@ class DataKeyPool:
         self._keys: collections.deque[PooledKey] = collections.deque()
         self._claims: collections.deque[_Claim] = collections.deque()
         self._claiming = 0  # claims taken off the queue, request in flight
-        self._cond = threading.Condition()
+        # One lock, two conditions: refill threads wait on ``_cond``, claim threads on
+        # ``_claim_cond``, so a create wakes only the thread that has work (each wakeup costs the
+        # FUSE threads GIL time).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._claim_cond = threading.Condition(self._lock)
         self._pending = 0
         self._closed = False
         self._draining = False
@@ -150,13 +155,12 @@ class DataKeyPool:
             self._draining = True
             for claim in self._claims:
                 claim.due = 0.0  # one more attempt each now, no backoff
-            self._cond.notify_all()
+            self._claim_cond.notify_all()
         deadline = time.monotonic() + self.drain_timeout
         for thread in self._claim_threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
             left, self._claims = list(self._claims), collections.deque()
-            self._cond.notify_all()
         for claim in left:
             log.error("create of %s (file id %s) not audited with its path: the key service did not "
                       "answer its claim before unmount (its GenerateDataKey was audited)",
@@ -171,9 +175,9 @@ class DataKeyPool:
             while self._keys:
                 entry = self._keys.popleft()
                 if now - entry.generated_at < self.max_age:
-                    self._cond.notify_all()
+                    self._cond.notify()
                     return entry
-            self._cond.notify_all()
+            self._cond.notify()
             return None
 
     def claim(self, entry: PooledKey, caller: dict[str, Any], on_refused: OnRefused) -> None:
@@ -184,7 +188,7 @@ class DataKeyPool:
         refuses the Decrypt (``mismatch=False``) or returns another key (``mismatch=True``)."""
         with self._cond:
             self._claims.append(_Claim(entry, {**caller, "op": "create"}, on_refused))
-            self._cond.notify_all()
+            self._claim_cond.notify()
 
     def unclaimed(self) -> int:
         """Keys used by creates whose claim has not been answered yet."""
@@ -201,7 +205,8 @@ class DataKeyPool:
                 while not self._closed and (len(self._keys) + self._pending >= self.size
                                             or len(self._claims) + self._claiming >= self.size
                                             or time.monotonic() < self._paused_until):
-                    self._cond.wait(timeout=max(0.05, self._paused_until - time.monotonic()))
+                    paused = self._paused_until - time.monotonic()
+                    self._cond.wait(timeout=max(0.05, paused) if paused > 0 else 1.0)
                     self._expire()
                 if self._closed:
                     return
@@ -259,7 +264,7 @@ class DataKeyPool:
                     wait = 1.0
                 if self._draining and self._claims[0].attempts and self._claims[0].due > 0:
                     return None  # unmounting, the service is not answering: close() logs the rest
-                self._cond.wait(timeout=wait)
+                self._claim_cond.wait(timeout=wait)
 
     def _claim_loop(self) -> None:
         while (claim := self._next_claim()) is not None:
@@ -270,7 +275,9 @@ class DataKeyPool:
                     delay = min(_CLAIM_RETRY_MAX, _CLAIM_RETRY_FIRST * 2 ** (claim.attempts - 1))
                     claim.due = time.monotonic() + delay
                     self._claims.appendleft(claim)  # keep create order
-                self._cond.notify_all()
+                    self._claim_cond.notify()
+                else:
+                    self._cond.notify()  # one claim fewer outstanding: a throttled refill may go on
 
     def _send_claim(self, claim: _Claim) -> bool:
         """One claim Decrypt; True if it must be retried (the service did not answer)."""
