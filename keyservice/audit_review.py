@@ -63,6 +63,30 @@ def _matches_file(record: Mapping[str, Any], file: str) -> bool:
     return path == file or path == prefix or path.startswith(prefix + "/")
 
 
+# The encryption-context entry kmsfs binds every data key to (kmsfs/format.py): it names the file
+# across its records — the pooled GenerateDataKey (no path), the create's claim and every open.
+FILE_ID_CONTEXT = "kmsfs:file-id"
+
+
+def file_id_of(record: Mapping[str, Any]) -> str | None:
+    """The kmsfs file id of a crypto record (from its encryption context), if any."""
+    context = record.get("encryption_context")
+    value = context.get(FILE_ID_CONTEXT) if isinstance(context, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def is_create(record: Mapping[str, Any]) -> bool:
+    """A kmsfs create: GenerateDataKey* made for a path, or the claim Decrypt (``caller.op ==
+    "create"``) a pooled create sends with its path after taking a key generated ahead of time."""
+    caller = record.get("caller")
+    if not isinstance(caller, dict) or not isinstance(caller.get("path"), str):
+        return False
+    operation = str(record.get("operation", ""))
+    if operation == "Decrypt":
+        return caller.get("op") == "create"
+    return operation.startswith("GenerateDataKey")
+
+
 def query(
     data_dir: Path,
     *,
@@ -74,13 +98,16 @@ def query(
     principal: str | None = None,
     outcome: str | None = None,
     user: str | None = None,
+    file_id: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Records matching every given filter, oldest first.
 
     ``key``: key id, key ARN, alias name or alias ARN as recorded. ``operation``: exact AWS name
     (case-insensitive). ``since`` inclusive, ``until`` exclusive. ``file``: the kmsfs path, exact
     or a directory prefix. ``principal``: principal ARN or access key id. ``outcome``: ``success`` or
-    ``error``. ``user``: the local user behind a kmsfs open, by uid or user name.
+    ``error``. ``user``: the local user behind a kmsfs open, by uid or user name. ``file_id``: the
+    kmsfs file id in the encryption context (hex), which joins a pooled GenerateDataKey — audited
+    before any path was known — to the create that used it and to every open of that file.
     """
     for record in read_records(data_dir):
         if key is not None and not _matches_key(record, key):
@@ -98,6 +125,8 @@ def query(
         if outcome is not None and record.get("outcome") != outcome:
             continue
         if user is not None and not _matches_user(record, user):
+            continue
+        if file_id is not None and file_id_of(record) != file_id.lower():
             continue
         yield record
 
@@ -166,9 +195,16 @@ def _principal_name(arn: object) -> str:
 
 
 def files_summary(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Who opened which file how often, through which key: one row per (file, principal, local
-    user, key), from the kmsfs records (those with a ``caller.path``), most recent first."""
+    """Who created and opened which file how often, through which key: one row per (file,
+    principal, local user, key), from the kmsfs records (those with a ``caller.path``), most
+    recent first.
+
+    A create is counted once per file id, whether the key was asked for at the create
+    (GenerateDataKey with the path) or taken from the mount's key pool and then claimed (a Decrypt
+    with ``"op": "create"``, see ``is_create``); a claim is not an open. The pool's own
+    GenerateDataKey records carry no path (``caller.pool``) and join through ``file_id``."""
     rows: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    created: dict[tuple[str, str, str, str], set[str]] = {}
     for record in records:
         caller = record.get("caller")
         if not isinstance(caller, dict) or not isinstance(caller.get("path"), str):
@@ -177,27 +213,36 @@ def files_summary(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         key = str(record.get("key_id") or "-")
         group = (caller["path"], str(record.get("principal") or "-"), user, key)
         row = rows.setdefault(group, {
-            "path": group[0], "principal": group[1], "user": user, "key_id": key,
+            "path": group[0], "principal": group[1], "user": user, "key_id": key, "processes": [],
             "opens": 0, "created": 0, "denied": 0, "first": record.get("time"), "last": record.get("time"),
         })  # fmt: skip
+        process = caller.get("process")
+        if isinstance(process, str) and process and process not in row["processes"]:
+            row["processes"].append(process)
         if record.get("outcome") != "success":
             row["denied"] += 1
+        elif is_create(record):
+            ids = created.setdefault(group, set())
+            file_id = file_id_of(record)
+            if file_id is None or file_id not in ids:  # a retried claim is one create
+                row["created"] += 1
+            if file_id is not None:
+                ids.add(file_id)
         elif record.get("operation") == "Decrypt":
             row["opens"] += 1
-        elif str(record.get("operation", "")).startswith("GenerateDataKey"):
-            row["created"] += 1
         row["last"] = record.get("time")
     return sorted(rows.values(), key=lambda r: (str(r["last"]), r["path"]), reverse=True)
 
 
 def format_files(rows: Iterable[Mapping[str, Any]]) -> str:
     """The ``audit files`` table."""
-    header = ("FILE", "LOCAL USER", "PRINCIPAL", "KEY", "OPENS", "CREATED", "REFUSED", "LAST")
+    header = ("FILE", "LOCAL USER", "PROCESS", "PRINCIPAL", "KEY", "OPENS", "CREATED", "REFUSED", "LAST")
     table: list[tuple[str, ...]] = [header]
     for r in rows:
         key = str(r["key_id"]).rsplit("/", 1)[-1]
-        table.append((r["path"], r["user"], _principal_name(r["principal"]), key, str(r["opens"]),
-                      str(r["created"]), str(r["denied"]), str(r["last"])))
+        table.append((r["path"], r["user"], ",".join(r.get("processes") or ()) or "-",
+                      _principal_name(r["principal"]), key, str(r["opens"]), str(r["created"]),
+                      str(r["denied"]), str(r["last"])))
     return _render(table)
 
 

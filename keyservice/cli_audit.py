@@ -22,6 +22,7 @@ def _filters(args: argparse.Namespace) -> dict[str, object]:
     return {
         "key": args.key, "operation": args.operation, "since": args.since, "until": args.until,
         "file": args.file, "principal": args.principal, "outcome": args.outcome, "user": args.user,
+        "file_id": args.file_id,
     }  # fmt: skip
 
 
@@ -79,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     commands = parser.add_subparsers(dest="audit_command", required=True)
     for name, func, text in (
         ("list", cmd_list, "list audit records, oldest first"),
-        ("files", cmd_files, "who opened which file how often, through which key"),
+        ("files", cmd_files, "who created and opened which file how often, through which key"),
     ):
         p = commands.add_parser(name, help=text)
         p.add_argument("--data-dir", required=True)
@@ -89,6 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         p.add_argument("--outcome", choices=("success", "error"))
         p.add_argument("--user", help="local user behind a kmsfs open: uid or user name")
         p.add_argument("--file", help="path inside a kmsfs mount (a directory matches everything below it)")
+        p.add_argument("--file-id", help="kmsfs file id (hex, from the encryption context): joins a "
+                       "pooled GenerateDataKey to the create that used it and the file's opens")
         p.add_argument("--since", type=_time, help="ISO 8601 time, or 15m / 2h / 7d ago")
         p.add_argument("--until", type=_time, help="ISO 8601 time, or 15m / 2h / 7d ago")
         p.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -35,6 +35,7 @@ from kmsfs.keyclient import (
     KeyServiceUnavailable,
     load_credentials,
 )
+from kmsfs.keypool import DEFAULT_SIZE as DEFAULT_KEY_POOL
 
 MOUNT_TIMEOUT = 30.0
 # Bound on one key service request (connect and read): new opens fail with EIO after at most this.
@@ -129,8 +130,9 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
         from kmsfs.keypool import DataKeyPool
 
         # Keys older than the revalidation interval are discarded: revocation reaches creates
-        # within the same bound as it reaches open handles.
-        pool = DataKeyPool(client.generate_data_key, config.key_arn, args.key_pool,
+        # within the same bound as it reaches open handles. Each pooled create is claimed (a
+        # Decrypt with its path) so the audit records it like a direct one.
+        pool = DataKeyPool(client.generate_data_key, client.decrypt, config.key_arn, args.key_pool,
                            max(1.0, args.revalidate_after))
         pool.start()
     core = KmsfsCore(cipherdir, config, client, revalidate_after=args.revalidate_after, key_pool=pool)
@@ -412,9 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kms-timeout", type=_seconds(0.1, 120.0), default=DEFAULT_KMS_TIMEOUT,
                    metavar="SECONDS",
                    help=f"bound on each key service request (default {DEFAULT_KMS_TIMEOUT:g})")
-    s.add_argument("--key-pool", type=_count(0, 1024), default=0, metavar="N",
-                   help="keep N pre-generated data keys for creates (default 0: every create asks "
-                        "the service itself; see kmsfs/keypool.py for what changes in the audit)")
+    s.add_argument("--key-pool", type=_count(0, 1024), default=DEFAULT_KEY_POOL, metavar="N",
+                   help=f"keep N pre-generated data keys for creates (default {DEFAULT_KEY_POOL}: off, "
+                        "every create asks the service for its key itself; 32 suits a distant key "
+                        "service). Each pooled create is audited with its path by a claim Decrypt "
+                        "sent just after it (kmsfs/keypool.py)")
     s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount")

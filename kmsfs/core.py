@@ -8,8 +8,11 @@ Methods raise OSError (with an errno) or the domain errors: ``IntegrityError``, 
 ``KeyServiceError``, ``KeyServiceUnavailable``.
 
 Key handling: every open() and create() talks to the key service (Decrypt / GenerateDataKey): that
-request is the audited access. The plaintext data key is kept only while some handle of the inode
-is open, in a per-inode record that also holds the lock all handles of that inode share.
+request is the audited access. A create may take a data key the pool generated ahead of time
+(kmsfs/keypool.py); its path is then audited by a claim Decrypt sent right after the create, off
+its critical path, and a refused claim fails the new handle like a refused revalidation. The
+plaintext data key is kept only while some handle of the inode is open, in a per-inode record that
+also holds the lock all handles of that inode share.
 
 Revocation reaches open handles (F6): an inode's unwrapped key is trusted for ``revalidate_after``
 seconds; the next read/write/truncate after that unwraps the header again (Decrypt). A refusal
@@ -32,10 +35,12 @@ import errno
 import fcntl
 import itertools
 import logging
+import math
 import os
 import stat
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +62,7 @@ from kmsfs.format import (
 )
 from kmsfs.holes import supports_sparse
 from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
-from kmsfs.keypool import DataKeyPool
+from kmsfs.keypool import DataKeyPool, PooledKey
 from kmsfs.rwlock import SharedLock
 
 log = logging.getLogger("kmsfs")
@@ -106,6 +111,11 @@ class KmsfsCore:
                  revalidate_after: float = DEFAULT_REVALIDATE_AFTER,
                  sparse: bool | None = None, key_pool: DataKeyPool | None = None) -> None:
         self.root = os.path.realpath(cipherdir)
+        self._root_slash = self.root.rstrip("/") + "/"
+        # Held for the core's life: creates name their O_TMPFILE relative to it (no directory
+        # open and close per create).
+        self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        weakref.finalize(self, os.close, self._root_fd)
         self.key_pool = key_pool
         self.config = config
         self.client = client
@@ -119,11 +129,17 @@ class KmsfsCore:
 
     # -- paths ------------------------------------------------------------------------------------
     def full(self, path: str) -> str:
-        """Backing path of a mount path; reserved names in the root do not exist in the mount."""
+        """Backing path of a mount path; reserved names in the root do not exist in the mount.
+
+        Called on every path operation, hence plain string operations (the first component
+        starts with the reserved prefix exactly when the relative path does: the prefix has no
+        slash; ``root + "/" + rel`` is what ``os.path.join`` returns for a relative ``rel``)."""
         rel = path.lstrip("/")
-        if rel.split("/", 1)[0].startswith(RESERVED_PREFIX):
+        if not rel:
+            return self.root
+        if rel.startswith(RESERVED_PREFIX):
             raise FileNotFoundError(errno.ENOENT, "reserved name", path)
-        return os.path.join(self.root, rel) if rel else self.root
+        return self._root_slash + rel
 
     def _own(self, full: str, caller: Caller | None, fd: int | None = None) -> None:
         """When running as root, new entries belong to the requesting user (like a local fs)."""
@@ -137,14 +153,18 @@ class KmsfsCore:
 
     # -- attributes -------------------------------------------------------------------------------
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        """The backing file's attributes, with the plaintext size for regular files.
+
+        The most frequent request (several per created file: the kernel re-asks after every
+        write), so the dict is built in one literal rather than by a loop of ``getattr``."""
         handle = self._handles.get(fh) if fh else None
         st = os.fstat(handle.fd) if handle else os.lstat(self.full(path))
-        attrs = {k: getattr(st, k) for k in ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid",
-                                             "st_size", "st_blocks", "st_rdev")}
-        attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
-        if stat.S_ISREG(st.st_mode):
-            attrs["st_size"] = plain_size(st.st_size, DEFAULT_BLOCK_SIZE)
-        return attrs
+        mode = st.st_mode
+        return {"st_mode": mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
+                "st_gid": st.st_gid,
+                "st_size": plain_size(st.st_size, DEFAULT_BLOCK_SIZE) if stat.S_ISREG(mode) else st.st_size,
+                "st_blocks": st.st_blocks, "st_rdev": st.st_rdev, "st_atime": st.st_atime_ns,
+                "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
 
     def readdir(self, path: str) -> list[str]:
         names = os.listdir(self.full(path))
@@ -240,21 +260,37 @@ class KmsfsCore:
 
     # -- files ------------------------------------------------------------------------------------
     def _new_key(self, path: str, caller: Caller | None) -> tuple[Header, bytes]:
-        """A fresh file id and data key (F2): GenerateDataKey bound to the file id.
-
-        From the key pool when one is configured and has a key ready (generated the same way,
-        for a file id chosen beforehand, used once), else a request made now for this caller.
-        """
-        pooled = self.key_pool.take() if self.key_pool is not None else None
-        if pooled is not None:
-            return Header(file_id=pooled.file_id, key_arn=pooled.key_arn, wrapped_key=pooled.wrapped_key,
-                          version=FORMAT_VERSION), pooled.key
+        """A fresh file id and data key (F2): GenerateDataKey bound to the file id, asked now for
+        this caller (so the service audits it with the path). Creates may use the key pool first
+        (``create``); a re-key of a planted file always asks here."""
         file_id = os.urandom(FILE_ID_SIZE)
         key, blob, arn = self.client.generate_data_key(self.config.key_arn, encryption_context(file_id),
                                                        caller)
         if len(key) != DATA_KEY_SIZE:
             raise CorruptHeader("key service returned a data key of the wrong size")
         return Header(file_id=file_id, key_arn=arn, wrapped_key=blob, version=FORMAT_VERSION), key
+
+    def _claim(self, pooled: PooledKey, path: str, caller: Caller | None, inode: _Inode) -> None:
+        """Have the service audit this create with its path (a claim Decrypt, in the background).
+
+        Why: the pooled key's GenerateDataKey was audited without a path. If the service refuses
+        the claim, the create's inode is treated like one whose revalidation was refused: I/O on
+        it fails with EACCES until a Decrypt succeeds again (``_check_key`` re-asks after a
+        second). If the service unwraps to a different key, the inode never works again and is
+        dropped, so later opens start from the service's key."""
+        assert self.key_pool is not None
+
+        def refused(exc: BaseException, mismatch: bool) -> None:
+            # Runs on the claim thread. revoked first: a reader that sees it raises it.
+            inode.revoked = exc
+            inode.checked_at = math.inf if mismatch else time.monotonic()
+            if mismatch:
+                with self._lock:
+                    for ident, known in list(self._inodes.items()):
+                        if known is inode:
+                            del self._inodes[ident]
+
+        self.key_pool.claim(pooled, {**(caller or {}), "path": path}, refused)
 
     def create(self, path: str, mode: int, caller: Caller | None = None, flags: int = os.O_RDWR) -> int:
         """New file with a fresh data key from GenerateDataKey (F2); returns a handle.
@@ -267,7 +303,12 @@ class KmsfsCore:
             if flags & os.O_EXCL:
                 raise FileExistsError(errno.EEXIST, "file exists", path)
             return self.open(path, flags & ~os.O_CREAT, caller)
-        header, key = self._new_key(path, caller)
+        pooled = self.key_pool.take() if self.key_pool is not None else None
+        if pooled is None:
+            header, key = self._new_key(path, caller)
+        else:  # generated ahead for a file id chosen then; claimed below, once the file exists
+            header, key = Header(file_id=pooled.file_id, key_arn=pooled.key_arn,
+                                 wrapped_key=pooled.wrapped_key, version=FORMAT_VERSION), pooled.key
         directory = os.path.dirname(full)
         fd, temp = _open_unnamed(directory)
         try:
@@ -275,7 +316,7 @@ class KmsfsCore:
             self._own(full, caller, fd)  # before chmod: chown clears set-id bits
             os.fchmod(fd, mode & 0o7777)
             if temp is None:
-                _link_fd(fd, full)
+                _link_fd(fd, self._root_fd, full[len(self._root_slash):])
             else:
                 os.link(temp, full, follow_symlinks=False)
         except BaseException:
@@ -285,6 +326,8 @@ class KmsfsCore:
             if temp is not None:
                 _unlink_quietly(temp)
         fh = self._register(fd, path, header, key, fresh=True)
+        if pooled is not None:
+            self._claim(pooled, path, caller, self._handles[fh].inode)
         return fh
 
     def open(self, path: str, flags: int, caller: Caller | None = None) -> int:
@@ -329,8 +372,13 @@ class KmsfsCore:
             os.close(fd)
 
     def _unwrap(self, header: Header, caller: Caller | None) -> bytes:
-        key = self.client.decrypt(header.wrapped_key, header.encryption_context(), caller,
-                                  key_id=header.key_arn)
+        try:
+            key = self.client.decrypt(header.wrapped_key, header.encryption_context(), caller,
+                                      key_id=header.key_arn)
+        except KeyServiceError as exc:
+            if exc.is_access_denied and self.key_pool is not None:
+                self.key_pool.refused_elsewhere()  # revocation reaches pooled creates at once
+            raise
         if len(key) != DATA_KEY_SIZE:
             raise CorruptHeader("unwrapped data key has the wrong size")
         return key
@@ -531,16 +579,13 @@ def _open_unnamed(directory: str) -> tuple[int, str | None]:
     return os.open(temp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600), temp
 
 
-def _link_fd(fd: int, full: str) -> None:
+def _link_fd(fd: int, root_fd: int, rel: str) -> None:
     """linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: gives an O_TMPFILE its name atomically.
 
-    Python calls plain link() unless a dir fd is given, and link() would not follow the magic link.
+    ``rel`` is relative to the directory ``root_fd``. Python calls plain link() unless a dir fd is
+    given, and link() would not follow the magic link.
     """
-    dir_fd = os.open(os.path.dirname(full), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.link(f"/proc/self/fd/{fd}", os.path.basename(full), dst_dir_fd=dir_fd, follow_symlinks=True)
-    finally:
-        os.close(dir_fd)
+    os.link(f"/proc/self/fd/{fd}", rel, dst_dir_fd=root_fd, follow_symlinks=True)
 
 
 def _unlink_quietly(path: str) -> None:

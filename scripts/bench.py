@@ -671,15 +671,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help="comma-separated subset of " + ",".join(TARGETS))
-    p.add_argument("--key-pool", type=int, default=64, metavar="N",
-                   help="kmsfs mount --key-pool N (default 64; 0 measures kmsfs without the pool)")
+    p.add_argument("--key-pool", type=int, default=None, metavar="N",
+                   help="kmsfs mount --key-pool N (default: kmsfs's own default, off; 32 measures "
+                        "the pool with its claims)")
     args = p.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]
     if "kmsfs" not in args.targets:
         p.error("--targets must include kmsfs")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with run_directory(args.run_dir, args.keep) as run_dir:
-        env = Env(run_dir, kmsfs_opts=[] if args.key_pool == 0 else [f"--key-pool={args.key_pool}"])
+        env = Env(run_dir, kmsfs_opts=[] if args.key_pool is None else [f"--key-pool={args.key_pool}"])
         try:
             result = bench(args, env)
         finally:

@@ -8,8 +8,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,3 +114,38 @@ def daemon_pid(cipherdir: Path, mountpoint: Path) -> int:
         if b"kmsfs" in b" ".join(cmd) and b"mount" in cmd and str(mountpoint).encode() in cmd:
             return int(entry)
     raise AssertionError(f"no kmsfs daemon for {mountpoint}")
+
+
+def wait_for_records(
+    fetch: Callable[[], list[dict[str, Any]]],
+    done: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 10,
+) -> list[dict[str, Any]]:
+    """Poll audit records until ``done``: a pooled create's claim (and the pool's own refills)
+    are sent in the background, a round trip after the syscall returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = fetch()
+        if done(records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"audit records not there after {timeout} s: {records[-5:]}")
+        time.sleep(0.05)
+
+
+POOL_SIZE = 32  # the --key-pool the pool tests mount with (kmsfs.keypool.SUGGESTED_SIZE)
+
+
+def wait_pool_full(service: Any, cipherdir: Path, mountpoint: Path, size: int = POOL_SIZE) -> int:
+    """Wait until the mount's key pool has generated ``size`` keys (its GenerateDataKey records,
+    ``caller.pool``, from the daemon's pid); returns that pid. Then the next create takes a
+    pooled key, for certain."""
+    pid = daemon_pid(cipherdir, mountpoint)
+
+    def pooled(records: list[dict[str, Any]]) -> bool:
+        mine = [r for r in records if (r.get("caller") or {}).get("pool") and r["caller"].get("pid") == pid
+                and r.get("outcome") == "success"]
+        return len(mine) >= size
+
+    wait_for_records(service.audit_records, pooled)
+    return pid

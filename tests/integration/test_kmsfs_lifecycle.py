@@ -17,8 +17,17 @@ from typing import Any
 
 import pytest
 
+from keyservice.audit_review import is_create
 from kmsfs import format as fmt
-from tests.integration.kmsfs_mount_helpers import daemon_pid, force_unmount, kmsfs, mounted, requires_fuse
+from tests.integration.kmsfs_mount_helpers import (
+    daemon_pid,
+    force_unmount,
+    kmsfs,
+    mounted,
+    requires_fuse,
+    wait_for_records,
+    wait_pool_full,
+)
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 BS = fmt.DEFAULT_BLOCK_SIZE
@@ -157,24 +166,37 @@ while True:
     assert "DAMAGED" not in proc.stdout
 
 
-def test_outage_bounded_and_reconnects(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pool", ["32", "0"])
+def test_outage_bounded_and_reconnects(tmp_path: Path, pool: str) -> None:
+    """Service stopped: opens fail with EIO within the timeout, open files keep working, the mount
+    reconnects by itself. Creates: without the pool they need the service and fail; with it they
+    use a key generated (and audited) before the outage, and the create's claim is delivered —
+    with its path — once the service is back."""
     from tests.conftest import start_dev_service, stop_dev_service, wait_healthy
 
     (tmp_path / "svc").mkdir()
     service = start_dev_service(tmp_path / "svc")
+    extra = ["--kms-timeout", "2", "--key-pool", pool]
     try:
         cipherdir, _ = _init(service, tmp_path)
-        with mounted(cipherdir, tmp_path / "mnt", service.credentials_file, "--kms-timeout", "2") as m:
+        with mounted(cipherdir, tmp_path / "mnt", service.credentials_file, *extra) as m:
             (m / "a.txt").write_text("open during outage")
             (m / "b.txt").write_text("needs the service")
+            if pool != "0":
+                wait_pool_full(service, cipherdir, m)
             with open(m / "a.txt", "r+b") as held:
                 stop_dev_service(service)
                 start = time.monotonic()
                 with pytest.raises(OSError) as info:
                     (m / "b.txt").read_text()
                 assert info.value.errno == errno.EIO and time.monotonic() - start < 5
-                with pytest.raises(OSError):
-                    (m / "c.txt").write_text("no data key")
+                if pool == "0":
+                    with pytest.raises(OSError):
+                        (m / "c.txt").write_text("no data key")
+                else:  # a pooled key: the create does not wait for the service
+                    start = time.monotonic()
+                    (m / "c.txt").write_text("pooled key")
+                    assert time.monotonic() - start < 1
                 assert held.read() == b"open during outage"
                 held.write(b"!")
                 with service.log_file.open("ab") as log:  # same command line, same port
@@ -184,6 +206,11 @@ def test_outage_bounded_and_reconnects(tmp_path: Path) -> None:
                 wait_healthy(service.process, service.endpoint, service.log_file,
                              **({"verify": str(ca)} if ca.exists() else {}))
                 assert (m / "b.txt").read_text() == "needs the service"  # reconnected by itself
+                if pool != "0":  # the claim was retried until the service answered
+                    wait_for_records(service.audit_records, lambda rs: any(
+                        is_create(r) and r["caller"]["path"] == "/c.txt" and r["outcome"] == "success"
+                        for r in rs), timeout=20)
+                    assert (m / "c.txt").read_text() == "pooled key"
                 (m / "c.txt").write_text("works again")
             assert (m / "a.txt").read_text() == "open during outage!"
     finally:

@@ -19,9 +19,17 @@ from typing import Any
 
 import pytest
 
+from keyservice.audit_review import is_create
 from kmsfs import format as fmt
 from tests.conftest import run_keyservice
-from tests.integration.kmsfs_mount_helpers import backing_files, force_unmount, kmsfs, mounted, requires_fuse
+from tests.integration.kmsfs_mount_helpers import (
+    backing_files,
+    force_unmount,
+    kmsfs,
+    mounted,
+    requires_fuse,
+    wait_for_records,
+)
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 
@@ -238,18 +246,23 @@ def test_open_is_audited_with_caller(mnt: Mount, keyservice_dev: Any) -> None:
     name = "/audited-file.txt"
     (mnt.path / name.lstrip("/")).write_text("audit me")
     assert (mnt.path / name.lstrip("/")).read_text() == "audit me"  # this open calls Decrypt
-    records = _audit(keyservice_dev, name)
-    decrypts = [r for r in records if r.get("operation") == "Decrypt" and r.get("outcome") == "success"]
-    assert decrypts, records
-    caller = decrypts[-1]["caller"]
+    # The create took a pooled key (the default): it is audited by its claim, sent just after it.
+    records = wait_for_records(lambda: _audit(keyservice_dev, name),
+                               lambda rs: any(is_create(r) for r in rs))
+    opens = [r for r in records if r.get("operation") == "Decrypt" and r.get("outcome") == "success"
+             and not is_create(r)]
+    assert opens, records
+    caller = opens[-1]["caller"]
     assert caller["path"] == name
     assert caller["uid"] == os.getuid()
     assert caller["user"] == pwd.getpwuid(os.getuid()).pw_name
     assert isinstance(caller["pid"], int) and caller["pid"] > 0
     assert caller["process"]
-    assert decrypts[-1]["encryption_context"] == {"kmsfs:file-id": _file_id(mnt, name)}
-    creates = [r for r in records if r.get("operation") == "GenerateDataKey"]
-    assert creates and creates[-1]["caller"]["path"] == name
+    assert opens[-1]["encryption_context"] == {"kmsfs:file-id": _file_id(mnt, name)}
+    creates = [r for r in records if is_create(r)]
+    assert len(creates) == 1 and creates[0]["caller"]["path"] == name
+    assert creates[0]["caller"]["user"] == caller["user"] and creates[0]["caller"]["process"]
+    assert creates[0]["encryption_context"] == opens[-1]["encryption_context"]
     # F10: the review commands find it by file and by local user.
     user = caller["user"]
     listed = run_keyservice(
@@ -265,15 +278,17 @@ def test_open_is_audited_with_caller(mnt: Mount, keyservice_dev: Any) -> None:
         "Decrypt",
         "--json",
     )
+    decrypts = [r for r in records if r.get("operation") == "Decrypt"]
     assert listed.returncode == 0 and len(listed.stdout.splitlines()) == len(decrypts)
     files = run_keyservice(
         "audit", "files", "--data-dir", str(keyservice_dev.data_dir), "--file", name, "--json"
     )
     rows = [json.loads(line) for line in files.stdout.splitlines()]
     assert [(r["path"], r["user"], r["opens"], r["created"]) for r in rows] == [
-        (name, user, len(decrypts), 1)
+        (name, user, len(opens), 1)
     ]
-    assert rows[0]["key_id"] == decrypts[-1]["key_id"]
+    assert rows[0]["key_id"] == opens[-1]["key_id"]
+    assert creates[0]["caller"]["process"] in rows[0]["processes"]
 
 
 def _file_id(mnt: Mount, name: str) -> str:

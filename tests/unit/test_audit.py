@@ -244,3 +244,40 @@ def test_failed_fsync_rolls_back_unsynced_records(tmp_path: Path, monkeypatch: p
     log.close()
     assert [r["operation"] for r in audit_review.query(tmp_path)] == ["Kept", "After"]
     assert verify(tmp_path).ok
+
+
+def test_files_summary_counts_pooled_creates_as_created(tmp_path: Path) -> None:
+    """A pooled create is two records: the pool's GenerateDataKey (no path) and the create's claim
+    (a Decrypt with the path and ``op: create``); they join by file id, and the claim is a create,
+    not an open."""
+    log = audit.AuditLog(tmp_path)
+    pooled_ctx = RequestContext("r1", "127.0.0.1", ALICE, "kmsfs", {"pool": True, "uid": 0, "pid": 9,
+                                                                     "process": "kmsfs"})
+    tar = {"path": "/t/a.py", "uid": 1000, "user": "alice", "pid": 42, "process": "tar"}
+    cat = {**tar, "pid": 43, "process": "cat"}
+    records = [
+        (pooled_ctx, "GenerateDataKey", "f1", None),
+        (RequestContext("r2", "127.0.0.1", ALICE, "kmsfs", {**tar, "op": "create"}), "Decrypt", "f1", None),
+        (RequestContext("r3", "127.0.0.1", ALICE, "kmsfs", {**tar, "op": "create"}), "Decrypt", "f1", None),
+        (RequestContext("r4", "127.0.0.1", ALICE, "kmsfs", cat), "Decrypt", "f1", None),
+        (RequestContext("r5", "127.0.0.1", ALICE, "kmsfs", {**tar, "path": "/t/b.py"}), "GenerateDataKey",
+         "f2", None),
+        (RequestContext("r6", "127.0.0.1", ALICE, "kmsfs", {**tar, "path": "/t/c.py", "op": "create"}),
+         "Decrypt", "f3", NotFoundException("disabled")),
+    ]
+    for n, (context, operation, file_id, error) in enumerate(records):
+        log.append(audit.build_record(when=T0 + timedelta(seconds=n), ctx=context, operation=operation,
+                                      key_arn=KEY_A, key_version=1, error=error,
+                                      encryption_context={"kmsfs:file-id": file_id}))
+    log.close()
+    rows = {r["path"]: r for r in audit_review.files_summary(audit_review.query(tmp_path))}
+    assert set(rows) == {"/t/a.py", "/t/b.py", "/t/c.py"}  # the pool's record has no path: no row
+    a = rows["/t/a.py"]
+    assert (a["created"], a["opens"], a["denied"], a["user"], a["processes"]) == (1, 1, 0, "alice",
+                                                                                ["tar", "cat"])
+    assert (rows["/t/b.py"]["created"], rows["/t/b.py"]["opens"]) == (1, 0)  # a direct create
+    assert (rows["/t/c.py"]["created"], rows["/t/c.py"]["denied"]) == (0, 1)  # a refused claim
+    joined = [r["request_id"] for r in audit_review.query(tmp_path, file_id="F1")]
+    assert joined == ["r1", "r2", "r3", "r4"]  # the pooled GenerateDataKey joins its file
+    table = audit_review.format_files(audit_review.files_summary(audit_review.query(tmp_path)))
+    assert "PROCESS" in table.splitlines()[0] and "tar,cat" in table
