@@ -96,7 +96,7 @@ def fails(code: str, fn: Callable[..., Any], **kwargs: Any) -> str:
     return excinfo.value.response["Error"]["Message"]
 
 
-def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
     """Poll ``check`` until it returns something truthy (the scheduler ticks every 0.2 s)."""
     deadline = time.monotonic() + timeout
     while True:
