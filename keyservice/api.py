@@ -7,11 +7,11 @@ API; ``KmsApp.__call__`` is the ASGI adapter that ``keyservice.server`` runs on 
 
 Why ASGI on an event loop rather than a threaded WSGI server: a Decrypt is ~0.2 ms of Python, and
 a thread-per-request server (cheroot, used first) spent more than that again on its own request
-parsing and thread hand-offs (docs/PERFORMANCE.md). The data-plane operations therefore run
-directly on the event loop; their audit record is written there and made durable by
-``audit.AsyncCommitter`` (group commit on one thread), and the reply leaves only after that.
-Everything else (key management: SQLite writes, imports) runs on a thread pool and commits its
-audit record the blocking way.
+parsing and thread hand-offs (docs/PERFORMANCE.md). The operations the service runs without its
+lock (``service.READ_ONLY_OPERATIONS``: crypto and reads) therefore run directly on the event
+loop; their audit record is written there and made durable by ``audit.AsyncCommitter`` (group
+commit on one thread), and the reply leaves only after that. Everything else (key management:
+SQLite writes, imports) runs on a thread pool and commits its audit record the blocking way.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from keyservice import errors
 from keyservice.audit import AsyncCommitter, deferred_commits
 from keyservice.clock import Clock
 from keyservice.context import Principal, RequestContext
+from keyservice.service import READ_ONLY_OPERATIONS
 from keyservice.sigv4 import verify_request
 
 log = logging.getLogger(__name__)
@@ -60,20 +61,6 @@ BLOB_FIELDS = frozenset(
         "CiphertextForRecipient",
         "PrivateKeyCiphertextBlob",
         "PrivateKeyPlaintext",
-    }
-)
-
-# Data-plane operations: no SQLite writes, no service lock, bounded CPU. They run on the event
-# loop; every other operation runs on the thread pool (see the module docstring).
-INLINE_OPERATIONS = frozenset(
-    {
-        "Decrypt",
-        "Encrypt",
-        "GenerateDataKey",
-        "GenerateDataKeyWithoutPlaintext",
-        "ReEncrypt",
-        "GenerateRandom",
-        "DescribeKey",
     }
 )
 
@@ -287,7 +274,9 @@ class KmsApp:
             too_large=too_large,
         )
         target = request.headers.get("x-amz-target", "")
-        if target[len(TARGET_PREFIX) :] in INLINE_OPERATIONS or request.method != "POST":
+        # The operations the service runs without its lock (reads and crypto) run on the event
+        # loop; key management (SQLite writes under the lock, imports) on the thread pool.
+        if target[len(TARGET_PREFIX) :] in READ_ONLY_OPERATIONS or request.method != "POST":
             reply = await self._respond_inline(request)
         else:
             reply = await asyncio.get_running_loop().run_in_executor(self._executor(), self.respond, request)

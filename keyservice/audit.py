@@ -241,6 +241,19 @@ def deferred_commits() -> Iterator[list[CommitTicket]]:
         _deferred.reset(token)
 
 
+def _not_recorded() -> KMSInternalException:
+    """What a request gets when its record cannot be made durable (fail closed)."""
+    return KMSInternalException("The request could not be recorded in the audit log.")
+
+
+def _commit_all(tickets: list[CommitTicket]) -> None:
+    try:
+        for ticket in tickets:
+            ticket.commit()
+    except (OSError, ValueError) as exc:
+        raise _not_recorded() from exc
+
+
 _Outcome = tuple["asyncio.Future[None]", BaseException | None]
 
 
@@ -266,7 +279,7 @@ class AsyncCommitter:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._ready:
             if self._stopping:
-                raise KMSInternalException("The request could not be recorded in the audit log.")
+                raise _not_recorded()
             self._queue.append((tickets, future))
             if self._idle:
                 self._ready.notify()
@@ -288,11 +301,9 @@ class AsyncCommitter:
             for tickets, future in sorted(batch, key=lambda item: -max(t.end for t in item[0])):
                 error: BaseException | None = None
                 try:
-                    for ticket in tickets:
-                        ticket.commit()
-                except (OSError, ValueError) as exc:
-                    error = KMSInternalException("The request could not be recorded in the audit log.")
-                    error.__cause__ = exc
+                    _commit_all(tickets)
+                except KMSInternalException as exc:
+                    error = exc
                 outcomes.append((future, error))
             by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
             for future, error in outcomes:
@@ -438,7 +449,7 @@ class AuditLog:
                 return
             ticket.commit()
         except (OSError, ValueError, TypeError) as exc:
-            raise KMSInternalException("The request could not be recorded in the audit log.") from exc
+            raise _not_recorded() from exc
 
     def _checkpoint_locked(self, *, recovered: bool = False) -> tuple[int, bytes]:
         """Write (not yet durable) a checkpoint sealing every unsealed record; caller holds ``_lock``."""

@@ -85,13 +85,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_KEYS = 1000
 
-# Unsealed key material kept for reuse (see ``KeyService.material``).
-MATERIAL_CACHE_SIZE = 1024
+# Unsealed values (key material, access-key secrets) kept for reuse (see ``KeyService._unseal``).
+UNSEALED_CACHE_SIZE = 1024
 
 # Who the audit log names for transitions the service makes by itself.
 SERVICE_PRINCIPAL = "keyservice"
 
-# Operations that never change a key record run without ``KeyService.lock``.
+# Operations that never change a key record run without ``KeyService.lock`` (and, for the same
+# reason, on the HTTP server's event loop: keyservice/api.py).
 READ_ONLY_OPERATIONS = frozenset(
     {
         "DescribeKey",
@@ -146,8 +147,7 @@ class KeyService:
         # default key is created from inside a crypto call).
         self.lock = threading.RLock()
         self._root_key = bytes(root_key)
-        self._secrets: dict[tuple[str, bytes], str] = {}
-        self._materials: dict[tuple[str, int, bytes], bytes] = {}
+        self._unsealed: dict[tuple[bytes, bytes], bytes] = {}
         self._handlers: dict[str, Handler] = {}
         modules = (keys, aliases, encryption, rotation, deletion, importing, tagging, reencrypt)
         for module in (*modules, key_policies, grants):
@@ -184,19 +184,25 @@ class KeyService:
         )
 
     def _secret(self, access_key_id: str, sealed: bytes) -> str:
-        """Unseal an access key's secret, remembering the last few: SigV4 needs it on every request.
+        """An access key's secret: SigV4 needs it on every request."""
+        return self._unseal(sealed, secret_aad(access_key_id)).decode()
 
-        Keyed by the sealed bytes, so a rotated or deleted key never hits a stale entry (the store
-        is still asked first on every request).
+    def _unseal(self, sealed: bytes, aad: bytes) -> bytes:
+        """``rootkey.unseal``, remembering the result for the next request (raises UnsealError).
+
+        Keyed by the sealed bytes and their AAD (which names the row), so rotated, new or deleted
+        material or secrets never hit a stale entry: the store is still asked for the row, and the
+        key's state checked, on every request. The values live only in this process's memory, as
+        they must while they are used.
         """
-        cache_key = (access_key_id, sealed)
-        secret = self._secrets.get(cache_key)
-        if secret is None:
-            secret = rootkey.unseal(self._root_key, sealed, secret_aad(access_key_id)).decode()
-            if len(self._secrets) >= 256:
-                self._secrets.clear()
-            self._secrets[cache_key] = secret
-        return secret
+        cache_key = (sealed, aad)
+        value = self._unsealed.get(cache_key)
+        if value is None:
+            value = rootkey.unseal(self._root_key, sealed, aad)
+            if len(self._unsealed) >= UNSEALED_CACHE_SIZE:
+                self._unsealed.clear()
+            self._unsealed[cache_key] = value
+        return value
 
     def call(self, operation: str, params: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         """Run one AWS KMS operation for an authenticated caller and audit it."""
@@ -484,27 +490,12 @@ class KeyService:
         )
 
     def material(self, version: KeyVersionRecord) -> bytes:
-        """A version's unsealed key material, remembered for the next request.
-
-        Keyed by the sealed bytes, so new or deleted material never hits a stale entry; the store
-        is still asked for the version (and the key's state checked) on every request. The
-        material lives only in this process's memory, as it must while it is being used.
-        """
-        cache_key = (version.key_id, version.version, version.sealed_material)
-        material = self._materials.get(cache_key)
-        if material is not None:
-            return material
+        """A version's unsealed key material."""
         try:
-            material = rootkey.unseal(
-                self._root_key, version.sealed_material, material_aad(version.key_id, version.version)
-            )
+            return self._unseal(version.sealed_material, material_aad(version.key_id, version.version))
         except rootkey.UnsealError:
             log.error("key material of %s v%d does not unseal", version.key_id, version.version)
             raise errors.KMSInternalException("An internal error occurred.") from None
-        if len(self._materials) >= MATERIAL_CACHE_SIZE:
-            self._materials.clear()
-        self._materials[cache_key] = material
-        return material
 
     def latest_version(self, key: KeyRecord, info: AuditInfo) -> tuple[KeyVersionRecord, bytes]:
         """The newest version (every new encryption uses it, SPEC K6) and its unsealed material."""
