@@ -88,11 +88,20 @@ def create_alias(service: KeyService, params: dict[str, Any], info: AuditInfo) -
     return {}
 
 
-def update_alias(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
-    name = _alias_name(service, params, info)
+def _alias_not_found(service: KeyService, name: str) -> errors.NotFoundException:
+    return errors.NotFoundException(f"Alias {service.alias_arn(name)} is not found.")
+
+
+def _existing_alias(service: KeyService, name: str) -> AliasRecord:
     alias = service.store.get_alias(name)
     if alias is None:
-        raise errors.NotFoundException(f"Alias {service.alias_arn(name)} is not found.")
+        raise _alias_not_found(service, name)
+    return alias
+
+
+def update_alias(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
+    name = _alias_name(service, params, info)
+    alias = _existing_alias(service, name)
     current = service.load_key(alias.target_key_id)
     if current is not None:  # AWS needs kms:UpdateAlias on the old and on the new target
         service.authorize(current, "UpdateAlias", info)
@@ -103,13 +112,11 @@ def update_alias(service: KeyService, params: dict[str, Any], info: AuditInfo) -
 
 def delete_alias(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     name = _alias_name(service, params, info)
-    alias = service.store.get_alias(name)
-    if alias is None:
-        raise errors.NotFoundException(f"Alias {service.alias_arn(name)} is not found.")
+    alias = _existing_alias(service, name)
     info.key_arn = service.key_arn(alias.target_key_id)
     key = service.load_key(alias.target_key_id)
     if key is None:
-        raise errors.NotFoundException(f"Alias {service.alias_arn(name)} is not found.")
+        raise _alias_not_found(service, name)
     service.check_usable(key, "DeleteAlias", info)
     service.store.delete_alias(name)
     return {}

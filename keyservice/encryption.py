@@ -13,6 +13,7 @@ from keyservice import envelope, errors
 from keyservice.model import (
     ENCRYPTION_ALGORITHM,
     KeyRecord,
+    KeyVersionRecord,
 )
 from keyservice.params import (
     DATA_KEY_SPECS,
@@ -56,6 +57,19 @@ def decrypt(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dic
     parsed = envelope.parse_blob(blob)
     info.key_arn = service.key_arn(parsed.key_id)
     info.key_version = parsed.key_version
+    key = blob_key(service, parsed, wanted)
+    service.check_usable(key, "Decrypt", info)
+    version = blob_version(service, key, parsed)
+    service.dry_run(params)
+    plaintext = envelope.open_blob(service.material(version), parsed, context)
+    return {"Plaintext": plaintext, "KeyId": key.arn, "EncryptionAlgorithm": ENCRYPTION_ALGORITHM}
+
+
+def blob_key(service: KeyService, parsed: envelope.ParsedBlob, wanted: KeyRecord | None) -> KeyRecord:
+    """The key a ciphertext blob names (Decrypt and ReEncrypt authorize on it, never on KeyId).
+
+    IncorrectKeyException if the request named another key; the undetailed
+    InvalidCiphertextException if the key no longer exists."""
     if wanted is not None and wanted.key_id != parsed.key_id:
         raise errors.IncorrectKeyException(
             "The key ID in the request does not identify the KMS key that encrypted the ciphertext."
@@ -63,13 +77,15 @@ def decrypt(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dic
     key = service.load_key(parsed.key_id)
     if key is None:
         raise errors.InvalidCiphertextException(envelope._UNDETAILED)
-    service.check_usable(key, "Decrypt", info)
+    return key
+
+
+def blob_version(service: KeyService, key: KeyRecord, parsed: envelope.ParsedBlob) -> KeyVersionRecord:
+    """The key version a blob was sealed under; InvalidCiphertextException if it is gone."""
     version = service.store.get_key_version(key.key_id, parsed.key_version)
     if version is None:
         raise errors.InvalidCiphertextException(envelope._UNDETAILED)
-    service.dry_run(params)
-    plaintext = envelope.open_blob(service.material(version), parsed, context)
-    return {"Plaintext": plaintext, "KeyId": key.arn, "EncryptionAlgorithm": ENCRYPTION_ALGORITHM}
+    return version
 
 
 def _data_key(

@@ -12,23 +12,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from keyservice import envelope, errors
+from keyservice import envelope
+from keyservice.encryption import blob_key, blob_version
 from keyservice.model import ENCRYPTION_ALGORITHM
-from keyservice.params import AuditInfo, check_grant_tokens, get_bytes, get_enum
+from keyservice.params import MAX_CIPHERTEXT, AuditInfo, check_grant_tokens, get_bytes
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService
-
-MAX_CIPHERTEXT = 6144
-_ALGORITHMS = ("SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256", "SM2PKE")
-
-
-def _algorithm(params: dict[str, Any], name: str) -> None:
-    value = get_enum(params, name, _ALGORITHMS)
-    if value not in (None, ENCRYPTION_ALGORITHM):
-        raise errors.InvalidKeyUsageException(
-            f"{name} {value} is not supported by symmetric keys; use SYMMETRIC_DEFAULT."
-        )
 
 
 def re_encrypt(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
@@ -38,8 +28,8 @@ def re_encrypt(service: KeyService, params: dict[str, Any], info: AuditInfo) -> 
     destination_context = service.context(params, info, "DestinationEncryptionContext")
     info.encryption_context = destination_context
     check_grant_tokens(params)
-    _algorithm(params, "SourceEncryptionAlgorithm")
-    _algorithm(params, "DestinationEncryptionAlgorithm")
+    for name in ("SourceEncryptionAlgorithm", "DestinationEncryptionAlgorithm"):
+        service.check_algorithm(params, name, label=name)
     source_info = AuditInfo()
     wanted = None
     if params.get("SourceKeyId") is not None:
@@ -53,20 +43,12 @@ def re_encrypt(service: KeyService, params: dict[str, Any], info: AuditInfo) -> 
         "source_key_version": parsed.key_version,
         "source_encryption_context": source_context,
     }
-    if wanted is not None and wanted.key_id != parsed.key_id:
-        raise errors.IncorrectKeyException(
-            "The key ID in the request does not identify the KMS key that encrypted the ciphertext."
-        )
-    source = service.load_key(parsed.key_id)
-    if source is None:
-        raise errors.InvalidCiphertextException(envelope._UNDETAILED)
+    source = blob_key(service, parsed, wanted)
     service.check_usable(source, "ReEncrypt", info, action="kms:ReEncryptFrom", context=source_context)
     service.check_usable(
         destination, "ReEncrypt", info, action="kms:ReEncryptTo", context=destination_context
     )
-    version = service.store.get_key_version(source.key_id, parsed.key_version)
-    if version is None:
-        raise errors.InvalidCiphertextException(envelope._UNDETAILED)
+    version = blob_version(service, source, parsed)
     service.dry_run(params)
     plaintext = envelope.open_blob(service.material(version), parsed, source_context)
     new_version, material = service.latest_version(destination, info)

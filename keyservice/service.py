@@ -514,11 +514,14 @@ class KeyService:
         return context
 
     @staticmethod
-    def check_algorithm(params: Mapping[str, Any]) -> None:
-        algorithm = get_enum(params, "EncryptionAlgorithm", ENCRYPTION_ALGORITHMS)
+    def check_algorithm(
+        params: Mapping[str, Any], name: str = "EncryptionAlgorithm", label: str = "Encryption algorithm"
+    ) -> None:
+        """Symmetric keys take SYMMETRIC_DEFAULT only; ``label`` names the parameter in the error."""
+        algorithm = get_enum(params, name, ENCRYPTION_ALGORITHMS)
         if algorithm not in (None, ENCRYPTION_ALGORITHM):
             raise errors.InvalidKeyUsageException(
-                f"Encryption algorithm {algorithm} is not supported by symmetric keys; use SYMMETRIC_DEFAULT."
+                f"{label} {algorithm} is not supported by symmetric keys; use SYMMETRIC_DEFAULT."
             )
 
     @staticmethod
