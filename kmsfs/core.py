@@ -377,7 +377,7 @@ class KmsfsCore:
                                       key_id=header.key_arn)
         except KeyServiceError as exc:
             if exc.is_access_denied and self.key_pool is not None:
-                self.key_pool.refused_elsewhere()  # revocation reaches pooled creates at once
+                self.key_pool.refused()  # revocation reaches pooled creates at once
             raise
         if len(key) != DATA_KEY_SIZE:
             raise CorruptHeader("unwrapped data key has the wrong size")

@@ -194,11 +194,13 @@ class DataKeyPool:
             self._claims.append(_Claim(entry, {**caller, "op": "create"}, on_refused))
             self._claim_cond.notify()
 
-    def refused_elsewhere(self) -> None:
-        """The service refused another request of this mount (an open or a revalidation): the
-        key may be disabled or access revoked, so no create may use a key pooled before that."""
+    def refused(self) -> None:
+        """The service refused a request of this mount (a refill, a claim, an open, a
+        revalidation): the key may be disabled or access revoked, so no create may use a key
+        pooled before that. Drops every pooled key and pauses refilling."""
         with self._cond:
-            self._refused()
+            self._keys.clear()  # revocation reaches creates at once
+            self._paused_until = time.monotonic() + _BACKOFF
 
     def unclaimed(self) -> int:
         """Keys used by creates whose claim has not been answered yet."""
@@ -232,20 +234,16 @@ class DataKeyPool:
         while self._keys and now - self._keys[0].generated_at >= self.max_age:
             self._keys.popleft()
 
-    def _refused(self) -> None:
-        """The service refused this key: drop every pooled key, pause refilling (lock held)."""
-        self._keys.clear()  # revocation reaches creates at once
-        self._paused_until = time.monotonic() + _BACKOFF
-
     def _generate_one(self) -> PooledKey | None:
         file_id = os.urandom(FILE_ID_SIZE)
         try:
             key, blob, arn = self._generate(self._key_arn, encryption_context(file_id), self._caller)
         except KeyServiceError as exc:
-            with self._cond:
-                if exc.is_access_denied:
-                    self._refused()
-                self._paused_until = time.monotonic() + _BACKOFF
+            if exc.is_access_denied:
+                self.refused()
+            else:
+                with self._cond:
+                    self._paused_until = time.monotonic() + _BACKOFF
             log.warning("key pool: service refused GenerateDataKey (%s); creates ask directly", exc)
             return None
         except (KeyServiceUnavailable, OSError) as exc:
@@ -297,8 +295,7 @@ class DataKeyPool:
             key = self._decrypt(entry.wrapped_key, encryption_context(entry.file_id), claim.caller,
                                 entry.key_arn)
         except KeyServiceError as exc:
-            with self._cond:
-                self._refused()
+            self.refused()
             log.warning("%s: the key service refused the create's claim (%s); its handle is refused "
                         "and the key pool emptied", claim.caller.get("path"), exc)
             claim.on_refused(exc, False)
@@ -309,8 +306,7 @@ class DataKeyPool:
                             claim.caller.get("path"), exc, claim.attempts)
             return True
         if not hmac.compare_digest(key, entry.key):
-            with self._cond:
-                self._refused()
+            self.refused()
             log.error("%s: the key service unwrapped the created file's key to a different key; "
                       "its handle is refused and the key pool emptied", claim.caller.get("path"))
             claim.on_refused(ClaimMismatch(), True)
