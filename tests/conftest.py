@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 
+from keyservice.audit.records import read_records
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -68,9 +70,7 @@ class DevKeyService:
     def audit_records(self) -> list[dict[str, Any]]:
         """The request records of the log, oldest first (checkpoint lines left out: every 100
         records one appears, and a mount's key pool alone makes dozens of records)."""
-        path = self.data_dir / "audit" / "audit.log"
-        lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-        return [r for r in lines if r.get("type") != "checkpoint"]
+        return list(read_records(self.data_dir))
 
 
 def run_keyservice(

@@ -1,6 +1,9 @@
 """Appending to the audit log: the hash chain, group commit, signed checkpoints.
 
-This is the one module that writes ``DATA_DIR/audit/audit.log`` (specified in docs/AUDIT.md).
+This is the one module that writes the audit log, ``DATA_DIR/audit/<chain>/<segment>.log``
+(specified in docs/AUDIT.md; ``segments`` knows the file names). A segment is sealed with a
+``segment_end`` checkpoint and a new one begun when it reaches ``segment_bytes`` (256 MiB) or at
+the first write of a new UTC day; the chain runs on across segments.
 How a line is built and read back is ``records``'s; checking the log is ``verify``'s; reviewing
 (filters, tables, summaries) is ``review``'s.
 
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import threading
 from collections.abc import Mapping
@@ -42,6 +44,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from keyservice.audit import segments
 from keyservice.audit.commit import CommitTicket, not_recorded, pending_tickets
 from keyservice.audit.records import (
     CHECKPOINT_TYPE,
@@ -49,12 +52,12 @@ from keyservice.audit.records import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_CHECKPOINT_SECONDS,
     GENESIS_HASH,
-    audit_path,
     encode_line,
     format_time,
     head_path,
     is_checkpoint,
     line_hash,
+    parse_line,
     signed_bytes,
 )
 from keyservice.errors import KMSInternalException
@@ -72,32 +75,53 @@ class _Tail:
     """What the writer must know of an existing log to continue it."""
 
     prev_hash: str = GENESIS_HASH
-    records: int = 0  # request records since the start of the log
+    records: int = 0  # request records since the start of the chain
     unsealed: int = 0  # request records after the last checkpoint
     checkpoint_seq: int = 0
     checkpoint_hash: str | None = None
+    segment_end: bool = False  # the last line is a checkpoint that sealed its segment
+    first_time: str | None = None  # time of the segment's first line
 
 
-def _scan(path: Path) -> tuple[_Tail, int]:
-    """Read the log once at start-up; returns its tail state and the length of its complete part."""
+def _checkpoint_of(line: bytes) -> dict[str, Any] | None:
+    if b'"checkpoint"' not in line:  # fast path: a record's line never is one
+        return None
+    record = parse_line(line)
+    return record if record is not None and is_checkpoint(record) else None
+
+
+def _scan(path: Path, before: bytes | None) -> tuple[_Tail, int]:
+    """Read the open segment at start-up: its tail state and the length of its complete part.
+
+    ``before`` is the last line of the previous segment (its ``segment_end`` checkpoint), from
+    which the chain goes on."""
+    tail = _Tail()
+    if before is not None:
+        tail.prev_hash = line_hash(before)
+        previous = _checkpoint_of(before)
+        if previous is not None:
+            tail.records = int(previous.get("records", 0))
+            tail.checkpoint_seq = int(previous.get("seq", 0))
+            tail.checkpoint_hash = tail.prev_hash
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return _Tail(), 0
+        return tail, 0
     lines, complete = _split_lines(data)
-    tail = _Tail()
     for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = {}
-        if isinstance(record, dict) and is_checkpoint(record):
-            tail.checkpoint_seq = int(record.get("seq", tail.checkpoint_seq))
+        checkpoint = _checkpoint_of(line)
+        if tail.first_time is None:
+            record = parse_line(line) or {}
+            tail.first_time = str(record.get("time", ""))
+        if checkpoint is not None:
+            tail.checkpoint_seq = int(checkpoint.get("seq", tail.checkpoint_seq))
             tail.checkpoint_hash = line_hash(line)
             tail.unsealed = 0
+            tail.segment_end = bool(checkpoint.get("segment_end"))
         else:
             tail.records += 1
             tail.unsealed += 1
+            tail.segment_end = False
         tail.prev_hash = line_hash(line)
     return tail, complete
 
@@ -124,30 +148,48 @@ class AuditLog:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
         now: Any = None,
+        chain: str = segments.DEFAULT_CHAIN,
+        segment_bytes: int = segments.DEFAULT_SEGMENT_BYTES,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.path = audit_path(data_dir)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.path.parent, 0o700)
+        self.chain = segments.check_chain(chain)
+        self._dir = segments.chain_dir(data_dir, chain)
+        for directory in (self._dir.parent, self._dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(directory, 0o700)
+        if chain == segments.DEFAULT_CHAIN:
+            segments.migrate_legacy(self.data_dir)
         self._signer = signer
         self._every = checkpoint_every
         self._seconds = checkpoint_seconds
+        self._segment_bytes = segment_bytes
         self._now = now or (lambda: datetime.now(UTC))
         self._lock = threading.Lock()  # the chain: writing lines, tail state
-        self._sync_lock = threading.Lock()  # one fsync at a time; durable state
+        self._sync_lock = threading.Lock()  # one fsync at a time; durable state; switching segments
         self._head_lock = threading.Lock()
         self._head_seq = 0
-        self._tail, complete = _scan(self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        existing = segments.segments(self.data_dir, chain)
+        number = existing[-1][0] if existing else 1
+        before = segments.last_line(existing[-2][1]) if len(existing) > 1 else None
+        self.path = self._dir / segments.segment_name(number)
+        self._tail, complete = _scan(self.path, before)
+        self._fd = -1
+        # Offsets are logical, counted over the segments this process has written: the current
+        # file starts at ``_base``. ``_end`` is the end of the bytes written.
+        self._base = 0
+        self._end = complete
+        self._open_segment(number)
         if os.fstat(self._fd).st_size > complete:
             # A crash left half a line. Its request was never answered (the reply waits for the
             # fsync), so the fragment is dropped rather than left to break the chain.
             os.ftruncate(self._fd, complete)
             os.fsync(self._fd)
-        self._end = complete  # bytes written
+        self._segment_day = (self._tail.first_time or format_time(self._now()))[:10]
         self._epoch = 0  # bumped when unsynced lines are cut back after a failed fsync
         self._durable_end = complete
         self._durable_tail = replace(self._tail)
+        if self._tail.segment_end:  # sealed before a crash or stop: the chain goes on in a new file
+            self._open_segment(number + 1)
         self._first_unsealed: datetime | None = None
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
@@ -157,6 +199,45 @@ class AuditLog:
                 self._seal(recovered=True)
             self._timer = threading.Thread(target=self._tick, name="audit-checkpoint", daemon=True)
             self._timer.start()
+
+    # -- segments ---------------------------------------------------------------------------------
+    def _open_segment(self, number: int) -> None:
+        """Make segment ``number`` the one appended to (creating it); the old one is closed."""
+        path = self._dir / segments.segment_name(number)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._base = self._end
+            self._segment_day = format_time(self._now())[:10]
+            self._tail.first_time = None
+            segments.fsync_dir(self._dir)
+        self._fd, self._number, self.path = fd, number, path
+
+    def _rotation_due(self) -> bool:
+        """The open segment is full, or holds lines of an earlier UTC day."""
+        if self._end == self._base:
+            return False
+        return self._end - self._base >= self._segment_bytes or format_time(self._now())[:10] != self._segment_day
+
+    def rotate(self) -> None:
+        """Seal the open segment with a ``segment_end`` checkpoint and go on in a new one, if due.
+
+        Holds both locks: no fsync runs on the old file while it is switched."""
+        sealed = None
+        with self._sync_lock, self._lock:
+            if self._fd < 0 or not self._rotation_due():
+                return
+            try:
+                if self._signer is not None:
+                    sealed = self._checkpoint_locked(segment_end=True)
+                os.fsync(self._fd)
+            except OSError:
+                self._rollback_locked()
+                raise
+            self._durable_end, self._durable_tail = self._end, replace(self._tail)
+            self._open_segment(self._number + 1)
+        if sealed is not None:
+            self._publish(*sealed)
 
     # -- writing ----------------------------------------------------------------------------------
     def _write_locked(self, body: dict[str, Any]) -> bytes:
@@ -173,7 +254,7 @@ class AuditLog:
             # Take back whatever part reached the file (a full disk writes half a line): the
             # request fails, and the chain must go on from the last record that really exists.
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._end)
+                os.ftruncate(self._fd, self._end - self._base)
             raise
         self._end += len(data)
         self._tail.prev_hash = line_hash(line)
@@ -187,22 +268,28 @@ class AuditLog:
             if self._durable_end >= end:
                 return  # another request's fsync covered this record
             with self._lock:
-                target, snapshot = self._end, replace(self._tail)
+                target, snapshot, fd = self._end, replace(self._tail), self._fd
             try:
-                os.fsync(self._fd)
+                os.fsync(fd)
             except OSError:
                 with self._lock:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(self._fd, self._durable_end)
-                    self._end = self._durable_end
-                    self._tail = replace(self._durable_tail)
-                    self._epoch += 1
+                    self._rollback_locked()
                 raise
             self._durable_end, self._durable_tail = target, snapshot
+
+    def _rollback_locked(self) -> None:
+        """Cut the open segment back to its last durable byte (after a failed fsync)."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._durable_end - self._base)
+        self._end = self._durable_end
+        self._tail = replace(self._durable_tail)
+        self._epoch += 1
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Write one record and wait until it is durable; raise KMSInternalException if it cannot be."""
         try:
+            if self._rotation_due():
+                self.rotate()
             with self._lock:
                 self._write_locked(dict(record))
                 self._tail.records += 1
@@ -223,7 +310,7 @@ class AuditLog:
         except (OSError, ValueError, TypeError) as exc:
             raise not_recorded() from exc
 
-    def _checkpoint_locked(self, *, recovered: bool = False) -> tuple[int, bytes]:
+    def _checkpoint_locked(self, *, recovered: bool = False, segment_end: bool = False) -> tuple[int, bytes]:
         """Write (not yet durable) a checkpoint sealing every unsealed record; caller holds ``_lock``."""
         assert self._signer is not None
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -242,6 +329,8 @@ class AuditLog:
             ).decode(),
             "prev_hash": self._tail.prev_hash,
         }
+        if segment_end:
+            checkpoint["segment_end"] = True
         checkpoint["signature"] = base64.b64encode(self._signer.sign(signed_bytes(checkpoint))).decode()
         line = self._write_locked(checkpoint)
         self._tail.checkpoint_seq = checkpoint["seq"]
@@ -254,7 +343,7 @@ class AuditLog:
         """Mirror a durable checkpoint in the head file; the head only ever moves forward."""
         with self._head_lock:
             if seq > self._head_seq:
-                _write_head(self.data_dir, line)
+                write_atomic(head_path(self.data_dir, self.chain), line + b"\n")
                 self._head_seq = seq
 
     def _seal(self, *, recovered: bool = False) -> None:
@@ -284,6 +373,9 @@ class AuditLog:
                     self.checkpoint()
                 except KMSInternalException:
                     pass  # the next append fails closed on the same disk problem
+            if self._rotation_due():
+                with contextlib.suppress(OSError):  # the next append fails closed on it
+                    self.rotate()
 
     def close(self) -> None:
         self._stop.set()
@@ -296,7 +388,3 @@ class AuditLog:
                 os.close(self._fd)
                 self._fd = -1
 
-
-def _write_head(data_dir: Path, checkpoint_line: bytes) -> None:
-    """Atomically replace audit-head.json with the newest checkpoint line."""
-    write_atomic(head_path(data_dir), checkpoint_line + b"\n")

@@ -9,6 +9,7 @@ blobs: the service builds them only from the fields of ``build_record``.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from keyservice.audit import segments
 from keyservice.context import RequestContext
 from keyservice.errors import KMSError
 
@@ -56,12 +58,15 @@ FIELDS = (
 
 
 def audit_path(data_dir: Path) -> Path:
-    return Path(data_dir) / AUDIT_DIR / AUDIT_FILE
+    """The open segment of the ``main`` chain (``segments`` knows the layout)."""
+    return segments.current_segment(data_dir)
 
 
-def head_path(data_dir: Path) -> Path:
-    """Where the newest checkpoint is kept, outside the log directory."""
-    return Path(data_dir) / HEAD_FILE
+def head_path(data_dir: Path, chain: str = segments.DEFAULT_CHAIN) -> Path:
+    """Where a chain's newest checkpoint is kept, outside the log directory."""
+    if chain == segments.DEFAULT_CHAIN:
+        return Path(data_dir) / HEAD_FILE
+    return Path(data_dir) / f"audit-head.{segments.check_chain(chain)}.json"
 
 
 def format_time(when: datetime) -> str:
@@ -150,12 +155,27 @@ def read_lines(path: Path) -> Iterator[bytes]:
                 yield raw[:-1]
 
 
-def read_records(data_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every well-formed request record in order (checkpoints and unparseable lines skipped)."""
-    for line in read_lines(audit_path(data_dir)):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and not is_checkpoint(record):
+def parse_line(line: bytes) -> dict[str, Any] | None:
+    """The JSON object of a line, or None if it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def chain_records(data_dir: Path, chain: str = segments.DEFAULT_CHAIN) -> Iterator[dict[str, Any]]:
+    """Every well-formed request record of one chain in order (checkpoints and unparseable lines skipped)."""
+    for line in segments.read_chain(data_dir, chain):
+        record = parse_line(line.data)
+        if record is not None and not is_checkpoint(record):
             yield record
+
+
+def read_records(data_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every well-formed request record of every chain, merged by time (each chain in its order)."""
+    chains = segments.chains(data_dir)
+    if len(chains) == 1:
+        yield from chain_records(data_dir, chains[0])
+        return
+    yield from heapq.merge(*(chain_records(data_dir, c) for c in chains), key=lambda r: str(r.get("time", "")))

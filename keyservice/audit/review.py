@@ -20,9 +20,13 @@ _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     """Parse ``--since``/``--until``.
 
-    Accepts RFC 3339 / ISO 8601 (naive means UTC), a date, or a span ago: ``15m``, ``2h``, ``7d``.
+    Accepts RFC 3339 / ISO 8601 (naive means UTC), a date, a span ago (``15m``, ``2h``, ``7d``),
+    ``today`` or ``yesterday`` (the UTC midnight starting it).
     """
     text = text.strip()
+    if text in ("today", "yesterday"):
+        midnight = (now or datetime.now(UTC)).astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        return midnight - timedelta(days=1 if text == "yesterday" else 0)
     m = _RELATIVE.match(text)
     if m:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
@@ -109,7 +113,27 @@ def query(
     kmsfs file id in the encryption context (hex), which joins a pooled GenerateDataKey — audited
     before any path was known — to the create that used it and to every open of that file.
     """
-    for record in read_records(data_dir):
+    yield from filter_records(
+        read_records(data_dir), key=key, operation=operation, since=since, until=until, file=file,
+        principal=principal, outcome=outcome, user=user, file_id=file_id,
+    )  # fmt: skip
+
+
+def filter_records(
+    records: Iterable[dict[str, Any]],
+    *,
+    key: str | None = None,
+    operation: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    file: str | None = None,
+    principal: str | None = None,
+    outcome: str | None = None,
+    user: str | None = None,
+    file_id: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The records matching every given filter (those of ``query``), in their order."""
+    for record in records:
         if key is not None and not _matches_key(record, key):
             continue
         if operation is not None and str(record.get("operation", "")).lower() != operation.lower():

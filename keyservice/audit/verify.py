@@ -18,17 +18,17 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from keyservice.audit import segments
+from keyservice.audit.prune import prune_path, prune_record
 from keyservice.audit.records import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_CHECKPOINT_SECONDS,
     GENESIS_HASH,
-    HEAD_FILE,
-    audit_path,
     head_path,
     is_checkpoint,
     key_fingerprint,
     line_hash,
-    read_lines,
+    parse_line,
     signed_bytes,
 )
 
@@ -43,6 +43,10 @@ class VerifyReport:
     checkpoints: int = 0
     unsealed: int = 0
     fingerprint: str | None = None
+    segments: int = 0
+    pruned_records: int = 0
+    # Per chain, the newest checkpoint verified: where ``--since-last`` starts next time.
+    positions: dict[str, dict[str, Any]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -66,6 +70,49 @@ def _parse_time(text: object) -> datetime | None:
         return None
 
 
+@dataclass
+class _State:
+    """Where a chain's walk stands: what the next line must chain to."""
+
+    prev: str = GENESIS_HASH
+    records: int = 0
+    last_checkpoint: dict[str, Any] | None = None
+    last_checkpoint_hash: str | None = None
+    first_segment: int = 1
+
+
+def _start_state(data_dir: Path, chain: str, public_key: Ed25519PublicKey, report: VerifyReport,
+                 since: Mapping[str, Any] | None) -> _State | str:
+    """The state to begin from: the genesis, a signed prune record, or the last verified checkpoint
+    (``--since-last``); a string names why it cannot be trusted."""
+    if since is not None:
+        position = segments.segment_path(data_dir, chain, int(since.get("segment", 0)))
+        line = next(iter(segments.read_segment(position, int(since.get("segment", 0)), int(since.get("offset", 0)))),
+                    None)
+        record = parse_line(line.data) if line is not None else None
+        if line is None or record is None or line_hash(line.data) != since.get("hash"):
+            return (f"the checkpoint verified last (segment {since.get('segment')}, byte {since.get('offset')}) "
+                    f"is no longer in the log: verify in full")
+        if not is_checkpoint(record) or not _check_signature(record, public_key):
+            return "the state of --since-last does not name a signed checkpoint: verify in full"
+        report.notes.append(f"{chain}: verified from checkpoint #{record.get('seq')} on (--since-last)")
+        return _State(line_hash(line.data), int(record.get("records", 0)), record, line_hash(line.data),
+                      int(since["segment"]))
+    pruned = prune_record(data_dir, chain)
+    if pruned is None:
+        return _State()
+    if not _check_signature(pruned, public_key):
+        return f"{prune_path(data_dir, chain).name}: bad signature"
+    report.notes.append(
+        f"{chain}: segments 1-{pruned.get('through_segment')} were pruned on {pruned.get('time')} "
+        f"({pruned.get('records')} records, through checkpoint #{pruned.get('checkpoint_seq')}, "
+        f"last hash {str(pruned.get('last_hash'))[:16]}...)")
+    report.pruned_records += int(pruned.get("records", 0))
+    return _State(str(pruned.get("last_hash")), int(pruned.get("records", 0)),
+                  {"seq": int(pruned.get("checkpoint_seq", 0))}, str(pruned.get("last_hash")),
+                  int(pruned.get("through_segment", 0)) + 1)
+
+
 def verify(
     data_dir: Path,
     public_key: Ed25519PublicKey,
@@ -73,91 +120,138 @@ def verify(
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
     now: datetime | None = None,
+    since: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> VerifyReport:
-    """Check the chain, every checkpoint's signature and spacing, and the head file.
+    """Check every chain: the hash chain through its segments, every checkpoint's signature and
+    spacing, the segment seals, a prune record if any, and the head file.
 
-    Stops at the first bad line: everything after it is untrustworthy anyway.
+    ``since`` (``--since-last``): per chain, the position of a checkpoint verified before; the
+    walk starts there. Stops at the first bad line of a chain: everything after it is untrustworthy.
     """
     report = VerifyReport(fingerprint=key_fingerprint(public_key))
-    prev = GENESIS_HASH
-    last_checkpoint: dict[str, Any] | None = None
-    last_checkpoint_hash: str | None = None
+    for chain in segments.chains(data_dir):
+        _verify_chain(data_dir, chain, public_key, report, checkpoint_every, checkpoint_seconds, now,
+                      (since or {}).get(chain))
+    return report
+
+
+def _verify_chain(  # noqa: C901 - one walk, one check after the other
+    data_dir: Path,
+    chain: str,
+    public_key: Ed25519PublicKey,
+    report: VerifyReport,
+    checkpoint_every: int,
+    checkpoint_seconds: float,
+    now: datetime | None,
+    since: Mapping[str, Any] | None,
+) -> None:
+    grace = timedelta(seconds=checkpoint_seconds * 2 + 5)
+    start = _start_state(data_dir, chain, public_key, report, since)
+    if isinstance(start, str):
+        report.problems.append(f"{chain}: {start}")
+        return
+    state = start
     since_checkpoint = 0
     first_unsealed_time: datetime | None = None
-    grace = timedelta(seconds=checkpoint_seconds * 2 + 5)
+    where = f"{chain}: empty"
+    at_line = 0
+    files = [(n, p) for n, p in segments.segments(data_dir, chain) if n >= state.first_segment]
+    skip_first = since is not None
 
-    def fail(number: int, message: str) -> VerifyReport:
-        report.problems.append(f"line {number}: {message}")
-        return report
+    def fail(message: str) -> None:
+        report.problems.append(f"{where}: {message}" if not at_line else f"line {at_line}: {message} ({where})")
 
-    number = 0
-    for number, line in enumerate(read_lines(audit_path(data_dir)), start=1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            return fail(number, "not a JSON record (damaged or tampered)")
-        if not isinstance(record, dict):
-            return fail(number, "not a JSON object (damaged or tampered)")
-        if record.get("prev_hash") != prev:
-            return fail(number, "hash chain broken: a record before or at this line was edited, inserted, "
-                                "removed or reordered")
-        if is_checkpoint(record):
-            seq = record.get("seq")
-            expected_seq = (last_checkpoint or {}).get("seq", 0) + 1
-            if not _check_signature(record, public_key):
-                return fail(number, f"checkpoint #{seq}: bad signature (forged, or signed by another key)")
-            if seq != expected_seq or record.get("previous_checkpoint") != last_checkpoint_hash:
-                return fail(number, f"checkpoint #{seq}: expected #{expected_seq} (a checkpoint is missing)")
-            if record.get("records") != report.records or record.get("sealed") != since_checkpoint:
-                return fail(number, f"checkpoint #{seq}: seals {record.get('sealed')} records but "
-                                    f"{since_checkpoint} precede it")
-            if since_checkpoint > checkpoint_every:
-                return fail(number, f"missing checkpoint: {since_checkpoint} records sealed at once "
-                                    f"(at most {checkpoint_every} allowed)")
-            when = _parse_time(record.get("time"))
-            if record.get("recovered"):
-                report.notes.append(f"checkpoint #{seq} sealed {since_checkpoint} records late, after an "
-                                    f"unclean shutdown")
-            elif first_unsealed_time and when and when - first_unsealed_time > grace:
-                return fail(number, f"missing checkpoint: checkpoint #{seq} came "
-                                    f"{int((when - first_unsealed_time).total_seconds())} s after the first "
-                                    f"record it seals (at most {checkpoint_seconds:g} s allowed)")
-            report.checkpoints += 1
-            last_checkpoint, last_checkpoint_hash = record, line_hash(line)
-            since_checkpoint, first_unsealed_time = 0, None
-        else:
-            report.records += 1
-            since_checkpoint += 1
-            if first_unsealed_time is None:
-                first_unsealed_time = _parse_time(record.get("time"))
-        prev = line_hash(line)
+    expected_number = state.first_segment
+    for index, (number, path) in enumerate(files):
+        where = f"{chain}/{path.name}"
+        if number != expected_number:
+            return fail(f"segment {expected_number} is missing (the next one is {number})")
+        expected_number += 1
+        ended = False
+        line_no = 0
+        start_offset = int(since.get("offset", 0)) if skip_first and since is not None else 0
+        for line_no, line in enumerate(segments.read_segment(path, number, start_offset), start=1):
+            if skip_first:
+                skip_first = False
+                continue
+            where = f"{chain}/{path.name}" + (f" after byte {start_offset}" if start_offset else "")
+            at_line = line_no
+            if ended:
+                return fail("a line after the checkpoint that sealed this segment")
+            record = parse_line(line.data)
+            if record is None:
+                return fail("not a JSON object (damaged or tampered)")
+            if record.get("prev_hash") != state.prev:
+                return fail("hash chain broken: a record before or at this line was edited, inserted, "
+                            "removed or reordered")
+            if is_checkpoint(record):
+                seq = record.get("seq")
+                expected_seq = (state.last_checkpoint or {}).get("seq", 0) + 1
+                if not _check_signature(record, public_key):
+                    return fail(f"checkpoint #{seq}: bad signature (forged, or signed by another key)")
+                if seq != expected_seq or record.get("previous_checkpoint") != state.last_checkpoint_hash:
+                    return fail(f"checkpoint #{seq}: expected #{expected_seq} (a checkpoint is missing)")
+                if record.get("records") != state.records or record.get("sealed") != since_checkpoint:
+                    return fail(f"checkpoint #{seq}: seals {record.get('sealed')} records but "
+                                f"{since_checkpoint} precede it")
+                if since_checkpoint > checkpoint_every:
+                    return fail(f"missing checkpoint: {since_checkpoint} records sealed at once "
+                                f"(at most {checkpoint_every} allowed)")
+                when = _parse_time(record.get("time"))
+                if record.get("recovered"):
+                    report.notes.append(f"{chain}: checkpoint #{seq} sealed {since_checkpoint} records late, "
+                                        f"after an unclean shutdown")
+                elif first_unsealed_time and when and when - first_unsealed_time > grace:
+                    return fail(f"missing checkpoint: checkpoint #{seq} came "
+                                f"{int((when - first_unsealed_time).total_seconds())} s after the first "
+                                f"record it seals (at most {checkpoint_seconds:g} s allowed)")
+                report.checkpoints += 1
+                state.last_checkpoint, state.last_checkpoint_hash = record, line_hash(line.data)
+                report.positions[chain] = {"segment": number, "offset": line.offset,
+                                           "hash": state.last_checkpoint_hash, "seq": seq}
+                since_checkpoint, first_unsealed_time = 0, None
+                ended = bool(record.get("segment_end"))
+            else:
+                report.records += 1
+                state.records += 1
+                since_checkpoint += 1
+                if first_unsealed_time is None:
+                    first_unsealed_time = _parse_time(record.get("time"))
+            state.prev = line_hash(line.data)
+        if index < len(files) - 1 and not ended:
+            where, at_line = f"{chain}/{path.name}", 0
+            return fail("not sealed (no segment_end checkpoint at its end) although a later segment exists")
+        report.segments += 1
 
-    report.unsealed = since_checkpoint
+    report.unsealed += since_checkpoint
+    at_line = 0
     if since_checkpoint > checkpoint_every:
-        return fail(number, f"missing checkpoint: the last {since_checkpoint} records are not sealed")
-    head = _read_head(data_dir)
+        return fail(f"missing checkpoint: the last {since_checkpoint} records are not sealed")
+    last_checkpoint = state.last_checkpoint
+    head_file = head_path(data_dir, chain)
+    head = _read_head(head_file)
     if head is not None:
         if not _check_signature(head, public_key):
-            report.problems.append(f"{HEAD_FILE}: bad signature")
+            report.problems.append(f"{head_file.name}: bad signature")
         elif last_checkpoint is None or head.get("seq", 0) > last_checkpoint.get("seq", 0):
             report.problems.append(
-                f"log cut: checkpoint #{head.get('seq')} recorded in {HEAD_FILE} is missing from the log "
-                f"(it ends at checkpoint #{(last_checkpoint or {}).get('seq', 0)}, line {number})")
+                f"log cut: checkpoint #{head.get('seq')} recorded in {head_file.name} is missing from the log "
+                f"(it ends at checkpoint #{(last_checkpoint or {}).get('seq', 0)}, {where})")
         elif head.get("seq") == last_checkpoint.get("seq") and head != last_checkpoint:
-            report.problems.append(f"{HEAD_FILE}: differs from checkpoint #{head.get('seq')} in the log")
+            report.problems.append(f"{head_file.name}: differs from checkpoint #{head.get('seq')} in the log")
     elif report.checkpoints:
-        report.problems.append(f"{HEAD_FILE} is missing although the log has checkpoints")
+        report.problems.append(f"{head_file.name} is missing although the log has checkpoints")
     if since_checkpoint:
         moment = now or datetime.now(UTC)
         age = (moment - first_unsealed_time).total_seconds() if first_unsealed_time else 0.0
         report.notes.append(f"{since_checkpoint} newest records are not sealed by a checkpoint yet "
                             f"(oldest {int(age)} s old)")
-    return report
+    return None
 
 
-def _read_head(data_dir: Path) -> dict[str, Any] | None:
+def _read_head(path: Path) -> dict[str, Any] | None:
     try:
-        head = json.loads(head_path(data_dir).read_bytes())
+        head = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
     except ValueError:

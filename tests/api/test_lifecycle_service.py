@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from keyservice import bootstrap, errors, scheduler
-from keyservice.audit.records import read_records
+from keyservice.audit.records import audit_path, read_records
 from keyservice.authz import policy
 from keyservice.clock import FileOffsetClock, FixedClock
 from keyservice.context import RequestContext
@@ -171,7 +171,7 @@ def test_no_material_in_audit_or_store(env: Env) -> None:
     _import(env, key_id, material)
     dk = env.call("GenerateDataKey", {"KeyId": key_id, "KeySpec": "AES_256"})
     env.call("DeleteImportedKeyMaterial", {"KeyId": key_id})
-    raw = (env.data_dir / "keyservice.db").read_bytes() + (env.data_dir / "audit" / "audit.log").read_bytes()
+    raw = (env.data_dir / "keyservice.db").read_bytes() + (audit_path(env.data_dir)).read_bytes()
     for secret in (material, dk["Plaintext"]):
         assert secret not in raw and secret.hex().encode() not in raw
     with sqlite3.connect(env.data_dir / "keyservice.db") as db:

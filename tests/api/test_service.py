@@ -20,7 +20,7 @@ from keyservice.audit import log as audit_log
 from keyservice.audit import review as audit_review
 from keyservice.audit import signing as audit_signing
 from keyservice.audit import verify as audit_verify
-from keyservice.audit.records import read_records
+from keyservice.audit.records import audit_path, read_records
 from keyservice.authz import policy
 from keyservice.clock import FixedClock
 from keyservice.context import Principal, RequestContext
@@ -680,7 +680,7 @@ def test_no_secrets_on_disk(env: Env) -> None:
         out = [secret, secret.hex().encode(), secret.hex().upper().encode(), base64.b64encode(secret)]
         return [f for f in out if len(f) >= 16]
 
-    files = [env.data_dir / "audit" / "audit.log"] + sorted(env.data_dir.glob("keyservice.db*"))
+    files = [audit_path(env.data_dir)] + sorted(env.data_dir.glob("keyservice.db*"))
     blobs = {f.name: f.read_bytes() for f in files}
     assert blobs["keyservice.db"] or blobs.get("keyservice.db-wal")
     escaped = [json.dumps(s.decode("latin-1"))[1:-1].encode() for s in secrets_seen]
@@ -688,7 +688,7 @@ def test_no_secrets_on_disk(env: Env) -> None:
         for secret in secrets_seen:
             for form in forms(secret):
                 assert form not in raw, f"secret material found in {name}"
-        if name == "audit.log":
+        if name.endswith(".log"):
             for e in escaped:
                 assert e not in raw
     # The data directory alone (without the dev key file, i.e. a non-dev layout) never holds the root key.

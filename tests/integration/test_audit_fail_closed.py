@@ -14,6 +14,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from keyservice.audit.records import audit_path
 from tests.conftest import DevKeyService, run_keyservice, start_dev_service, stop_dev_service
 from tests.integration.kmsfs_mount_helpers import kmsfs_init, mounted, requires_fuse
 
@@ -87,13 +88,13 @@ def test_full_audit_disk_fails_requests_and_opens(small_audit_disk, tmp_path: Pa
     assert report.returncode == 0, report.stdout
     records = service.audit_records()
     assert not any(r.get("error_code") == "KMSInternalException" for r in records)  # never written
-    assert os.path.getsize(audit_dir / "audit.log") > 0
+    assert os.path.getsize(audit_path(service.data_dir)) > 0
 
 
 def test_read_only_audit_log_fails_requests_and_opens(keyservice_dev: DevKeyService, tmp_path: Path) -> None:
     """An audit log that cannot be written to (immutable: writes get EPERM even on the server's
     open descriptor) fails every request and every kmsfs open until it is writable again."""
-    log_file = keyservice_dev.data_dir / "audit" / "audit.log"
+    log_file = audit_path(keyservice_dev.data_dir)
     if subprocess.run(["chattr", "+i", str(log_file)], capture_output=True).returncode != 0:
         pytest.skip("the file system of the test directory does not support chattr +i")
     subprocess.run(["chattr", "-i", str(log_file)], check=True)

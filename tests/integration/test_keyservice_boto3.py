@@ -19,6 +19,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
+from keyservice.audit.records import audit_path
 from tests.conftest import run_keyservice
 
 pytestmark = pytest.mark.integration
@@ -296,7 +297,7 @@ def test_every_request_is_audited(keyservice_dev, kms, key) -> None:
         if r["operation"] == "ListAliases" and r.get("error_code") == "InvalidSignatureException"
     ]
     assert refused and refused[-1]["principal"] in (None, "")
-    raw = (keyservice_dev.data_dir / "audit" / "audit.log").read_bytes()
+    raw = (audit_path(keyservice_dev.data_dir)).read_bytes()
     assert b"audited plaintext" not in raw
     assert base64.b64encode(b"audited plaintext") not in raw
     assert keyservice_dev.credentials["secret_access_key"].encode() not in raw

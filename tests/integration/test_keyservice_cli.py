@@ -15,6 +15,7 @@ import pytest
 import requests
 from botocore.exceptions import ClientError, SSLError
 
+from keyservice.audit.records import audit_path
 from keyservice.http import tls
 from tests.conftest import (
     free_port,
@@ -349,7 +350,7 @@ def test_audit_verify_command_finds_tampering(tmp_path: Path) -> None:
     )
     assert foreign.returncode == 1 and "bad signature" in foreign.stdout
 
-    log = service.data_dir / "audit" / "audit.log"
+    log = audit_path(service.data_dir)
     lines = log.read_text().splitlines(keepends=True)
     encrypts = [n for n, line in enumerate(lines) if '"operation":"Encrypt"' in line]
     lines[encrypts[2]] = lines[encrypts[2]].replace('"outcome":"success"', '"outcome":"error"')

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from keyservice.audit.records import audit_path
 from tests.conftest import DevKeyService, run_keyservice, start_dev_service, stop_dev_service
 
 pytestmark = pytest.mark.integration
@@ -285,6 +286,6 @@ def test_rotate_and_delete_principal_through_the_cli(world: World) -> None:
     data = world.service.data_dir
     store = (
         b"".join(p.read_bytes() for p in data.glob("keyservice.db*"))
-        + (data / "audit" / "audit.log").read_bytes()
+        + audit_path(data).read_bytes()
     )
     assert rotated["secret_access_key"].encode() not in store

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from keyservice.audit import log as audit_log
 from keyservice.audit import review as audit_review
 from keyservice.audit import verify as audit_verify
-from keyservice.audit.records import FIELDS, build_record
+from keyservice.audit.records import FIELDS, audit_path, build_record
 from keyservice.context import Principal, RequestContext
 from keyservice.errors import KMSInternalException, NotFoundException
 
@@ -72,7 +72,7 @@ def write_sample(data_dir: Path) -> None:
 
 def test_record_fields_and_file_modes(tmp_path: Path) -> None:
     write_sample(tmp_path)
-    path = tmp_path / "audit" / "audit.log"
+    path = audit_path(tmp_path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     lines = path.read_text().splitlines()
@@ -139,7 +139,7 @@ def test_query_filters(tmp_path: Path) -> None:
 
 def test_partial_last_line_is_tolerated_and_dropped(tmp_path: Path) -> None:
     write_sample(tmp_path)
-    path = tmp_path / "audit" / "audit.log"
+    path = audit_path(tmp_path)
     with path.open("ab") as f:
         f.write(b'{"version":1,"time":"2026-03-01T12:')
     assert len(list(audit_review.query(tmp_path))) == 4
@@ -194,8 +194,11 @@ def test_parse_time() -> None:
     assert audit_review.parse_time("2026-03-01T12:00:00Z") == datetime(2026, 3, 1, 12, tzinfo=UTC)
     assert audit_review.parse_time("2026-03-01") == datetime(2026, 3, 1, tzinfo=UTC)
     assert audit_review.parse_time("2h", now=T0) == T0 - timedelta(hours=2)
+    midnight = T0.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert audit_review.parse_time("today", now=T0) == midnight
+    assert audit_review.parse_time("yesterday", now=T0) == midnight - timedelta(days=1)
     with pytest.raises(ValueError):
-        audit_review.parse_time("yesterday")
+        audit_review.parse_time("someday")
 
 
 def test_missing_log_reads_empty(tmp_path: Path) -> None:

@@ -1,0 +1,441 @@
+"""The audit index: a SQLite cache beside the log that finds records without reading them all.
+
+Why a cache and not a second log: the log (``segments``) is the source of truth, signed and
+chained; the index holds, per request record, its chain, sequence number (its ordinal in the
+chain), segment and byte offset, and the fields a security officer asks about (docs/AUDIT.md,
+"Index"). Queries read the records themselves from the log at those offsets. The index is filled
+from complete lines already in the log (``update``: never ahead of the log), can be deleted at any
+time and rebuilt (``reindex``), and is checked before it answers (``coverage``): sequence numbers
+contiguous, the last indexed line's hash equal to the log's line at that offset, nothing indexed
+past the log's end. An index that fails the check is not used.
+
+Strings (paths, users, principals, key ARNs, ...) are stored once in ``strings`` and referred to
+by number, which keeps the index under half the log's size. ``activity`` (per UTC hour, file and
+local user) and ``key_principals`` are summaries kept in the same transactions as the rows they
+summarize, for ``audit files --top`` and ``audit principals`` in constant time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from keyservice.audit import segments
+from keyservice.audit.prune import prune_record
+from keyservice.audit.records import is_checkpoint, line_hash, parse_line
+
+INDEX_FILE = "index.sqlite"
+INDEX_VERSION = 1
+_BATCH = 20000
+FILE_ID_CONTEXT = "kmsfs:file-id"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chains (
+    id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL,
+    first_seq INTEGER NOT NULL,  -- the first record indexed (after a prune: not 1)
+    seq INTEGER NOT NULL,        -- the last record indexed (first_seq - 1 when none)
+    segment INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL, -- last line indexed
+    hash TEXT NOT NULL           -- its line hash
+);
+CREATE TABLE IF NOT EXISTS strings (id INTEGER PRIMARY KEY, s TEXT UNIQUE NOT NULL);
+CREATE TABLE IF NOT EXISTS rec (
+    id INTEGER PRIMARY KEY, chain INTEGER NOT NULL, seq INTEGER NOT NULL,
+    seg INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL,
+    t INTEGER NOT NULL,  -- ms since the epoch
+    op INTEGER, outcome INTEGER NOT NULL, principal INTEGER, akid INTEGER, key INTEGER, kver INTEGER,
+    path INTEGER, user INTEGER, uid INTEGER, proc INTEGER, fid INTEGER, rid INTEGER
+);
+CREATE TABLE IF NOT EXISTS activity (
+    hour INTEGER NOT NULL, path INTEGER NOT NULL, user INTEGER NOT NULL,
+    opens INTEGER NOT NULL, created INTEGER NOT NULL, refused INTEGER NOT NULL, last INTEGER NOT NULL,
+    PRIMARY KEY (hour, path, user)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS key_principals (
+    key INTEGER NOT NULL, principal INTEGER NOT NULL, akid INTEGER NOT NULL, op INTEGER NOT NULL,
+    n INTEGER NOT NULL, refused INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    PRIMARY KEY (key, principal, akid, op)
+) WITHOUT ROWID;
+"""
+
+# Secondary indexes, created after a bulk load (faster than maintaining them row by row).
+_INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS rec_seq ON rec (chain, seq);
+CREATE INDEX IF NOT EXISTS rec_t ON rec (t);
+CREATE INDEX IF NOT EXISTS rec_op ON rec (op, t);
+CREATE INDEX IF NOT EXISTS rec_error ON rec (t) WHERE outcome = 1;
+CREATE INDEX IF NOT EXISTS rec_principal ON rec (principal, t);
+CREATE INDEX IF NOT EXISTS rec_akid ON rec (akid, t);
+CREATE INDEX IF NOT EXISTS rec_key ON rec (key, t);
+CREATE INDEX IF NOT EXISTS rec_path ON rec (path) WHERE path IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rec_user ON rec (user, t) WHERE user IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rec_uid ON rec (uid, t) WHERE uid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rec_proc ON rec (proc) WHERE proc IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rec_fid ON rec (fid) WHERE fid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rec_rid ON rec (rid);
+"""
+
+
+class IndexMismatch(Exception):
+    """The index does not describe the log (edited, stale after a rollback, or for another log)."""
+
+
+def index_path(data_dir: Path) -> Path:
+    return segments.audit_dir(data_dir) / INDEX_FILE
+
+
+def request_number(request_id: object) -> int | None:
+    """A 63-bit number standing for a request id (looked up, then confirmed on the record)."""
+    if not isinstance(request_id, str) or not request_id:
+        return None
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def connect(data_dir: Path, *, create: bool = True) -> sqlite3.Connection:
+    """Open (creating it if asked) the index with its schema."""
+    path = index_path(data_dir)
+    if not create and not path.exists():
+        raise FileNotFoundError(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fresh = not path.exists()
+    if fresh:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # a cache: a lost tail is re-indexed from the log
+    conn.execute("PRAGMA cache_size=-65536")
+    conn.executescript(_SCHEMA)
+    version = conn.execute("SELECT v FROM meta WHERE k='version'").fetchone()
+    if version is None:
+        conn.execute("INSERT INTO meta VALUES ('version', ?)", (str(INDEX_VERSION),))
+    elif version[0] != str(INDEX_VERSION):
+        raise IndexMismatch(f"index format {version[0]}, expected {INDEX_VERSION}: run `keyservice audit reindex`")
+    return conn
+
+
+@dataclass
+class ChainPosition:
+    id: int
+    name: str
+    first_seq: int
+    seq: int
+    segment: int
+    offset: int
+    length: int
+    hash: str
+
+    @property
+    def next(self) -> tuple[int, int]:
+        """Where the first line not indexed yet starts."""
+        return self.segment, self.offset + self.length + 1 if self.hash else 0
+
+
+def _positions(conn: sqlite3.Connection) -> dict[str, ChainPosition]:
+    rows = conn.execute("SELECT id, name, first_seq, seq, segment, offset, length, hash FROM chains")
+    return {row[1]: ChainPosition(*row) for row in rows}
+
+
+class _Strings:
+    """The ``strings`` table through a cache: text -> number."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.ids: dict[str, int] = {s: i for i, s in conn.execute("SELECT id, s FROM strings")}
+
+    def id(self, text: object) -> int | None:
+        if text is None:
+            return None
+        if not isinstance(text, str):
+            text = str(text)
+        found = self.ids.get(text)
+        if found is None:
+            found = self.conn.execute("INSERT INTO strings (s) VALUES (?)", (text,)).lastrowid
+            assert found is not None
+            self.ids[text] = found
+        return found
+
+
+_SECONDS: dict[str, int] = {}
+
+
+def time_ms(text: object) -> int:
+    """``2026-05-01T09:00:00.123Z`` -> ms since the epoch (0 when unparseable)."""
+    if not isinstance(text, str) or len(text) < 19:
+        return 0
+    head = text[:19]
+    seconds = _SECONDS.get(head)
+    if seconds is None:
+        try:
+            seconds = int(datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp())
+        except ValueError:
+            return 0
+        if len(_SECONDS) > 100000:
+            _SECONDS.clear()
+        _SECONDS[head] = seconds
+    millis = text[20:23]
+    return seconds * 1000 + (int(millis) if millis.isdigit() else 0)
+
+
+def _is_create(record: dict[str, Any], caller: dict[str, Any]) -> bool:
+    operation = str(record.get("operation", ""))
+    if operation == "Decrypt":
+        return caller.get("op") == "create"
+    return operation.startswith("GenerateDataKey")
+
+
+class _Writer:
+    """Turns records into rows and summaries; flushed in one transaction per batch."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.strings = _Strings(conn)
+        self.rows: list[tuple[Any, ...]] = []
+        self.activity: dict[tuple[int, int, int], list[int]] = {}
+        self.keys: dict[tuple[int, int, int, int], list[int]] = {}
+
+    def add(self, chain_id: int, seq: int, segment: int, offset: int, length: int, r: dict[str, Any]) -> None:
+        sid = self.strings.id
+        caller = r.get("caller")
+        if not isinstance(caller, dict):
+            caller = {}
+        context = r.get("encryption_context")
+        fid = context.get(FILE_ID_CONTEXT) if isinstance(context, dict) else None
+        t = time_ms(r.get("time"))
+        error = 0 if r.get("outcome") == "success" else 1
+        path = caller.get("path") if isinstance(caller.get("path"), str) else None
+        user = caller.get("user")
+        uid = caller.get("uid")
+        uid = uid if isinstance(uid, int) and not isinstance(uid, bool) and abs(uid) < 1 << 62 else None
+        kver = r.get("key_version")
+        kver = kver if isinstance(kver, int) and not isinstance(kver, bool) and abs(kver) < 1 << 62 else None
+        principal, akid, key = sid(r.get("principal")), sid(r.get("access_key_id")), sid(r.get("key_id"))
+        op = sid(r.get("operation"))
+        path_id = sid(path)
+        user_id = sid(user) if user is not None else None
+        self.rows.append((
+            chain_id, seq, segment, offset, length, t, op, error, principal, akid, key,
+            kver, path_id, user_id, uid, sid(caller.get("process")), sid(fid), request_number(r.get("request_id")),
+        ))  # fmt: skip
+        if path_id is not None:
+            who = user_id if user_id is not None else sid(f"uid={uid}" if uid is not None else "-")
+            assert who is not None
+            slot = self.activity.get((t // 3600000, path_id, who))
+            if slot is None:
+                slot = self.activity[(t // 3600000, path_id, who)] = [0, 0, 0, 0]
+            if error:
+                slot[2] += 1
+            elif _is_create(r, caller):
+                slot[1] += 1
+            elif r.get("operation") == "Decrypt":
+                slot[0] += 1
+            slot[3] = max(slot[3], t)
+        if key is not None:
+            group = (key, principal or 0, akid or 0, op or 0)
+            entry = self.keys.get(group)
+            if entry is None:
+                entry = self.keys[group] = [0, 0, t, t]
+            entry[0] += 1
+            entry[1] += error
+            entry[2] = min(entry[2], t)
+            entry[3] = max(entry[3], t)
+
+    def flush(self) -> None:
+        self.conn.executemany(
+            "INSERT INTO rec (chain, seq, seg, off, len, t, op, outcome, principal, akid, key, kver, path, user,"
+            " uid, proc, fid, rid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", self.rows)
+        self.conn.executemany(
+            "INSERT INTO activity VALUES (?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET opens = opens + excluded.opens,"
+            " created = created + excluded.created, refused = refused + excluded.refused,"
+            " last = max(last, excluded.last)", [(*k, *v) for k, v in self.activity.items()])
+        self.conn.executemany(
+            "INSERT INTO key_principals VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET n = n + excluded.n,"
+            " refused = refused + excluded.refused, first = min(first, excluded.first),"
+            " last = max(last, excluded.last)", [(*k, *v) for k, v in self.keys.items()])
+        self.rows.clear()
+        self.activity.clear()
+        self.keys.clear()
+
+
+def _line_at(data_dir: Path, chain: str, segment: int, offset: int, length: int) -> bytes | None:
+    path = segments.segment_path(data_dir, chain, segment)
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read(length + 1)
+    except FileNotFoundError:
+        return None
+    return data[:-1] if len(data) == length + 1 and data.endswith(b"\n") else None
+
+
+def _check_position(data_dir: Path, position: ChainPosition) -> None:
+    if not position.hash:
+        return
+    line = _line_at(data_dir, position.name, position.segment, position.offset, position.length)
+    if line is None or line_hash(line) != position.hash:
+        # A pruned segment is gone legitimately: the position then lies before the prune record.
+        pruned = prune_record(data_dir, position.name) or {}
+        if line is None and position.segment <= int(pruned.get("through_segment") or 0):
+            return
+        raise IndexMismatch(f"chain {position.name}: the last line indexed (segment {position.segment}, byte "
+                            f"{position.offset}) is not in the log any more, or differs")
+
+
+def update(data_dir: Path, *, conn: sqlite3.Connection | None = None, limit: int | None = None) -> int:
+    """Index every complete line not indexed yet; return how many records were added.
+
+    Raises ``IndexMismatch`` if the index does not continue the log."""
+    own = conn is None
+    conn = conn or connect(data_dir)
+    added = 0
+    try:
+        for chain in segments.chains(data_dir):
+            added += _update_chain(data_dir, conn, chain, limit)
+    finally:
+        if own:
+            conn.close()
+    return added
+
+
+def _update_chain(data_dir: Path, conn: sqlite3.Connection, chain: str, limit: int | None) -> int:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        position = _positions(conn).get(chain)
+        if position is None:
+            first = int((prune_record(data_dir, chain) or {}).get("records") or 0) + 1
+            cur = conn.execute("INSERT INTO chains (name, first_seq, seq, segment, offset, length, hash) "
+                               "VALUES (?, ?, ?, 0, 0, 0, '')", (chain, first, first - 1))
+            assert cur.lastrowid is not None
+            position = ChainPosition(cur.lastrowid, chain, first, first - 1, 0, 0, 0, "")
+        _check_position(data_dir, position)
+        writer = _Writer(conn)
+        segment, offset = position.next
+        files = segments.segments(data_dir, chain)
+        if files and segment < files[0][0]:
+            segment, offset = files[0][0], 0
+        seq, added, last = position.seq, 0, None
+        for line in segments.read_chain(data_dir, chain, segment=segment, offset=offset):
+            last = line
+            if b'"checkpoint"' in line.data:
+                record = parse_line(line.data)
+                if record is not None and is_checkpoint(record):
+                    continue
+            else:
+                record = parse_line(line.data)
+            if record is None:
+                continue  # damaged: verify reports it; a query by scan skips it too
+            seq += 1
+            added += 1
+            writer.add(position.id, seq, line.segment, line.offset, len(line.data), record)
+            if len(writer.rows) >= _BATCH:
+                writer.flush()
+                _save_position(conn, position.id, seq, line)
+                conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                if limit is not None and added >= limit:
+                    break
+        writer.flush()
+        if last is not None:
+            _save_position(conn, position.id, seq, last)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return added
+
+
+def _save_position(conn: sqlite3.Connection, chain_id: int, seq: int, line: segments.Line) -> None:
+    conn.execute("UPDATE chains SET seq = ?, segment = ?, offset = ?, length = ?, hash = ? WHERE id = ?",
+                 (seq, line.segment, line.offset, len(line.data), line_hash(line.data), chain_id))
+
+
+def reindex(data_dir: Path) -> int:
+    """Rebuild the index from the log; return the records indexed. The old index is replaced at
+    the end (a reader meanwhile keeps using, and checking, the old one)."""
+    final = index_path(data_dir)
+    tmp = final.with_name(final.name + ".new")
+    for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=OFF")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("PRAGMA cache_size=-262144")
+        conn.executescript(_SCHEMA)
+        conn.execute("INSERT INTO meta VALUES ('version', ?)", (str(INDEX_VERSION),))
+        added = update(data_dir, conn=conn)
+        conn.executescript(_INDEXES)
+        conn.execute("ANALYZE")
+    finally:
+        conn.close()
+    os.replace(tmp, final)
+    for stale in (final.with_name(final.name + "-wal"), final.with_name(final.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    segments.fsync_dir(final.parent)
+    return added
+
+
+def open_checked(data_dir: Path) -> sqlite3.Connection:
+    """The index, brought up to the log's head and checked to cover it; raises ``IndexMismatch``
+    (or ``FileNotFoundError`` when there is none) if it cannot answer for the whole log."""
+    conn = connect(data_dir, create=False)
+    try:
+        conn.executescript(_INDEXES)
+        update(data_dir, conn=conn)
+        coverage(data_dir, conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def coverage(data_dir: Path, conn: sqlite3.Connection) -> None:
+    """Raise ``IndexMismatch`` unless, for every chain, the index holds rows for exactly the
+    sequence numbers ``first_seq..seq`` and its last indexed line is, byte for byte, in the log.
+    (Lines the writer appended after ``update`` ran are newer than the question: not a mismatch.)"""
+    positions = _positions(conn)
+    for chain in segments.chains(data_dir):
+        position = positions.pop(chain, None)
+        files = segments.segments(data_dir, chain)
+        if position is None:
+            if any(f.stat().st_size for _n, f in files):
+                raise IndexMismatch(f"chain {chain} is not indexed")
+            continue
+        count, low, high = conn.execute(
+            "SELECT count(*), min(seq), max(seq) FROM rec WHERE chain = ?", (position.id,)).fetchone()
+        expected = position.seq - position.first_seq + 1
+        if count != expected or (count and (low != position.first_seq or high != position.seq)):
+            raise IndexMismatch(f"chain {chain}: the index holds {count} records, "
+                                f"{position.first_seq}..{position.seq} expected (rows removed or added)")
+        _check_position(data_dir, position)
+    if positions:
+        raise IndexMismatch(f"the index names chains the log does not have: {', '.join(sorted(positions))}")
+
+
+def lines_at(data_dir: Path, rows: Iterator[tuple[str, int, int, int]]) -> Iterator[bytes]:
+    """The log lines at (chain, segment, offset, length), read with one open file per segment."""
+    handles: dict[tuple[str, int], Any] = {}
+    try:
+        for chain, segment, offset, length in rows:
+            f = handles.get((chain, segment))
+            if f is None:
+                f = handles[(chain, segment)] = segments.segment_path(data_dir, chain, segment).open("rb")
+            f.seek(offset)
+            data = f.read(length)
+            if len(data) != length:
+                raise IndexMismatch(f"chain {chain}: segment {segment} is shorter than the index says")
+            yield data
+    finally:
+        for f in handles.values():
+            f.close()

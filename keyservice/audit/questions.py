@@ -1,0 +1,278 @@
+"""The security officer's questions, answered from the index (``index``) or, failing that, a scan.
+
+Why separate from ``review``: ``review`` defines what a filter means and reads every record;
+this module answers the same filters through the index in time proportional to the answer, and
+adds the questions only an index makes cheap: what happened to key K (``key_timeline``), which
+principals used it (``key_principals``), the busiest files and users of a period (``top``).
+
+Every answer from the index is checked first (``index.open_checked``: contiguous sequence
+numbers, last indexed line present in the log); records are read from the log at the indexed
+offsets and filtered again by ``review.filter_records``, so a row pointing elsewhere shows nothing
+wrong. When the index cannot be trusted or is absent the caller is told (``warn``) and the answer
+comes from a full scan.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from keyservice.audit import index, review
+from keyservice.audit.records import parse_line, read_records
+
+Warn = Callable[[str], None]
+_CRYPTO_OPS = ("Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
+               "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext", "GenerateMac", "VerifyMac",
+               "Sign", "Verify", "GenerateRandom")
+
+
+@dataclass
+class Filters:
+    """The filters of ``review.query``."""
+
+    key: str | None = None
+    operation: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    file: str | None = None
+    principal: str | None = None
+    outcome: str | None = None
+    user: str | None = None
+    file_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _ms(when: datetime | None) -> int | None:
+    return None if when is None else int(when.timestamp() * 1000)
+
+
+def open_index(data_dir: Path, warn: Warn) -> sqlite3.Connection | None:
+    """The checked index, built on first use; None (after a warning) if it cannot be trusted."""
+    try:
+        return index.open_checked(data_dir)
+    except FileNotFoundError:
+        warn("no audit index yet: building it (once; `keyservice audit reindex` does the same)")
+        try:
+            index.reindex(data_dir)
+            return index.open_checked(data_dir)
+        except (OSError, sqlite3.Error, index.IndexMismatch) as error:
+            warn(f"the audit index could not be built ({error}): answering by a full scan")
+            return None
+    except (OSError, sqlite3.Error, index.IndexMismatch) as error:
+        warn(f"the audit index does not match the log ({error}): answering by a full scan; "
+             f"run `keyservice audit reindex` to rebuild it")
+        return None
+
+
+class _Sql:
+    """WHERE clauses over ``rec`` for a ``Filters``; ``impossible`` when no row can match."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.where: list[str] = []
+        self.params: list[Any] = []
+        self.impossible = False
+
+    def ids(self, sql: str, *params: Any) -> list[int]:
+        return [row[0] for row in self.conn.execute(sql, params)]
+
+    def any_of(self, column: str, ids: list[int]) -> str:
+        if not ids:
+            return "0"
+        return f"{column} IN ({','.join(str(int(i)) for i in ids)})"
+
+    def key_ids(self, key: str) -> list[int]:
+        return self.ids("SELECT id FROM strings WHERE s = ? OR (s >= 'arn:' AND s < 'arn;' AND s LIKE ?)",
+                        key, f"%:key/{key}")
+
+    def add(self, f: Filters) -> None:
+        if f.key is not None:
+            self.where.append(self.any_of("key", self.key_ids(f.key)))
+        if f.operation is not None:
+            self.where.append(self.any_of("op", self.ids("SELECT id FROM strings WHERE s = ? COLLATE NOCASE",
+                                                         f.operation)))
+        if f.since is not None:
+            self.where.append("t >= ?")
+            self.params.append(_ms(f.since))
+        if f.until is not None:
+            self.where.append("t < ?")
+            self.params.append(_ms(f.until))
+        if f.file is not None:
+            prefix = f.file.rstrip("/")
+            paths = self.ids("SELECT id FROM strings WHERE s = ? OR s = ? OR (s >= ? AND s < ?)",
+                             f.file, prefix, prefix + "/", prefix + "0")
+            self.where.append(self.any_of("path", paths))
+        if f.principal is not None:
+            ids = self.ids("SELECT id FROM strings WHERE s = ?", f.principal)
+            self.where.append(f"({self.any_of('principal', ids)} OR {self.any_of('akid', ids)})")
+        if f.outcome is not None:
+            self.where.append("outcome = ?")
+            self.params.append(0 if f.outcome == "success" else 1)
+        if f.user is not None:
+            clause = self.any_of("user", self.ids("SELECT id FROM strings WHERE s = ?", f.user))
+            if f.user.lstrip("-").isdigit():
+                clause = f"({clause} OR uid = {int(f.user)})"
+            self.where.append(clause)
+        if f.file_id is not None:
+            self.where.append(self.any_of("fid", self.ids("SELECT id FROM strings WHERE s = ?", f.file_id.lower())))
+
+    def clause(self) -> str:
+        return " AND ".join(self.where) or "1"
+
+
+def _records(data_dir: Path, conn: sqlite3.Connection, sql: str, params: list[Any]) -> Iterator[dict[str, Any]]:
+    rows = conn.execute(
+        f"SELECT c.name, r.seg, r.off, r.len FROM rec r JOIN chains c ON c.id = r.chain WHERE {sql} "
+        f"ORDER BY r.t, r.id", params)
+    for line in index.lines_at(data_dir, iter(rows)):
+        record = parse_line(line)
+        if record is not None:
+            yield record
+
+
+def query(data_dir: Path, filters: Filters, *, warn: Warn, scan: bool = False) -> Iterator[dict[str, Any]]:
+    """The records matching ``filters``, oldest first: from the index, or a scan if it fails."""
+    alias = filters.key is not None and (filters.key.startswith("alias/") or ":alias/" in filters.key)
+    conn = None if scan or alias else open_index(data_dir, warn)
+    if conn is None:
+        yield from review.query(data_dir, **filters.as_dict())
+        return
+    with conn:
+        sql = _Sql(conn)
+        sql.add(filters)
+        candidates = _records(data_dir, conn, sql.clause(), sql.params)
+        yield from review.filter_records(candidates, **filters.as_dict())
+
+
+def key_timeline(data_dir: Path, key: str, *, since: datetime | None = None, until: datetime | None = None,
+                 warn: Warn, scan: bool = False) -> dict[str, Any]:
+    """What happened to key K: every management request naming it and every refused request for
+    it (e.g. opens refused while it was disabled), oldest first, and its successful crypto use in
+    total. ``{"events": [...], "uses": n, "refused": n, "first": t, "last": t}``"""
+    conn = None if scan else open_index(data_dir, warn)
+    filters = Filters(key=key, since=since, until=until)
+    if conn is None:
+        events, uses = [], 0
+        for record in review.query(data_dir, **filters.as_dict()):
+            if record.get("operation") in _CRYPTO_OPS and record.get("outcome") == "success":
+                uses += 1
+            else:
+                events.append(record)
+        return {"events": events, "uses": uses}
+    with conn:
+        sql = _Sql(conn)
+        sql.add(filters)
+        keys = sql.any_of("key", sql.key_ids(key))
+        crypto = sql.ids(f"SELECT id FROM strings WHERE s IN ({','.join('?' * len(_CRYPTO_OPS))})", *_CRYPTO_OPS)
+        ops = sql.ids(f"SELECT DISTINCT op FROM key_principals WHERE {keys} AND NOT {sql.any_of('op', crypto)}")
+        # Two narrow lookups (refusals by the error index, management requests by operation), not
+        # a walk over every use of the key.
+        events_sql = (f"r.id IN (SELECT id FROM rec WHERE outcome = 1 AND +{keys} UNION "
+                      f"SELECT id FROM rec WHERE {sql.any_of('op', ops)} AND {keys}) AND {sql.clause()}")
+        events = list(review.filter_records(_records(data_dir, conn, events_sql, sql.params),
+                                            **filters.as_dict()))
+        if since is None and until is None:
+            total = conn.execute(f"SELECT sum(n - refused) FROM key_principals WHERE {keys} AND "
+                                 f"{sql.any_of('op', crypto)}").fetchone()[0] or 0
+        else:
+            total = conn.execute(f"SELECT count(*) FROM rec WHERE {sql.clause()} AND outcome = 0 AND "
+                                 f"{sql.any_of('op', crypto)}", sql.params).fetchone()[0]
+        return {"events": events, "uses": total}
+
+
+def key_principals(data_dir: Path, key: str, *, warn: Warn, scan: bool = False) -> list[dict[str, Any]]:
+    """Which principals used key K: per principal and access key, requests, refusals, first, last."""
+    conn = None if scan else open_index(data_dir, warn)
+    if conn is None:
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in review.query(data_dir, key=key):
+            group = (str(r.get("principal") or "-"), str(r.get("access_key_id") or "-"))
+            row = rows.setdefault(group, {"principal": group[0], "access_key_id": group[1], "requests": 0,
+                                          "refused": 0, "first": r.get("time"), "last": r.get("time")})
+            row["requests"] += 1
+            row["refused"] += r.get("outcome") != "success"
+            row["last"] = r.get("time")
+        return sorted(rows.values(), key=lambda row: -row["requests"])
+    with conn:
+        sql = _Sql(conn)
+        result = []
+        for principal, akid, n, refused, first, last in conn.execute(
+            "SELECT p.s, a.s, sum(k.n), sum(k.refused), min(k.first), max(k.last) FROM key_principals k "
+            "LEFT JOIN strings p ON p.id = k.principal LEFT JOIN strings a ON a.id = k.akid "
+            f"WHERE {sql.any_of('k.key', sql.key_ids(key))} GROUP BY k.principal, k.akid ORDER BY 3 DESC"
+        ):
+            result.append({"principal": principal or "-", "access_key_id": akid or "-", "requests": n,
+                           "refused": refused, "first": _iso(first), "last": _iso(last)})
+        return result
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+@dataclass
+class Top:
+    """The busiest files and local users of a period (counted in whole UTC hours)."""
+
+    since: str | None
+    until: str | None
+    files: list[dict[str, Any]] = field(default_factory=list)
+    users: list[dict[str, Any]] = field(default_factory=list)
+
+
+def top(data_dir: Path, n: int, *, since: datetime | None = None, until: datetime | None = None,
+        warn: Warn, scan: bool = False) -> Top:
+    """The ``n`` files and users with the most kmsfs requests (opens + creates + refusals).
+
+    From the index the period is widened to whole UTC hours (the summary's unit) and the answer
+    says so; a scan counts the exact period."""
+    conn = None if scan else open_index(data_dir, warn)
+    if conn is None:
+        files: dict[str, list[int]] = {}
+        users: dict[str, list[int]] = {}
+        for row in review.files_summary(review.query(data_dir, since=since, until=until)):
+            for table, name in ((files, row["path"]), (users, row["user"])):
+                slot = table.setdefault(name, [0, 0, 0])
+                slot[0] += row["opens"]
+                slot[1] += row["created"]
+                slot[2] += row["denied"]
+        return Top(_iso(_ms(since)), _iso(_ms(until)), _ranked(files, "path", n), _ranked(users, "user", n))
+    with conn:
+        low = (_ms(since) // 3600000) if since is not None else None
+        high = -(-_ms(until) // 3600000) if until is not None else None
+        where, params = ["1"], []
+        if low is not None:
+            where.append("hour >= ?")
+            params.append(low)
+        if high is not None:
+            where.append("hour < ?")
+            params.append(high)
+        result = Top(_iso(low * 3600000) if low is not None else None,
+                     _iso(high * 3600000) if high is not None else None)
+        for column, name, target in (("path", "path", result.files), ("user", "user", result.users)):
+            for text, opens, created, refused, last in conn.execute(
+                f"SELECT s.s, sum(a.opens), sum(a.created), sum(a.refused), max(a.last) FROM activity a "
+                f"JOIN strings s ON s.id = a.{column} WHERE {' AND '.join(where)} GROUP BY a.{column} "
+                f"ORDER BY sum(a.opens + a.created + a.refused) DESC LIMIT ?", [*params, n]
+            ):
+                target.append({name: text, "opens": opens, "created": created, "refused": refused,
+                               "total": opens + created + refused, "last": _iso(last)})
+        return result
+
+
+def _ranked(table: dict[str, list[int]], name: str, n: int) -> list[dict[str, Any]]:
+    rows = [{name: k, "opens": v[0], "created": v[1], "refused": v[2], "total": sum(v)} for k, v in table.items()]
+    return sorted(rows, key=lambda r: -r["total"])[:n]
+
+
+def scan_all(data_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every record by a full scan (what ``--scan`` and the fallbacks use)."""
+    return read_records(data_dir)
