@@ -63,7 +63,9 @@ def _parse_time(text: object) -> datetime | None:
         return None
 
 
-def _new_lines(data_dir: Path, chain: str, position: dict[str, int]) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
+def _new_lines(
+    data_dir: Path, chain: str, position: dict[str, int]
+) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
     """(record, position after it) for each request record from ``position`` on."""
     segment, offset, seq = position.get("segment", 0), position.get("offset", 0), position.get("seq", 0)
     files = segments.segments(data_dir, chain)

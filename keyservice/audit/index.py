@@ -18,12 +18,12 @@ summarize, for ``audit files --top`` and ``audit principals`` in constant time.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from hashlib import blake2b as _blake2b
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +93,9 @@ def index_path(data_dir: Path) -> Path:
 
 def request_number(request_id: object) -> int | None:
     """A 63-bit number standing for a request id (looked up, then confirmed on the record)."""
-    if not isinstance(request_id, str) or not request_id:
+    if request_id.__class__ is not str or not request_id:
         return None
-    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "big") >> 1
+    return int.from_bytes(_blake2b(request_id.encode(), digest_size=8).digest()) >> 1  # type: ignore[union-attr]
 
 
 def connect(data_dir: Path, *, create: bool = True) -> sqlite3.Connection:
@@ -116,7 +116,8 @@ def connect(data_dir: Path, *, create: bool = True) -> sqlite3.Connection:
     if version is None:
         conn.execute("INSERT INTO meta VALUES ('version', ?)", (str(INDEX_VERSION),))
     elif version[0] != str(INDEX_VERSION):
-        raise IndexMismatch(f"index format {version[0]}, expected {INDEX_VERSION}: run `keyservice audit reindex`")
+        raise IndexMismatch(f"index format {version[0]}, expected {INDEX_VERSION}: "
+                            "run `keyservice audit reindex`")
     return conn
 
 
@@ -201,62 +202,80 @@ class _Writer:
         self.keys: dict[tuple[int, int, int, int], list[int]] = {}
 
     def add(self, chain_id: int, seq: int, segment: int, offset: int, length: int, r: dict[str, Any]) -> None:
+        # The hot loop of indexing (tens of thousands of records a second): plain dict look-ups.
+        ids = self.strings.ids
         sid = self.strings.id
-        caller = r.get("caller")
-        if not isinstance(caller, dict):
+        get = r.get
+        caller = get("caller")
+        if caller.__class__ is not dict:
             caller = {}
-        context = r.get("encryption_context")
-        fid = context.get(FILE_ID_CONTEXT) if isinstance(context, dict) else None
-        t = time_ms(r.get("time"))
-        error = 0 if r.get("outcome") == "success" else 1
-        path = caller.get("path") if isinstance(caller.get("path"), str) else None
-        user = caller.get("user")
-        uid = caller.get("uid")
-        uid = uid if isinstance(uid, int) and not isinstance(uid, bool) and abs(uid) < 1 << 62 else None
-        kver = r.get("key_version")
-        kver = kver if isinstance(kver, int) and not isinstance(kver, bool) and abs(kver) < 1 << 62 else None
-        principal, akid, key = sid(r.get("principal")), sid(r.get("access_key_id")), sid(r.get("key_id"))
-        op = sid(r.get("operation"))
-        path_id = sid(path)
-        user_id = sid(user) if user is not None else None
-        self.rows.append((
-            chain_id, seq, segment, offset, length, t, op, error, principal, akid, key,
-            kver, path_id, user_id, uid, sid(caller.get("process")), sid(fid), request_number(r.get("request_id")),
-        ))  # fmt: skip
+        cget = caller.get
+        context = get("encryption_context")
+        fid = context.get(FILE_ID_CONTEXT) if context.__class__ is dict else None
+        t = time_ms(get("time"))
+        error = 0 if get("outcome") == "success" else 1
+        path = cget("path")
+        if path.__class__ is not str:
+            path = None
+        user = cget("user")
+        uid = cget("uid")
+        if uid.__class__ is not int or not -(1 << 62) < uid < 1 << 62:
+            uid = None
+        kver = get("key_version")
+        if kver.__class__ is not int or not -(1 << 62) < kver < 1 << 62:
+            kver = None
+        operation, principal = get("operation"), get("principal")
+        akid, key = get("access_key_id"), get("key_id")
+        process = cget("process")
+        op = None if operation is None else ids.get(operation) or sid(operation)
+        principal = None if principal is None else ids.get(principal) or sid(principal)
+        akid = None if akid is None else ids.get(akid) or sid(akid)
+        key = None if key is None else ids.get(key) or sid(key)
+        path_id = None if path is None else ids.get(path) or sid(path)
+        user_id = None if user is None else ids.get(user) or sid(user)
+        proc = None if process is None else ids.get(process) or sid(process)
+        fid_id = None if fid is None else ids.get(fid) or sid(fid)
+        self.rows.append((chain_id, seq, segment, offset, length, t, op, error, principal, akid, key, kver,
+                          path_id, user_id, uid, proc, fid_id, request_number(get("request_id"))))
         if path_id is not None:
             who = user_id if user_id is not None else sid(f"uid={uid}" if uid is not None else "-")
-            assert who is not None
-            slot = self.activity.get((t // 3600000, path_id, who))
+            group = (t // 3600000, path_id, who)
+            slot = self.activity.get(group)
             if slot is None:
-                slot = self.activity[(t // 3600000, path_id, who)] = [0, 0, 0, 0]
+                slot = self.activity[group] = [0, 0, 0, 0]
             if error:
                 slot[2] += 1
             elif _is_create(r, caller):
                 slot[1] += 1
-            elif r.get("operation") == "Decrypt":
+            elif operation == "Decrypt":
                 slot[0] += 1
-            slot[3] = max(slot[3], t)
+            if t > slot[3]:
+                slot[3] = t
         if key is not None:
-            group = (key, principal or 0, akid or 0, op or 0)
-            entry = self.keys.get(group)
+            kgroup = (key, principal or 0, akid or 0, op or 0)
+            entry = self.keys.get(kgroup)
             if entry is None:
-                entry = self.keys[group] = [0, 0, t, t]
-            entry[0] += 1
-            entry[1] += error
-            entry[2] = min(entry[2], t)
-            entry[3] = max(entry[3], t)
+                self.keys[kgroup] = [1, error, t, t]
+            else:
+                entry[0] += 1
+                entry[1] += error
+                if t < entry[2]:
+                    entry[2] = t
+                if t > entry[3]:
+                    entry[3] = t
 
     def flush(self) -> None:
         self.conn.executemany(
-            "INSERT INTO rec (chain, seq, seg, off, len, t, op, outcome, principal, akid, key, kver, path, user,"
-            " uid, proc, fid, rid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", self.rows)
+            "INSERT INTO rec (chain, seq, seg, off, len, t, op, outcome, principal, akid, key, kver, path,"
+            " user, uid, proc, fid, rid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", self.rows)
         self.conn.executemany(
-            "INSERT INTO activity VALUES (?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET opens = opens + excluded.opens,"
-            " created = created + excluded.created, refused = refused + excluded.refused,"
+            "INSERT INTO activity VALUES (?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+            " opens = opens + excluded.opens, created = created + excluded.created,"
+            " refused = refused + excluded.refused,"
             " last = max(last, excluded.last)", [(*k, *v) for k, v in self.activity.items()])
         self.conn.executemany(
-            "INSERT INTO key_principals VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET n = n + excluded.n,"
-            " refused = refused + excluded.refused, first = min(first, excluded.first),"
+            "INSERT INTO key_principals VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+            " n = n + excluded.n, refused = refused + excluded.refused, first = min(first, excluded.first),"
             " last = max(last, excluded.last)", [(*k, *v) for k, v in self.keys.items()])
         self.rows.clear()
         self.activity.clear()

@@ -217,7 +217,9 @@ class AuditLog:
         """The open segment is full, or holds lines of an earlier UTC day."""
         if self._end == self._base:
             return False
-        return self._end - self._base >= self._segment_bytes or format_time(self._now())[:10] != self._segment_day
+        if self._end - self._base >= self._segment_bytes:
+            return True
+        return format_time(self._now())[:10] != self._segment_day
 
     def rotate(self) -> None:
         """Seal the open segment with a ``segment_end`` checkpoint and go on in a new one, if due.

@@ -112,21 +112,24 @@ class _Sql:
             ids = self.ids("SELECT id FROM strings WHERE s = ?", f.principal)
             self.where.append(f"({self.any_of('principal', ids)} OR {self.any_of('akid', ids)})")
         if f.outcome is not None:
-            self.where.append("outcome = ?")
-            self.params.append(0 if f.outcome == "success" else 1)
+            # A literal, not a parameter: only then can SQLite use the partial index of errors.
+            self.where.append("outcome = 0" if f.outcome == "success" else "outcome = 1")
         if f.user is not None:
             clause = self.any_of("user", self.ids("SELECT id FROM strings WHERE s = ?", f.user))
             if f.user.lstrip("-").isdigit():
                 clause = f"({clause} OR uid = {int(f.user)})"
             self.where.append(clause)
         if f.file_id is not None:
-            self.where.append(self.any_of("fid", self.ids("SELECT id FROM strings WHERE s = ?", f.file_id.lower())))
+            fids = self.ids("SELECT id FROM strings WHERE s = ?", f.file_id.lower())
+            self.where.append(self.any_of("fid", fids))
 
     def clause(self) -> str:
         return " AND ".join(self.where) or "1"
 
 
-def _records(data_dir: Path, conn: sqlite3.Connection, sql: str, params: list[Any]) -> Iterator[dict[str, Any]]:
+def _records(
+    data_dir: Path, conn: sqlite3.Connection, sql: str, params: list[Any]
+) -> Iterator[dict[str, Any]]:
     rows = conn.execute(
         f"SELECT c.name, r.seg, r.off, r.len FROM rec r JOIN chains c ON c.id = r.chain WHERE {sql} "
         f"ORDER BY r.t, r.id", params)
@@ -169,8 +172,10 @@ def key_timeline(data_dir: Path, key: str, *, since: datetime | None = None, unt
         sql = _Sql(conn)
         sql.add(filters)
         keys = sql.any_of("key", sql.key_ids(key))
-        crypto = sql.ids(f"SELECT id FROM strings WHERE s IN ({','.join('?' * len(_CRYPTO_OPS))})", *_CRYPTO_OPS)
-        ops = sql.ids(f"SELECT DISTINCT op FROM key_principals WHERE {keys} AND NOT {sql.any_of('op', crypto)}")
+        marks = ",".join("?" * len(_CRYPTO_OPS))
+        crypto = sql.ids(f"SELECT id FROM strings WHERE s IN ({marks})", *_CRYPTO_OPS)
+        ops = sql.ids(
+            f"SELECT DISTINCT op FROM key_principals WHERE {keys} AND NOT {sql.any_of('op', crypto)}")
         # Two narrow lookups (refusals by the error index, management requests by operation), not
         # a walk over every use of the key.
         events_sql = (f"r.id IN (SELECT id FROM rec WHERE outcome = 1 AND +{keys} UNION "
@@ -269,7 +274,8 @@ def top(data_dir: Path, n: int, *, since: datetime | None = None, until: datetim
 
 
 def _ranked(table: dict[str, list[int]], name: str, n: int) -> list[dict[str, Any]]:
-    rows = [{name: k, "opens": v[0], "created": v[1], "refused": v[2], "total": sum(v)} for k, v in table.items()]
+    rows = [{name: k, "opens": v[0], "created": v[1], "refused": v[2], "total": sum(v)}
+            for k, v in table.items()]
     return sorted(rows, key=lambda r: -r["total"])[:n]
 
 

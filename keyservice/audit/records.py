@@ -155,11 +155,14 @@ def read_lines(path: Path) -> Iterator[bytes]:
                 yield raw[:-1]
 
 
+_decode = json.JSONDecoder().decode
+
+
 def parse_line(line: bytes) -> dict[str, Any] | None:
     """The JSON object of a line, or None if it is not one."""
     try:
-        record = json.loads(line)
-    except ValueError:
+        record = _decode(line.decode())
+    except ValueError:  # also UnicodeDecodeError
         return None
     return record if isinstance(record, dict) else None
 
@@ -178,4 +181,5 @@ def read_records(data_dir: Path) -> Iterator[dict[str, Any]]:
     if len(chains) == 1:
         yield from chain_records(data_dir, chains[0])
         return
-    yield from heapq.merge(*(chain_records(data_dir, c) for c in chains), key=lambda r: str(r.get("time", "")))
+    each = (chain_records(data_dir, c) for c in chains)
+    yield from heapq.merge(*each, key=lambda r: str(r.get("time", "")))

@@ -25,7 +25,8 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     """
     text = text.strip()
     if text in ("today", "yesterday"):
-        midnight = (now or datetime.now(UTC)).astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        moment = (now or datetime.now(UTC)).astimezone(UTC)
+        midnight = moment.replace(hour=0, minute=0, second=0, microsecond=0)
         return midnight - timedelta(days=1 if text == "yesterday" else 0)
     m = _RELATIVE.match(text)
     if m:

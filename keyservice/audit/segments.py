@@ -152,7 +152,9 @@ def read_segment(path: Path, number: int, start: int = 0) -> Iterator[Line]:
             rest = data[pos:]
 
 
-def read_chain(data_dir: Path, chain: str = DEFAULT_CHAIN, *, segment: int = 0, offset: int = 0) -> Iterator[Line]:
+def read_chain(
+    data_dir: Path, chain: str = DEFAULT_CHAIN, *, segment: int = 0, offset: int = 0
+) -> Iterator[Line]:
     """Every complete line of a chain in order, starting at (``segment``, ``offset``)."""
     for number, path in segments(data_dir, chain):
         if number < segment:

@@ -87,11 +87,11 @@ def _start_state(data_dir: Path, chain: str, public_key: Ed25519PublicKey, repor
     (``--since-last``); a string names why it cannot be trusted."""
     if since is not None:
         position = segments.segment_path(data_dir, chain, int(since.get("segment", 0)))
-        line = next(iter(segments.read_segment(position, int(since.get("segment", 0)), int(since.get("offset", 0)))),
-                    None)
+        number, offset = int(since.get("segment", 0)), int(since.get("offset", 0))
+        line = next(iter(segments.read_segment(position, number, offset)), None)
         record = parse_line(line.data) if line is not None else None
         if line is None or record is None or line_hash(line.data) != since.get("hash"):
-            return (f"the checkpoint verified last (segment {since.get('segment')}, byte {since.get('offset')}) "
+            return (f"the checkpoint verified last (segment {number}, byte {offset}) "
                     f"is no longer in the log: verify in full")
         if not is_checkpoint(record) or not _check_signature(record, public_key):
             return "the state of --since-last does not name a signed checkpoint: verify in full"
@@ -159,7 +159,7 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
     skip_first = since is not None
 
     def fail(message: str) -> None:
-        report.problems.append(f"{where}: {message}" if not at_line else f"line {at_line}: {message} ({where})")
+        report.problems.append(f"line {at_line}: {message} ({where})" if at_line else f"{where}: {message}")
 
     expected_number = state.first_segment
     for index, (number, path) in enumerate(files):
@@ -235,7 +235,8 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
             report.problems.append(f"{head_file.name}: bad signature")
         elif last_checkpoint is None or head.get("seq", 0) > last_checkpoint.get("seq", 0):
             report.problems.append(
-                f"log cut: checkpoint #{head.get('seq')} recorded in {head_file.name} is missing from the log "
+                f"log cut: checkpoint #{head.get('seq')} recorded in {head_file.name} is missing from the "
+                f"log "
                 f"(it ends at checkpoint #{(last_checkpoint or {}).get('seq', 0)}, {where})")
         elif head.get("seq") == last_checkpoint.get("seq") and head != last_checkpoint:
             report.problems.append(f"{head_file.name}: differs from checkpoint #{head.get('seq')} in the log")

@@ -193,7 +193,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.since_last:
         try:
             state = json.loads(state_path.read_bytes())
-            since = state.get("chains") if state.get("fingerprint") == audit_verify.key_fingerprint(public_key) else None
+            same_key = state.get("fingerprint") == audit_verify.key_fingerprint(public_key)
+            since = state.get("chains") if same_key else None
         except (OSError, ValueError, AttributeError):
             since = None
         if since is None:
@@ -207,7 +208,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     if report.ok:
         positions = {**(since or {}), **report.positions}
-        write_atomic(state_path, json.dumps({"fingerprint": report.fingerprint, "chains": positions}).encode())
+        state_body = {"fingerprint": report.fingerprint, "chains": positions}
+        write_atomic(state_path, json.dumps(state_body).encode())
     pinned = "pinned" if args.public_key else f"from {key_path}; compare with your own copy"
     print(f"signing key fingerprint {report.fingerprint} ({pinned})")
     print(f"{report.records} records, {report.checkpoints} checkpoints, {report.segments} segments, "
