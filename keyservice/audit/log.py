@@ -38,7 +38,7 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,13 @@ class _Tail:
     checkpoint_hash: str | None = None
     segment_end: bool = False  # the last line is a checkpoint that sealed its segment
     first_time: str | None = None  # time of the segment's first line
+
+
+def _when(text: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")) if text else None
+    except ValueError:
+        return None
 
 
 def _checkpoint_of(line: bytes) -> dict[str, Any] | None:
@@ -184,7 +191,8 @@ class AuditLog:
             # fsync), so the fragment is dropped rather than left to break the chain.
             os.ftruncate(self._fd, complete)
             os.fsync(self._fd)
-        self._segment_day = (self._tail.first_time or format_time(self._now()))[:10]
+        first = _when(self._tail.first_time)
+        self._set_segment_day(first if first is not None else self._now())
         self._epoch = 0  # bumped when unsynced lines are cut back after a failed fsync
         self._durable_end = complete
         self._durable_tail = replace(self._tail)
@@ -208,18 +216,21 @@ class AuditLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._base = self._end
-            self._segment_day = format_time(self._now())[:10]
+            self._set_segment_day(self._now())
             self._tail.first_time = None
             segments.fsync_dir(self._dir)
         self._fd, self._number, self.path = fd, number, path
+
+    def _set_segment_day(self, when: datetime) -> None:
+        """The open segment holds lines of ``when``'s UTC day: it is sealed at the next midnight."""
+        day = when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        self._next_midnight = day + timedelta(days=1)
 
     def _rotation_due(self) -> bool:
         """The open segment is full, or holds lines of an earlier UTC day."""
         if self._end == self._base:
             return False
-        if self._end - self._base >= self._segment_bytes:
-            return True
-        return format_time(self._now())[:10] != self._segment_day
+        return self._end - self._base >= self._segment_bytes or self._now() >= self._next_midnight
 
     def rotate(self) -> None:
         """Seal the open segment with a ``segment_end`` checkpoint and go on in a new one, if due.
