@@ -270,6 +270,7 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
         options["allow_other"] = True
     if getattr(args, "nonempty", False) and LIBFUSE.startswith("2"):
         options["nonempty"] = True  # libfuse 2 refuses a non-empty mount point without it
+    options.update(dict.fromkeys(getattr(args, "fs_options", None) or (), True))  # nosuid, ro, ...
     try:
         FUSE(ops, mountpoint, **options)
     finally:
@@ -632,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true",
                    help="refuse to mount (exit 1) when the credentials cannot use the key "
                         "(default: warn and mount)")
+    s.add_argument("--fs-options", type=mount_helper.fs_options, metavar="LIST", default=[],
+                   help="kernel mount flags, comma-separated: " + ",".join(sorted(mount_helper.FS_FLAGS))
+                        + " (default: none)")
     s.add_argument("--log", help=f"daemon log file (default CIPHERDIR/{LOG_NAME})")
     s.add_argument("--verbose", "-v", action="store_true", help="debug logging (default off)")
     s.add_argument("--revalidate-after", type=_seconds(0.0, 60.0), default=DEFAULT_REVALIDATE_AFTER,

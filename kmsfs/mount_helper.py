@@ -7,14 +7,19 @@ makes mount(8) run ``mount.fuse.kmsfs`` if installed, else ``mount.fuse`` which 
 
 Options: ``credentials=FILE``, ``aws_profile=NAME``, ``endpoint=URL``, ``ca_bundle=PEM``,
 ``log=FILE``, ``key_pool=N``, ``kms_timeout=S``, ``revalidate_after=S``, ``allow_other``,
-``nonempty``, ``strict``. Generic mount and systemd options (``rw``, ``defaults``, ``auto``,
-``noauto``, ``nofail``, ``_netdev``, ``x-*``, ``comment=``) are mount(8)'s and ignored here. Any
-other option is refused: silently ignoring ``ro`` or ``nosuid`` would mount something other than
-what the fstab line says.
+``nonempty``, ``strict``; kernel mount flags (``ro``, ``nosuid``, ``nodev``, ``noexec``,
+``noatime`` ...) go to the FUSE mount (``kmsfs mount --fs-options``). Options that are mount(8)'s
+or systemd's (``defaults``, ``auto``, ``noauto``, ``nofail``, ``_netdev``, ``x-*``, ``comment=``)
+are ignored here. Any other option is refused: silently ignoring one would mount something other
+than what the fstab line says.
+
+mount(8) runs helpers with no PATH (``/bin/sh`` then searches /usr/local/bin, /usr/bin, /bin ...):
+install ``kmsfs`` or ``mount.fuse.kmsfs`` there (docs/CLI.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 VALUE_OPTIONS = {
@@ -23,8 +28,22 @@ VALUE_OPTIONS = {
     "kms_timeout": "--kms-timeout", "revalidate_after": "--revalidate-after",
 }
 FLAG_OPTIONS = {"allow_other": "--allow-other", "nonempty": "--nonempty", "strict": "--strict"}
-IGNORED = {"rw", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser"}
+# Kernel mount flags libfuse passes on to mount(2) (its own table of them).
+FS_FLAGS = frozenset({"ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "atime",
+                      "noatime", "relatime", "norelatime", "diratime", "nodiratime", "sync", "async",
+                      "dirsync"})
+IGNORED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser"}
 IGNORED_PREFIXES = ("x-", "comment=")
+
+
+def fs_options(text: str) -> list[str]:
+    """``--fs-options`` value: known kernel mount flags only (argparse type)."""
+    flags = [flag for flag in text.split(",") if flag]
+    unknown = [flag for flag in flags if flag not in FS_FLAGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mount flag(s) {','.join(unknown)}; known: "
+                                         + ",".join(sorted(FS_FLAGS)))
+    return flags
 
 
 class HelperError(Exception):
@@ -34,6 +53,7 @@ class HelperError(Exception):
 def mount_args(source: str, target: str, options: list[str]) -> list[str]:
     """``kmsfs mount`` arguments for a mount.fuse-style call."""
     args = ["mount", source, target]
+    flags: list[str] = []
     for group in options:
         for option in filter(None, group.split(",")):
             name, sep, value = option.partition("=")
@@ -41,11 +61,15 @@ def mount_args(source: str, target: str, options: list[str]) -> list[str]:
                 args += [VALUE_OPTIONS[name], value]
             elif name in FLAG_OPTIONS and not sep:
                 args.append(FLAG_OPTIONS[name])
+            elif option in FS_FLAGS:
+                flags.append(option)
             elif option in IGNORED or option.startswith(IGNORED_PREFIXES):
                 continue
             else:
                 raise HelperError(f"mount option {option!r} is not supported by kmsfs "
                                   "(see docs/CLI.md, mount.fuse form)")
+    if flags:
+        args += ["--fs-options", ",".join(flags)]
     return args
 
 
