@@ -26,12 +26,17 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from keyservice import audit_signing, rootkey
-from keyservice.audit import AUDIT_DIR, AuditLog
+from keyservice.audit import signing as audit_signing
+from keyservice.audit.log import AuditLog
+from keyservice.audit.records import AUDIT_DIR
 from keyservice.clock import Clock, SystemClock
-from keyservice.model import CredentialRecord
+from keyservice.ops.registry import OPERATIONS
 from keyservice.service import DEFAULT_MAX_KEYS, KeyService
-from keyservice.store import DB_NAME, SQLiteStore, root_check_aad, secret_aad
+from keyservice.store import rootkey
+from keyservice.store.base import root_check_aad, secret_aad
+from keyservice.store.model import CredentialRecord
+from keyservice.store.sqlite import SQLiteStore
+from keyservice.store.sqlite_schema import DB_NAME
 
 DEFAULT_REGION = "us-east-1"
 DEFAULT_ACCOUNT_ID = "111122223333"
@@ -191,6 +196,7 @@ def open_service(
         account_id=account_id,
         clock=clock,
         root_key=root_key,
+        operations=OPERATIONS,
         max_keys=max_keys,
         allow_pkcs1_import=allow_pkcs1_import,
     )

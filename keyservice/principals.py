@@ -1,6 +1,6 @@
 """Principals of the account: named users with access keys and identity policies (issue 4).
 
-Offline operations on a data directory, for ``keyservice principal`` (``cli_principal.py``). They
+Offline operations on a data directory, for ``keyservice principal`` (``cli/principal.py``). They
 write straight to the SQLite store (WAL lets them do so while a server runs); the server reads
 principals, access keys and identity policies from the store on every request, so a change is
 effective at the next request, with no restart and no cache to go stale.
@@ -17,10 +17,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyservice import bootstrap, policy
+from keyservice import bootstrap
+from keyservice.authz import policy
 from keyservice.clock import Clock, SystemClock
-from keyservice.model import IdentityPolicyRecord, PrincipalRecord
-from keyservice.store import SQLiteStore
+from keyservice.store.model import IdentityPolicyRecord, PrincipalRecord
+from keyservice.store.sqlite import SQLiteStore
 
 USER_NAME = re.compile(r"^[\w+=,.@-]{1,64}$")
 POLICY_NAME = re.compile(r"^[\w+=,.@-]{1,128}$")

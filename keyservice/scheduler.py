@@ -13,8 +13,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from keyservice import deletion, importing, rotation
-from keyservice.model import ENABLED, ROTATION_AUTOMATIC
+from keyservice.ops import deletion, importing, rotation
+from keyservice.store.model import ENABLED, ROTATION_AUTOMATIC
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from keyservice.sigv4 import sign_request
+from keyservice.http.sigv4 import sign_request
 from kmsfs import transport
 
 CONTENT_TYPE = "application/x-amz-json-1.1"

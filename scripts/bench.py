@@ -362,7 +362,7 @@ def _kms_request(creds: dict[str, Any], operation: str,
     """Body and signed headers of one KMS request (SigV4 by our own signer)."""
     from urllib.parse import urlsplit
 
-    from keyservice.sigv4 import sign_request
+    from keyservice.http.sigv4 import sign_request
 
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = {"Host": urlsplit(creds["endpoint"]).netloc, "Content-Type": "application/x-amz-json-1.1",

@@ -15,7 +15,7 @@ import pytest
 import requests
 from botocore.exceptions import ClientError, SSLError
 
-from keyservice import tls
+from keyservice.http import tls
 from tests.conftest import (
     free_port,
     run_keyservice,

@@ -13,7 +13,7 @@ import pytest
 import requests
 from requests.adapters import BaseAdapter
 
-from keyservice.sigv4 import verify_request
+from keyservice.http.sigv4 import verify_request
 from kmsfs.keyclient import (
     Credentials,
     KeyClient,

@@ -12,8 +12,17 @@ from pathlib import Path
 import pytest
 
 from keyservice.errors import AlreadyExistsException, LimitExceededException, NotFoundException
-from keyservice.model import DISABLED, ENABLED, AliasRecord, CredentialRecord, KeyRecord, KeyVersionRecord
-from keyservice.store import SCHEMA_VERSION, SQLiteStore, material_aad, secret_aad
+from keyservice.store.base import material_aad, secret_aad
+from keyservice.store.model import (
+    DISABLED,
+    ENABLED,
+    AliasRecord,
+    CredentialRecord,
+    KeyRecord,
+    KeyVersionRecord,
+)
+from keyservice.store.sqlite import SQLiteStore
+from keyservice.store.sqlite_schema import SCHEMA_VERSION
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 

@@ -15,11 +15,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from keyservice import errors
-from keyservice.model import (
-    MANAGER_CUSTOMER,
-    AliasRecord,
-    KeyRecord,
-)
 from keyservice.params import (
     ALIAS_NAME,
     ALIAS_PATTERN,
@@ -31,6 +26,11 @@ from keyservice.params import (
     encode_marker,
     get_int,
     get_str,
+)
+from keyservice.store.model import (
+    MANAGER_CUSTOMER,
+    AliasRecord,
+    KeyRecord,
 )
 
 if TYPE_CHECKING:

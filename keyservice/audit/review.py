@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from keyservice.audit import read_records
+from keyservice.audit.records import read_records
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 

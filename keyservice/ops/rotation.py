@@ -15,8 +15,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from keyservice import errors
-from keyservice.model import ROTATION_AUTOMATIC, ROTATION_ON_DEMAND, KeyRecord
 from keyservice.params import AuditInfo, decode_marker, encode_marker, get_enum, get_int
+from keyservice.store.model import ROTATION_AUTOMATIC, ROTATION_ON_DEMAND, KeyRecord
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService

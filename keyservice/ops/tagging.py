@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from keyservice import errors
-from keyservice.keys import parse_tags
+from keyservice.ops.keys import parse_tags
 from keyservice.params import AuditInfo, decode_marker, encode_marker, get_int, get_str, get_str_list
 
 if TYPE_CHECKING:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from keyservice import authorize, errors, policy
-from keyservice.model import KeyRecord
+from keyservice import errors
+from keyservice.authz import authorize, policy
 from keyservice.params import MAX_POLICY, AuditInfo, get_bool, get_int, get_str
+from keyservice.store.model import KeyRecord
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService

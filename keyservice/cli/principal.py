@@ -12,16 +12,16 @@ import json
 import sys
 from pathlib import Path
 
-from keyservice import bootstrap, principals, rootkey
+from keyservice import bootstrap, principals
+from keyservice.cli.common import root_source
+from keyservice.store import rootkey
 
 
 def _root_key(args: argparse.Namespace) -> bytes:
     data_dir = Path(args.data_dir)
     if rootkey.root_source_kind(data_dir) == "dev":
         return rootkey.load_root_key(data_dir, rootkey.RootKeySource.dev())
-    from keyservice import cli  # late: cli imports this module
-
-    return rootkey.load_root_key(data_dir, cli._root_source(args, confirm=False))
+    return rootkey.load_root_key(data_dir, root_source(args, confirm=False))
 
 
 def _print_credentials(args: argparse.Namespace, creds: bootstrap.Credentials) -> None:

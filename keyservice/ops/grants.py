@@ -18,8 +18,8 @@ import re
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from keyservice import authorize, envelope, errors
-from keyservice.model import GrantRecord, KeyRecord
+from keyservice import envelope, errors
+from keyservice.authz import authorize
 from keyservice.params import (
     AuditInfo,
     decode_marker,
@@ -28,6 +28,7 @@ from keyservice.params import (
     get_str,
     wire_name,
 )
+from keyservice.store.model import GrantRecord, KeyRecord
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService

@@ -11,20 +11,9 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from keyservice import errors, key_policies
-from keyservice import policy as policy_module
-from keyservice.model import (
-    DISABLED,
-    ENABLED,
-    KEY_SPEC,
-    KEY_USAGE,
-    MANAGER_CUSTOMER,
-    ORIGIN_AWS_KMS,
-    ORIGIN_EXTERNAL,
-    PENDING_IMPORT,
-    KeyRecord,
-    KeyVersionRecord,
-)
+from keyservice import errors
+from keyservice.authz import policy as policy_module
+from keyservice.ops import key_policies
 from keyservice.params import (
     DEFAULT_LIST_LIMIT,
     KEY_SPECS,
@@ -40,6 +29,18 @@ from keyservice.params import (
     get_enum,
     get_int,
     get_str,
+)
+from keyservice.store.model import (
+    DISABLED,
+    ENABLED,
+    KEY_SPEC,
+    KEY_USAGE,
+    MANAGER_CUSTOMER,
+    ORIGIN_AWS_KMS,
+    ORIGIN_EXTERNAL,
+    PENDING_IMPORT,
+    KeyRecord,
+    KeyVersionRecord,
 )
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from keyservice import rootkey
 from keyservice.files import write_atomic
+from keyservice.store import rootkey
 
 PRIVATE_FILE = "audit-signing.key"
 PUBLIC_FILE = "audit-signing.pub"

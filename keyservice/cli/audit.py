@@ -8,7 +8,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from keyservice import audit, audit_review, audit_signing
+from keyservice.audit import review as audit_review
+from keyservice.audit import signing as audit_signing
+from keyservice.audit import verify as audit_verify
+from keyservice.audit.records import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_SECONDS
 
 
 def _time(value: str):  # noqa: ANN202 - argparse type
@@ -54,7 +57,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         print(f"cannot load the audit public key {key_path}: {error}")
         return 2
-    report = audit.verify(
+    report = audit_verify.verify(
         data_dir,
         public_key,
         checkpoint_every=args.checkpoint_every,
@@ -99,6 +102,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     verify = commands.add_parser("verify", help="check the hash chain, signed checkpoints and head")
     verify.add_argument("--data-dir", required=True)
     verify.add_argument("--public-key", help="pinned PEM public key (default: DATA_DIR/audit-signing.pub)")
-    verify.add_argument("--checkpoint-every", type=int, default=audit.DEFAULT_CHECKPOINT_EVERY)
-    verify.add_argument("--checkpoint-seconds", type=float, default=audit.DEFAULT_CHECKPOINT_SECONDS)
+    verify.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY)
+    verify.add_argument("--checkpoint-seconds", type=float, default=DEFAULT_CHECKPOINT_SECONDS)
     verify.set_defaults(func=cmd_verify)

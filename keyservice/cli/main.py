@@ -8,11 +8,9 @@ root key from a passphrase (scrypt) or from a key file kept outside the data dir
 from __future__ import annotations
 
 import argparse
-import getpass
 import ipaddress
 import json
 import logging
-import os
 import secrets
 import shutil
 import signal
@@ -22,12 +20,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from keyservice import bootstrap, cli_audit, cli_principal, rootkey, tls
-from keyservice.api import KmsApp
+from keyservice import bootstrap
+from keyservice.cli import audit as cli_audit
+from keyservice.cli import principal as cli_principal
+from keyservice.cli.common import CliError, root_source
 from keyservice.clock import FileOffsetClock, SystemClock
 from keyservice.files import write_atomic
+from keyservice.http import tls
+from keyservice.http.api import KmsApp
+from keyservice.http.server import Server
 from keyservice.scheduler import DEFAULT_INTERVAL, Scheduler
-from keyservice.server import Server
+from keyservice.store import rootkey
 
 DEFAULT_LISTEN = "127.0.0.1:8600"
 DEFAULT_REGION = "us-east-1"
@@ -41,31 +44,11 @@ Never use dev mode for real data; use `keyservice init` and `keyservice serve` i
 log = logging.getLogger("keyservice")
 
 
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
-
-
 def _parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"--listen must be HOST:PORT, not {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _root_source(args: argparse.Namespace, *, confirm: bool) -> rootkey.RootKeySource:
-    """The root key source of a non-dev store: a key file, the passphrase variable, or a prompt."""
-    if args.root_key_file:
-        return rootkey.RootKeySource.from_key_file(args.root_key_file)
-    if os.environ.get(rootkey.PASSPHRASE_ENV):
-        return rootkey.RootKeySource.from_env()
-    if not sys.stdin.isatty():
-        raise CliError(
-            f"no root key: pass --root-key-file FILE or set {rootkey.PASSPHRASE_ENV} (or run on a terminal)"
-        )
-    passphrase = getpass.getpass("Root passphrase: ")
-    if confirm and getpass.getpass("Repeat root passphrase: ") != passphrase:
-        raise CliError("the passphrases differ")
-    return rootkey.RootKeySource.from_passphrase(passphrase)
 
 
 def _write_credentials(
@@ -91,7 +74,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     if (data_dir / rootkey.ROOT_CONFIG_NAME).exists():
         raise CliError(f"{data_dir} is already initialised")
-    root_key = rootkey.create_root_config(data_dir, _root_source(args, confirm=True))
+    root_key = rootkey.create_root_config(data_dir, root_source(args, confirm=True))
     creds = bootstrap.initialize(
         data_dir, root_key, region=args.region, account_id=args.account_id or _new_account_id()
     )
@@ -160,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not args.data_dir:
             raise CliError("--data-dir is required (or use --dev)")
         data_dir = Path(args.data_dir)
-        root_key = rootkey.load_root_key(data_dir, _root_source(args, confirm=False))
+        root_key = rootkey.load_root_key(data_dir, root_source(args, confirm=False))
         creds = None
     tls_cert, tls_key, ca_bundle = _tls_setup(args, data_dir, host)
     # The service's clock may be shifted for tests (--clock-offset-file); SigV4 always checks real time.

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from keyservice import envelope
-from keyservice.encryption import blob_key, blob_version
-from keyservice.model import ENCRYPTION_ALGORITHM
+from keyservice.ops.encryption import blob_key, blob_version
 from keyservice.params import MAX_CIPHERTEXT, AuditInfo, check_grant_tokens, get_bytes
+from keyservice.store.model import ENCRYPTION_ALGORITHM
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService

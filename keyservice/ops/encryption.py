@@ -10,11 +10,6 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from keyservice import envelope, errors
-from keyservice.model import (
-    ENCRYPTION_ALGORITHM,
-    KeyRecord,
-    KeyVersionRecord,
-)
 from keyservice.params import (
     DATA_KEY_SPECS,
     MAX_CIPHERTEXT,
@@ -24,6 +19,11 @@ from keyservice.params import (
     get_bytes,
     get_enum,
     get_int,
+)
+from keyservice.store.model import (
+    ENCRYPTION_ALGORITHM,
+    KeyRecord,
+    KeyVersionRecord,
 )
 
 if TYPE_CHECKING:

@@ -14,8 +14,9 @@ import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from keyservice import errors, policy
-from keyservice.model import ENABLED, MANAGER_AWS, ORIGIN_AWS_KMS, AliasRecord, KeyRecord
+from keyservice import errors
+from keyservice.authz import policy
+from keyservice.store.model import ENABLED, MANAGER_AWS, ORIGIN_AWS_KMS, AliasRecord, KeyRecord
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService

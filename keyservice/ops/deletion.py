@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from keyservice import errors
-from keyservice.model import DISABLED, ORIGIN_EXTERNAL, PENDING_DELETION, PENDING_IMPORT, KeyRecord
 from keyservice.params import AuditInfo, wire_name
+from keyservice.store.model import DISABLED, ORIGIN_EXTERNAL, PENDING_DELETION, PENDING_IMPORT, KeyRecord
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService

@@ -3,7 +3,7 @@
 This module only translates: it reads the body (bounded), verifies the SigV4 signature, decodes
 JSON and base64, hands the request to the service core, and encodes the reply or the AWS error.
 It decides nothing about keys. ``KmsApp.respond`` is the whole translation, free of any server
-API; ``KmsApp.__call__`` is the ASGI adapter that ``keyservice.server`` runs on uvicorn.
+API; ``KmsApp.__call__`` is the ASGI adapter that ``keyservice.http.server`` runs on uvicorn.
 
 Why ASGI on an event loop rather than a threaded WSGI server: a Decrypt is ~0.2 ms of Python, and
 a thread-per-request server (cheroot, used first) spent more than that again on its own request
@@ -31,11 +31,11 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from keyservice import errors
-from keyservice.audit import AsyncCommitter, deferred_commits
+from keyservice.audit.commit import AsyncCommitter, deferred_commits
 from keyservice.clock import Clock
 from keyservice.context import Principal, RequestContext
+from keyservice.http.sigv4 import verify_request
 from keyservice.service import READ_ONLY_OPERATIONS
-from keyservice.sigv4 import verify_request
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
 
 from keyservice import envelope, errors, lifecycle
-from keyservice.model import (
+from keyservice.params import AuditInfo, get_bytes, get_enum, get_str, get_timestamp
+from keyservice.store.base import import_key_aad
+from keyservice.store.model import (
     DOES_NOT_EXPIRE,
     ENABLED,
     EXPIRES,
@@ -32,8 +34,6 @@ from keyservice.model import (
     KeyRecord,
     KeyVersionRecord,
 )
-from keyservice.params import AuditInfo, get_bytes, get_enum, get_str, get_timestamp
-from keyservice.store import import_key_aad
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService

@@ -24,15 +24,28 @@ import base64
 import binascii
 import hmac
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from keyservice import errors, policy
-from keyservice.model import MANAGER_AWS, GrantRecord, KeyRecord
+from keyservice import errors
+from keyservice.authz import policy
+from keyservice.store.model import MANAGER_AWS, GrantRecord, KeyRecord
 
 if TYPE_CHECKING:
     from keyservice.context import Principal
     from keyservice.params import AuditInfo
-    from keyservice.service import KeyService
+    from keyservice.store.base import Store
+
+
+
+class KeyService(Protocol):
+    """What authorization needs of the service core (``keyservice.service.KeyService``, which
+    imports this module: authorization never imports the core back)."""
+
+    store: Store
+    account_id: str
+
+    def root_mac(self, purpose: bytes, data: bytes) -> bytes: ...
+
 
 # Operations not about one key: identity policies alone decide, on resource "*".
 ACCOUNT_OPERATIONS = frozenset(
