@@ -752,6 +752,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def mount_fuse_main() -> int:
+    """Entry point of ``mount.fuse.kmsfs`` (mount(8)'s helper for type fuse.kmsfs; install it as
+    /usr/sbin/mount.fuse.kmsfs): ``CIPHERDIR MOUNTPOINT [-o OPTIONS]`` only (kmsfs/mount_helper.py)."""
+    argv = sys.argv[1:]
+    try:
+        translated = mount_helper.translate(argv, set()) if argv and not argv[0].startswith("-") else None
+    except mount_helper.HelperError as exc:
+        print(f"mount.fuse.kmsfs: {exc}", file=sys.stderr)
+        return 2
+    if translated is None:
+        print("usage: mount.fuse.kmsfs CIPHERDIR MOUNTPOINT [-o OPTIONS]", file=sys.stderr)
+        return 2
+    return main(translated)
+
+
 def _command_names(parser: argparse.ArgumentParser) -> set[str]:
     for action in parser._actions:  # noqa: SLF001 - argparse has no public accessor
         if isinstance(action, argparse._SubParsersAction):

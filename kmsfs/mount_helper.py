@@ -20,7 +20,6 @@ install ``kmsfs`` or ``mount.fuse.kmsfs`` there (docs/CLI.md).
 from __future__ import annotations
 
 import argparse
-import sys
 
 VALUE_OPTIONS = {
     "credentials": "--credentials", "aws_profile": "--aws-profile", "endpoint": "--endpoint",
@@ -107,18 +106,3 @@ def translate(argv: list[str], commands: set[str]) -> list[str] | None:
                           "kmsfs COMMAND ... (kmsfs --help)")
     return mount_args(positional[0], positional[1], options)
 
-
-def main() -> int:
-    """Entry point of ``mount.fuse.kmsfs`` (install it as /usr/sbin/mount.fuse.kmsfs)."""
-    from kmsfs.cli import main as kmsfs_main
-
-    argv = sys.argv[1:]
-    if not argv or argv[0].startswith("-"):
-        print("usage: mount.fuse.kmsfs CIPHERDIR MOUNTPOINT [-o OPTIONS]", file=sys.stderr)
-        return 2
-    try:
-        translated = translate(argv, set())
-    except HelperError as exc:
-        print(f"mount.fuse.kmsfs: {exc}", file=sys.stderr)
-        return 2
-    return kmsfs_main(translated)

@@ -244,7 +244,7 @@ def test_one_endpoint_mount_override_and_set_endpoint(keyservice_dev: DevKeyServ
 
 def test_untrusted_certificate_names_endpoint_and_ca(keyservice_dev: DevKeyService, key_arn: str,
                                                      tmp_path: Path) -> None:
-    from keyservice import tls
+    from keyservice.http import tls
 
     other = tls.generate(tmp_path / "other-ca", ["127.0.0.1"])
     proc = kmsfs("init", tmp_path / "cipher", "--credentials", keyservice_dev.credentials_file,
