@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from kmsfs import mount_helper, mountlock
@@ -57,6 +58,14 @@ LOG_NAME = ".kmsfs.log"
 
 class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line naming the problem (and where the help is), exit status 2,
+    instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _credentials(args: argparse.Namespace) -> Credentials:
@@ -601,7 +610,7 @@ def _count(low: int, high: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="kmsfs", description="Encrypted FUSE filesystem over a KMS.",
         epilog="Exit codes: 0 ok, 1 operational error, 2 usage error (docs/CLI.md). mount.fuse form: "
                "kmsfs CIPHERDIR MOUNTPOINT -o credentials=FILE,... (fstab type fuse.kmsfs).")
