@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"create a real store; root key from --root-key-file or "
         f"{rootkey.PASSPHRASE_ENV} / a prompt (scrypt)",
     )
-    init.add_argument("--data-dir", required=True, help="the new store's directory (created; required)")
+    init.add_argument("--data-dir", required=True, help="the new store's directory, created (required)")
     _root_key_options(init, creating=True)
     init.add_argument("--region", default=DEFAULT_REGION,
                       help=f"the store's region (default {DEFAULT_REGION})")
