@@ -178,8 +178,9 @@ def _endpoint_for(cipherdir: str, config: Config, creds: Credentials, override: 
     if creds.endpoint and _origin(creds.endpoint) != _origin(config.endpoint):
         raise CliError(
             f"{cipherdir} records the key service {config.endpoint} but {creds.source or 'the credentials'} "
-            f"name {creds.endpoint}: if the service moved, run 'kmsfs config set-endpoint {cipherdir} "
-            f"{creds.endpoint}'; for one run, pass --endpoint URL")
+            f"name {creds.endpoint}; refusing to guess (the record lies in untrusted storage): if the "
+            f"service moved, run 'kmsfs config set-endpoint {cipherdir} {creds.endpoint}'; for one run, "
+            "pass --endpoint URL")
     return _valid_endpoint(config.endpoint)
 
 
