@@ -15,7 +15,7 @@ Layout::
       dev-root.key       0600  dev mode only
       keyservice.db      0600  SQLite store (+ -wal, -shm)
       audit/             0700
-        audit.log        0600  JSON Lines audit log
+        main/0000000001.log  0600  JSON Lines audit log, one segment (docs/AUDIT.md)
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def initialize(
         store.set_meta("account_id", account_id)
     finally:
         store.close()
-    AuditLog(data_dir).close()  # create audit/audit.log with its mode now
+    AuditLog(data_dir).close()  # create audit/main/0000000001.log with its mode now
     return creds
 
 

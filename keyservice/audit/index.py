@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS chains (
     segment INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL, -- last line indexed
     hash TEXT NOT NULL           -- its line hash
 );
+CREATE TABLE IF NOT EXISTS chain_lines (chain INTEGER PRIMARY KEY, lines INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS damaged (chain INTEGER NOT NULL, line INTEGER NOT NULL);  -- not a JSON object
 CREATE TABLE IF NOT EXISTS strings (id INTEGER PRIMARY KEY, s TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS rec (
     id INTEGER PRIMARY KEY, chain INTEGER NOT NULL, seq INTEGER NOT NULL,
@@ -339,29 +341,33 @@ def _update_chain(data_dir: Path, conn: sqlite3.Connection, chain: str, limit: i
         if files and segment < files[0][0]:
             segment, offset = files[0][0], 0
         seq, added, last = position.seq, 0, None
+        counted = conn.execute("SELECT lines FROM chain_lines WHERE chain = ?", (position.id,)).fetchone()
+        number = counted[0] if counted else 0  # lines read so far, checkpoints and damaged ones included
         for line in segments.read_chain(data_dir, chain, segment=segment, offset=offset):
             last = line
+            number += 1
             if b'"checkpoint"' in line.data:
                 record = parse_line(line.data)
                 if record is not None and is_checkpoint(record):
                     continue
             else:
                 record = parse_line(line.data)
-            if record is None:
-                continue  # damaged: verify reports it; a query by scan skips it too
+            if record is None:  # damaged: reported with every answer (and by verify)
+                conn.execute("INSERT INTO damaged VALUES (?, ?)", (position.id, number))
+                continue
             seq += 1
             added += 1
             writer.add(position.id, seq, line.segment, line.offset, len(line.data), record)
             if len(writer.rows) >= _BATCH:
                 writer.flush()
-                _save_position(conn, position.id, seq, line)
+                _save_position(conn, position.id, seq, line, number)
                 conn.execute("COMMIT")
                 conn.execute("BEGIN IMMEDIATE")
                 if limit is not None and added >= limit:
                     break
         writer.flush()
         if last is not None:
-            _save_position(conn, position.id, seq, last)
+            _save_position(conn, position.id, seq, last, number)
         conn.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
@@ -370,9 +376,17 @@ def _update_chain(data_dir: Path, conn: sqlite3.Connection, chain: str, limit: i
     return added
 
 
-def _save_position(conn: sqlite3.Connection, chain_id: int, seq: int, line: segments.Line) -> None:
+def _save_position(
+    conn: sqlite3.Connection, chain_id: int, seq: int, line: segments.Line, number: int
+) -> None:
     conn.execute("UPDATE chains SET seq = ?, segment = ?, offset = ?, length = ?, hash = ? WHERE id = ?",
                  (seq, line.segment, line.offset, len(line.data), line_hash(line.data), chain_id))
+    conn.execute("INSERT OR REPLACE INTO chain_lines VALUES (?, ?)", (chain_id, number))
+
+
+def damaged_lines(conn: sqlite3.Connection) -> list[int]:
+    """Line numbers (1-based, through each chain's segments) that are not a JSON object."""
+    return [line for (line,) in conn.execute("SELECT line FROM damaged ORDER BY chain, line")]
 
 
 def reindex(data_dir: Path) -> int:

@@ -57,8 +57,7 @@ def open_index(data_dir: Path, warn: Warn) -> sqlite3.Connection | None:
     try:
         return index.open_checked(data_dir)
     except FileNotFoundError:
-        warn("no audit index yet: building it (once; `keyservice audit reindex` does the same)")
-        try:
+        try:  # first use: build it (what `keyservice audit reindex` does)
             index.reindex(data_dir)
             return index.open_checked(data_dir)
         except (OSError, sqlite3.Error, index.IndexMismatch) as error:
@@ -139,13 +138,19 @@ def _records(
             yield record
 
 
-def query(data_dir: Path, filters: Filters, *, warn: Warn, scan: bool = False) -> Iterator[dict[str, Any]]:
-    """The records matching ``filters``, oldest first: from the index, or a scan if it fails."""
+def query(data_dir: Path, filters: Filters, *, warn: Warn, scan: bool = False,
+          unparsable: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The records matching ``filters``, oldest first: from the index, or a scan if it fails.
+
+    ``unparsable`` receives the numbers of the log's lines that are not JSON objects (as
+    ``review.query``'s)."""
     alias = filters.key is not None and (filters.key.startswith("alias/") or ":alias/" in filters.key)
     conn = None if scan or alias else open_index(data_dir, warn)
     if conn is None:
-        yield from review.query(data_dir, **filters.as_dict())
+        yield from review.query(data_dir, **filters.as_dict(), unparsable=unparsable)
         return
+    if unparsable is not None:
+        unparsable.extend(index.damaged_lines(conn))
     with conn:
         sql = _Sql(conn)
         sql.add(filters)

@@ -1,6 +1,6 @@
 """The audit record format: fields, encoding, the hash chain's line hash, and reading lines back.
 
-The one module that knows how a line of ``DATA_DIR/audit/audit.log`` is built and parsed
+The one module that knows how a line of the audit log (``DATA_DIR/audit/<chain>/*.log``) is built and parsed
 (docs/AUDIT.md). Records never hold plaintext, key material, data keys, secrets or ciphertext
 blobs: the service builds them only from the fields of ``build_record``.
 """
@@ -167,19 +167,29 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def chain_records(data_dir: Path, chain: str = segments.DEFAULT_CHAIN) -> Iterator[dict[str, Any]]:
-    """Every well-formed request record of one chain in order (checkpoints and unparseable lines skipped)."""
-    for line in segments.read_chain(data_dir, chain):
+def chain_records(
+    data_dir: Path, chain: str = segments.DEFAULT_CHAIN, unparsable: list[int] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Every well-formed request record of one chain in order (checkpoints skipped). Lines that
+    are not a JSON object are skipped too, and their 1-based line numbers (counted through the
+    chain's segments) appended to ``unparsable`` if given."""
+    for number, line in enumerate(segments.read_chain(data_dir, chain), 1):
         record = parse_line(line.data)
-        if record is not None and not is_checkpoint(record):
+        if record is None:
+            if unparsable is not None:
+                unparsable.append(number)
+            continue
+        if not is_checkpoint(record):
             yield record
 
 
-def read_records(data_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every well-formed request record of every chain, merged by time (each chain in its order)."""
+def read_records(data_dir: Path, unparsable: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Every well-formed request record of every chain, merged by time (each chain in its order);
+    ``unparsable`` as in ``chain_records``. (``audit list`` reports them; ``audit verify`` says
+    what they break.)"""
     chains = segments.chains(data_dir)
     if len(chains) == 1:
-        yield from chain_records(data_dir, chains[0])
+        yield from chain_records(data_dir, chains[0], unparsable)
         return
-    each = (chain_records(data_dir, c) for c in chains)
+    each = (chain_records(data_dir, c, unparsable) for c in chains)
     yield from heapq.merge(*each, key=lambda r: str(r.get("time", "")))

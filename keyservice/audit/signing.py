@@ -1,6 +1,6 @@
 """The audit signing key: an Ed25519 key that signs audit checkpoints.
 
-Why a separate key, kept outside the log directory: whoever can rewrite ``audit/audit.log`` must
+Why a separate key, kept outside the log directory: whoever can rewrite the log under ``audit/`` must
 not be able to re-sign it. The private key is sealed under the root key in
 ``DATA_DIR/audit-signing.key`` (so the data directory alone cannot produce signatures); the
 public key is written beside it in ``audit-signing.pub`` and its fingerprint printed, so an

@@ -1,7 +1,12 @@
 """``keyservice audit``: list, files, key, principals, verify, reindex, export, prune.
 
 Offline: reads the data directory, server running or not (prune alone needs the root key, to sign
-its record).
+its record). list/files/key/principals answer from the index (``audit.questions``) when it
+covers the log, else by a full scan, saying so on stderr.
+
+Review commands must never answer "nobody" by mistake: a data directory that does not exist or
+has no audit log is an error (exit 1), not an empty table, and lines of the log that cannot be
+parsed are reported on stderr and in the exit status (3) rather than skipped in silence.
 """
 
 from __future__ import annotations
@@ -17,32 +22,38 @@ from typing import Any
 from keyservice.audit import export as audit_export
 from keyservice.audit import index as audit_index
 from keyservice.audit import prune as audit_prune
-from keyservice.audit import questions
+from keyservice.audit import questions, segments
 from keyservice.audit import review as audit_review
 from keyservice.audit import signing as audit_signing
 from keyservice.audit import verify as audit_verify
-from keyservice.audit.records import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_SECONDS
+from keyservice.audit.records import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_SECONDS, audit_path
 from keyservice.cli.common import CliError, root_source
 from keyservice.files import write_atomic
 from keyservice.store import rootkey
 
+# Exit status of list/files when some log lines could not be parsed (the output is incomplete).
+EXIT_UNPARSABLE = 3
 VERIFY_STATE = "audit-verified.json"  # --since-last: outside the log directory
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"keyservice: {message}", file=sys.stderr)
 
 
-def _time(value: str):  # noqa: ANN202 - argparse type
+def _time(value: str) -> str:
+    """argparse type: a time ``parse_time`` accepts (parsed again with --local in ``_filters``)."""
     try:
-        return audit_review.parse_time(value)
+        audit_review.parse_time(value)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 
 
 def _filters(args: argparse.Namespace) -> dict[str, object]:
+    since = audit_review.parse_time(args.since, local=args.local) if args.since else None
+    until = audit_review.parse_time(args.until, local=args.local) if args.until else None
     return {
-        "key": args.key, "operation": args.operation, "since": args.since, "until": args.until,
+        "key": args.key, "operation": args.operation, "since": since, "until": until,
         "file": args.file, "principal": args.principal, "outcome": args.outcome, "user": args.user,
         "file_id": args.file_id,
     }  # fmt: skip
@@ -56,37 +67,71 @@ def _print(items: Iterable[Mapping[str, Any]], as_json: bool, table: Callable[[A
         print(table(items), end="")
 
 
-def _query(args: argparse.Namespace) -> Iterable[dict[str, Any]]:
+def _readable_log(data_dir: Path) -> None:
+    """CliError unless ``data_dir`` is a keyservice data directory with an audit log."""
+    if not data_dir.is_dir():
+        raise CliError(f"{data_dir}: no such data directory")
+    if not any(segments.segments(data_dir, chain) for chain in segments.chains(data_dir)):
+        raise CliError(f"{data_dir} has no audit log ({audit_path(data_dir)}): not a keyservice data "
+                       "directory, or never served")
+
+
+def _report_unparsable(data_dir: Path, lines: list[int]) -> int:
+    if not lines:
+        return 0
+    shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
+    print(f"keyservice: {len(lines)} line(s) of the audit log could not be parsed and are "
+          f"not listed (line {shown}); run keyservice audit verify", file=sys.stderr)
+    return EXIT_UNPARSABLE
+
+
+def _query(args: argparse.Namespace, unparsable: list[int]) -> Iterable[dict[str, Any]]:
     filters = questions.Filters(**_filters(args))  # type: ignore[arg-type]
-    return questions.query(Path(args.data_dir), filters, warn=_warn, scan=args.scan)
+    return questions.query(Path(args.data_dir), filters, warn=_warn, scan=args.scan, unparsable=unparsable)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    _print(_query(args), args.json, audit_review.format_table)
-    return 0
+    data_dir = Path(args.data_dir)
+    _readable_log(data_dir)
+    unparsable: list[int] = []
+    records = _query(args, unparsable)
+    _print(records, args.json, lambda rows: audit_review.format_table(rows, local=args.local))
+    return _report_unparsable(data_dir, unparsable)
 
 
 def cmd_files(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir)
+    _readable_log(data_dir)
     if args.top is not None:
-        top = questions.top(Path(args.data_dir), args.top, since=args.since, until=args.until, warn=_warn,
-                            scan=args.scan)
-        if args.json:
-            print(json.dumps(top.__dict__, sort_keys=True))
-            return 0
-        print(f"period: {top.since or 'start'} .. {top.until or 'now'}")
-        for title, rows, name in (("busiest files", top.files, "path"), ("busiest users", top.users, "user")):
-            print(f"{title}:")
-            table = [(name.upper(), "TOTAL", "OPENS", "CREATED", "REFUSED")]
-            table += [(str(r[name]), str(r["total"]), str(r["opens"]), str(r["created"]), str(r["refused"]))
-                      for r in rows]
-            print(audit_review._render(table), end="")
+        return _top(args)
+    unparsable: list[int] = []
+    _print(audit_review.files_summary(_query(args, unparsable)), args.json,
+           lambda rows: audit_review.format_files(rows, local=args.local))
+    return _report_unparsable(data_dir, unparsable)
+
+
+def _top(args: argparse.Namespace) -> int:
+    period = _filters(args)
+    top = questions.top(Path(args.data_dir), args.top, since=period["since"], until=period["until"],  # type: ignore[arg-type]
+                        warn=_warn, scan=args.scan)
+    if args.json:
+        print(json.dumps(top.__dict__, sort_keys=True))
         return 0
-    _print(audit_review.files_summary(_query(args)), args.json, audit_review.format_files)
+    print(f"period: {top.since or 'start'} .. {top.until or 'now'}")
+    for title, rows, name in (("busiest files", top.files, "path"), ("busiest users", top.users, "user")):
+        print(f"{title}:")
+        table = [(name.upper(), "TOTAL", "OPENS", "CREATED", "REFUSED")]
+        table += [(str(r[name]), str(r["total"]), str(r["opens"]), str(r["created"]), str(r["refused"]))
+                  for r in rows]
+        print(audit_review._render(table), end="")
     return 0
 
 
 def cmd_key(args: argparse.Namespace) -> int:
-    timeline = questions.key_timeline(Path(args.data_dir), args.key_id, since=args.since, until=args.until,
+    since = audit_review.parse_time(args.since) if args.since else None
+    until = audit_review.parse_time(args.until) if args.until else None
+    _readable_log(Path(args.data_dir))
+    timeline = questions.key_timeline(Path(args.data_dir), args.key_id, since=since, until=until,
                                       warn=_warn, scan=args.scan)
     if args.json:
         for event in timeline["events"]:
@@ -99,6 +144,7 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 
 def cmd_principals(args: argparse.Namespace) -> int:
+    _readable_log(Path(args.data_dir))
     rows = questions.key_principals(Path(args.data_dir), args.key_id, warn=_warn, scan=args.scan)
     if args.json:
         for row in rows:
@@ -132,12 +178,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not (data_dir / "audit").is_dir():
         raise CliError(f"no audit log in {data_dir}")
     cursor = Path(args.cursor) if args.cursor else None
+    since = audit_review.parse_time(args.since) if args.since else None
     try:
         if args.output:
             with open(args.output, "ab") as out:
-                audit_export.export(data_dir, out, cursor_path=cursor, since=args.since, follow=args.follow)
+                audit_export.export(data_dir, out, cursor_path=cursor, since=since, follow=args.follow)
         else:
-            audit_export.export(data_dir, sys.stdout.buffer, cursor_path=cursor, since=args.since,
+            audit_export.export(data_dir, sys.stdout.buffer, cursor_path=cursor, since=since,
                                 follow=args.follow)
     except ValueError as error:
         raise CliError(str(error)) from None
@@ -160,12 +207,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             exported = audit_export.Cursor.load(Path(args.export_cursor)).chains
         except ValueError as error:
             raise CliError(str(error)) from None
-    from keyservice.audit import segments
-
     removed = 0
     for chain in segments.chains(data_dir):
         try:
-            result = audit_prune.prune(data_dir, signer, args.before, chain=chain, force=args.force,
+            result = audit_prune.prune(data_dir, signer, audit_review.parse_time(args.before), chain=chain,
+                                       force=args.force,
                                        exported=(exported or {}).get(chain) if exported is not None else None)
         except audit_prune.PruneRefused as error:
             raise CliError(f"chain {chain}: {error}") from None
@@ -180,13 +226,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        print(f"keyservice: cannot check: {data_dir}: no such data directory", file=sys.stderr)
+        return 2
     key_path = Path(args.public_key) if args.public_key else audit_signing.public_path(data_dir)
     try:
         public_key = audit_signing.load_public(key_path)
     except (OSError, ValueError) as error:
-        print(f"cannot load the audit public key {key_path}: {error}")
+        print(f"keyservice: cannot check: cannot load the audit public key {key_path}: {error}",
+              file=sys.stderr)
         return 2
     state_path = Path(args.state) if args.state else data_dir / VERIFY_STATE
     since = None
@@ -207,8 +259,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         since=since,
     )
     if report.ok:
-        positions = {**(since or {}), **report.positions}
-        state_body = {"fingerprint": report.fingerprint, "chains": positions}
+        state_body = {"fingerprint": report.fingerprint, "chains": {**(since or {}), **report.positions}}
         write_atomic(state_path, json.dumps(state_body).encode())
     pinned = "pinned" if args.public_key else f"from {key_path}; compare with your own copy"
     print(f"signing key fingerprint {report.fingerprint} ({pinned})")
@@ -219,9 +270,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.ok:
         print("OK: the audit log is intact")
         return 0
-    print(f"TAMPERED: {report.problems[0]}")
+    print(f"TAMPERED: {report.problems[0]}", file=sys.stderr)
     for problem in report.problems[1:]:
-        print(f"also: {problem}")
+        print(f"also: {problem}", file=sys.stderr)
     return 1
 
 
@@ -234,61 +285,87 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         ("files", cmd_files, "who created and opened which file how often, through which key"),
     ):
         p = commands.add_parser(name, help=text)
-        p.add_argument("--data-dir", required=True)
-        p.add_argument("--key", help="key id, ARN, alias name or alias ARN")
-        p.add_argument("--operation", help="e.g. Decrypt")
-        p.add_argument("--principal", help="principal ARN or access key id")
-        p.add_argument("--outcome", choices=("success", "error"))
-        p.add_argument("--user", help="local user behind a kmsfs open: uid or user name")
-        p.add_argument("--file", help="path inside a kmsfs mount (a directory matches everything below it)")
+        p.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
+        p.add_argument("--key", help="key id, ARN, alias name or alias ARN (default: any)")
+        p.add_argument("--operation", help="e.g. Decrypt (default: any)")
+        p.add_argument("--principal", help="principal ARN or access key id (default: any)")
+        p.add_argument("--outcome", choices=("success", "error"), help="(default: both)")
+        p.add_argument("--user", help="local user behind a kmsfs open: uid or user name (default: any)")
+        p.add_argument("--file", help="path inside a kmsfs mount (a directory matches everything below "
+                       "it) (default: any)")
         p.add_argument("--file-id", help="kmsfs file id (hex, from the encryption context): joins a "
-                       "pooled GenerateDataKey to the create that used it and the file's opens")
-        p.add_argument("--since", type=_time, help="ISO 8601 time, today, yesterday, or 15m / 2h / 7d ago")
-        p.add_argument("--until", type=_time, help="ISO 8601 time, today, yesterday, or 15m / 2h / 7d ago")
-        p.add_argument("--json", action="store_true", help="one JSON object per line")
-        p.add_argument("--scan", action="store_true", help="read the whole log instead of using the index")
+                       "pooled GenerateDataKey to the create that used it and the file's opens "
+                       "(default: any)")
+        p.add_argument("--since", type=_time, help="ISO 8601 time, 30m / 1h / 7d ago, today or yesterday "
+                       "(from midnight, UTC or --local) (default: the beginning)")
+        p.add_argument("--until", type=_time, help="same forms as --since, exclusive (default: now)")
+        p.add_argument("--json", action="store_true",
+                       help="one JSON object per line, times as recorded in UTC (default: a table)")
+        zone = p.add_mutually_exclusive_group()
+        zone.add_argument("--utc", dest="local", action="store_false",
+                          help="show times in UTC, as recorded (the default)")
+        zone.add_argument("--local", dest="local", action="store_true",
+                          help="show table times in this host's time zone, and read naive --since/--until "
+                               "and today/yesterday in it (default: UTC)")
+        p.add_argument("--scan", action="store_true",
+                       help="read the whole log instead of using the index (default: the index)")
         if name == "files":
             p.add_argument("--top", type=int, metavar="N", help="the N busiest files and users of the period "
-                           "(counted in whole UTC hours)")
-        p.set_defaults(func=func)
+                           "(counted in whole UTC hours) (default: the per-file table)")
+        p.set_defaults(func=func, local=False)
     key = commands.add_parser("key", help="what happened to a key: management requests, refusals, uses")
     key.add_argument("key_id", help="key id or ARN")
     principals = commands.add_parser("principals", help="which principals used a key, how often")
     principals.add_argument("key_id", help="key id or ARN")
     for p, func in ((key, cmd_key), (principals, cmd_principals)):
-        p.add_argument("--data-dir", required=True)
-        p.add_argument("--json", action="store_true", help="one JSON object per line")
-        p.add_argument("--scan", action="store_true", help="read the whole log instead of using the index")
+        p.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
+        p.add_argument("--json", action="store_true", help="one JSON object per line (default: a table)")
+        p.add_argument("--scan", action="store_true",
+                       help="read the whole log instead of using the index (default: the index)")
         p.set_defaults(func=func)
-    key.add_argument("--since", type=_time, help="ISO 8601 time, today, yesterday, or 15m / 2h / 7d ago")
-    key.add_argument("--until", type=_time, help="ISO 8601 time, today, yesterday, or 15m / 2h / 7d ago")
+    key.add_argument("--since", type=_time, help="same forms as for list (default: the beginning)")
+    key.add_argument("--until", type=_time, help="same forms as for list (default: now)")
     reindex = commands.add_parser("reindex", help="rebuild the audit index from the log")
-    reindex.add_argument("--data-dir", required=True)
-    reindex.add_argument("--follow", action="store_true", help="then keep indexing new records (a sidecar)")
-    reindex.add_argument("--interval", type=float, default=2.0, help="--follow: seconds between updates")
+    reindex.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
+    reindex.add_argument("--follow", action="store_true",
+                         help="then keep indexing new records, a sidecar (default: stop)")
+    reindex.add_argument("--interval", type=float, default=2.0, help="--follow: seconds between updates "
+                         "(default 2)")
     reindex.set_defaults(func=cmd_reindex)
     export = commands.add_parser("export", help="records as JSON lines for a SIEM, resumable from a cursor")
-    export.add_argument("--data-dir", required=True)
-    export.add_argument("--since", type=_time, help="only records from this time on")
-    export.add_argument("--cursor", metavar="FILE", help="where to resume from and to save the position")
-    export.add_argument("--output", metavar="FILE", help="append to FILE (exactly once with --cursor); "
-                        "default stdout (at least once)")
-    export.add_argument("--follow", action="store_true", help="keep exporting new records")
+    export.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
+    export.add_argument("--since", type=_time, help="only records from this time on (default: all)")
+    export.add_argument("--cursor", metavar="FILE",
+                        help="where to resume from and to save the position (default: none, from the start)")
+    export.add_argument("--output", metavar="FILE", help="append to FILE (exactly once with --cursor) "
+                        "(default: stdout, at least once)")
+    export.add_argument("--follow", action="store_true",
+                        help="keep exporting new records (default: stop at the end)")
     export.set_defaults(func=cmd_export)
     prune = commands.add_parser("prune", help="remove whole sealed segments older than a date")
-    prune.add_argument("--data-dir", required=True)
-    prune.add_argument("--before", type=_time, required=True, help="segments sealed before this time")
-    prune.add_argument("--export-cursor", metavar="FILE", help="the export cursor: only exported segments go")
-    prune.add_argument("--force", action="store_true", help="prune even segments not exported")
-    prune.add_argument("--dev", action="store_true", help="dev data directory (root key inside it)")
-    prune.add_argument("--root-key-file", metavar="FILE", help="root key file (signs the prune record)")
+    prune.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
+    prune.add_argument("--before", type=_time, required=True,
+                       help="segments sealed before this time (required)")
+    prune.add_argument("--export-cursor", metavar="FILE",
+                       help="the export cursor: only exported segments go (default: none)")
+    prune.add_argument("--force", action="store_true",
+                       help="prune even segments not exported (default: refuse)")
+    prune.add_argument("--dev", action="store_true",
+                       help="dev data directory, root key inside it (default: off)")
+    prune.add_argument("--root-key-file", metavar="FILE",
+                       help="root key file, to sign the prune record (default: passphrase)")
+    prune.add_argument("--root-passphrase-file", metavar="FILE",
+                       help="root passphrase file (default: prompt or the environment)")
     prune.set_defaults(func=cmd_prune)
     verify = commands.add_parser("verify", help="check the hash chain, signed checkpoints and head")
-    verify.add_argument("--data-dir", required=True)
+    verify.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
     verify.add_argument("--public-key", help="pinned PEM public key (default: DATA_DIR/audit-signing.pub)")
-    verify.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY)
-    verify.add_argument("--checkpoint-seconds", type=float, default=DEFAULT_CHECKPOINT_SECONDS)
+    verify.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+                        help=f"records per checkpoint the server used (default {DEFAULT_CHECKPOINT_EVERY})")
+    verify.add_argument("--checkpoint-seconds", type=float, default=DEFAULT_CHECKPOINT_SECONDS,
+                        help="seconds per checkpoint the server used "
+                             f"(default {DEFAULT_CHECKPOINT_SECONDS:g})")
     verify.add_argument("--since-last", action="store_true",
-                        help="start from the checkpoint verified last time (kept in --state)")
-    verify.add_argument("--state", metavar="FILE", help=f"default DATA_DIR/{VERIFY_STATE}")
+                        help="start from the checkpoint verified last time (kept in --state) (default: all)")
+    verify.add_argument("--state", metavar="FILE", help=f"(default DATA_DIR/{VERIFY_STATE})")
     verify.set_defaults(func=cmd_verify)
