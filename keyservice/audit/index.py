@@ -445,6 +445,11 @@ def coverage(data_dir: Path, conn: sqlite3.Connection) -> None:
             if any(f.stat().st_size for _n, f in files):
                 raise IndexMismatch(f"chain {chain} is not indexed")
             continue
+        pruned = int((prune_record(data_dir, chain) or {}).get("records") or 0)
+        if pruned >= position.first_seq:
+            raise IndexMismatch(f"chain {chain}: records up to {pruned} were pruned after they were "
+                                f"indexed (`keyservice audit prune` rebuilds the index; run "
+                                f"`keyservice audit reindex`)")
         count, low, high = conn.execute(
             "SELECT count(*), min(seq), max(seq) FROM rec WHERE chain = ?", (position.id,)).fetchone()
         expected = position.seq - position.first_seq + 1

@@ -81,9 +81,9 @@ def prune(
 ) -> PruneResult:
     """Remove the chain's oldest sealed segments whose seal is older than ``before``.
 
-    ``exported``: the chain's export position (``{"segment": N, ...}``): only segments before N
-    were exported completely. Without it, or with segments not exported, raise ``PruneRefused``
-    unless ``force``.
+    ``exported``: the chain's export position (``{"segment": N, "offset": B}``): segments before N,
+    and N itself if B is its size, were exported completely. Without it, or with segments not
+    exported, raise ``PruneRefused`` unless ``force``.
     """
     files = segments.segments(data_dir, chain)
     chosen: list[tuple[int, Path, dict[str, Any], bytes]] = []
@@ -97,8 +97,9 @@ def prune(
         chosen.append((number, path, *seal))
     if not chosen:
         return PruneResult([], None)
-    exported_before = int((exported or {}).get("segment", 0))
-    unexported = [c for c in chosen if c[0] >= exported_before]
+    at_segment, at_offset = int((exported or {}).get("segment", 0)), int((exported or {}).get("offset", 0))
+    unexported = [c for c in chosen
+                  if c[0] > at_segment or (c[0] == at_segment and at_offset < c[1].stat().st_size)]
     if unexported and not force:
         raise PruneRefused(
             f"{len(unexported)} of the {len(chosen)} segments to prune are not exported yet"

@@ -223,6 +223,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         removed += len(result.removed)
     if not removed:
         print("nothing to prune: no sealed segment ends before that date")
+    elif audit_index.index_path(data_dir).exists():
+        count = audit_index.reindex(data_dir)  # its rows of the pruned records point nowhere now
+        print(f"audit index rebuilt ({count} records)")
     return 0
 
 

@@ -384,19 +384,25 @@ def test_prune_removes_sealed_segments_and_verify_proves_the_rest(tmp_path: Path
     cursor = tmp_path / "cursor.json"
     with (tmp_path / "out.jsonl").open("ab") as f:
         audit_export.export(tmp_path, f, cursor_path=cursor)
+    audit_index.reindex(tmp_path)
     exported = audit_export.Cursor.load(cursor).chains["main"]
     result = audit_prune.prune(tmp_path, SIGNER, cut, exported=exported)
     assert result.removed and result.record is not None
     assert all(not p.exists() for p in result.removed)
+    assert audit_index.index_path(tmp_path).exists()
     remaining = segments.segments(tmp_path)
     assert remaining[0][0] == result.record["through_segment"] + 1
     checked = report(tmp_path)
     assert checked.ok, checked.problems
     assert checked.records + result.record["records"] == 40
     assert any("were pruned" in note for note in checked.notes)
-    # The index and export start after the pruned part.
-    audit_index.reindex(tmp_path)
+    # An index built before the prune is not used (its rows of pruned records point nowhere);
+    # rebuilt, it starts after the pruned part.
     seen, warn = warnings()
+    assert len(list(questions.query(tmp_path, questions.Filters(), warn=warn))) == checked.records
+    assert "were pruned after they were indexed" in seen[0]
+    audit_index.reindex(tmp_path)
+    seen.clear()
     assert len(list(questions.query(tmp_path, questions.Filters(), warn=warn))) == checked.records
     assert not seen
     # Removing one segment more than the record names breaks the chain.
