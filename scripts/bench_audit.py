@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         hour = format_time(last - timedelta(hours=1))
         day0 = format_time(last.replace(hour=0, minute=0, second=0, microsecond=0))
         questions = [
-            ("who opened this file (--file F)", ["list", "--file", path_of(3)]),
-            ("who opened files under a directory (--file D, 100 files)", ["list", "--file", "/proj/dir123"]),
+            ("who opened this file (--file F, a typical file)", ["list", "--file", path_of(30003)]),
+            ("who opened this file (--file F, the hottest file)", ["list", "--file", path_of(0), "--json"]),
+            ("who opened files under a directory (--file D, 100 files)", ["list", "--file", "/proj/dir300"]),
             ("what did a user open in the last hour (light user, 1 %)",
              ["list", "--user", "mallory", "--since", hour]),
             ("same, --json", ["list", "--user", "mallory", "--since", hour, "--json"]),
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((title, f"{seconds:.2f} s wall, {cpu:.2f} s CPU ({lines} lines)"))
         if args.scan:
             say("timing one question by a full scan ...")
-            seconds, _, cpu = cli(data_dir, "list", "--file", path_of(3), "--scan", reps=1)
+            seconds, _, cpu = cli(data_dir, "list", "--file", path_of(30003), "--scan", reps=1)
             result["scan_seconds"], result["scan_cpu"] = seconds, cpu
             rows.append(("who opened this file, by a full scan (today's way)",
                          f"{seconds:.1f} s wall, {cpu:.1f} s CPU"))

@@ -112,7 +112,7 @@ def connect(data_dir: Path, *, create: bool = True) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=60, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # a cache: a lost tail is re-indexed from the log
-    conn.execute("PRAGMA cache_size=-65536")
+    conn.execute("PRAGMA cache_size=-262144")  # up to 256 MiB, allocated as pages are read
     conn.executescript(_SCHEMA)
     version = conn.execute("SELECT v FROM meta WHERE k='version'").fetchone()
     if version is None:
@@ -198,15 +198,18 @@ class _Writer:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.strings = _Strings(conn)
+        self._strings: _Strings | None = None  # loaded on the first record: most catch-ups add none
         self.rows: list[tuple[Any, ...]] = []
         self.activity: dict[tuple[int, int, int], list[int]] = {}
         self.keys: dict[tuple[int, int, int, int], list[int]] = {}
 
     def add(self, chain_id: int, seq: int, segment: int, offset: int, length: int, r: dict[str, Any]) -> None:
         # The hot loop of indexing (tens of thousands of records a second): plain dict look-ups.
-        ids = self.strings.ids
-        sid = self.strings.id
+        strings = self._strings
+        if strings is None:
+            strings = self._strings = _Strings(self.conn)
+        ids = strings.ids
+        sid = strings.id
         get = r.get
         caller = get("caller")
         if caller.__class__ is not dict:
