@@ -10,9 +10,9 @@ contiguous, the last indexed line's hash equal to the log's line at that offset,
 past the log's end. An index that fails the check is not used.
 
 Strings (paths, users, principals, key ARNs, ...) are stored once in ``strings`` and referred to
-by number, which keeps the index under half the log's size. ``activity`` (per UTC hour, file and
-local user) and ``key_principals`` are summaries kept in the same transactions as the rows they
-summarize, for ``audit files --top`` and ``audit principals`` in constant time.
+by number, which keeps the index under half the log's size. ``activity`` and ``activity_day``
+(per UTC hour / day, file and local user) and ``key_principals`` are summaries kept in the same
+transactions as the rows they summarize, for ``audit files --top`` and ``audit principals``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from keyservice.audit.prune import prune_record
 from keyservice.audit.records import is_checkpoint, line_hash, parse_line
 
 INDEX_FILE = "index.sqlite"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _BATCH = 20000
 FILE_ID_CONTEXT = "kmsfs:file-id"
 
@@ -59,6 +59,11 @@ CREATE TABLE IF NOT EXISTS activity (
     hour INTEGER NOT NULL, path INTEGER NOT NULL, user INTEGER NOT NULL,
     opens INTEGER NOT NULL, created INTEGER NOT NULL, refused INTEGER NOT NULL, last INTEGER NOT NULL,
     PRIMARY KEY (hour, path, user)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS activity_day (  -- the same per UTC day: whole days of a period in one row each
+    day INTEGER NOT NULL, path INTEGER NOT NULL, user INTEGER NOT NULL,
+    opens INTEGER NOT NULL, created INTEGER NOT NULL, refused INTEGER NOT NULL, last INTEGER NOT NULL,
+    PRIMARY KEY (day, path, user)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS key_principals (
     key INTEGER NOT NULL, principal INTEGER NOT NULL, akid INTEGER NOT NULL, op INTEGER NOT NULL,
@@ -278,6 +283,18 @@ class _Writer:
             " opens = opens + excluded.opens, created = created + excluded.created,"
             " refused = refused + excluded.refused,"
             " last = max(last, excluded.last)", [(*k, *v) for k, v in self.activity.items()])
+        days: dict[tuple[int, int, int], list[int]] = {}
+        for (hour, path, user), (opens, created, refused, last) in self.activity.items():
+            day = days.setdefault((hour // 24, path, user), [0, 0, 0, 0])
+            day[0] += opens
+            day[1] += created
+            day[2] += refused
+            day[3] = max(day[3], last)
+        self.conn.executemany(
+            "INSERT INTO activity_day VALUES (?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+            " opens = opens + excluded.opens, created = created + excluded.created,"
+            " refused = refused + excluded.refused,"
+            " last = max(last, excluded.last)", [(*k, *v) for k, v in days.items()])
         self.conn.executemany(
             "INSERT INTO key_principals VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
             " n = n + excluded.n, refused = refused + excluded.refused, first = min(first, excluded.first),"

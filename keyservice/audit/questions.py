@@ -258,19 +258,40 @@ def top(data_dir: Path, n: int, *, since: datetime | None = None, until: datetim
     with conn:
         low = (_ms(since) // 3600000) if since is not None else None
         high = -(-_ms(until) // 3600000) if until is not None else None
-        where, params = ["1"], []
-        if low is not None:
-            where.append("hour >= ?")
-            params.append(low)
-        if high is not None:
-            where.append("hour < ?")
-            params.append(high)
+        # Whole UTC days inside the period from the daily summary, the hours at its edges from
+        # the hourly one: a few rows per file and user, not one per hour.
+        first_day = -(-low // 24) if low is not None else None
+        end_day = high // 24 if high is not None else None
+        if first_day is not None and end_day is not None and first_day >= end_day:
+            first_day = end_day = None  # no whole day inside: hours only
+            parts = ["SELECT path, user, opens, created, refused, last FROM activity "
+                     "WHERE hour >= ? AND hour < ?"]
+            params: list[Any] = [low, high]
+        else:
+            day_where, params = ["1"], []
+            if first_day is not None:
+                day_where.append("day >= ?")
+                params.append(first_day)
+            if end_day is not None:
+                day_where.append("day < ?")
+                params.append(end_day)
+            parts = [f"SELECT path, user, opens, created, refused, last FROM activity_day "
+                     f"WHERE {' AND '.join(day_where)}"]
+            if first_day is not None and low is not None and low < first_day * 24:
+                parts.append("SELECT path, user, opens, created, refused, last FROM activity "
+                             "WHERE hour >= ? AND hour < ?")
+                params += [low, first_day * 24]
+            if end_day is not None and high is not None and end_day * 24 < high:
+                parts.append("SELECT path, user, opens, created, refused, last FROM activity "
+                             "WHERE hour >= ? AND hour < ?")
+                params += [end_day * 24, high]
+        union = " UNION ALL ".join(parts)
         result = Top(_iso(low * 3600000) if low is not None else None,
                      _iso(high * 3600000) if high is not None else None)
         for column, name, target in (("path", "path", result.files), ("user", "user", result.users)):
             for text, opens, created, refused, last in conn.execute(
-                f"SELECT s.s, sum(a.opens), sum(a.created), sum(a.refused), max(a.last) FROM activity a "
-                f"JOIN strings s ON s.id = a.{column} WHERE {' AND '.join(where)} GROUP BY a.{column} "
+                f"SELECT s.s, sum(a.opens), sum(a.created), sum(a.refused), max(a.last) FROM ({union}) a "
+                f"JOIN strings s ON s.id = a.{column} GROUP BY a.{column} "
                 f"ORDER BY sum(a.opens + a.created + a.refused) DESC LIMIT ?", [*params, n]
             ):
                 target.append({name: text, "opens": opens, "created": created, "refused": refused,

@@ -440,3 +440,33 @@ def test_head_of_another_chain_is_kept_apart(tmp_path: Path) -> None:
     seen, warn = warnings()
     assert len(list(questions.query(tmp_path, questions.Filters(), warn=warn))) == 24
     assert not seen
+
+
+@pytest.mark.parametrize("period", [
+    (None, None),
+    (datetime(2026, 3, 2, tzinfo=UTC), None),  # "today": whole days from the daily summary
+    (datetime(2026, 3, 1, 13, tzinfo=UTC), None),  # hours at the start, then whole days
+    (None, datetime(2026, 3, 3, 7, tzinfo=UTC)),  # whole days, then hours at the end
+    (datetime(2026, 3, 1, 5, tzinfo=UTC), datetime(2026, 3, 1, 9, tzinfo=UTC)),  # inside one day
+    (datetime(2026, 3, 1, 20, tzinfo=UTC), datetime(2026, 3, 3, 2, tzinfo=UTC)),  # hours, a day, hours
+])
+def test_top_over_days_and_hours_counts_like_a_scan(tmp_path: Path, period: tuple) -> None:
+    clock = Clock(datetime(2026, 3, 1, 0, 0, 30, tzinfo=UTC))
+    log = AuditLog(tmp_path, signer=SIGNER, checkpoint_every=10, now=clock)
+    for n in range(3 * 24 * 3):  # three records an hour for three days
+        clock.now += timedelta(minutes=20)
+        user = ("alice", "bob", "carol")[n % 3]
+        ctx = RequestContext(f"r{n}", "127.0.0.1", ALICE, "kmsfs/test",
+                             {"path": f"/p/f{(n * 7) % 11}", "uid": 1000 + n % 3, "user": user})
+        log.append(build_record(when=clock.now, ctx=ctx, operation="Decrypt", key_arn=KEY, key_version=1))
+        log.checkpoint()
+    log.close()
+    audit_index.reindex(tmp_path)
+    since, until = period
+    seen, warn = warnings()
+    indexed = questions.top(tmp_path, 20, since=since, until=until, warn=warn)
+    scanned = questions.top(tmp_path, 20, since=since, until=until, warn=warn, scan=True)
+    assert not seen
+    for got, want in ((indexed.files, scanned.files), (indexed.users, scanned.users)):
+        assert sorted((r.get("path") or r.get("user"), r["total"]) for r in got) == \
+            sorted((r.get("path") or r.get("user"), r["total"]) for r in want)
