@@ -35,7 +35,7 @@ def run_due_work(service: KeyService) -> dict[str, int]:
         if key.valid_to is not None and key.valid_to <= now and importing.expire(service, key.key_id, now):
             done["expired"] += 1
     for candidate in service.store.keys_due_rotation(now):
-        with service.lock:
+        with service.store.transaction():
             key = service.store.get_key(candidate.key_id)
             # Disabled and pending keys are not rotated; they rotate when enabled again, if still due.
             if (

@@ -31,6 +31,10 @@ if ! command -v fusermount >/dev/null 2>&1 && ! command -v fusermount3 >/dev/nul
     packages+=(fuse3)
 fi
 command -v git >/dev/null 2>&1 || packages+=(git)
+# PostgreSQL 15 for the tests of the key service's PostgreSQL store (the tests start their own server).
+if [ ! -x /usr/lib/postgresql/15/bin/initdb ] && ! command -v initdb >/dev/null 2>&1; then
+    packages+=(postgresql-15)
+fi
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then packages+=(python3-venv); fi
 if [ ${#packages[@]} -gt 0 ]; then apt_install "${packages[@]}"; fi
@@ -47,7 +51,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
     say "creating .venv with kmsfs and its test tools"
     [ -x .venv/bin/python ] || python3 -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -e '.[test,postgres]'
     echo "$want" > "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

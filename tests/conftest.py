@@ -156,3 +156,42 @@ def keyservice_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevKeyS
 def kms(keyservice_dev: DevKeyService) -> Any:
     """A boto3 KMS client signed with the dev admin credentials."""
     return keyservice_dev.boto3_client()
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One real PostgreSQL 15 server for the whole session (tests/pg_server.py), stopped at the end.
+
+    Skipped only where PostgreSQL or psycopg is truly not installed, and then loudly: setup.sh
+    installs both, so CI never skips.
+    """
+    from tests.pg_server import PostgresServer, find_bin
+
+    bin_dir = find_bin()
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        bin_dir = None
+    if bin_dir is None:
+        message = (
+            "POSTGRESQL TESTS SKIPPED: postgresql-15 or kmsfs[postgres] is not installed"
+            " (run scripts/setup.sh)"
+        )
+        sys.stderr.write(f"\n*** {message} ***\n")
+        pytest.skip(message)
+    server = PostgresServer(bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: Any) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()

@@ -11,6 +11,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -30,7 +31,7 @@ from keyservice.http import tls
 from keyservice.http.api import KmsApp
 from keyservice.http.server import Server
 from keyservice.scheduler import DEFAULT_INTERVAL, Scheduler
-from keyservice.store import rootkey
+from keyservice.store import engine, rootkey
 
 DEFAULT_LISTEN = "127.0.0.1:8600"
 DEFAULT_REGION = "us-east-1"
@@ -76,7 +77,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise CliError(f"{data_dir} is already initialised")
     root_key = rootkey.create_root_config(data_dir, root_source(args, confirm=True))
     creds = bootstrap.initialize(
-        data_dir, root_key, region=args.region, account_id=args.account_id or _new_account_id()
+        data_dir,
+        root_key,
+        region=args.region,
+        account_id=args.account_id or _new_account_id(),
+        store_url=args.store,
     )
     print(f"Initialised {data_dir} (region {args.region}).")
     print("Admin credentials (shown once; keep them safe):")
@@ -133,11 +138,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             temp_dir = data_dir = Path(tempfile.mkdtemp(prefix="keyservice-dev-"))
         if (data_dir / rootkey.ROOT_CONFIG_NAME).exists():
             root_key = rootkey.load_root_key(data_dir, rootkey.RootKeySource.dev())
-            creds = bootstrap.admin_credentials(data_dir, root_key)
+            creds = bootstrap.admin_credentials(data_dir, root_key, args.store)
         else:
             root_key = rootkey.create_root_config(data_dir, rootkey.RootKeySource.dev())
             creds = bootstrap.initialize(
-                data_dir, root_key, region=args.region or DEFAULT_REGION, account_id=_new_account_id()
+                data_dir,
+                root_key,
+                region=args.region or DEFAULT_REGION,
+                account_id=_new_account_id(),
+                store_url=args.store,
             )
     else:
         if not args.data_dir:
@@ -155,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         region=args.region,
         max_keys=args.max_keys,
         allow_pkcs1_import=args.allow_pkcs1_import,
+        store_url=args.store,
     )
     del root_key
     metrics = {"/metrics": service.metrics_text}
@@ -194,6 +204,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=os.environ.get(engine.STORE_ENV) or None,
+        metavar="URL",
+        help=f"postgresql://... database holding the store (default ${engine.STORE_ENV}; else the URL "
+        "`init` recorded in the data dir; else SQLite in the data dir)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keyservice", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -229,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve plain HTTP (loopback addresses only; for tests and debugging)",
     )
+    _store_option(serve)
     serve.add_argument("--threads", type=int, default=8, help="worker threads for key management requests")
     serve.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
     serve.add_argument("--max-keys", type=int, default=1000, help="customer managed key quota (default 1000)")
@@ -262,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="root key file outside the data dir (created with 32 random bytes if missing)",
     )
+    _store_option(init)
     init.add_argument("--region", default=DEFAULT_REGION)
     init.add_argument("--account-id", help="12-digit account id (random if omitted)")
     init.add_argument("--credentials-out", metavar="FILE", help="write the admin credentials as JSON")
@@ -294,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (CliError, rootkey.RootKeyError, bootstrap.RegionMismatchError) as error:
+    except (CliError, rootkey.RootKeyError, bootstrap.RegionMismatchError, engine.StoreUrlError) as error:
         print(f"keyservice: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:
