@@ -29,7 +29,7 @@ from pathlib import Path
 
 from keyservice.audit import signing as audit_signing
 from keyservice.audit.log import AuditLog
-from keyservice.audit.records import AUDIT_DIR
+from keyservice.audit.records import AUDIT_DIR, MAIN_CHAIN
 from keyservice.clock import Clock, SystemClock
 from keyservice.ops.registry import OPERATIONS
 from keyservice.service import DEFAULT_MAX_KEYS, KeyService
@@ -186,6 +186,7 @@ def open_service(
     max_keys: int = DEFAULT_MAX_KEYS,
     allow_pkcs1_import: bool = False,
     store_url: str | None = None,
+    audit_chain: str = MAIN_CHAIN,
 ) -> KeyService:
     """The service over an initialised data directory; ``region``, if given, must match the store's.
     ``store_url``: the PostgreSQL database, if not the one recorded in the data directory."""
@@ -197,7 +198,8 @@ def open_service(
         if region is not None and region != stored_region:
             raise RegionMismatchError(f"this data directory serves region {stored_region}, not {region}")
         clock = clock or SystemClock()
-        audit_log = AuditLog(data_dir, signer=audit_signing.load_or_create(data_dir, root_key), now=clock.now)
+        signer = audit_signing.load_or_create(data_dir, root_key)
+        audit_log = AuditLog(data_dir, signer=signer, now=clock.now, chain=audit_chain)
     except BaseException:
         store.close()
         raise
@@ -212,6 +214,23 @@ def open_service(
         max_keys=max_keys,
         allow_pkcs1_import=allow_pkcs1_import,
     )
+
+
+def check_store(
+    data_dir: Path, root_key: bytes, store_url: str | None = None, *, region: str | None = None
+) -> str:
+    """Check that ``data_dir``'s store is initialised, sealed under ``root_key`` and of ``region``
+    (if given) without serving it, and create the audit signing key if it is not there yet;
+    returns its region (``serve --workers`` does this once, before it forks the workers)."""
+    store = _open_checked(Path(data_dir), root_key, store_url)
+    try:
+        stored_region = store.get_meta("region") or DEFAULT_REGION
+    finally:
+        store.close()
+    audit_signing.load_or_create(Path(data_dir), root_key)
+    if region is not None and region != stored_region:
+        raise RegionMismatchError(f"this data directory serves region {stored_region}, not {region}")
+    return stored_region
 
 
 def admin_credentials(data_dir: Path, root_key: bytes, store_url: str | None = None) -> Credentials:

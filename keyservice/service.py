@@ -305,12 +305,13 @@ class KeyService:
             )
         )
 
-    def metrics_text(self) -> tuple[str, str]:
-        """``GET /metrics``: (content type, Prometheus text)."""
+    def metrics_text(self, counters: Metrics | None = None) -> tuple[str, str]:
+        """``GET /metrics``: (content type, Prometheus text); ``counters`` instead of this process's
+        own (``serve --workers``: every worker's, summed)."""
         expiring = [
             (k.key_id, k.arn, k.valid_to) for k in self.store.keys_with_material_expiry() if k.valid_to
         ]
-        text = self.metrics.render(
+        text = (counters or self.metrics).render(
             now=self.clock.now(), expiring=expiring, key_counts=self.store.count_keys_by_state()
         )
         return METRICS_CONTENT_TYPE, text

@@ -49,6 +49,7 @@ from keyservice.audit.records import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_CHECKPOINT_SECONDS,
     GENESIS_HASH,
+    MAIN_CHAIN,
     audit_path,
     encode_line,
     format_time,
@@ -124,9 +125,11 @@ class AuditLog:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
         now: Any = None,
+        chain: str = MAIN_CHAIN,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.path = audit_path(data_dir)
+        self.chain = chain
+        self.path = audit_path(data_dir, chain)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.path.parent, 0o700)
         self._signer = signer
@@ -254,7 +257,7 @@ class AuditLog:
         """Mirror a durable checkpoint in the head file; the head only ever moves forward."""
         with self._head_lock:
             if seq > self._head_seq:
-                _write_head(self.data_dir, line)
+                _write_head(self.data_dir, line, self.chain)
                 self._head_seq = seq
 
     def _seal(self, *, recovered: bool = False) -> None:
@@ -297,6 +300,6 @@ class AuditLog:
                 self._fd = -1
 
 
-def _write_head(data_dir: Path, checkpoint_line: bytes) -> None:
-    """Atomically replace audit-head.json with the newest checkpoint line."""
-    write_atomic(head_path(data_dir), checkpoint_line + b"\n")
+def _write_head(data_dir: Path, checkpoint_line: bytes, chain: str = MAIN_CHAIN) -> None:
+    """Atomically replace the chain's head file (audit-head.json for ``main``) with its newest checkpoint."""
+    write_atomic(head_path(data_dir, chain), checkpoint_line + b"\n")

@@ -23,6 +23,7 @@ from keyservice.audit.records import (
     DEFAULT_CHECKPOINT_SECONDS,
     GENESIS_HASH,
     HEAD_FILE,
+    MAIN_CHAIN,
     audit_path,
     head_path,
     is_checkpoint,
@@ -73,8 +74,9 @@ def verify(
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
     now: datetime | None = None,
+    chain: str = MAIN_CHAIN,
 ) -> VerifyReport:
-    """Check the chain, every checkpoint's signature and spacing, and the head file.
+    """Check one chain (``main`` unless named), every checkpoint's signature and spacing, and its head file.
 
     Stops at the first bad line: everything after it is untrustworthy anyway.
     """
@@ -91,7 +93,7 @@ def verify(
         return report
 
     number = 0
-    for number, line in enumerate(read_lines(audit_path(data_dir)), start=1):
+    for number, line in enumerate(read_lines(audit_path(data_dir, chain)), start=1):
         try:
             record = json.loads(line)
         except ValueError:
@@ -135,7 +137,7 @@ def verify(
     report.unsealed = since_checkpoint
     if since_checkpoint > checkpoint_every:
         return fail(number, f"missing checkpoint: the last {since_checkpoint} records are not sealed")
-    head = _read_head(data_dir)
+    head = _read_head(data_dir, chain)
     if head is not None:
         if not _check_signature(head, public_key):
             report.problems.append(f"{HEAD_FILE}: bad signature")
@@ -155,9 +157,9 @@ def verify(
     return report
 
 
-def _read_head(data_dir: Path) -> dict[str, Any] | None:
+def _read_head(data_dir: Path, chain: str) -> dict[str, Any] | None:
     try:
-        head = json.loads(head_path(data_dir).read_bytes())
+        head = json.loads(head_path(data_dir, chain).read_bytes())
     except FileNotFoundError:
         return None
     except ValueError:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from keyservice.audit import records as audit_records
 from keyservice.audit import review as audit_review
 from keyservice.audit import signing as audit_signing
 from keyservice.audit import verify as audit_verify
@@ -57,24 +58,34 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         print(f"cannot load the audit public key {key_path}: {error}")
         return 2
-    report = audit_verify.verify(
-        data_dir,
-        public_key,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_seconds=args.checkpoint_seconds,
-    )
-    pinned = "pinned" if args.public_key else f"from {key_path}; compare with your own copy"
-    print(f"signing key fingerprint {report.fingerprint} ({pinned})")
-    print(f"{report.records} records, {report.checkpoints} checkpoints, {report.unsealed} not yet sealed")
-    for note in report.notes:
-        print(f"note: {note}")
-    if report.ok:
-        print("OK: the audit log is intact")
-        return 0
-    print(f"TAMPERED: {report.problems[0]}")
-    for problem in report.problems[1:]:
-        print(f"also: {problem}")
-    return 1
+    chains = audit_records.chains(data_dir) or [audit_records.MAIN_CHAIN]
+    failed = False
+    for chain in chains:
+        report = audit_verify.verify(
+            data_dir,
+            public_key,
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_seconds=args.checkpoint_seconds,
+            chain=chain,
+        )
+        label = "" if chains == [audit_records.MAIN_CHAIN] else f"chain {chain}: "
+        if chain == chains[0]:
+            pinned = "pinned" if args.public_key else f"from {key_path}; compare with your own copy"
+            print(f"signing key fingerprint {report.fingerprint} ({pinned})")
+        print(
+            f"{label}{report.records} records, {report.checkpoints} checkpoints, "
+            f"{report.unsealed} not yet sealed"
+        )
+        for note in report.notes:
+            print(f"{label}note: {note}")
+        if report.ok:
+            print(f"{label}OK: the audit log is intact")
+            continue
+        failed = True
+        print(f"{label}TAMPERED: {report.problems[0]}")
+        for problem in report.problems[1:]:
+            print(f"{label}also: {problem}")
+    return 1 if failed else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

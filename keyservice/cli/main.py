@@ -15,13 +15,15 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from keyservice import bootstrap
+from keyservice import bootstrap, workers
+from keyservice.audit.records import MAIN_CHAIN
 from keyservice.cli import audit as cli_audit
 from keyservice.cli import principal as cli_principal
 from keyservice.cli.common import CliError, root_source
@@ -29,7 +31,7 @@ from keyservice.clock import FileOffsetClock, SystemClock
 from keyservice.files import write_atomic
 from keyservice.http import tls
 from keyservice.http.api import KmsApp
-from keyservice.http.server import Server
+from keyservice.http.server import Server, bind_socket, endpoint_url
 from keyservice.scheduler import DEFAULT_INTERVAL, Scheduler
 from keyservice.store import engine, rootkey
 
@@ -155,53 +157,101 @@ def cmd_serve(args: argparse.Namespace) -> int:
         root_key = rootkey.load_root_key(data_dir, root_source(args, confirm=False))
         creds = None
     tls_cert, tls_key, ca_bundle = _tls_setup(args, data_dir, host)
-    # The service's clock may be shifted for tests (--clock-offset-file); SigV4 always checks real time.
-    service_clock = FileOffsetClock(args.clock_offset_file) if args.clock_offset_file else SystemClock()
-    service = bootstrap.open_service(
-        data_dir,
-        root_key,
-        clock=service_clock,
-        region=args.region,
-        max_keys=args.max_keys,
-        allow_pkcs1_import=args.allow_pkcs1_import,
-        store_url=args.store,
-    )
-    del root_key
-    metrics = {"/metrics": service.metrics_text}
-    app = KmsApp(service, SystemClock(), max_body=args.max_body, extra_routes=metrics, threads=args.threads)
-    scheduler = Scheduler(service, interval=args.scheduler_interval)
-    server = Server(app, host, port, tls_cert=tls_cert, tls_key=tls_key)
-    endpoint = server.endpoint
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    if args.workers < 1:
+        raise CliError("--workers must be at least 1")
+    region = bootstrap.check_store(data_dir, root_key, args.store, region=args.region)
+    sock = bind_socket(host, port)
+    endpoint = endpoint_url("https" if tls_cert else "http", host, sock.getsockname()[1])
     if args.dev:
         sys.stderr.write(DEV_WARNING.format(root=data_dir / rootkey.DEV_KEY_NAME))
-    print(f"keyservice listening on {endpoint} (region {service.region}, data {data_dir})", flush=True)
+    workers_note = f", {args.workers} workers" if args.workers > 1 else ""
+    print(f"keyservice listening on {endpoint} (region {region}, data {data_dir}{workers_note})", flush=True)
     if creds is not None:
         print(f"  export AWS_ACCESS_KEY_ID={creds.access_key_id}")
         print(f"  export AWS_SECRET_ACCESS_KEY={creds.secret_access_key}")
-        print(f"  export AWS_DEFAULT_REGION={service.region}")
+        print(f"  export AWS_DEFAULT_REGION={region}")
         if ca_bundle:
             print(f"  export AWS_CA_BUNDLE={ca_bundle}")
         print(f"  aws --endpoint-url {endpoint} kms list-keys", flush=True)
         if args.credentials_out:
-            _write_credentials(Path(args.credentials_out), creds, endpoint, service.region, ca_bundle)
-    scheduler.start()
+            _write_credentials(Path(args.credentials_out), creds, endpoint, region, ca_bundle)
+    serving = _Serving(args, data_dir, root_key, sock, tls_cert, tls_key)
+    del root_key
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        if args.workers == 1:
+            return serving.run(None)
+        return workers.supervise(args.workers, serving.run)
     finally:
-        server.stop()
-        app.close()  # the last audit commits, before the log's final checkpoint
-        scheduler.stop()
-        service.close()  # seals the audit log with a final checkpoint
+        sock.close()
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    return 0
+
+
+class _Serving:
+    """One serving process over the bound socket: the whole server, or worker ``index`` of N."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        data_dir: Path,
+        root_key: bytes,
+        sock: Any,
+        tls_cert: Path | None,
+        tls_key: Path | None,
+    ) -> None:
+        self.args, self.data_dir, self.sock = args, data_dir, sock
+        self._root_key = root_key
+        self.tls_cert, self.tls_key = tls_cert, tls_key
+
+    def run(self, index: int | None) -> int:
+        args = self.args
+        node = args.node_id or socket.gethostname()
+        chain = MAIN_CHAIN if index is None else workers.chain_id(node, index)
+        # The service's clock may be shifted for tests (--clock-offset-file); SigV4 always checks real time.
+        service_clock = FileOffsetClock(args.clock_offset_file) if args.clock_offset_file else SystemClock()
+        service = bootstrap.open_service(
+            self.data_dir,
+            self._root_key,
+            clock=service_clock,
+            region=args.region,
+            max_keys=args.max_keys,
+            allow_pkcs1_import=args.allow_pkcs1_import,
+            store_url=args.store,
+            audit_chain=chain,
+        )
+        share = None
+        routes: dict[str, Any] = {"/metrics": service.metrics_text}
+        if index is not None:
+            share = workers.MetricsShare(self.data_dir, index, args.workers, service.metrics)
+            routes["/metrics"] = lambda: service.metrics_text(share.summed())
+            share.start()
+        app = KmsApp(
+            service, SystemClock(), max_body=args.max_body, extra_routes=routes, threads=args.threads
+        )
+        # With several workers of one node, the first runs the scheduler (its transitions are
+        # conditional, so a second run anywhere else would be harmless, only wasted).
+        scheduler = Scheduler(service, interval=args.scheduler_interval) if not index else None
+        server = Server(app, "", 0, tls_cert=self.tls_cert, tls_key=self.tls_key, sock=self.sock)
+
+        def stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        if scheduler is not None:
+            scheduler.start()
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+            app.close()  # the last audit commits, before the log's final checkpoint
+            if scheduler is not None:
+                scheduler.stop()
+            if share is not None:
+                share.stop()
+            service.close()  # seals the audit log with a final checkpoint
+        return 0
 
 
 def _store_option(parser: argparse.ArgumentParser) -> None:
@@ -250,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve plain HTTP (loopback addresses only; for tests and debugging)",
     )
     _store_option(serve)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the listening socket (one core each; default 1)",
+    )
+    serve.add_argument(
+        "--node-id",
+        metavar="NAME",
+        help="this node's name in the audit chain ids of its workers (default: the host name)",
+    )
     serve.add_argument("--threads", type=int, default=8, help="worker threads for key management requests")
     serve.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
     serve.add_argument("--max-keys", type=int, default=1000, help="customer managed key quota (default 1000)")

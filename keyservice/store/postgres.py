@@ -29,9 +29,9 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from keyservice.errors import LimitExceededException
+from keyservice.errors import DependencyTimeoutException, LimitExceededException
 from keyservice.store import postgres_nodes
 from keyservice.store.model import KeyRecord
 from keyservice.store.postgres_schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
@@ -64,8 +64,13 @@ def _row_factory(cursor: psycopg.Cursor[Any]) -> Any:
     return lambda values: row_type(values)
 
 
+def unavailable() -> DependencyTimeoutException:
+    return DependencyTimeoutException("The key store's database is unavailable; retry the request.")
+
+
 class _Connection:
-    """A psycopg connection that takes the store's ``?`` placeholders."""
+    """A psycopg connection that takes the store's ``?`` placeholders; a lost database surfaces as
+    ``DependencyTimeoutException`` (503, retry), never as a success."""
 
     __slots__ = ("raw",)
 
@@ -73,7 +78,10 @@ class _Connection:
         self.raw = raw
 
     def execute(self, sql: str, args: Sequence[object] = ()) -> psycopg.Cursor[Any]:
-        return self.raw.execute(sql.replace("?", "%s"), args)  # type: ignore[arg-type]
+        try:
+            return self.raw.execute(sql.replace("?", "%s"), args)  # type: ignore[arg-type]
+        except psycopg.OperationalError:
+            raise unavailable() from None
 
 
 class PostgresStore(SQLiteStore):
@@ -155,27 +163,35 @@ class PostgresStore(SQLiteStore):
             self._pool.putconn(conn.raw)  # the pool discards a broken connection
             conn = None
         if conn is None:
-            conn = _Connection(self._pool.getconn())
+            if self.watch is not None and self.watch.down:
+                raise unavailable()  # fail fast: the watch cannot reach the database either
+            try:
+                conn = _Connection(self._pool.getconn())
+            except PoolTimeout:
+                raise unavailable() from None
             self._local.conn = conn
         return conn
 
     @contextmanager
     def _write(self) -> Iterator[_Connection]:  # type: ignore[override]
         conn = self._conn()
-        if getattr(self._local, "depth", 0):
-            with conn.raw.transaction():  # a savepoint of the open transaction
+        try:
+            if getattr(self._local, "depth", 0):
+                with conn.raw.transaction():  # a savepoint of the open transaction
+                    yield conn
+                return
+            with conn.raw.transaction():
                 yield conn
-            return
-        with conn.raw.transaction():
-            yield conn
-            bump = "UPDATE generation SET value = value + 1 RETURNING value"
-            (generation,) = conn.raw.execute(bump).fetchone()
-            conn.raw.execute("SELECT pg_notify(%s, %s)", (postgres_nodes.CHANNEL, str(generation)))
-        with self._all_lock:
-            self._writes += 1
-        self.last_ack_seconds = postgres_nodes.wait_applied(
-            conn.raw, generation, timeout=3 * self.lease_seconds
-        )
+                bump = "UPDATE generation SET value = value + 1 RETURNING value"
+                (generation,) = conn.raw.execute(bump).fetchone()
+                conn.raw.execute("SELECT pg_notify(%s, %s)", (postgres_nodes.CHANNEL, str(generation)))
+            with self._all_lock:
+                self._writes += 1
+            self.last_ack_seconds = postgres_nodes.wait_applied(
+                conn.raw, generation, timeout=3 * self.lease_seconds
+            )
+        except psycopg.OperationalError:
+            raise unavailable() from None
 
     def _memo_for_thread(self) -> dict[tuple[Any, ...], Any] | None:
         local = self._local

@@ -53,6 +53,7 @@ class NodeWatch:
         self.poll_seconds = poll_seconds
         self.epoch = 0  # moved whenever the memo may be stale; read without a lock (one int)
         self.applied = -1
+        self.down = False  # the last attempt to reach the database failed
         self._valid_until = 0.0  # time.monotonic() after which the memo is not trusted
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -76,6 +77,7 @@ class NodeWatch:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                    self.down = False
                     conn.execute(f"LISTEN {CHANNEL}")
                     # Anything may have changed while we were not listening: drop everything.
                     self.epoch += 1
@@ -84,6 +86,7 @@ class NodeWatch:
                     self._listen(conn)
             except psycopg.Error as error:
                 self._valid_until = 0.0
+                self.down = True
                 self.epoch += 1
                 log.warning("node watch: lost the database (%s); memo off until reconnected", error)
                 self._stop.wait(0.5)
