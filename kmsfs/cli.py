@@ -88,15 +88,18 @@ def _build(cipherdir: str, credentials: str | None,
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     creds = _credentials(credentials)
-    if creds.endpoint and _origin(creds.endpoint) != _origin(config.endpoint):
+    if creds.endpoints and _origin(config.endpoint) not in {_origin(e) for e in creds.endpoints}:
         # The config lies in the cipherdir, which is untrusted storage: an edited endpoint must not
         # redirect signed requests (and the data keys they return) to another server.
         raise CliError(
             f"the cipherdir names the key service {config.endpoint} but the credentials are for "
             f"{creds.endpoint}; refusing to use either (re-run 'kmsfs init --force' if it moved)"
         )
+    # The other endpoints the credentials list (nodes of the same service) are tried in order
+    # when the cipherdir's one cannot answer.
+    fallbacks = tuple(e for e in creds.endpoints if _origin(e) != _origin(config.endpoint))
     return config, KeyClient(config.endpoint, config.region, creds, connect_timeout=timeout,
-                             read_timeout=timeout)
+                             read_timeout=timeout, fallbacks=fallbacks)
 
 
 def _origin(url: str) -> tuple[str, str]:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.integration.keyservice_nodes import Cluster, init_cluster
+from tests.integration.keyservice_nodes import Cluster, audit_records_by_id, init_cluster
+from tests.integration.kmsfs_mount_helpers import kmsfs_init, mounted, requires_fuse
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +98,29 @@ def test_an_alias_made_on_one_node_resolves_on_the_other(two_nodes: Cluster) -> 
     # The default key is created once, whichever node is asked first.
     one = a.describe_key(KeyId="alias/aws/kmsfs")["KeyMetadata"]["KeyId"]
     assert b.describe_key(KeyId="alias/aws/kmsfs")["KeyMetadata"]["KeyId"] == one
+
+
+@requires_fuse
+def test_a_kmsfs_mount_given_both_endpoints_survives_the_death_of_its_node(two_nodes: Cluster) -> None:
+    """The credentials file names node A first and lists both nodes under ``endpoints``: when A is
+    killed, opens and creates go on through B (kmsfs fails over in order)."""
+    a_node, b_node = two_nodes.nodes
+    base = two_nodes.base
+    creds = dict(two_nodes.credentials)
+    creds["endpoint"] = a_node.endpoint
+    creds["endpoints"] = [a_node.endpoint, b_node.endpoint]
+    creds["ca_bundle"] = two_nodes.ca_bundle
+    creds_file = base / "kmsfs-credentials.json"
+    creds_file.write_text(json.dumps(creds))
+    key_id = two_nodes.client(a_node).create_key()["KeyMetadata"]["KeyId"]
+    cipher = base / "cipher"
+    cipher.mkdir()
+    kmsfs_init(cipher, a_node.endpoint, key_id, creds_file)
+    with mounted(cipher, base / "plain", creds_file) as plain:
+        (plain / "before.txt").write_bytes(b"written while A lives")
+        a_node.kill()
+        assert (plain / "before.txt").read_bytes() == b"written while A lives"  # an open: Decrypt on B
+        (plain / "after.txt").write_bytes(b"created after A died")  # a create: GenerateDataKey on B
+        assert (plain / "after.txt").read_bytes() == b"created after A died"
+    b_records = audit_records_by_id([b_node.data_dir]).values()
+    assert {"Decrypt", "GenerateDataKey"} <= {r["operation"] for r in b_records}
