@@ -33,6 +33,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from keyservice.errors import DependencyTimeoutException, LimitExceededException
 from keyservice.store import postgres_nodes
+from keyservice.store.base import LeaseLostError
 from keyservice.store.model import KeyRecord
 from keyservice.store.postgres_schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
 from keyservice.store.sqlite import SQLiteStore
@@ -192,6 +193,43 @@ class PostgresStore(SQLiteStore):
             )
         except psycopg.OperationalError:
             raise unavailable() from None
+
+    # ----------------------------------------------------------------- the scheduler's lease
+
+    def acquire_scheduler_lease(self, holder: str, seconds: float) -> int | None:
+        """Take or renew the lease (timed by the database clock); a new holder gets a new fencing token."""
+        row = self._conn().execute(
+            "UPDATE scheduler_lease SET fence = CASE WHEN holder = ? THEN fence ELSE fence + 1 END,"
+            " holder = ?, lease_until = now() + make_interval(secs => ?)"
+            " WHERE holder = ? OR holder IS NULL OR lease_until < now() RETURNING fence",
+            (holder, holder, seconds, holder),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    @contextmanager
+    def fenced(self, holder: str, token: int) -> Iterator[None]:
+        self._local.fence = (holder, token)
+        try:
+            yield
+        finally:
+            self._local.fence = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """As SQLite's; inside ``fenced`` the outermost transaction first re-checks the lease (its
+        row stays share-locked until commit, so it cannot pass to another node meanwhile)."""
+        outermost = not self.in_transaction()
+        with super().transaction():
+            fence = getattr(self._local, "fence", None)
+            if outermost and fence is not None:
+                row = self._one(
+                    "SELECT 1 FROM scheduler_lease WHERE holder = ? AND fence = ? AND lease_until > now()"
+                    " FOR SHARE",
+                    fence,
+                )
+                if row is None:
+                    raise LeaseLostError(f"the scheduler lease (token {fence[1]}) is no longer held")
+            yield
 
     def _memo_for_thread(self) -> dict[tuple[Any, ...], Any] | None:
         local = self._local

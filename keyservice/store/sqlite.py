@@ -155,6 +155,16 @@ class SQLiteStore(AccessTables):
             finally:
                 local.depth = 0
 
+    def acquire_scheduler_lease(self, holder: str, seconds: float) -> int | None:
+        """One SQLite file serves one node, whose first worker alone runs the scheduler: it always
+        holds the lease (token 1)."""
+        return 1
+
+    @contextmanager
+    def fenced(self, holder: str, token: int) -> Iterator[None]:
+        """Nothing to re-check on SQLite (see ``acquire_scheduler_lease``)."""
+        yield
+
     def in_transaction(self) -> bool:
         """Is this thread inside ``transaction()``?"""
         return bool(getattr(self._local, "depth", 0))

@@ -329,3 +329,37 @@ def test_destroyed_customer_key_frees_its_quota(store: SQLiteStore) -> None:
     store.create_key(*make_key(), max_customer_keys=1)
     with pytest.raises(LimitExceededException):
         store.create_key(*make_key(), max_customer_keys=1)
+
+
+def test_the_scheduler_lease_is_held_by_one_node_and_fences_the_last(pg_url: str) -> None:
+    """Two nodes on one database: one holds the lease; when it lapses the other takes it with a new
+    token, and a transition of the old holder inside ``fenced`` is refused and rolled back."""
+    from keyservice.store.base import LeaseLostError
+    from keyservice.store.postgres import PostgresStore
+
+    first, second = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        key, v = make_key()
+        first.create_key(key, v, max_customer_keys=10)
+        token = first.acquire_scheduler_lease("first", 0.5)
+        assert token is not None
+        assert first.acquire_scheduler_lease("first", 0.5) == token  # renewed, same token
+        assert second.acquire_scheduler_lease("second", 0.5) is None
+        with first.fenced("first", token), first.transaction():
+            mine = first.get_key(key.key_id)
+            mine.description = "while holding the lease"
+            first.update_key(mine)
+        import time
+
+        time.sleep(0.7)
+        taken = second.acquire_scheduler_lease("second", 30)
+        assert taken is not None and taken > token
+        with pytest.raises(LeaseLostError), first.fenced("first", token), first.transaction():
+            mine = first.get_key(key.key_id)
+            mine.description = "after losing it"
+            first.update_key(mine)
+        assert second.get_key(key.key_id).description == "while holding the lease"
+        assert first.acquire_scheduler_lease("first", 30) is None
+    finally:
+        first.close()
+        second.close()
