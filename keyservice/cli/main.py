@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from keyservice import bootstrap, workers
 from keyservice.audit.records import MAIN_CHAIN
 from keyservice.cli import audit as cli_audit
+from keyservice.cli import backup as cli_backup
 from keyservice.cli import principal as cli_principal
 from keyservice.cli.common import CliError, root_source
 from keyservice.clock import FileOffsetClock, SystemClock
@@ -365,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init)
 
     cli_audit.register(sub)
+    cli_backup.register(sub)
     cli_principal.register(sub)
     return parser
 
