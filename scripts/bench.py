@@ -12,6 +12,8 @@ peak RSS, prints one table with kmsfs/gocryptfs and kmsfs/passthrough ratios and
 Everything it mounted or started is unmounted and stopped on the way out, also on failure.
 
 ``--quick`` uses small sizes and one repetition (the test suite runs it; it never installs).
+``--kms-only --workers N`` measures the key service alone, served by N worker processes
+(``keyservice serve --workers N``; docs/OPERATIONS.md compares 1 and 2 on this 2-core machine).
 Run as root: dropping the page cache needs it (``sync; echo 3 > /proc/sys/vm/drop_caches``).
 """
 
@@ -203,12 +205,13 @@ class Env:
                     proc.wait(5)
 
 
-def start_keyservice(env: Env) -> None:
+def start_keyservice(env: Env, workers: int = 1) -> None:
     data, creds = env.run_dir / "keyservice", env.run_dir / "creds.json"
     port = free_port()
     log = open(env.run_dir / "keyservice.log", "w")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen([PY, "-m", "keyservice", "serve", "--dev", "--data-dir", str(data),
-                             "--listen", f"127.0.0.1:{port}", "--credentials-out", str(creds)],
+                             "--listen", f"127.0.0.1:{port}", "--credentials-out", str(creds),
+                             "--workers", str(workers)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=env.run_dir)
     env.procs.append(proc)
     env.kms_pid = proc.pid
@@ -674,6 +677,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help="comma-separated subset of " + ",".join(TARGETS))
+    p.add_argument("--kms-only", action="store_true",
+                   help="measure the key service alone (Decrypt and GenerateDataKey), no file systems")
+    p.add_argument("--workers", type=int, default=1, help="keyservice serve --workers N (default 1)")
+    p.add_argument("--seconds", type=float, default=10.0, help="--kms-only: seconds per operation")
     p.add_argument("--key-pool", type=int, default=None, metavar="N",
                    help="kmsfs mount --key-pool N (default: kmsfs's own default, off; 32 measures "
                         "the pool with its claims)")
@@ -685,6 +692,12 @@ def main(argv: list[str] | None = None) -> int:
     with run_directory(args.run_dir, args.keep) as run_dir:
         env = Env(run_dir, kmsfs_opts=[] if args.key_pool is None else [f"--key-pool={args.key_pool}"])
         try:
+            if args.kms_only:
+                start_keyservice(env, args.workers)
+                kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=args.seconds,
+                               clients=16, processes=4, run_dir=env.run_dir)
+                print(json.dumps({"workers": args.workers, **kms}, indent=2))
+                return 0
             result = bench(args, env)
         finally:
             env.close()

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from keyservice.audit import digest as audit_digest
 from keyservice.audit import records as audit_records
 from keyservice.audit import review as audit_review
 from keyservice.audit import signing as audit_signing
@@ -85,6 +86,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{label}TAMPERED: {report.problems[0]}")
         for problem in report.problems[1:]:
             print(f"{label}also: {problem}")
+    count, problems = audit_digest.verify_digests(data_dir, public_key)
+    if count:
+        for problem in problems:
+            print(f"TAMPERED: {problem}")
+        if not problems:
+            print(f"digests: {count}, every chain they name is intact")
+        failed = failed or bool(problems)
     return 1 if failed else 0
 
 

@@ -23,6 +23,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keyservice import bootstrap, workers
+from keyservice.audit import digest as audit_digest
+from keyservice.audit import signing as audit_signing
 from keyservice.audit.records import MAIN_CHAIN
 from keyservice.cli import audit as cli_audit
 from keyservice.cli import backup as cli_backup
@@ -230,8 +232,13 @@ class _Serving:
             service, SystemClock(), max_body=args.max_body, extra_routes=routes, threads=args.threads
         )
         # With several workers of one node, the first runs the scheduler (its transitions are
-        # conditional, so a second run anywhere else would be harmless, only wasted).
+        # conditional, so a second run anywhere else would be harmless, only wasted) and writes the
+        # signed digest over every chain's head (audit/digest.py).
         scheduler = Scheduler(service, interval=args.scheduler_interval) if not index else None
+        digests = None
+        if not index:
+            signer = audit_signing.load_or_create(self.data_dir, self._root_key)
+            digests = audit_digest.DigestWriter(self.data_dir, signer, now=service_clock.now)
         server = Server(app, "", 0, tls_cert=self.tls_cert, tls_key=self.tls_key, sock=self.sock)
 
         def stop(signum: int, frame: Any) -> None:
@@ -240,6 +247,8 @@ class _Serving:
         signal.signal(signal.SIGTERM, stop)
         if scheduler is not None:
             scheduler.start()
+        if digests is not None:
+            digests.start()
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -252,6 +261,8 @@ class _Serving:
             if share is not None:
                 share.stop()
             service.close()  # seals the audit log with a final checkpoint
+            if digests is not None:
+                digests.stop()  # a last digest, over the final checkpoints
         return 0
 
 
