@@ -29,7 +29,8 @@ from pathlib import Path
 
 from keyservice.audit import signing as audit_signing
 from keyservice.audit.log import AuditLog
-from keyservice.audit.records import AUDIT_DIR, MAIN_CHAIN
+from keyservice.audit.pgmirror import PgMirror
+from keyservice.audit.records import AUDIT_DIR, MAIN_CHAIN, audit_path, read_lines
 from keyservice.clock import Clock, SystemClock
 from keyservice.ops.registry import OPERATIONS
 from keyservice.service import DEFAULT_MAX_KEYS, KeyService
@@ -187,6 +188,7 @@ def open_service(
     allow_pkcs1_import: bool = False,
     store_url: str | None = None,
     audit_chain: str = MAIN_CHAIN,
+    audit_table_chain: str | None = None,
 ) -> KeyService:
     """The service over an initialised data directory; ``region``, if given, must match the store's.
     ``store_url``: the PostgreSQL database, if not the one recorded in the data directory."""
@@ -199,7 +201,14 @@ def open_service(
             raise RegionMismatchError(f"this data directory serves region {stored_region}, not {region}")
         clock = clock or SystemClock()
         signer = audit_signing.load_or_create(data_dir, root_key)
-        audit_log = AuditLog(data_dir, signer=signer, now=clock.now, chain=audit_chain)
+        mirror = None
+        url = engine.resolve_url(data_dir, store_url)
+        if url is not None:  # every line also goes into the database's append-only table
+            mirror = PgMirror(url, audit_table_chain or audit_chain)
+            mirror.resume(read_lines(audit_path(data_dir, audit_chain)))
+        audit_log = AuditLog(
+            data_dir, signer=signer, now=clock.now, chain=audit_chain, mirror=mirror.ship if mirror else None
+        )
     except BaseException:
         store.close()
         raise

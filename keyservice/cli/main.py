@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from keyservice import bootstrap, workers
 from keyservice.audit import digest as audit_digest
 from keyservice.audit import signing as audit_signing
+from keyservice.audit.pgmirror import AuditMirrorError
 from keyservice.audit.records import MAIN_CHAIN
 from keyservice.cli import audit as cli_audit
 from keyservice.cli import backup as cli_backup
@@ -208,7 +209,9 @@ class _Serving:
 
     def run(self, index: int | None) -> int:
         args = self.args
-        node = args.node_id or socket.gethostname()
+        # Unique per node (it names the node's chains in a shared audit table): by default the
+        # host name and the port, so two nodes on one host differ too.
+        node = args.node_id or f"{socket.gethostname()}-{self.sock.getsockname()[1]}"
         chain = MAIN_CHAIN if index is None else workers.chain_id(node, index)
         # The service's clock may be shifted for tests (--clock-offset-file); SigV4 always checks real time.
         service_clock = FileOffsetClock(args.clock_offset_file) if args.clock_offset_file else SystemClock()
@@ -221,6 +224,7 @@ class _Serving:
             allow_pkcs1_import=args.allow_pkcs1_import,
             store_url=args.store,
             audit_chain=chain,
+            audit_table_chain=f"{node}:main" if index is None else chain,
         )
         share = None
         routes: dict[str, Any] = {"/metrics": service.metrics_text}
@@ -321,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--node-id",
         metavar="NAME",
-        help="this node's name in the audit chain ids of its workers (default: the host name)",
+        help="this node's name in its audit chain ids, unique per node (default: HOSTNAME-PORT)",
     )
     serve.add_argument("--threads", type=int, default=8, help="worker threads for key management requests")
     serve.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
@@ -390,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (CliError, rootkey.RootKeyError, bootstrap.RegionMismatchError, engine.StoreUrlError) as error:
+    except (
+        CliError, rootkey.RootKeyError, bootstrap.RegionMismatchError, engine.StoreUrlError, AuditMirrorError
+    ) as error:
         print(f"keyservice: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -8,7 +8,8 @@ compares bytewise (``COLLATE "C"``) so listings page in the same order as SQLite
 Added for several nodes: ``generation`` (one row, bumped by every write transaction; what the
 caches of every node compare against), ``counters`` (the customer-key quota as a locked
 counter), ``nodes`` (each serving process's lease and the generation it has applied), and
-``scheduler_lease`` (which node runs the scheduler, until when, and the fencing token).
+``scheduler_lease`` (which node runs the scheduler, until when, and the fencing token), and
+``audit_records``, the append-only copy of every node's audit chains (``audit/pgmirror.py``).
 
 ``SCHEMA_VERSION`` is what a database is migrated to on open; ``MIGRATIONS[n]`` takes it from
 n to n + 1 inside one transaction.
@@ -133,6 +134,23 @@ CREATE TABLE scheduler_lease (
     lease_until TIMESTAMPTZ NOT NULL
 );
 INSERT INTO scheduler_lease(one, holder, fence, lease_until) VALUES (TRUE, NULL, 0, '-infinity');
+CREATE TABLE audit_records (
+    chain_id {_T} NOT NULL,
+    seq      BIGINT NOT NULL CHECK (seq >= 1),
+    line     BYTEA NOT NULL,
+    written  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (chain_id, seq)
+);
+CREATE FUNCTION audit_records_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_records is append-only: % refused', TG_OP;
+END
+$$;
+CREATE TRIGGER audit_records_no_update_delete BEFORE UPDATE OR DELETE ON audit_records
+    FOR EACH ROW EXECUTE FUNCTION audit_records_append_only();
+CREATE TRIGGER audit_records_no_truncate BEFORE TRUNCATE ON audit_records
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_records_append_only();
+REVOKE UPDATE, DELETE, TRUNCATE ON audit_records FROM PUBLIC;
 """
 
 # MIGRATIONS[n] takes a database from schema version n to n + 1 (none yet).

@@ -7,6 +7,7 @@ last durable record); the survivors serve on. Counts are printed (pytest -s) for
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -44,9 +45,22 @@ def _check_everything_acknowledged_survived(
     for data_dir in data_dirs:
         result = run_keyservice("audit", "verify", "--data-dir", str(data_dir))
         assert result.returncode == 0, result.stdout + result.stderr
+    in_table = None
+    if cluster.store_url:  # and every one of them is in the database's append-only table too
+        from keyservice.audit.pgmirror import table_chains
+
+        ids = {
+            json.loads(line).get("request_id")
+            for lines in table_chains(cluster.store_url).values()
+            for line in lines
+        }
+        in_table = sum(1 for a in load.acked if a.request_id in ids)
+        assert in_table == len(load.acked)
+        assert "table chain" in result.stdout  # verify checked the table's chains too
     return {
         "acknowledged": len(load.acked),
         "records_found": len(load.acked) - len(missing),
+        "records_in_table": in_table,
         "ciphertexts_checked": len(load.acked),
         "connection_errors": load.connection_errors,
     }
