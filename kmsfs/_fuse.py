@@ -15,7 +15,7 @@ What differs between the two, and is absorbed here rather than in operations.py:
 - mfusepy gives libfuse a zeroed stat (inode 0: readdir(3) skips it) for each name readdir
   returns: the proxy returns ``(name, None, 0)`` instead, i.e. no stat, like fusepy.
 - libfuse3 passes renameat2 flags, which mfusepy drops (RENAME_EXCHANGE would become a plain
-  rename): ``FUSE`` refuses them with EINVAL as libfuse2 did, except RENAME_NOREPLACE.
+  rename): ``FUSE`` passes them on to ``Operations.rename``.
 - libfuse3 asks the kernel for AUTO_INVAL_DATA and HANDLE_KILLPRIV by default; both are turned
   off in ``init`` so the kernel behaves as it did with libfuse2 (see ``_CAP_*``).
 - libfuse3 drops the file handle of ``truncate`` in mfusepy; ``FUSE`` passes it on, as fusepy's
@@ -92,7 +92,6 @@ __all__ = ["BINDING", "FUSE", "IO_OPTIONS", "LIBFUSE", "FuseOSError", "LoggingMi
 # filesystem, which kmsfs does not do (its daemon writes the backing file with CAP_FSETID).
 _CAP_AUTO_INVAL_DATA = 1 << 12
 _CAP_HANDLE_KILLPRIV = 1 << 20
-_RENAME_NOREPLACE = 1  # linux/fs.h
 # Read-ahead window of a kmsfs mount (libfuse3): one full-size (1 MiB, max_pages) read request.
 READAHEAD_KIB = 1024
 
@@ -239,11 +238,9 @@ class FUSE(_binding.FUSE):  # type: ignore[misc,name-defined]
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         """renameat2 flags reach libfuse3 (libfuse2 refused them: EINVAL); mfusepy would drop them
-        and turn RENAME_EXCHANGE into a plain rename that destroys the target. RENAME_NOREPLACE
-        is safe to drop: the VFS already refused an existing target under both directory locks."""
-        if flags & ~_RENAME_NOREPLACE:
-            return -errno.EINVAL
-        return int(super().rename_fuse_3(old, new, 0) or 0)
+        and turn RENAME_EXCHANGE into a plain rename that destroys the target, so they are passed
+        on to ``Operations.rename`` here (the core does NOREPLACE and EXCHANGE with renameat2)."""
+        return int(self._dispatch("rename", self._path(old), self._path(new), flags) or 0)
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         """libfuse3 passes the open file to truncate (ftruncate); mfusepy would drop it."""

@@ -31,6 +31,7 @@ that this daemon did not create itself starts a fresh file id and data key.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -41,9 +42,24 @@ import stat
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kmsfs.backing_at import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    chmod_at,
+    chown_at,
+    listdir_at,
+    lstat_at,
+    names_of,
+    open_parent,
+    pin,
+    proc_path,
+    renameat2,
+    xattr_path,
+)
 from kmsfs.cipher import BlockCipher
 from kmsfs.config import RESERVED_PREFIX, Config
 from kmsfs.encfile import EncryptedFile
@@ -111,9 +127,8 @@ class KmsfsCore:
                  revalidate_after: float = DEFAULT_REVALIDATE_AFTER,
                  sparse: bool | None = None, key_pool: DataKeyPool | None = None) -> None:
         self.root = os.path.realpath(cipherdir)
-        self._root_slash = self.root.rstrip("/") + "/"
-        # Held for the core's life: creates name their O_TMPFILE relative to it (no directory
-        # open and close per create).
+        # Held for the core's life: every backing access starts from it, one name at a time
+        # (kmsfs/backing_at.py); no path string reaches the backing filesystem.
         self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         weakref.finalize(self, os.close, self._root_fd)
         self.key_pool = key_pool
@@ -128,20 +143,25 @@ class KmsfsCore:
         self._as_root = os.geteuid() == 0
 
     # -- paths ------------------------------------------------------------------------------------
-    def full(self, path: str) -> str:
-        """Backing path of a mount path; reserved names in the root do not exist in the mount.
-
-        Called on every path operation, hence plain string operations (the first component
-        starts with the reserved prefix exactly when the relative path does: the prefix has no
-        slash; ``root + "/" + rel`` is what ``os.path.join`` returns for a relative ``rel``)."""
-        rel = path.lstrip("/")
-        if not rel:
-            return self.root
-        if rel.startswith(RESERVED_PREFIX):
+    def _names(self, path: str) -> list[str]:
+        """The components of a mount path; reserved names in the root do not exist in the mount."""
+        names = names_of(path)
+        if names and names[0].startswith(RESERVED_PREFIX):
             raise FileNotFoundError(errno.ENOENT, "reserved name", path)
-        return self._root_slash + rel
+        return names
 
-    def _own(self, full: str, caller: Caller | None, fd: int | None = None) -> None:
+    @contextlib.contextmanager
+    def _at(self, path: str) -> Iterator[tuple[int, str]]:
+        """(descriptor of the backing parent directory, last name) of a mount path, reached
+        without following any symlink (kmsfs/backing_at.py); the cipherdir is ``(root, ".")``."""
+        dir_fd, name = open_parent(self._root_fd, self._names(path))
+        try:
+            yield dir_fd, name
+        finally:
+            if dir_fd != self._root_fd:
+                os.close(dir_fd)
+
+    def _own(self, dir_fd: int, name: str, caller: Caller | None, fd: int | None = None) -> None:
         """When running as root, new entries belong to the requesting user (like a local fs)."""
         if not self._as_root or not caller or "uid" not in caller:
             return
@@ -149,7 +169,7 @@ class KmsfsCore:
         if fd is not None:
             os.fchown(fd, uid, gid)
         else:
-            os.lchown(full, uid, gid)
+            chown_at(dir_fd, name, uid, gid)
 
     # -- attributes -------------------------------------------------------------------------------
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
@@ -158,7 +178,11 @@ class KmsfsCore:
         The most frequent request (several per created file: the kernel re-asks after every
         write), so the dict is built in one literal rather than by a loop of ``getattr``."""
         handle = self._handles.get(fh) if fh else None
-        st = os.fstat(handle.fd) if handle else os.lstat(self.full(path))
+        if handle:
+            st = os.fstat(handle.fd)
+        else:
+            with self._at(path) as (dir_fd, name):
+                st = lstat_at(dir_fd, name)
         mode = st.st_mode
         return {"st_mode": mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
                 "st_gid": st.st_gid,
@@ -167,96 +191,126 @@ class KmsfsCore:
                 "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
 
     def readdir(self, path: str) -> list[str]:
-        names = os.listdir(self.full(path))
+        with self._at(path) as (dir_fd, name):
+            names = listdir_at(dir_fd, name)
         if path.strip("/") == "":
             names = [n for n in names if not n.startswith(RESERVED_PREFIX)]
         return [".", "..", *names]
 
     def statfs(self, path: str) -> dict[str, int]:
-        sv = os.statvfs(self.full(path))
+        with self._at(path) as (dir_fd, name):
+            fd = pin(dir_fd, name)
+        try:
+            sv = os.statvfs(fd)
+        finally:
+            os.close(fd)
         return {k: getattr(sv, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
                                             "f_files", "f_ffree", "f_favail", "f_flag", "f_namemax")}
 
     def chmod(self, path: str, mode: int) -> None:
-        os.chmod(self.full(path), mode & 0o7777)
+        with self._at(path) as (dir_fd, name):
+            chmod_at(dir_fd, name, mode & 0o7777)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
-        os.lchown(self.full(path), uid, gid)
+        with self._at(path) as (dir_fd, name):
+            chown_at(dir_fd, name, uid, gid)
 
     def utimens(self, path: str, times: tuple[int, int] | None) -> None:
         """Times in nanoseconds; UTIME_NOW / UTIME_OMIT honoured per field (tar sets mtime only)."""
-        full = self.full(path)
-        if times is None:
-            os.utime(full, follow_symlinks=False)
-            return
-        now = None
-        resolved = []
-        st = None
-        for value, attr in zip(times, ("st_atime_ns", "st_mtime_ns"), strict=True):
-            if value == UTIME_NOW:
-                now = now or _now_ns()
-                resolved.append(now)
-            elif value == UTIME_OMIT:
-                st = st or os.lstat(full)
-                resolved.append(getattr(st, attr))
-            else:
-                resolved.append(value)
-        os.utime(full, ns=(resolved[0], resolved[1]), follow_symlinks=False)
+        with self._at(path) as (dir_fd, name):
+            if times is None:
+                os.utime(name, dir_fd=dir_fd, follow_symlinks=False)
+                return
+            now = None
+            resolved = []
+            st = None
+            for value, attr in zip(times, ("st_atime_ns", "st_mtime_ns"), strict=True):
+                if value == UTIME_NOW:
+                    now = now or _now_ns()
+                    resolved.append(now)
+                elif value == UTIME_OMIT:
+                    st = st or lstat_at(dir_fd, name)
+                    resolved.append(getattr(st, attr))
+                else:
+                    resolved.append(value)
+            os.utime(name, ns=(resolved[0], resolved[1]), dir_fd=dir_fd, follow_symlinks=False)
 
     # -- namespace --------------------------------------------------------------------------------
     def mkdir(self, path: str, mode: int, caller: Caller | None = None) -> None:
-        full = self.full(path)
-        os.mkdir(full, 0o700)
-        self._own(full, caller)  # before chmod: exact modes, also with set-id bits
-        os.chmod(full, mode & 0o7777)
+        with self._at(path) as (dir_fd, name):
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+            self._own(dir_fd, name, caller)  # before chmod: exact modes, also with set-id bits
+            chmod_at(dir_fd, name, mode & 0o7777)
 
     def rmdir(self, path: str) -> None:
-        os.rmdir(self.full(path))
+        with self._at(path) as (dir_fd, name):
+            os.rmdir(name, dir_fd=dir_fd)
 
     def unlink(self, path: str) -> None:
-        os.unlink(self.full(path))
+        with self._at(path) as (dir_fd, name):
+            os.unlink(name, dir_fd=dir_fd)
 
-    def rename(self, old: str, new: str) -> None:
-        os.rename(self.full(old), self.full(new))
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        """rename, with renameat2's RENAME_NOREPLACE and RENAME_EXCHANGE (others: EINVAL)."""
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, "unsupported rename flags", old)
+        with self._at(old) as (old_dir, old_name), self._at(new) as (new_dir, new_name):
+            renameat2(old_dir, old_name, new_dir, new_name, flags)
 
     def link(self, new: str, existing: str) -> None:
-        os.link(self.full(existing), self.full(new), follow_symlinks=False)
+        with self._at(existing) as (old_dir, old_name), self._at(new) as (new_dir, new_name):
+            os.link(old_name, new_name, src_dir_fd=old_dir, dst_dir_fd=new_dir, follow_symlinks=False)
 
     def symlink(self, new: str, target: str, caller: Caller | None = None) -> None:
-        full = self.full(new)
-        os.symlink(target, full)
-        self._own(full, caller)
+        with self._at(new) as (dir_fd, name):
+            os.symlink(target, name, dir_fd=dir_fd)
+            self._own(dir_fd, name, caller)
 
     def readlink(self, path: str) -> str:
-        return os.readlink(self.full(path))
+        with self._at(path) as (dir_fd, name):
+            return os.readlink(name, dir_fd=dir_fd)
 
     def mknod(self, path: str, mode: int, dev: int, caller: Caller | None = None) -> None:
         if stat.S_ISREG(mode):  # a regular file needs a header: same as create
             self.release(path, self.create(path, mode, caller))
             return
-        full = self.full(path)
-        os.mknod(full, mode, dev)
-        self._own(full, caller)
+        with self._at(path) as (dir_fd, name):
+            os.mknod(name, mode, dev, dir_fd=dir_fd)
+            self._own(dir_fd, name, caller)
 
     # -- extended attributes (user xattrs pass through; the header is invisible) ------------------
+    @contextlib.contextmanager
+    def _xattr_target(self, path: str) -> Iterator[str]:
+        """The /proc/self/fd path of the pinned backing object (the xattr calls have no *at form)."""
+        with self._at(path) as (dir_fd, name):
+            fd, target = xattr_path(dir_fd, name)
+        try:
+            yield target
+        finally:
+            os.close(fd)
+
     def getxattr(self, path: str, name: str) -> bytes:
         if name.startswith(_RESERVED_XATTR_PREFIX) or name.startswith("security."):
             raise OSError(errno.ENODATA, "no such attribute")
-        return os.getxattr(self.full(path), name, follow_symlinks=False)
+        with self._xattr_target(path) as target:
+            return os.getxattr(target, name)
 
     def listxattr(self, path: str) -> list[str]:
-        names = os.listxattr(self.full(path), follow_symlinks=False)
+        with self._xattr_target(path) as target:
+            names = os.listxattr(target)
         return [n for n in names if not n.startswith(_RESERVED_XATTR_PREFIX)]
 
     def setxattr(self, path: str, name: str, value: bytes, options: int) -> None:
         if name.startswith(_RESERVED_XATTR_PREFIX):
             raise PermissionError(errno.EPERM, "reserved attribute")
-        os.setxattr(self.full(path), name, value, options, follow_symlinks=False)
+        with self._xattr_target(path) as target:
+            os.setxattr(target, name, value, options)
 
     def removexattr(self, path: str, name: str) -> None:
         if name.startswith(_RESERVED_XATTR_PREFIX):
             raise PermissionError(errno.EPERM, "reserved attribute")
-        os.removexattr(self.full(path), name, follow_symlinks=False)
+        with self._xattr_target(path) as target:
+            os.removexattr(target, name)
 
     # -- files ------------------------------------------------------------------------------------
     def _new_key(self, path: str, caller: Caller | None) -> tuple[Header, bytes]:
@@ -298,33 +352,32 @@ class KmsfsCore:
         The file becomes visible only once complete (header, mode, owner): O_TMPFILE + link, or a
         hidden temporary name + link. The link fails with EEXIST if the name exists (O_EXCL).
         """
-        full = self.full(path)
-        if os.path.lexists(full):
-            if flags & os.O_EXCL:
-                raise FileExistsError(errno.EEXIST, "file exists", path)
-            return self.open(path, flags & ~os.O_CREAT, caller)
-        pooled = self.key_pool.take() if self.key_pool is not None else None
-        if pooled is None:
-            header, key = self._new_key(path, caller)
-        else:  # generated ahead for a file id chosen then; claimed below, once the file exists
-            header, key = Header(file_id=pooled.file_id, key_arn=pooled.key_arn,
-                                 wrapped_key=pooled.wrapped_key, version=FORMAT_VERSION), pooled.key
-        directory = os.path.dirname(full)
-        fd, temp = _open_unnamed(directory)
-        try:
-            os.setxattr(fd, HEADER_XATTR, pack_header(header))
-            self._own(full, caller, fd)  # before chmod: chown clears set-id bits
-            os.fchmod(fd, mode & 0o7777)
-            if temp is None:
-                _link_fd(fd, self._root_fd, full[len(self._root_slash):])
-            else:
-                os.link(temp, full, follow_symlinks=False)
-        except BaseException:
-            os.close(fd)
-            raise
-        finally:
-            if temp is not None:
-                _unlink_quietly(temp)
+        with self._at(path) as (dir_fd, name):
+            if _exists_at(dir_fd, name):
+                if flags & os.O_EXCL:
+                    raise FileExistsError(errno.EEXIST, "file exists", path)
+                return self._open_at(dir_fd, name, path, flags & ~os.O_CREAT, caller)
+            pooled = self.key_pool.take() if self.key_pool is not None else None
+            if pooled is None:
+                header, key = self._new_key(path, caller)
+            else:  # generated ahead for a file id chosen then; claimed below, once the file exists
+                header, key = Header(file_id=pooled.file_id, key_arn=pooled.key_arn,
+                                     wrapped_key=pooled.wrapped_key, version=FORMAT_VERSION), pooled.key
+            fd, temp = _open_unnamed(dir_fd)
+            try:
+                os.setxattr(fd, HEADER_XATTR, pack_header(header))
+                self._own(dir_fd, name, caller, fd)  # before chmod: chown clears set-id bits
+                os.fchmod(fd, mode & 0o7777)
+                if temp is None:
+                    _link_fd(fd, dir_fd, name)
+                else:
+                    os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            except BaseException:
+                os.close(fd)
+                raise
+            finally:
+                if temp is not None:
+                    _unlink_quietly(dir_fd, temp)
         fh = self._register(fd, path, header, key, fresh=True)
         if pooled is not None:
             self._claim(pooled, path, caller, self._handles[fh].inode)
@@ -332,11 +385,14 @@ class KmsfsCore:
 
     def open(self, path: str, flags: int, caller: Caller | None = None) -> int:
         """Open an existing file: read its header, unwrap its key through the service (F5)."""
-        full = self.full(path)
+        with self._at(path) as (dir_fd, name):
+            return self._open_at(dir_fd, name, path, flags, caller)
+
+    def _open_at(self, dir_fd: int, name: str, path: str, flags: int, caller: Caller | None) -> int:
         bflags = flags & ~_STRIP_FLAGS
         if bflags & os.O_ACCMODE == os.O_WRONLY:  # read-modify-write needs to read
             bflags = (bflags & ~os.O_ACCMODE) | os.O_RDWR
-        fd = os.open(full, bflags | os.O_CLOEXEC)
+        fd = os.open(name, bflags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             _prefetch(fd)
             header = _read_header(fd)
@@ -347,23 +403,24 @@ class KmsfsCore:
             raise
         handle = self._handles[fh]
         with handle.inode.lock:
-            settled = self._recover(full, handle)
+            settled = self._recover(handle)
         if settled is not None:
             log.warning("%s: completed an interrupted size change (size now %d)", path, settled)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             self.truncate(path, 0, fh)
         return fh
 
-    def _recover(self, full: str, handle: _Handle) -> int | None:
+    def _recover(self, handle: _Handle) -> int | None:
         """Settle a size change a crash interrupted (inode lock held).
 
         Settling writes and truncates, so a handle opened read-only settles through a second,
-        read-write descriptor of the same backing file."""
+        read-write descriptor of the same backing inode (reopened through /proc/self/fd: the
+        inode the handle holds, whatever its name is now)."""
         if handle.efile.pending_marker() is None:
             return None
         if fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
             return handle.efile.recover()
-        fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(proc_path(handle.fd), os.O_RDWR | os.O_CLOEXEC)
         try:
             efile = handle.efile
             return EncryptedFile(fd, handle.inode.cipher, efile.file_id, efile.block_size,
@@ -405,6 +462,15 @@ class KmsfsCore:
             inode.files.append(efile)
             self._handles[fh] = _Handle(fd=fd, path=path, inode=inode, ident=ident, efile=efile)
         return fh
+
+    def _register_copy(self, fd: int, path: str, header: Header, key: bytes | None) -> int:
+        """``_register`` on a duplicate of ``fd`` (the handle owns and closes its own descriptor)."""
+        copy = os.dup(fd)
+        try:
+            return self._register(copy, path, header, key)
+        except BaseException:
+            os.close(copy)
+            raise
 
     def _handle(self, fh: int | None) -> _Handle:
         handle = self._handles.get(fh) if fh else None
@@ -502,37 +568,41 @@ class KmsfsCore:
                     self._rekey_if_planted(handle, caller)
                 handle.efile.truncate(length)
             return
-        full = self.full(path)
-        st = os.lstat(full)
+        with self._at(path) as (dir_fd, name):
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            self._truncate_fd(fd, path, length, caller)
+        finally:
+            os.close(fd)
+
+    def _truncate_fd(self, fd: int, path: str, length: int, caller: Caller | None) -> None:
+        """truncate(path) on the backing file ``fd`` (opened O_RDWR|O_NOFOLLOW, no handle yet)."""
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "not a regular file") if stat.S_ISDIR(
                 st.st_mode) else OSError(errno.EINVAL, "not a regular file")
         with self._lock:
             inode = self._inodes.get((st.st_dev, st.st_ino))
-        fh = None
         if inode is not None:  # reuse the key already unwrapped for the open handles
-            fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
             try:
-                fh = self._register(fd, path, inode.header, None)
+                fh = self._register_copy(fd, path, inode.header, None)
             except LookupError:
-                os.close(fd)
-        if fh is not None:
-            try:
-                self.truncate(path, length, fh, caller)
-            finally:
-                self.release(path, fh)
-            return
-        if length == 0:
-            if inode is None:
-                fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
+                fh = None
+            if fh is not None:
                 try:
-                    os.ftruncate(fd, 0)  # no plaintext needed to empty a file
-                    _clear_marker(fd)
+                    self.truncate(path, length, fh, caller)
                 finally:
-                    os.close(fd)
+                    self.release(path, fh)
                 return
-        fh = self.open(path, os.O_RDWR, caller)
+        if length == 0 and inode is None:
+            os.ftruncate(fd, 0)  # no plaintext needed to empty a file
+            _clear_marker(fd)
+            return
+        header = _read_header(fd)
+        fh = self._register_copy(fd, path, header, self._unwrap(header, caller))
         try:
+            with self._handles[fh].inode.lock:
+                self._recover(self._handles[fh])
             self.truncate(path, length, fh, caller)
         finally:
             self.release(path, fh)
@@ -568,29 +638,38 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
-def _open_unnamed(directory: str) -> tuple[int, str | None]:
-    """An O_TMPFILE in ``directory`` (no name yet), else a hidden temporary name."""
+def _exists_at(dir_fd: int, name: str) -> bool:
     try:
-        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600), None
+        lstat_at(dir_fd, name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _open_unnamed(dir_fd: int) -> tuple[int, str | None]:
+    """An O_TMPFILE in the directory ``dir_fd`` (no name yet), else a hidden temporary name in it."""
+    try:
+        return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd), None
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise
-    temp = os.path.join(directory, TEMP_PREFIX + os.urandom(8).hex())
-    return os.open(temp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600), temp
+    temp = TEMP_PREFIX + os.urandom(8).hex()
+    flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(temp, flags, 0o600, dir_fd=dir_fd), temp
 
 
-def _link_fd(fd: int, root_fd: int, rel: str) -> None:
+def _link_fd(fd: int, dir_fd: int, name: str) -> None:
     """linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: gives an O_TMPFILE its name atomically.
 
-    ``rel`` is relative to the directory ``root_fd``. Python calls plain link() unless a dir fd is
+    ``name`` is relative to the directory ``dir_fd``. Python calls plain link() unless a dir fd is
     given, and link() would not follow the magic link.
     """
-    os.link(f"/proc/self/fd/{fd}", rel, dst_dir_fd=root_fd, follow_symlinks=True)
+    os.link(proc_path(fd), name, dst_dir_fd=dir_fd, follow_symlinks=True)
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(dir_fd: int, name: str) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 

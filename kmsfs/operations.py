@@ -144,8 +144,8 @@ class KmsfsOperations(Operations):
     def unlink(self, path: str) -> None:
         self.core.unlink(path)
 
-    def rename(self, old: str, new: str) -> None:
-        self.core.rename(old, new)
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        self.core.rename(old, new, flags)
 
     def link(self, target: str, source: str) -> None:
         self.core.link(target, source)

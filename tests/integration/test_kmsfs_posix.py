@@ -140,10 +140,13 @@ def test_rename_over_file_and_directory(m: M) -> None:
     assert info.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
 
 
-def test_renameat2_exchange_is_refused_and_noreplace_honoured(m: M) -> None:
+def test_renameat2_exchange_and_noreplace(m: M) -> None:
     """libfuse3 passes renameat2 flags; a binding that dropped them would turn RENAME_EXCHANGE
-    into a plain rename and destroy the target (mfusepy 3.1 does: kmsfs/_fuse.py refuses it)."""
+    into a plain rename and destroy the target (mfusepy 3.1 does): kmsfs/_fuse.py passes them on
+    and the core does both with renameat2 on the backing directories."""
     import ctypes
+
+    from kmsfs._fuse import LIBFUSE
 
     libc = ctypes.CDLL(None, use_errno=True)
 
@@ -155,11 +158,19 @@ def test_renameat2_exchange_is_refused_and_noreplace_honoured(m: M) -> None:
 
     (m.path / "xa").write_bytes(b"A")
     (m.path / "xb").write_bytes(b"B")
-    assert renameat2(m.path / "xa", m.path / "xb", 2) == errno.EINVAL  # RENAME_EXCHANGE
     assert renameat2(m.path / "xa", m.path / "xb", 1) == errno.EEXIST  # RENAME_NOREPLACE
     assert (m.path / "xa").read_bytes() == b"A" and (m.path / "xb").read_bytes() == b"B"
-    assert renameat2(m.path / "xa", m.path / "xc", 1) in (0, errno.EINVAL)  # libfuse2: EINVAL
-    assert (m.path / "xb").read_bytes() == b"B"
+    if LIBFUSE.startswith("2"):  # libfuse2 has no rename flags: refused, nothing changed
+        assert renameat2(m.path / "xa", m.path / "xb", 2) == errno.EINVAL
+        return
+    assert renameat2(m.path / "xa", m.path / "xb", 2) == 0  # RENAME_EXCHANGE
+    assert (m.path / "xa").read_bytes() == b"B" and (m.path / "xb").read_bytes() == b"A"
+    assert renameat2(m.path / "xa", m.path / "xnone", 2) == errno.ENOENT
+    assert renameat2(m.path / "xa", m.path / "xc", 1) == 0
+    assert (m.path / "xc").read_bytes() == b"B" and not (m.path / "xa").exists()
+    (m.path / "xd").mkdir()
+    assert renameat2(m.path / "xc", m.path / "xd", 2) == 0  # a file and a directory swap too
+    assert (m.path / "xd").read_bytes() == b"B" and (m.path / "xc").is_dir()
 
 
 def test_hard_links_share_one_header(m: M) -> None:
