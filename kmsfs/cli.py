@@ -120,8 +120,9 @@ def _check_service(client: KeyClient, config: Config) -> None:
 def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other: bool,
            ready_fd: int | None, debug: bool, args: argparse.Namespace) -> None:
     """Run the FUSE loop in this process (foreground)."""
-    from kmsfs._fuse import BINDING, FUSE, IO_OPTIONS, LIBFUSE
+    from kmsfs._fuse import BINDING, Session
     from kmsfs.core import KmsfsCore
+    from kmsfs.inodes import InodeFs
     from kmsfs.operations import KmsfsOperations
 
     config, client = _build(cipherdir, credentials, args.kms_timeout)
@@ -136,7 +137,7 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
                            max(1.0, args.revalidate_after))
         pool.start()
     core = KmsfsCore(cipherdir, config, client, revalidate_after=args.revalidate_after, key_pool=pool)
-    logging.getLogger("kmsfs").info("FUSE binding %s on libfuse %s", BINDING, LIBFUSE)
+    logging.getLogger("kmsfs").info("FUSE binding %s", BINDING)
     logging.getLogger("kmsfs").info("revalidate open keys after %.1f s; key service timeout %.1f s; "
                                     "sparse files %s", args.revalidate_after, args.kms_timeout,
                                     "on" if core.sparse else "off (backing fs reports no holes)")
@@ -146,17 +147,13 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
             os.write(ready_fd, b"R")
             os.close(ready_fd)
 
-    ops = KmsfsOperations(core, on_ready=ready)
-    options: dict[str, object] = {
-        "foreground": True, "nothreads": False, "raw_fi": True,
-        "fsname": os.path.realpath(cipherdir).replace("\\", "\\\\").replace(",", "\\,"),
-        "subtype": "kmsfs", "use_ino": True, "default_permissions": True, "debug": debug,
-        **IO_OPTIONS,  # request sizes: binding- and libfuse-specific (kmsfs/_fuse.py)
-    }
+    ops = KmsfsOperations(InodeFs(core), mountpoint, on_ready=ready)
+    fsname = os.path.realpath(cipherdir).replace("\\", "\\\\").replace(",", "\\,")
+    options = [f"fsname={fsname}", "subtype=kmsfs", "default_permissions"]
     if allow_other:
-        options["allow_other"] = True
+        options.append("allow_other")
     try:
-        FUSE(ops, mountpoint, **options)
+        Session(ops.handlers(), mountpoint, options, debug=debug).run()
     finally:
         if pool is not None:
             pool.close()

@@ -51,14 +51,12 @@ from kmsfs.backing_at import (
     RENAME_NOREPLACE,
     chmod_at,
     chown_at,
-    listdir_at,
     lstat_at,
     names_of,
     open_parent,
     pin,
     proc_path,
     renameat2,
-    xattr_path,
 )
 from kmsfs.cipher import BlockCipher
 from kmsfs.config import RESERVED_PREFIX, Config
@@ -91,10 +89,13 @@ PREFETCH_BYTES = 128 * 1024
 
 Caller = dict[str, Any]
 _RESERVED_XATTR_PREFIX = "user.kmsfs."
+_ACL_PREFIX = "system.posix_acl_"
 # Flags the backing open must not see: we handle truncation and appends ourselves (pwrite on an
 # O_APPEND fd ignores the offset on Linux), O_DIRECT fails on some backing filesystems.
+# O_NOFOLLOW is the caller's (the kernel resolved its symlinks): the backing open sets its own,
+# and a reopen through /proc/self/fd must follow that magic link.
 _STRIP_FLAGS = (os.O_APPEND | os.O_TRUNC | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0)
-                | os.O_NOCTTY)
+                | os.O_NOCTTY | os.O_NOFOLLOW)
 
 
 @dataclass
@@ -130,6 +131,8 @@ class KmsfsCore:
         # Held for the core's life: every backing access starts from it, one name at a time
         # (kmsfs/backing_at.py); no path string reaches the backing filesystem.
         self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        root_st = os.fstat(self._root_fd)
+        self._root_ident = (root_st.st_dev, root_st.st_ino)
         weakref.finalize(self, os.close, self._root_fd)
         self.key_pool = key_pool
         self.config = config
@@ -141,6 +144,11 @@ class KmsfsCore:
         self._handles: dict[int, _Handle] = {}
         self._fh = itertools.count(1)
         self._as_root = os.geteuid() == 0
+
+    @property
+    def root_fd(self) -> int:
+        """The O_PATH descriptor of the cipherdir every backing access starts from."""
+        return self._root_fd
 
     # -- paths ------------------------------------------------------------------------------------
     def _names(self, path: str) -> list[str]:
@@ -161,86 +169,147 @@ class KmsfsCore:
             if dir_fd != self._root_fd:
                 os.close(dir_fd)
 
+    @contextlib.contextmanager
+    def _pinned(self, path: str) -> Iterator[int]:
+        """An O_PATH|O_NOFOLLOW descriptor of the backing object of a mount path."""
+        with self._at(path) as (dir_fd, name):
+            fd = pin(dir_fd, name)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def _own(self, dir_fd: int, name: str, caller: Caller | None, fd: int | None = None) -> None:
-        """When running as root, new entries belong to the requesting user (like a local fs)."""
+        """New entries belong to the requesting user when running as root (like a local fs); the
+        group is the parent directory's when that directory is setgid (the kernel's rule)."""
         if not self._as_root or not caller or "uid" not in caller:
             return
         uid, gid = int(caller["uid"]), int(caller.get("gid", -1))
+        parent = os.fstat(dir_fd)
+        if parent.st_mode & stat.S_ISGID:
+            gid = parent.st_gid
         if fd is not None:
             os.fchown(fd, uid, gid)
         else:
             chown_at(dir_fd, name, uid, gid)
 
-    # -- attributes -------------------------------------------------------------------------------
-    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
-        """The backing file's attributes, with the plaintext size for regular files.
+    # -- attributes (of a pinned O_PATH descriptor; the path forms below pin first) ---------------
+    def stat_fd(self, fd: int) -> dict[str, int]:
+        """The backing object's attributes, with the plaintext size for regular files.
 
         The most frequent request (several per created file: the kernel re-asks after every
         write), so the dict is built in one literal rather than by a loop of ``getattr``."""
+        return attributes(os.fstat(fd))
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
         handle = self._handles.get(fh) if fh else None
         if handle:
-            st = os.fstat(handle.fd)
-        else:
-            with self._at(path) as (dir_fd, name):
-                st = lstat_at(dir_fd, name)
-        mode = st.st_mode
-        return {"st_mode": mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
-                "st_gid": st.st_gid,
-                "st_size": plain_size(st.st_size, DEFAULT_BLOCK_SIZE) if stat.S_ISREG(mode) else st.st_size,
-                "st_blocks": st.st_blocks, "st_rdev": st.st_rdev, "st_atime": st.st_atime_ns,
-                "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
+            return attributes(os.fstat(handle.fd))
+        with self._at(path) as (dir_fd, name):
+            return attributes(lstat_at(dir_fd, name))
+
+    def readdir_fd(self, fd: int) -> list[str]:
+        """The names in the directory ``fd`` (reserved names of the cipherdir's root left out)."""
+        dfd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            names = os.listdir(dfd)
+            if self.is_root(dfd):
+                names = [n for n in names if not n.startswith(RESERVED_PREFIX)]
+        finally:
+            os.close(dfd)
+        return names
+
+    def scan_fd(self, fd: int) -> list[tuple[str, int, int]]:
+        """(name, inode number, type bits) of each entry of the directory ``fd``, "." and ".."
+        first (reserved names of the cipherdir's root left out), for a FUSE readdir reply."""
+        dfd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(dfd)
+            root = (st.st_dev, st.st_ino) == self._root_ident
+            out = [(".", st.st_ino, stat.S_IFDIR), ("..", 0, stat.S_IFDIR)]
+            with os.scandir(dfd) as entries:
+                for entry in entries:
+                    if root and entry.name.startswith(RESERVED_PREFIX):
+                        continue
+                    out.append((entry.name, entry.inode(), _DTYPE_MODE.get(_dtype(entry), 0)))
+        finally:
+            os.close(dfd)
+        return out
+
+    def handle_fd(self, fh: int) -> int:
+        """The backing descriptor of an open handle (the inode layer pins a created file by it)."""
+        return self._handle(fh).fd
+
+    def is_root(self, fd: int) -> bool:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == self._root_ident
 
     def readdir(self, path: str) -> list[str]:
-        with self._at(path) as (dir_fd, name):
-            names = listdir_at(dir_fd, name)
-        if path.strip("/") == "":
-            names = [n for n in names if not n.startswith(RESERVED_PREFIX)]
-        return [".", "..", *names]
+        with self._pinned(path) as fd:
+            return [".", "..", *self.readdir_fd(fd)]
 
-    def statfs(self, path: str) -> dict[str, int]:
-        with self._at(path) as (dir_fd, name):
-            fd = pin(dir_fd, name)
-        try:
-            sv = os.statvfs(fd)
-        finally:
-            os.close(fd)
+    def statfs_fd(self, fd: int) -> dict[str, int]:
+        sv = os.statvfs(fd)
         return {k: getattr(sv, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
                                             "f_files", "f_ffree", "f_favail", "f_flag", "f_namemax")}
 
+    def statfs(self, path: str) -> dict[str, int]:
+        with self._pinned(path) as fd:
+            return self.statfs_fd(fd)
+
+    def chmod_fd(self, fd: int, mode: int) -> None:
+        """chmod of the pinned object; a symlink has no mode on Linux (EOPNOTSUPP)."""
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
+        os.chmod(proc_path(fd), mode & 0o7777)
+
     def chmod(self, path: str, mode: int) -> None:
-        with self._at(path) as (dir_fd, name):
-            chmod_at(dir_fd, name, mode & 0o7777)
+        with self._pinned(path) as fd:
+            self.chmod_fd(fd, mode)
+
+    def chown_fd(self, fd: int, uid: int, gid: int) -> None:
+        """The magic link resolves to the pinned object itself (a symlink's own owner)."""
+        os.chown(proc_path(fd), uid, gid)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         with self._at(path) as (dir_fd, name):
             chown_at(dir_fd, name, uid, gid)
 
-    def utimens(self, path: str, times: tuple[int, int] | None) -> None:
+    def utimens_fd(self, fd: int, times: tuple[int, int] | None) -> None:
         """Times in nanoseconds; UTIME_NOW / UTIME_OMIT honoured per field (tar sets mtime only)."""
-        with self._at(path) as (dir_fd, name):
-            if times is None:
-                os.utime(name, dir_fd=dir_fd, follow_symlinks=False)
-                return
-            now = None
-            resolved = []
-            st = None
-            for value, attr in zip(times, ("st_atime_ns", "st_mtime_ns"), strict=True):
-                if value == UTIME_NOW:
-                    now = now or _now_ns()
-                    resolved.append(now)
-                elif value == UTIME_OMIT:
-                    st = st or lstat_at(dir_fd, name)
-                    resolved.append(getattr(st, attr))
-                else:
-                    resolved.append(value)
-            os.utime(name, ns=(resolved[0], resolved[1]), dir_fd=dir_fd, follow_symlinks=False)
+        target = proc_path(fd)  # the pinned object itself, a symlink included
+        if times is None:
+            os.utime(target)
+            return
+        now = None
+        resolved = []
+        st = None
+        for value, attr in zip(times, ("st_atime_ns", "st_mtime_ns"), strict=True):
+            if value == UTIME_NOW:
+                now = now or _now_ns()
+                resolved.append(now)
+            elif value == UTIME_OMIT:
+                st = st or os.fstat(fd)
+                resolved.append(getattr(st, attr))
+            else:
+                resolved.append(value)
+        os.utime(target, ns=(resolved[0], resolved[1]))
 
-    # -- namespace --------------------------------------------------------------------------------
+    def utimens(self, path: str, times: tuple[int, int] | None) -> None:
+        with self._pinned(path) as fd:
+            self.utimens_fd(fd, times)
+
+    # -- namespace (directory descriptor + one name) ----------------------------------------------
+    def mkdir_at(self, dir_fd: int, name: str, mode: int, caller: Caller | None = None) -> None:
+        if os.fstat(dir_fd).st_mode & stat.S_ISGID:
+            mode |= stat.S_ISGID  # a setgid directory's subdirectories inherit the bit
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+        self._own(dir_fd, name, caller)  # before chmod: exact modes, also with set-id bits
+        chmod_at(dir_fd, name, mode & 0o7777)
+
     def mkdir(self, path: str, mode: int, caller: Caller | None = None) -> None:
         with self._at(path) as (dir_fd, name):
-            os.mkdir(name, 0o700, dir_fd=dir_fd)
-            self._own(dir_fd, name, caller)  # before chmod: exact modes, also with set-id bits
-            chmod_at(dir_fd, name, mode & 0o7777)
+            self.mkdir_at(dir_fd, name, mode, caller)
 
     def rmdir(self, path: str) -> None:
         with self._at(path) as (dir_fd, name):
@@ -250,67 +319,101 @@ class KmsfsCore:
         with self._at(path) as (dir_fd, name):
             os.unlink(name, dir_fd=dir_fd)
 
-    def rename(self, old: str, new: str, flags: int = 0) -> None:
+    @staticmethod
+    def rename_at(old_dir: int, old_name: str, new_dir: int, new_name: str, flags: int = 0) -> None:
         """rename, with renameat2's RENAME_NOREPLACE and RENAME_EXCHANGE (others: EINVAL)."""
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
-            raise OSError(errno.EINVAL, "unsupported rename flags", old)
+            raise OSError(errno.EINVAL, "unsupported rename flags", old_name)
+        renameat2(old_dir, old_name, new_dir, new_name, flags)
+
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
         with self._at(old) as (old_dir, old_name), self._at(new) as (new_dir, new_name):
-            renameat2(old_dir, old_name, new_dir, new_name, flags)
+            self.rename_at(old_dir, old_name, new_dir, new_name, flags)
+
+    @staticmethod
+    def link_fd(fd: int, new_dir: int, new_name: str) -> None:
+        """A new name for the pinned object (linkat of its magic link, AT_SYMLINK_FOLLOW)."""
+        os.link(proc_path(fd), new_name, dst_dir_fd=new_dir, follow_symlinks=True)
 
     def link(self, new: str, existing: str) -> None:
         with self._at(existing) as (old_dir, old_name), self._at(new) as (new_dir, new_name):
             os.link(old_name, new_name, src_dir_fd=old_dir, dst_dir_fd=new_dir, follow_symlinks=False)
 
+    def symlink_at(self, dir_fd: int, name: str, target: str, caller: Caller | None = None) -> None:
+        os.symlink(target, name, dir_fd=dir_fd)
+        self._own(dir_fd, name, caller)
+
     def symlink(self, new: str, target: str, caller: Caller | None = None) -> None:
         with self._at(new) as (dir_fd, name):
-            os.symlink(target, name, dir_fd=dir_fd)
-            self._own(dir_fd, name, caller)
+            self.symlink_at(dir_fd, name, target, caller)
+
+    @staticmethod
+    def readlink_fd(fd: int) -> str:
+        return os.readlink("", dir_fd=fd)  # readlinkat(fd, ""): the pinned symlink itself
 
     def readlink(self, path: str) -> str:
         with self._at(path) as (dir_fd, name):
             return os.readlink(name, dir_fd=dir_fd)
 
-    def mknod(self, path: str, mode: int, dev: int, caller: Caller | None = None) -> None:
+    def mknod_at(self, dir_fd: int, name: str, mode: int, dev: int, caller: Caller | None = None) -> None:
         if stat.S_ISREG(mode):  # a regular file needs a header: same as create
-            self.release(path, self.create(path, mode, caller))
+            self.release(name, self.create_at(dir_fd, name, name, mode, caller, os.O_RDWR | os.O_EXCL))
             return
+        os.mknod(name, mode, dev, dir_fd=dir_fd)
+        self._own(dir_fd, name, caller)
+
+    def mknod(self, path: str, mode: int, dev: int, caller: Caller | None = None) -> None:
         with self._at(path) as (dir_fd, name):
-            os.mknod(name, mode, dev, dir_fd=dir_fd)
-            self._own(dir_fd, name, caller)
+            if stat.S_ISREG(mode):
+                self.release(path, self.create_at(dir_fd, name, path, mode, caller, os.O_RDWR | os.O_EXCL))
+                return
+            self.mknod_at(dir_fd, name, mode, dev, caller)
 
     # -- extended attributes (user xattrs pass through; the header is invisible) ------------------
-    @contextlib.contextmanager
-    def _xattr_target(self, path: str) -> Iterator[str]:
-        """The /proc/self/fd path of the pinned backing object (the xattr calls have no *at form)."""
-        with self._at(path) as (dir_fd, name):
-            fd, target = xattr_path(dir_fd, name)
-        try:
-            yield target
-        finally:
-            os.close(fd)
-
-    def getxattr(self, path: str, name: str) -> bytes:
+    # The xattr calls have no *at form: the pinned object is named by its /proc/self/fd link.
+    # POSIX ACLs are refused (EOPNOTSUPP): stored on the backing file they would not be enforced
+    # (the kernel checks permissions from the mode alone on this mount), and an ACL that is
+    # shown but not enforced misleads whoever sets it.
+    def getxattr_fd(self, fd: int, name: str) -> bytes:
         if name.startswith(_RESERVED_XATTR_PREFIX) or name.startswith("security."):
             raise OSError(errno.ENODATA, "no such attribute")
-        with self._xattr_target(path) as target:
-            return os.getxattr(target, name)
+        if name.startswith(_ACL_PREFIX):
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
+        return os.getxattr(proc_path(fd), name)
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        with self._pinned(path) as fd:
+            return self.getxattr_fd(fd, name)
+
+    def listxattr_fd(self, fd: int) -> list[str]:
+        names = os.listxattr(proc_path(fd))
+        return [n for n in names if not n.startswith((_RESERVED_XATTR_PREFIX, _ACL_PREFIX))]
 
     def listxattr(self, path: str) -> list[str]:
-        with self._xattr_target(path) as target:
-            names = os.listxattr(target)
-        return [n for n in names if not n.startswith(_RESERVED_XATTR_PREFIX)]
+        with self._pinned(path) as fd:
+            return self.listxattr_fd(fd)
+
+    def setxattr_fd(self, fd: int, name: str, value: bytes, options: int) -> None:
+        if name.startswith(_RESERVED_XATTR_PREFIX):
+            raise PermissionError(errno.EPERM, "reserved attribute")
+        if name.startswith(_ACL_PREFIX):
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
+        os.setxattr(proc_path(fd), name, value, options)
 
     def setxattr(self, path: str, name: str, value: bytes, options: int) -> None:
+        with self._pinned(path) as fd:
+            self.setxattr_fd(fd, name, value, options)
+
+    def removexattr_fd(self, fd: int, name: str) -> None:
         if name.startswith(_RESERVED_XATTR_PREFIX):
             raise PermissionError(errno.EPERM, "reserved attribute")
-        with self._xattr_target(path) as target:
-            os.setxattr(target, name, value, options)
+        if name.startswith(_ACL_PREFIX):
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
+        os.removexattr(proc_path(fd), name)
 
     def removexattr(self, path: str, name: str) -> None:
-        if name.startswith(_RESERVED_XATTR_PREFIX):
-            raise PermissionError(errno.EPERM, "reserved attribute")
-        with self._xattr_target(path) as target:
-            os.removexattr(target, name)
+        with self._pinned(path) as fd:
+            self.removexattr_fd(fd, name)
 
     # -- files ------------------------------------------------------------------------------------
     def _new_key(self, path: str, caller: Caller | None) -> tuple[Header, bytes]:
@@ -353,31 +456,36 @@ class KmsfsCore:
         hidden temporary name + link. The link fails with EEXIST if the name exists (O_EXCL).
         """
         with self._at(path) as (dir_fd, name):
-            if _exists_at(dir_fd, name):
-                if flags & os.O_EXCL:
-                    raise FileExistsError(errno.EEXIST, "file exists", path)
-                return self._open_at(dir_fd, name, path, flags & ~os.O_CREAT, caller)
-            pooled = self.key_pool.take() if self.key_pool is not None else None
-            if pooled is None:
-                header, key = self._new_key(path, caller)
-            else:  # generated ahead for a file id chosen then; claimed below, once the file exists
-                header, key = Header(file_id=pooled.file_id, key_arn=pooled.key_arn,
-                                     wrapped_key=pooled.wrapped_key, version=FORMAT_VERSION), pooled.key
-            fd, temp = _open_unnamed(dir_fd)
-            try:
-                os.setxattr(fd, HEADER_XATTR, pack_header(header))
-                self._own(dir_fd, name, caller, fd)  # before chmod: chown clears set-id bits
-                os.fchmod(fd, mode & 0o7777)
-                if temp is None:
-                    _link_fd(fd, dir_fd, name)
-                else:
-                    os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-            except BaseException:
-                os.close(fd)
-                raise
-            finally:
-                if temp is not None:
-                    _unlink_quietly(dir_fd, temp)
+            return self.create_at(dir_fd, name, path, mode, caller, flags)
+
+    def create_at(self, dir_fd: int, name: str, path: str, mode: int, caller: Caller | None = None,
+                  flags: int = os.O_RDWR) -> int:
+        """``create`` of ``name`` in the directory ``dir_fd``; ``path`` is what the audit shows."""
+        if _exists_at(dir_fd, name):
+            if flags & os.O_EXCL:
+                raise FileExistsError(errno.EEXIST, "file exists", path)
+            return self._open_at(dir_fd, name, path, flags & ~os.O_CREAT, caller)
+        pooled = self.key_pool.take() if self.key_pool is not None else None
+        if pooled is None:
+            header, key = self._new_key(path, caller)
+        else:  # generated ahead for a file id chosen then; claimed below, once the file exists
+            header, key = Header(file_id=pooled.file_id, key_arn=pooled.key_arn,
+                                 wrapped_key=pooled.wrapped_key, version=FORMAT_VERSION), pooled.key
+        fd, temp = _open_unnamed(dir_fd)
+        try:
+            os.setxattr(fd, HEADER_XATTR, pack_header(header))
+            self._own(dir_fd, name, caller, fd)  # before chmod: chown clears set-id bits
+            os.fchmod(fd, mode & 0o7777)
+            if temp is None:
+                _link_fd(fd, dir_fd, name)
+            else:
+                os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            if temp is not None:
+                _unlink_quietly(dir_fd, temp)
         fh = self._register(fd, path, header, key, fresh=True)
         if pooled is not None:
             self._claim(pooled, path, caller, self._handles[fh].inode)
@@ -388,11 +496,20 @@ class KmsfsCore:
         with self._at(path) as (dir_fd, name):
             return self._open_at(dir_fd, name, path, flags, caller)
 
-    def _open_at(self, dir_fd: int, name: str, path: str, flags: int, caller: Caller | None) -> int:
+    def open_fd(self, pinned: int, path: str, flags: int, caller: Caller | None = None) -> int:
+        """``open`` of the pinned object (reopened through its /proc/self/fd link: exactly that
+        inode, whatever its names are now); ``path`` is what the audit shows."""
+        if not stat.S_ISREG(os.fstat(pinned).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return self._open_at(None, proc_path(pinned), path, flags, caller)
+
+    def _open_at(self, dir_fd: int | None, name: str, path: str, flags: int, caller: Caller | None) -> int:
         bflags = flags & ~_STRIP_FLAGS
         if bflags & os.O_ACCMODE == os.O_WRONLY:  # read-modify-write needs to read
             bflags = (bflags & ~os.O_ACCMODE) | os.O_RDWR
-        fd = os.open(name, bflags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        if dir_fd is not None:
+            bflags |= os.O_NOFOLLOW  # (a /proc/self/fd link must be followed: it is the inode)
+        fd = os.open(name, bflags | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             _prefetch(fd)
             header = _read_header(fd)
@@ -575,6 +692,48 @@ class KmsfsCore:
         finally:
             os.close(fd)
 
+    def truncate_pinned(self, pinned: int, path: str, length: int, caller: Caller | None = None) -> None:
+        """truncate of the pinned object without an open handle (reopened read-write)."""
+        if not stat.S_ISREG(os.fstat(pinned).st_mode):
+            return self._truncate_fd(pinned, path, length, caller)  # raises EISDIR / EINVAL
+        fd = os.open(proc_path(pinned), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._truncate_fd(fd, path, length, caller)
+        finally:
+            os.close(fd)
+
+    def fallocate(self, path: str, mode: int, offset: int, length: int, fh: int,
+                  caller: Caller | None = None) -> None:
+        """fallocate(2) in plaintext terms, on an open handle.
+
+        Mode 0 grows the file to ``offset + length`` if shorter (the new range reads as zeros,
+        like a truncate up: blocks are sealed or left as holes, not preallocated).
+        FALLOC_FL_KEEP_SIZE alone changes nothing a reader can see. PUNCH_HOLE (with KEEP_SIZE)
+        and ZERO_RANGE make the range read as zeros by writing zeros (sealed blocks: a real
+        hole in the backing file reads as zeros only where whole blocks were never written,
+        docs/FORMAT.md), clamped to the file size unless ZERO_RANGE may grow it. Other modes
+        (COLLAPSE_RANGE, INSERT_RANGE, ...) are EOPNOTSUPP."""
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "bad fallocate range", path)
+        known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+        if mode & ~known or (mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE):
+            raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode", path)
+        handle = self._handle(fh)
+        end = offset + length
+        with handle.inode.lock:
+            self._check_key(handle)
+            size = handle.efile.size()
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                stop = end if not mode & FALLOC_FL_KEEP_SIZE else min(end, size)
+                if stop > offset:
+                    self._rekey_if_planted(handle, caller)
+                    chunk = bytes(min(stop - offset, 1 << 20))
+                    for at in range(offset, stop, len(chunk)):
+                        handle.efile.write(at, chunk[:stop - at])
+            elif not mode & FALLOC_FL_KEEP_SIZE and end > size:
+                self._rekey_if_planted(handle, caller)
+                handle.efile.truncate(end)
+
     def _truncate_fd(self, fd: int, path: str, length: int, caller: Caller | None) -> None:
         """truncate(path) on the backing file ``fd`` (opened O_RDWR|O_NOFOLLOW, no handle yet)."""
         st = os.fstat(fd)
@@ -630,6 +789,33 @@ class KmsfsCore:
         return len(self._handles)
 
 
+def _dtype(entry: os.DirEntry[str]) -> str:
+    """The entry's type from getdents' d_type, without a stat (lstat only where d_type is unknown)."""
+    if entry.is_symlink():
+        return "lnk"
+    if entry.is_dir(follow_symlinks=False):
+        return "dir"
+    if entry.is_file(follow_symlinks=False):
+        return "reg"
+    return "other"
+
+
+_DTYPE_MODE = {"lnk": stat.S_IFLNK, "dir": stat.S_IFDIR, "reg": stat.S_IFREG}
+
+
+def attributes(st: os.stat_result) -> dict[str, int]:
+    """A backing stat as the mount shows it: the plaintext size for regular files."""
+    mode = st.st_mode
+    return {"st_mode": mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
+            "st_gid": st.st_gid,
+            "st_size": plain_size(st.st_size, DEFAULT_BLOCK_SIZE) if stat.S_ISREG(mode) else st.st_size,
+            "st_blocks": st.st_blocks, "st_rdev": st.st_rdev, "st_atime": st.st_atime_ns,
+            "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
+
+
+FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 

@@ -243,12 +243,34 @@ def test_statfs_fsync_fdatasync(m: M) -> None:
         os.fdatasync(f.fileno())
 
 
-def test_fallocate_is_a_clean_eopnotsupp(m: M) -> None:
-    (m.path / "falloc").write_bytes(b"keep")
-    proc = subprocess.run(["fallocate", "-l", "1M", str(m.path / "falloc")], capture_output=True,
-                          text=True)
-    assert proc.returncode != 0 and "not supported" in proc.stderr.lower()
-    assert (m.path / "falloc").read_bytes() == b"keep"
+def test_fallocate_modes(m: M) -> None:
+    """fallocate through the mount (issue 11): mode 0 grows with zeros, KEEP_SIZE changes nothing
+    visible, PUNCH_HOLE and ZERO_RANGE read back as zeros; COLLAPSE_RANGE is refused cleanly."""
+    p = m.path / "falloc"
+    data = os.urandom(3 * BS + 100)
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 5 * BS)  # mode 0: grows
+        assert os.fstat(fd).st_size == 5 * BS
+        assert os.pread(fd, 5 * BS, 0) == data + bytes(5 * BS - len(data))
+        run = ["fallocate", "--keep-size", "-o", "0", "-l", str(10 * BS), str(p)]
+        assert subprocess.run(run, capture_output=True).returncode == 0
+        assert os.fstat(fd).st_size == 5 * BS
+        run = ["fallocate", "--punch-hole", "-o", "100", "-l", str(BS), str(p)]
+        assert subprocess.run(run, capture_output=True).returncode == 0
+        expect = bytearray(data + bytes(5 * BS - len(data)))
+        expect[100:100 + BS] = bytes(BS)
+        assert os.pread(fd, 5 * BS, 0) == bytes(expect) and os.fstat(fd).st_size == 5 * BS
+        run = ["fallocate", "--zero-range", "-o", str(5 * BS - 10), "-l", "20", str(p)]
+        assert subprocess.run(run, capture_output=True).returncode == 0
+        assert os.fstat(fd).st_size == 5 * BS + 10
+        assert os.pread(fd, 100, 5 * BS - 10) == bytes(20)
+        proc = subprocess.run(["fallocate", "--collapse-range", "-o", "0", "-l", str(BS), str(p)],
+                              capture_output=True, text=True)
+        assert proc.returncode != 0 and "not supported" in proc.stderr.lower()
+    finally:
+        os.close(fd)
 
 
 def test_user_xattrs_pass_through(m: M) -> None:
