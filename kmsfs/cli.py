@@ -11,6 +11,7 @@ non-zero.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -173,6 +174,9 @@ def _setup_logging(log_file: str | None, verbose: bool) -> None:
 def cmd_mount(args: argparse.Namespace) -> int:
     cipherdir = os.path.abspath(args.cipherdir)
     mountpoint = os.path.abspath(args.mountpoint)
+    if _is_dead_mount(mountpoint):
+        _unmount(mountpoint)  # a daemon killed with -9 left it: recover, then mount afresh
+        print(f"recovered {mountpoint} from a dead kmsfs mount", file=sys.stderr)
     if not os.path.isdir(mountpoint):
         raise CliError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
@@ -251,15 +255,30 @@ def _await_ready(pid: int, read_fd: int, mountpoint: str, log_file: str) -> int:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
-    if not os.path.ismount(mountpoint):
+    if not os.path.ismount(mountpoint) and not _is_dead_mount(mountpoint):
         raise CliError(f"{mountpoint} is not mounted")
+    _unmount(mountpoint)
+    return 0
+
+
+def _is_dead_mount(mountpoint: str) -> bool:
+    """A FUSE mount whose daemon died (kill -9): every access answers ENOTCONN, so ``ismount``
+    and ``isdir`` see neither a mount nor a directory; only unmounting recovers it."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def _unmount(mountpoint: str) -> None:
     attempts = [[t, "-u", mountpoint] for t in ("fusermount", "fusermount3") if shutil.which(t)]
     attempts.append(["umount", mountpoint])
     errors = []
     for cmd in attempts:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode == 0:
-            return 0
+            return
         errors.append(f"{cmd[0]}: {proc.stderr.strip()}")
     raise CliError("unmount failed: " + "; ".join(errors))
 
