@@ -1,8 +1,14 @@
 """The filesystem core: plaintext operations over a cipherdir, free of FUSE.
 
 Why a core apart from operations.py: everything here can be driven by plain Python tests, and the
-FUSE adapter stays a thin layer whose only jobs are unpacking fusepy's arguments, collecting the
-caller (uid/pid/process) and translating errors to errno in one place.
+FUSE adapter stays a thin layer whose only jobs are unpacking libfuse's arguments, collecting the
+caller (uid/pid/process) and translating errors to errno in one place. kmsfs/inodes.py puts this
+core in FUSE's inode terms; the methods taking a mount path are the same operations for tests
+and tools, each resolving the path one name at a time (kmsfs/backing_at.py).
+
+Backing access: every call is relative to a directory descriptor (``*_at``: directory fd + one
+name, never followed if a symlink) or to a pinned ``O_PATH`` descriptor of the object itself
+(``*_fd``); no path string reaches the backing filesystem (docs/SECURITY.md).
 
 Methods raise OSError (with an errno) or the domain errors: ``IntegrityError``, ``CorruptHeader``,
 ``KeyServiceError``, ``KeyServiceUnavailable``.
