@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 RUN_DIR = "run"
 RESPAWN_DELAY = 0.5
+# A worker that dies this soon after its start, this many times in a row, cannot start at all
+# (say, the database refuses it): the parent then stops everything instead of looping.
+QUICK_DEATH_SECONDS = 5.0
+QUICK_DEATHS = 3
 
 
 def chain_id(node: str, index: int) -> str:
@@ -45,6 +49,9 @@ def supervise(count: int, start_worker: Callable[[int], int]) -> int:
     status) and keep them running until SIGTERM/SIGINT; returns the parent's exit status."""
     stopping = threading.Event()
     children: dict[int, int] = {}  # pid -> index
+    started: dict[int, float] = {}  # pid -> time.monotonic() at fork
+    quick_deaths = 0
+    failed = False
 
     def fork(index: int) -> None:
         pid = os.fork()
@@ -59,6 +66,7 @@ def supervise(count: int, start_worker: Callable[[int], int]) -> int:
             finally:
                 os._exit(status)
         children[pid] = index
+        started[pid] = time.monotonic()
 
     def stop(signum: int, frame: object) -> None:
         stopping.set()
@@ -82,12 +90,18 @@ def supervise(count: int, start_worker: Callable[[int], int]) -> int:
         index = children.pop(pid, None)
         if index is None:
             continue
+        quick = time.monotonic() - started.pop(pid, 0.0) < QUICK_DEATH_SECONDS
+        quick_deaths = quick_deaths + 1 if quick and status != 0 else 0
+        if quick_deaths >= QUICK_DEATHS and not stopping.is_set():
+            log.error("workers keep dying at start (see above); stopping")
+            failed = True
+            stop(signal.SIGTERM, None)
         if not stopping.is_set():
             log.warning("worker %d (pid %d) ended with status %#x; starting it again", index, pid, status)
             time.sleep(RESPAWN_DELAY)
             if not stopping.is_set():
                 fork(index)
-    return 0
+    return 1 if failed else 0
 
 
 class MetricsShare:

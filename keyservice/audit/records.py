@@ -182,21 +182,27 @@ def read_lines(path: Path) -> Iterator[bytes]:
                 yield raw[:-1]
 
 
-def read_records(data_dir: Path) -> Iterator[dict[str, Any]]:
+def read_records(data_dir: Path, unparsable: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """Every well-formed request record of every chain, merged by time (each chain is in time
-    order already); checkpoints and unparseable lines skipped."""
-    streams = [_chain_records(data_dir, chain) for chain in chains(data_dir)]
+    order already; checkpoints skipped). Lines that are not a JSON object are skipped too, and
+    their 1-based line numbers (in their chain's log) appended to ``unparsable`` if given
+    (``audit list`` reports them; ``audit verify`` says what they break)."""
+    streams = [_chain_records(data_dir, chain, unparsable) for chain in chains(data_dir)]
     if len(streams) == 1:
         yield from streams[0]
         return
     yield from heapq.merge(*streams, key=lambda record: str(record.get("time", "")))
 
 
-def _chain_records(data_dir: Path, chain: str) -> Iterator[dict[str, Any]]:
-    for line in read_lines(audit_path(data_dir, chain)):
+def _chain_records(data_dir: Path, chain: str, unparsable: list[int] | None) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(read_lines(audit_path(data_dir, chain)), 1):
         try:
             record = json.loads(line)
         except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if unparsable is not None:
+                unparsable.append(number)
             continue
-        if isinstance(record, dict) and not is_checkpoint(record):
+        if not is_checkpoint(record):
             yield record

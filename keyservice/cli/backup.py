@@ -33,10 +33,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("backup", help="back up a data directory while it serves (SQLite online backup)")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("out", metavar="OUT", help="new directory to write the backup into")
+    p.add_argument("--data-dir", required=True, help="the data directory to back up (required)")
+    p.add_argument("out", metavar="OUT", help="new directory to write the backup into (required)")
     p.set_defaults(func=cmd_backup)
     p = sub.add_parser("restore", help="restore a backup into a new data directory")
-    p.add_argument("backup", metavar="BACKUP", help="a directory written by `keyservice backup`")
-    p.add_argument("--data-dir", required=True, help="the new (or empty) data directory")
+    p.add_argument("backup", metavar="BACKUP", help="a directory written by `keyservice backup` (required)")
+    p.add_argument("--data-dir", required=True, help="the new (or empty) data directory (required)")
     p.set_defaults(func=cmd_restore)
