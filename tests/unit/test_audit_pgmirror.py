@@ -68,6 +68,6 @@ def test_resume_ships_what_is_missing_and_refuses_a_foreign_or_cut_chain(url: st
     assert again.resume([b"1", b"2", b"3"]) == 1
     assert table_chains(url)["n1:main"] == [b"1", b"2", b"3"]
     with pytest.raises(AuditMirrorError, match="another node"):
-        PgMirror(url, "n1:main").resume([b"1", b"X", b"3"])  # another chain under the same id
+        PgMirror(url, "n1:main").resume([b"1", b"2", b"X"])  # another chain under the same id
     with pytest.raises(AuditMirrorError, match="cut"):
         PgMirror(url, "n1:main").resume([b"1"])  # the local log lost lines the table has
