@@ -440,6 +440,24 @@ def _kms_worker(creds: dict[str, Any], operation: str, payload: dict[str, Any], 
     out.put((lat, errors))
 
 
+def _cpu_split(env: Env) -> tuple[float, float]:
+    """CPU seconds used so far by the key service (its process and its workers) and by the load
+    generators this script ran and reaped (wrk)."""
+    import resource
+
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [env.kms_pid]
+    with contextlib.suppress(OSError):
+        pids += [int(p) for p in Path(f"/proc/{env.kms_pid}/task/{env.kms_pid}/children").read_text().split()]
+    service = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            service += (int(fields[11]) + int(fields[12])) / tick
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return service, children.ru_utime + children.ru_stime
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     """In milliseconds, from seconds."""
     if not sorted_values:
@@ -694,8 +712,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.kms_only:
                 start_keyservice(env, args.workers)
+                before, started = _cpu_split(env), time.monotonic()
                 kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=args.seconds,
                                clients=16, processes=4, run_dir=env.run_dir)
+                elapsed = time.monotonic() - started
+                after = _cpu_split(env)
+                # Where the CPU went during both loads, in cores (2.0 = both cores of this machine).
+                kms["keyservice_cpu_cores"] = round((after[0] - before[0]) / elapsed, 2)
+                kms["load_generator_cpu_cores"] = round((after[1] - before[1]) / elapsed, 2)
                 print(json.dumps({"workers": args.workers, **kms}, indent=2))
                 return 0
             result = bench(args, env)

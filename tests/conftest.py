@@ -168,27 +168,10 @@ def postgres_server() -> Iterator[Any]:
     Skipped only where PostgreSQL or psycopg is truly not installed, and then loudly: setup.sh
     installs both, so CI never skips.
     """
-    from tests.pg_server import PostgresServer, find_bin
+    from tests.pg_server import running_server
 
-    bin_dir = find_bin()
-    try:
-        import psycopg  # noqa: F401
-        import psycopg_pool  # noqa: F401
-    except ImportError:
-        bin_dir = None
-    if bin_dir is None:
-        message = (
-            "POSTGRESQL TESTS SKIPPED: postgresql-15 or kmsfs[postgres] is not installed"
-            " (run scripts/setup.sh)"
-        )
-        sys.stderr.write(f"\n*** {message} ***\n")
-        pytest.skip(message)
-    server = PostgresServer(bin_dir)
-    try:
-        server.start()
+    with running_server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

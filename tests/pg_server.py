@@ -8,13 +8,16 @@ loopback port with trust authentication (loopback only, for tests). ``stop`` shu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
@@ -114,3 +117,30 @@ class PostgresServer:
                     self._run(pg_ctl, "-D", data, "-m", "immediate", "stop", check=False)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_server() -> Iterator[PostgresServer]:
+    """A started server, stopped on the way out (even after a failed test). Skips only where
+    PostgreSQL or psycopg is truly not installed, and then loudly: setup.sh installs both."""
+    import pytest
+
+    bin_dir = find_bin()
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        bin_dir = None
+    if bin_dir is None:
+        message = (
+            "POSTGRESQL TESTS SKIPPED: postgresql-15 or kmsfs[postgres] is not installed"
+            " (run scripts/setup.sh)"
+        )
+        sys.stderr.write(f"\n*** {message} ***\n")
+        pytest.skip(message)
+    server = PostgresServer(bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -23,7 +23,7 @@ from tests.integration.keyservice_nodes import (
     init_cluster,
     wait_for,
 )
-from tests.pg_server import PostgresServer, find_bin
+from tests.pg_server import running_server
 
 pytestmark = pytest.mark.integration
 
@@ -129,15 +129,8 @@ def test_a_worker_killed_mid_load_on_sqlite_loses_nothing_acknowledged(tmp_path:
 @pytest.fixture
 def own_postgres() -> Any:
     """A PostgreSQL server of this test's own (it is killed mid-test)."""
-    bin_dir = find_bin()
-    if bin_dir is None:
-        pytest.skip("POSTGRESQL TESTS SKIPPED: postgresql-15 is not installed (run scripts/setup.sh)")
-    server = PostgresServer(bin_dir)
-    try:
-        server.start()
+    with running_server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_postgres_killed_mid_load_fails_clearly_and_recovers(tmp_path: Path, own_postgres: Any) -> None:
