@@ -25,6 +25,7 @@ from keyservice.cli import audit as cli_audit
 from keyservice.cli import principal as cli_principal
 from keyservice.cli.common import CliError, root_source
 from keyservice.clock import FileOffsetClock, SystemClock
+from keyservice.console.app import build_console
 from keyservice.files import write_atomic
 from keyservice.http import tls
 from keyservice.http.api import KmsApp
@@ -158,7 +159,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     del root_key
     metrics = {"/metrics": service.metrics_text}
-    app = KmsApp(service, SystemClock(), max_body=args.max_body, extra_routes=metrics, threads=args.threads)
+    mounts = {} if args.no_console else {"/console/": build_console(service, data_dir)}
+    app = KmsApp(service, SystemClock(), max_body=args.max_body, extra_routes=metrics, threads=args.threads,
+                 mounts=mounts)
     scheduler = Scheduler(service, interval=args.scheduler_interval)
     server = Server(app, host, port, tls_cert=tls_cert, tls_key=tls_key)
     endpoint = server.endpoint
@@ -228,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-http",
         action="store_true",
         help="serve plain HTTP (loopback addresses only; for tests and debugging)",
+    )
+    serve.add_argument(
+        "--no-console", action="store_true", help="do not serve the web console at /console/"
     )
     serve.add_argument("--threads", type=int, default=8, help="worker threads for key management requests")
     serve.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
