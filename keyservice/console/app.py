@@ -422,7 +422,7 @@ class Console:
             return session
         prefix = request.query_params.get("prefix", "")[:1024]
         rows = await run_in_threadpool(audit_views.files, self.data_dir, prefix)
-        return self.render(request, "files.html", session=session, rows=rows, prefix=prefix)
+        return self.render(request, "files.html", session=session, rows=rows, file_prefix=prefix)
 
     async def audit_key(self, request: Request) -> Response:
         session = await self._audit_session(request)
@@ -448,7 +448,7 @@ class Console:
             checked.flashes.append(("ok", note))
             return RedirectResponse(f"{PREFIX}/audit/verify", 303)
         head = await run_in_threadpool(audit_views.last_checkpoint, self.data_dir)
-        return self.render(request, "verify.html", session=checked, status=self.verifier.status(), head=head)
+        return self.render(request, "verify.html", session=checked, run=self.verifier.status(), head=head)
 
 
 def build_console(service: Service, data_dir: Path) -> Console:

@@ -12,7 +12,7 @@ import collections
 import json
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,7 +122,7 @@ def key_timeline(data_dir: Path, key_id: str) -> list[Row]:
     """A key's state changes and every refusal naming it, newest first (at most 500)."""
     kept: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)
     kept.extend(r for r in review.query(data_dir, key=key_id)
-                if r.get("outcome") != "success" or r.get("operation") in KEY_CHANGES
+                if r.get("outcome") == "error" or r.get("operation") in KEY_CHANGES
                 or str(r.get("principal")) == "keyservice")  # fmt: skip
     return [_row(r) for r in reversed(kept)]
 
@@ -197,7 +197,3 @@ class Verifier:
                 result.finished = datetime.now(UTC).isoformat(timespec="seconds")
                 result.seconds = round(time.perf_counter() - started, 3)
                 self._status = result
-
-
-def principals_of(rows: Iterable[Row]) -> list[str]:
-    return sorted({r.principal for r in rows if r.principal})
