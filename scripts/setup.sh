@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what kmsfs needs on a Debian machine, idempotently: libfuse3 and libfuse2, a fusermount
 # (from `fuse` or `fuse3`, whichever is there: they conflict, so never force one over the other),
-# Python's venv, and a .venv with the project and its test tools. Sourced by demo.sh and test.sh;
-# run as root.
+# Python's venv, Chromium (the console's browser tests), and a .venv with the project and its test
+# tools. Sourced by demo.sh and test.sh; run as root.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,6 +30,9 @@ fi
 if ! command -v fusermount >/dev/null 2>&1 && ! command -v fusermount3 >/dev/null 2>&1; then
     packages+=(fuse3)
 fi
+# Debian's Chromium for the web console's browser tests (driven by Playwright's Python package with
+# executable_path=/usr/bin/chromium; `playwright install` is never run: it downloads a browser).
+[ -x /usr/bin/chromium ] || packages+=(chromium)
 command -v git >/dev/null 2>&1 || packages+=(git)
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then packages+=(python3-venv); fi

@@ -66,6 +66,7 @@ def _row(record: Mapping[str, Any]) -> Row:
     if caller.get("process"):
         who.append(str(caller["process"]))
     key = str(record.get("key_id") or record.get("alias_name") or record.get("requested_key_id") or "")
+    key = key.split(":key/", 1)[1] if ":key/" in key else key  # the id says it; the ARN is long
     if record.get("key_version"):
         key += f" v{record['key_version']}"
     return Row(

@@ -46,7 +46,8 @@ def _all(call: Call, operation: str, params: dict[str, Any], member: str) -> Ite
 
 
 def _when(value: Any) -> str:
-    return value.isoformat(timespec="seconds") if hasattr(value, "isoformat") else str(value or "")
+    """A timestamp for people: ``2026-01-31 12:00:00 UTC``."""
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if hasattr(value, "strftime") else str(value or "")
 
 
 def aliases_by_key(call: Call) -> dict[str, list[str]]:

@@ -157,6 +157,13 @@ def _drop_caches() -> None:
 def test_manage_a_key_mount_it_disable_it_and_review_the_audit_in_the_browser(
     world: World, browser: BrowserContext, tmp_path: Path
 ) -> None:
+    if os.environ.get("KMSFS_CONSOLE_SCREENSHOTS"):  # a few more keys, for a fuller picture
+        kms = world.service.boto3_client()
+        for name, text in (("backups", "nightly backups"), ("hr", "HR records"), ("build", "CI secrets")):
+            key = kms.create_key(Description=text, Tags=[{"TagKey": "team", "TagValue": name}])["KeyMetadata"]
+            kms.create_alias(AliasName=f"alias/{name}", TargetKeyId=key["KeyId"])
+        kms.enable_key_rotation(KeyId=key["KeyId"])
+        kms.disable_key(KeyId=key["KeyId"])
     page = _page(browser)
     login(page, world, *world.admin)
     page.get_by_label("Description").fill("project files")
@@ -225,6 +232,31 @@ def test_manage_a_key_mount_it_disable_it_and_review_the_audit_in_the_browser(
     assert {("CreateKey", "success"), ("CreateAlias", "success"), ("DisableKey", "success")} <= done
     assert {r["access_key_id"] for r in console_records if r["principal"]} == {world.admin[0]}
     assert any(r["operation"] == "ConsoleLogin" and r["outcome"] == "success" for r in console_records)
+
+
+def test_login_and_navigation_work_from_the_keyboard_alone(world: World, browser: BrowserContext) -> None:
+    page = _page(browser)
+    page.goto(world.console + "/login")
+    page.keyboard.press("Tab")  # the skip link first
+    expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+    page.keyboard.press("Tab")
+    expect(page.get_by_label("Access key id")).to_be_focused()
+    page.keyboard.type(world.admin[0])
+    page.keyboard.press("Tab")
+    expect(page.get_by_label("Secret access key")).to_be_focused()
+    page.keyboard.type(world.admin[1])
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Keys", exact=True)).to_be_visible()
+    page.get_by_role("link", name="Audit timeline", exact=True).focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Audit timeline")).to_be_visible()
+    # Every form field on the pages has a label.
+    key_id = world.service.boto3_client().create_key()["KeyMetadata"]["KeyId"]
+    for path in ("/keys", f"/keys/{key_id}", "/audit", "/audit/files", "/audit/verify"):
+        page.goto(world.console + path)
+        unlabelled = page.locator("main input:not([type=hidden]), main select, main textarea").evaluate_all(
+            "els => els.filter(e => !(e.labels && e.labels.length)).map(e => e.name)")
+        assert unlabelled == [], (path, unlabelled)
 
 
 def test_audit_verification_runs_in_the_background(world: World, browser: BrowserContext) -> None:
