@@ -342,9 +342,9 @@ class Console:
         try:
             key_id, message = await run_in_threadpool(_durably, lambda: keys.create_key(call, form))
         except errors.KMSError as error:
-            session.flashes.append(("error", f"{error.aws_type}: {error.message}"))
+            session.flash("error", f"{error.aws_type}: {error.message}")
             return RedirectResponse(f"{PREFIX}/keys", 303)
-        session.flashes.append(("ok", message))
+        session.flash("ok", message)
         return RedirectResponse(f"{PREFIX}/keys/{key_id}", 303)
 
     async def key_page(self, request: Request, draft: dict[str, str] | None = None,
@@ -375,11 +375,11 @@ class Console:
         try:
             message = await run_in_threadpool(_durably, lambda: keys.key_action(call, key_id, action, form))
         except errors.KMSError as error:
-            session.flashes.append(("error", f"{error.aws_type}: {error.message}"))
+            session.flash("error", f"{error.aws_type}: {error.message}")
             if action == "policy":  # keep the edited text on the page
                 return await self.key_page(request, draft=form, status=400)
             return RedirectResponse(f"{PREFIX}/keys/{key_id}", 303)
-        session.flashes.append(("ok", message))
+        session.flash("ok", message)
         return RedirectResponse(f"{PREFIX}/keys/{key_id}", 303)
 
     # -- audit ------------------------------------------------------------------------------------
@@ -445,7 +445,7 @@ class Console:
         if request.method == "POST":
             started = self.verifier.start()
             note = "Verification started." if started else "A verification is already running."
-            checked.flashes.append(("ok", note))
+            checked.flash("ok", note)
             return RedirectResponse(f"{PREFIX}/audit/verify", 303)
         head = await run_in_threadpool(audit_views.last_checkpoint, self.data_dir)
         return self.render(request, "verify.html", session=checked, run=self.verifier.status(), head=head)

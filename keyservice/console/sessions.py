@@ -39,6 +39,7 @@ MAX_TRACKED_ADDRESSES = 10_000
 GLOBAL_FAILURES = 200
 
 LOGIN_TOKEN_SECONDS = 60 * 60
+MAX_FLASHES = 5
 
 
 def _digest(session_id: str) -> str:
@@ -57,6 +58,10 @@ class Session:
     tag: str  # a short public name of the session for the audit log (not the id)
     can_read_audit: bool = False
     flashes: list[tuple[str, str]] = field(default_factory=list)
+
+    def flash(self, kind: str, text: str) -> None:
+        """A message for the next page (``ok`` or ``error``); the newest MAX_FLASHES are kept."""
+        self.flashes = [*self.flashes[-(MAX_FLASHES - 1):], (kind, text[:2000])]
 
 
 class TooManySessions(Exception):

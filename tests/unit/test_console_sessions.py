@@ -123,3 +123,11 @@ def test_login_tokens_are_double_submitted_macs_that_expire() -> None:
     assert not tokens.valid("é" + token, "é" + token)
     clock.now += 3601
     assert not tokens.valid(token, token)
+
+
+def test_flash_messages_are_bounded() -> None:
+    _, session = SessionStore(clock=Clock()).create(_principal(), "a")
+    for i in range(100):
+        session.flash("ok", f"message {i}" + "x" * 10_000)
+    assert len(session.flashes) == 5 and session.flashes[-1][1].startswith("message 99")
+    assert all(len(text) <= 2000 for _, text in session.flashes)
