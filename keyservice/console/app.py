@@ -105,6 +105,7 @@ class Console:
         self.login_tokens = LoginTokens(clock=clock)
         self.verifier = audit_views.Verifier(self.data_dir)
         self.templates = Environment(loader=PackageLoader("keyservice.console", "templates"), autoescape=True)
+        self.templates.filters["when"] = keys.when
         static = StaticFiles(directory=str(Path(__file__).parent / "static"))
         routes = [
             Route("/", self.home),

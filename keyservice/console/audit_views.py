@@ -43,11 +43,12 @@ class BadFilter(ValueError):
 class Row:
     """One record as the timeline shows it."""
 
-    time: str
+    time: str  # UTC, "2026-01-31 12:00:00.123"
     operation: str
     outcome: str
     error: str
     principal: str
+    principal_name: str  # the ARN's last part (root, user/bob), shown; the ARN is its title
     key: str
     path: str
     process: str
@@ -69,10 +70,12 @@ def _row(record: Mapping[str, Any]) -> Row:
     key = key.split(":key/", 1)[1] if ":key/" in key else key  # the id says it; the ARN is long
     if record.get("key_version"):
         key += f" v{record['key_version']}"
+    principal = str(record.get("principal") or record.get("access_key_id") or "")
     return Row(
-        time=str(record.get("time", "")), operation=str(record.get("operation", "")),
+        time=str(record.get("time", "")).replace("T", " ").rstrip("Z"),
+        operation=str(record.get("operation", "")),
         outcome=str(record.get("outcome", "")), error=str(record.get("error_code") or ""),
-        principal=str(record.get("principal") or record.get("access_key_id") or ""),
+        principal=principal, principal_name=principal.rsplit(":", 1)[-1],
         key=key, path=str(caller.get("path", "")), process=" ".join(who),
         source=str(record.get("source_address") or ""), user_agent=str(record.get("user_agent") or ""),
     )  # fmt: skip

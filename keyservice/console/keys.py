@@ -45,7 +45,7 @@ def _all(call: Call, operation: str, params: dict[str, Any], member: str) -> Ite
         params = {**params, "Marker": result["NextMarker"]}
 
 
-def _when(value: Any) -> str:
+def when(value: Any) -> str:
     """A timestamp for people: ``2026-01-31 12:00:00 UTC``."""
     return value.strftime("%Y-%m-%d %H:%M:%S UTC") if hasattr(value, "strftime") else str(value or "")
 
@@ -69,12 +69,12 @@ def _rotation(call: Call, key_id: str) -> str:
         return "-"
     if not status.get("KeyRotationEnabled"):
         return "off"
-    return f"every {status.get('RotationPeriodInDays')} d, next {_when(status.get('NextRotationDate'))[:10]}"
+    return f"every {status.get('RotationPeriodInDays')} d, next {when(status.get('NextRotationDate'))[:10]}"
 
 
 def _row(meta: Mapping[str, Any], aliases: list[str]) -> KeyRow:
     return KeyRow(key_id=meta["KeyId"], arn=meta["Arn"], state=meta["KeyState"],
-                  description=meta.get("Description") or "", created=_when(meta.get("CreationDate")),
+                  description=meta.get("Description") or "", created=when(meta.get("CreationDate")),
                   manager=meta.get("KeyManager", ""), aliases=sorted(aliases))  # fmt: skip
 
 
@@ -204,7 +204,7 @@ def _schedule_deletion(call: Call, key_id: str, form: Mapping[str, str]) -> str:
         raise errors.ValidationException("Type the key id exactly to confirm the deletion.")
     days = _int(form, "days", "The waiting period")
     result = call("ScheduleKeyDeletion", {"KeyId": key_id, "PendingWindowInDays": days})
-    return f"Deletion scheduled for {_when(result.get('DeletionDate'))}."
+    return f"Deletion scheduled for {when(result.get('DeletionDate'))}."
 
 
 def _create_alias(call: Call, key_id: str, form: Mapping[str, str]) -> str:
