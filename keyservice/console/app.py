@@ -174,8 +174,23 @@ class Console:
             caller={"console_session": session.tag} if session else {},
         )  # fmt: skip
 
-    def _session(self, request: Request) -> Session | None:
-        return self.sessions.get(request.cookies.get(SESSION_COOKIE))
+    async def _session(self, request: Request) -> Session | None:
+        """The request's live session, if its access key still authenticates as the same principal.
+
+        Checked on every request, as SigV4 is: a deleted principal or a rotated access key ends
+        its console sessions at their next request."""
+        session_id = request.cookies.get(SESSION_COOKIE)
+        session = self.sessions.get(session_id)
+        if session is None:
+            return None
+        try:
+            _, principal = await run_in_threadpool(self.service.authenticate, session.principal.access_key_id)
+        except errors.KMSError:
+            principal = None
+        if principal != session.principal:
+            self.sessions.end(session_id)
+            return None
+        return session
 
     def _caller(self, request: Request, session: Session) -> keys.Call:
         """``call(operation, params)`` as the session's principal, each call its own request id."""
@@ -234,7 +249,7 @@ class Console:
 
     # -- login / logout ---------------------------------------------------------------------------
     async def home(self, request: Request) -> Response:
-        return RedirectResponse(f"{PREFIX}/keys" if self._session(request) else f"{PREFIX}/login", 303)
+        return RedirectResponse(f"{PREFIX}/keys" if await self._session(request) else f"{PREFIX}/login", 303)
 
     def _login_page(self, request: Request, status: int = 200, message: str = "") -> HTMLResponse:
         token = self.login_tokens.issue()
@@ -244,7 +259,7 @@ class Console:
         return response
 
     async def login_form(self, request: Request) -> Response:
-        if self._session(request):
+        if await self._session(request):
             return RedirectResponse(f"{PREFIX}/keys", 303)
         return self._login_page(request)
 
@@ -298,7 +313,7 @@ class Console:
         return principal if same and principal is not None else None
 
     async def logout(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         try:
             await self._posted(request, session)
         except Refused as error:
@@ -313,7 +328,7 @@ class Console:
 
     # -- keys -------------------------------------------------------------------------------------
     async def key_list(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         if session is None:
             return self._login_redirect()
         q = request.query_params
@@ -333,7 +348,7 @@ class Console:
                            listing=listing, filters=filters, states=keys.STATES, more=more)  # fmt: skip
 
     async def create_key(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         try:
             form = await self._posted(request, session)
         except Refused as error:
@@ -350,7 +365,7 @@ class Console:
 
     async def key_page(self, request: Request, draft: dict[str, str] | None = None,
                        status: int = 200) -> Response:  # fmt: skip
-        session = self._session(request)
+        session = await self._session(request)
         if session is None:
             return self._login_redirect()
         key_id = request.path_params["key_id"][:2048]
@@ -364,7 +379,7 @@ class Console:
                            policy_text=(draft or {}).get("policy", detail.policy))  # fmt: skip
 
     async def key_action(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         try:
             form = await self._posted(request, session)
         except Refused as error:
@@ -386,7 +401,7 @@ class Console:
     # -- audit ------------------------------------------------------------------------------------
     async def _audit_session(self, request: Request) -> Session | Response:
         """The session, if its principal may read the audit log now (checked and audited)."""
-        session = self._session(request)
+        session = await self._session(request)
         if session is None:
             return self._login_redirect()
         ctx = self._context(request, session.principal, session)
@@ -435,7 +450,7 @@ class Console:
 
     async def audit_verify(self, request: Request) -> Response:
         if request.method == "POST":
-            session = self._session(request)
+            session = await self._session(request)
             try:
                 await self._posted(request, session)
             except Refused as error:

@@ -349,6 +349,15 @@ def test_a_principal_without_audit_permission_sees_no_audit_page(
     expect(page.get_by_role("heading", name="Audit timeline")).to_be_visible()
 
 
+def test_a_deleted_principal_loses_its_console_session_at_once(world: World) -> None:
+    carol = world.principal("console-carol", "kms:ListKeys", "kms:ListAliases", "kms:DescribeKey")
+    http = world.http()
+    assert world.login_http(http, carol["access_key_id"], carol["secret_access_key"]).url.endswith("/keys")
+    result = run_keyservice("principal", "delete", "console-carol", "--data-dir", str(world.service.data_dir))
+    assert result.returncode == 0, result.stderr
+    assert http.get(world.console + "/keys", allow_redirects=False).status_code == 303  # to the login
+
+
 # --------------------------------------------------------------------------- the attacker's side
 
 
