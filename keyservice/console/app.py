@@ -244,6 +244,16 @@ class Console:
             raise Refused(403, error.message)
         return form
 
+    async def _session_form(self, request: Request) -> tuple[Session, dict[str, str]] | Response:
+        """A live session and its checked form, or the refusal page to send."""
+        session = await self._session(request)
+        try:
+            form = await self._posted(request, session)
+        except Refused as error:
+            return self.refused(request, error, session)
+        assert session is not None  # _posted refuses without one
+        return session, form
+
     def _login_redirect(self) -> RedirectResponse:
         return RedirectResponse(f"{PREFIX}/login", status_code=303)
 
@@ -313,12 +323,10 @@ class Console:
         return principal if same and principal is not None else None
 
     async def logout(self, request: Request) -> Response:
-        session = await self._session(request)
-        try:
-            await self._posted(request, session)
-        except Refused as error:
-            return self.refused(request, error, session)
-        assert session is not None
+        posted = await self._session_form(request)
+        if isinstance(posted, Response):
+            return posted
+        session = posted[0]
         self.sessions.end(request.cookies.get(SESSION_COOKIE))
         await run_in_threadpool(self.service.record_event, "ConsoleLogout",
                                 self._context(request, session.principal, session))  # fmt: skip
@@ -348,12 +356,10 @@ class Console:
                            listing=listing, filters=filters, states=keys.STATES, more=more)  # fmt: skip
 
     async def create_key(self, request: Request) -> Response:
-        session = await self._session(request)
-        try:
-            form = await self._posted(request, session)
-        except Refused as error:
-            return self.refused(request, error, session)
-        assert session is not None
+        posted = await self._session_form(request)
+        if isinstance(posted, Response):
+            return posted
+        session, form = posted
         call = self._caller(request, session)
         try:
             key_id, message = await run_in_threadpool(_durably, lambda: keys.create_key(call, form))
@@ -379,12 +385,10 @@ class Console:
                            policy_text=(draft or {}).get("policy", detail.policy))  # fmt: skip
 
     async def key_action(self, request: Request) -> Response:
-        session = await self._session(request)
-        try:
-            form = await self._posted(request, session)
-        except Refused as error:
-            return self.refused(request, error, session)
-        assert session is not None
+        posted = await self._session_form(request)
+        if isinstance(posted, Response):
+            return posted
+        session, form = posted
         key_id = request.path_params["key_id"][:2048]
         action = request.path_params["action"]
         call = self._caller(request, session)
@@ -450,11 +454,9 @@ class Console:
 
     async def audit_verify(self, request: Request) -> Response:
         if request.method == "POST":
-            session = await self._session(request)
-            try:
-                await self._posted(request, session)
-            except Refused as error:
-                return self.refused(request, error, session)
+            posted = await self._session_form(request)
+            if isinstance(posted, Response):
+                return posted
         checked = await self._audit_session(request)
         if isinstance(checked, Response):
             return checked

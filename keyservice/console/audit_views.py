@@ -9,11 +9,12 @@ Permission to read (``kms:ReadAuditLog``) is checked by the caller through the s
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -149,17 +150,21 @@ def last_checkpoint(data_dir: Path) -> dict[str, Any] | None:
 
 @dataclass
 class VerifyStatus:
+    """The last background run: ``report`` is ``verify.verify``'s (None before the first, or if the
+    run could not start: then ``error`` says why)."""
+
     running: bool = False
     started: str | None = None
     finished: str | None = None
     seconds: float | None = None
-    ok: bool | None = None
-    records: int = 0
-    checkpoints: int = 0
-    unsealed: int = 0
-    fingerprint: str | None = None
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    report: verify.VerifyReport | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool | None:
+        if self.error is not None:
+            return False
+        return None if self.report is None else self.report.ok
 
 
 class Verifier:
@@ -172,7 +177,7 @@ class Verifier:
 
     def status(self) -> VerifyStatus:
         with self._lock:
-            return VerifyStatus(**self._status.__dict__)
+            return dataclasses.replace(self._status)
 
     def start(self) -> bool:
         """Start a run unless one is running; True if started."""
@@ -189,12 +194,9 @@ class Verifier:
         result = VerifyStatus()
         try:
             public_key = signing.load_public(signing.public_path(self.data_dir))
-            report = verify.verify(self.data_dir, public_key)
-            result = VerifyStatus(ok=report.ok, records=report.records, checkpoints=report.checkpoints,
-                                  unsealed=report.unsealed, fingerprint=report.fingerprint,
-                                  problems=list(report.problems), notes=list(report.notes))  # fmt: skip
+            result.report = verify.verify(self.data_dir, public_key)
         except (OSError, ValueError) as error:
-            result = VerifyStatus(ok=False, problems=[f"cannot verify: {error}"])
+            result.error = f"cannot verify: {error}"
         finally:
             with self._lock:
                 result.started = self._status.started

@@ -141,6 +141,14 @@ def login(page: Page, world: World, akid: str, secret: str) -> None:
     expect(page.get_by_role("heading", name="Keys", exact=True)).to_be_visible()
 
 
+def create_key_in_ui(page: Page, description: str) -> str:
+    """Create a key from the key list's form; the browser lands on its page. Returns the key id."""
+    page.get_by_label("Description").fill(description)
+    page.get_by_role("button", name="Create key").click()
+    expect(page.get_by_role("status")).to_contain_text("Created key")
+    return page.url.rsplit("/", 1)[1]
+
+
 def _shot(page: Page, name: str, full_page: bool = False) -> None:
     target = os.environ.get("KMSFS_CONSOLE_SCREENSHOTS")
     if target:
@@ -278,9 +286,7 @@ def test_audit_verification_runs_in_the_background(world: World, browser: Browse
 def test_key_actions_rotation_policy_and_typed_deletion(world: World, browser: BrowserContext) -> None:
     page = _page(browser)
     login(page, world, *world.admin)
-    page.get_by_label("Description").fill("actions")
-    page.get_by_role("button", name="Create key").click()
-    key_id = page.url.rsplit("/", 1)[1]
+    key_id = create_key_in_ui(page, "actions")
     page.get_by_role("button", name="Rotate now").click()
     expect(page.get_by_role("status")).to_contain_text("Rotation started")
     expect(page.locator("table", has_text="Key material id")).to_contain_text("ON_DEMAND")
@@ -367,9 +373,7 @@ def test_a_deleted_principal_loses_its_console_session_at_once(world: World) -> 
 def test_a_forged_post_without_the_csrf_token_is_refused(world: World, browser: BrowserContext) -> None:
     page = _page(browser)
     login(page, world, *world.admin)
-    page.get_by_label("Description").fill("csrf target")
-    page.get_by_role("button", name="Create key").click()
-    key_id = page.url.rsplit("/", 1)[1]
+    key_id = create_key_in_ui(page, "csrf target")
     token = page.locator("input[name=csrf_token]").first.input_value()
     url = f"{world.console}/keys/{key_id}/disable"
     # The browser's own cookies, no token / a wrong token / the right token from another origin.
