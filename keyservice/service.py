@@ -251,6 +251,38 @@ class KeyService:
         """
         self._audit(operation or "", ctx, AuditInfo(), error, claimed_access_key_id=access_key_id)
 
+    def authorize_action(self, operation: str, ctx: RequestContext) -> None:
+        """Authorize and audit an account-wide action that is not a KMS operation, such as the
+        console's ``ReadAuditLog`` (IAM action ``kms:ReadAuditLog``): identity policies decide, as
+        for ListKeys; one audit record either way. Raises AccessDeniedException."""
+        info = AuditInfo()
+        try:
+            self._check_principal(ctx)
+            info.principal = ctx.principal
+            authorize.authorize_account(self, info, operation)
+        except errors.KMSError as exc:
+            self._audit(operation, ctx, info, exc)
+            raise
+        self._audit(operation, ctx, info, None)
+
+    def allows(self, operation: str, principal: Principal) -> bool:
+        """Would ``authorize_action(operation)`` pass for ``principal``? Not audited: the console
+        asks it to decide which links to show, and every page behind a link authorizes again."""
+        info = AuditInfo()
+        info.principal = principal
+        try:
+            self._check_principal(RequestContext(request_id="", source_address="", principal=principal))
+            authorize.authorize_account(self, info, operation)
+        except errors.KMSError:
+            return False
+        return True
+
+    def record_event(self, operation: str, ctx: RequestContext) -> None:
+        """Audit a successful event that is not a KMS operation (console login and logout)."""
+        info = AuditInfo()
+        info.principal = ctx.principal
+        self._audit(operation, ctx, info, None)
+
     # ----------------------------------------------------------------- helpers
 
     def _audit(

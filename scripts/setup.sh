@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what kmsfs needs on a Debian machine, idempotently: libfuse3 and libfuse2, a fusermount
 # (from `fuse` or `fuse3`, whichever is there: they conflict, so never force one over the other),
-# Python's venv, and a .venv with the project and its test tools. Run as root.
+# Python's venv, Chromium (the console's browser tests), and a .venv with the project and its test
+# tools. Run as root.
 #
 # Run it (./scripts/setup.sh), or source it (source scripts/setup.sh, as demo.sh and test.sh do):
 # sourcing also puts .venv/bin on PATH and defines `say`. Either way the work happens in a
@@ -37,6 +38,9 @@ fi
 if ! command -v fusermount >/dev/null 2>&1 && ! command -v fusermount3 >/dev/null 2>&1; then
     packages+=(fuse3)
 fi
+# Debian's Chromium for the web console's browser tests (driven by Playwright's Python package with
+# executable_path=/usr/bin/chromium; `playwright install` is never run: it downloads a browser).
+[ -x /usr/bin/chromium ] || packages+=(chromium)
 command -v git >/dev/null 2>&1 || packages+=(git)
 # PostgreSQL 15 for the tests of the key service's PostgreSQL store (the tests start their own server).
 if [ ! -x /usr/lib/postgresql/15/bin/initdb ] && ! command -v initdb >/dev/null 2>&1; then

@@ -36,6 +36,7 @@ from keyservice.cli import principal as cli_principal
 from keyservice.cli import startup
 from keyservice.cli.common import CliError, OneLineParser, root_source
 from keyservice.clock import FileOffsetClock, SystemClock
+from keyservice.console.app import build_console
 from keyservice.files import write_atomic
 from keyservice.http import tls
 from keyservice.http.api import KmsApp
@@ -316,8 +317,10 @@ class _Serving:
                 routes["/metrics"] = lambda: service.metrics_text(share.summed())
                 share.start()
                 running.closers.append(share.stop)
+            mounts = {} if args.no_console else {"/console/": build_console(service, self.data_dir)}
             app = KmsApp(
-                service, SystemClock(), max_body=args.max_body, extra_routes=routes, threads=args.threads
+                service, SystemClock(), max_body=args.max_body, extra_routes=routes, threads=args.threads,
+                mounts=mounts,
             )
             running.closers.append(app.close)  # the last audit commits, before the final checkpoint
             # With several workers of one node, the first runs the scheduler (its transitions are
@@ -486,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--node-id", metavar="NAME",
         help="this node's name in its audit chain ids, unique per node (default: HOSTNAME-PORT)",
     )
+    serve.add_argument("--no-console", action="store_true",
+                       help="do not serve the web console at /console/ (default: served)")
     serve.add_argument("--threads", type=int, default=8,
                        help="worker threads for key management requests (default 8)")
     serve.add_argument("--max-body", type=int, default=256 * 1024,
