@@ -363,3 +363,29 @@ def test_the_scheduler_lease_is_held_by_one_node_and_fences_the_last(pg_url: str
     finally:
         first.close()
         second.close()
+
+
+def test_a_node_that_lost_its_lease_reads_through_and_no_longer_delays_writes(pg_url: str) -> None:
+    """Node B stops hearing from the database (its watch ends, as in a partition): once its lease
+    has run out it stops trusting its memo, and node A's writes stop waiting for it."""
+    import time
+
+    from keyservice.store.postgres import PostgresStore
+
+    a = PostgresStore(pg_url, watch=True, lease_seconds=2.5, poll_seconds=1.0)
+    b = PostgresStore(pg_url, watch=True, lease_seconds=2.5, poll_seconds=1.0)
+    try:
+        key, v = make_key()
+        a.create_key(key, v, max_customer_keys=10)
+        assert b.get_key(key.key_id).description == "d"  # memoised on B
+        assert b.watch is not None
+        b.watch.stop()  # B hears nothing more; its lease is not renewed
+        time.sleep(2.6)
+        changed = a.get_key(key.key_id)
+        changed.description = "changed while B was cut off"
+        a.update_key(changed)
+        assert a.last_ack_seconds < 1.0  # B's lease has expired: A does not wait for it
+        assert b.get_key(key.key_id).description == "changed while B was cut off"  # read through
+    finally:
+        a.close()
+        b.close()
