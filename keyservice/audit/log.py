@@ -36,7 +36,7 @@ import base64
 import contextlib
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -157,6 +157,7 @@ class AuditLog:
         now: Any = None,
         chain: str = segments.DEFAULT_CHAIN,
         segment_bytes: int = segments.DEFAULT_SEGMENT_BYTES,
+        mirror: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.chain = segments.check_chain(chain)
@@ -196,6 +197,11 @@ class AuditLog:
         self._epoch = 0  # bumped when unsynced lines are cut back after a failed fsync
         self._durable_end = complete
         self._durable_tail = replace(self._tail)
+        # With a store on PostgreSQL every durable line is also copied, in order, into its
+        # append-only table before the request is answered (audit/pgmirror.py); None otherwise.
+        self._mirror = mirror
+        self._unshipped: list[tuple[int, bytes]] = []  # (file end after the line, line)
+        self._shipped_end = complete
         if self._tail.segment_end:  # sealed before a crash or stop: the chain goes on in a new file
             self._open_segment(number + 1)
         self._first_unsealed: datetime | None = None
@@ -237,18 +243,21 @@ class AuditLog:
 
         Holds both locks: no fsync runs on the old file while it is switched."""
         sealed = None
-        with self._sync_lock, self._lock:
-            if self._fd < 0 or not self._rotation_due():
-                return
-            try:
-                if self._signer is not None:
-                    sealed = self._checkpoint_locked(segment_end=True)
-                os.fsync(self._fd)
-            except OSError:
-                self._rollback_locked()
-                raise
-            self._durable_end, self._durable_tail = self._end, replace(self._tail)
-            self._open_segment(self._number + 1)
+        with self._sync_lock:
+            with self._lock:
+                if self._fd < 0 or not self._rotation_due():
+                    return
+                try:
+                    if self._signer is not None:
+                        sealed = self._checkpoint_locked(segment_end=True)
+                    os.fsync(self._fd)
+                except OSError:
+                    self._rollback_locked()
+                    raise
+                self._durable_end, self._durable_tail = self._end, replace(self._tail)
+                self._open_segment(self._number + 1)
+            if self._mirror is not None:
+                self._ship()  # the seal (PostgreSQL mode), as any durable line
         if sealed is not None:
             self._publish(*sealed)
 
@@ -271,6 +280,8 @@ class AuditLog:
             raise
         self._end += len(data)
         self._tail.prev_hash = line_hash(line)
+        if self._mirror is not None:
+            self._unshipped.append((self._end, line))
         return line
 
     def _commit(self, end: int, epoch: int) -> None:
@@ -278,17 +289,31 @@ class AuditLog:
         with self._sync_lock:
             if self._epoch != epoch:
                 raise OSError("the audit record was rolled back after a failed fsync")
-            if self._durable_end >= end:
-                return  # another request's fsync covered this record
-            with self._lock:
-                target, snapshot, fd = self._end, replace(self._tail), self._fd
-            try:
-                os.fsync(fd)
-            except OSError:
+            if self._durable_end < end:  # else another request's fsync covered this record
                 with self._lock:
-                    self._rollback_locked()
-                raise
-            self._durable_end, self._durable_tail = target, snapshot
+                    target, snapshot, fd = self._end, replace(self._tail), self._fd
+                try:
+                    os.fsync(fd)
+                except OSError:
+                    with self._lock:
+                        self._rollback_locked()
+                    raise
+                self._durable_end, self._durable_tail = target, snapshot
+            if self._mirror is not None and self._shipped_end < end:
+                self._ship()
+
+    def _ship(self) -> None:
+        """Copy every durable line not yet mirrored; caller holds ``_sync_lock``. A failure fails the
+        requests waiting on those lines (fail closed); the next commit tries them again."""
+        assert self._mirror is not None
+        with self._lock:
+            batch = [(e, line) for e, line in self._unshipped if e <= self._durable_end]
+        if not batch:
+            return
+        self._mirror([line for _, line in batch])
+        with self._lock:
+            del self._unshipped[: len(batch)]
+            self._shipped_end = batch[-1][0]
 
     def _rollback_locked(self) -> None:
         """Cut the open segment back to its last durable byte (after a failed fsync)."""
@@ -296,6 +321,7 @@ class AuditLog:
             os.ftruncate(self._fd, self._durable_end - self._base)
         self._end = self._durable_end
         self._tail = replace(self._durable_tail)
+        self._unshipped = [(e, line) for e, line in self._unshipped if e <= self._durable_end]
         self._epoch += 1
 
     def append(self, record: Mapping[str, Any]) -> None:

@@ -57,16 +57,29 @@ FIELDS = (
 )
 
 
-def audit_path(data_dir: Path) -> Path:
-    """The open segment of the ``main`` chain (``segments`` knows the layout)."""
-    return segments.current_segment(data_dir)
+# The chain of a single-process service; ``serve --workers N`` writes one chain per worker
+# (``<node>:w<i>``), each in its own directory under audit/ (docs/AUDIT.md, "On-disk layout").
+MAIN_CHAIN = segments.DEFAULT_CHAIN
+check_chain_id = segments.check_chain
+chains = segments.chains
 
 
-def head_path(data_dir: Path, chain: str = segments.DEFAULT_CHAIN) -> Path:
+def audit_path(data_dir: Path, chain: str = MAIN_CHAIN) -> Path:
+    """The open segment of ``chain`` (``segments`` knows the layout)."""
+    return segments.current_segment(data_dir, chain)
+
+
+def head_path(data_dir: Path, chain: str = MAIN_CHAIN) -> Path:
     """Where a chain's newest checkpoint is kept, outside the log directory."""
-    if chain == segments.DEFAULT_CHAIN:
+    if chain == MAIN_CHAIN:
         return Path(data_dir) / HEAD_FILE
     return Path(data_dir) / f"audit-head.{segments.check_chain(chain)}.json"
+
+
+def chain_lines(data_dir: Path, chain: str = MAIN_CHAIN) -> Iterator[bytes]:
+    """Every complete line of a chain, through all its segments, in order."""
+    for line in segments.read_chain(data_dir, chain):
+        yield line.data
 
 
 def format_time(when: datetime) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -121,18 +121,30 @@ def verify(
     checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
     now: datetime | None = None,
     since: Mapping[str, Mapping[str, Any]] | None = None,
+    chain: str | None = None,
+    lines: Iterable[bytes] | None = None,
 ) -> VerifyReport:
     """Check every chain: the hash chain through its segments, every checkpoint's signature and
     spacing, the segment seals, a prune record if any, and the head file.
 
     ``since`` (``--since-last``): per chain, the position of a checkpoint verified before; the
     walk starts there. Stops at the first bad line of a chain: everything after it is untrustworthy.
+    ``chain``: only that chain. ``lines``: check these lines of ``chain`` (a chain read from the
+    PostgreSQL table, from its first line) instead of its segments; there is no head file then.
     """
     report = VerifyReport(fingerprint=key_fingerprint(public_key))
-    for chain in segments.chains(data_dir):
-        _verify_chain(data_dir, chain, public_key, report, checkpoint_every, checkpoint_seconds, now,
-                      (since or {}).get(chain))
+    names = [chain] if chain is not None else [segments.DEFAULT_CHAIN] if lines is not None else None
+    for name in names or segments.chains(data_dir):
+        _verify_chain(data_dir, name, public_key, report, checkpoint_every, checkpoint_seconds, now,
+                      (since or {}).get(name), lines)
     return report
+
+
+def _given(lines: Iterable[bytes]) -> Iterator[segments.Line]:
+    offset = 0
+    for data in lines:
+        yield segments.Line(1, offset, data)
+        offset += len(data) + 1
 
 
 def _verify_chain(  # noqa: C901 - one walk, one check after the other
@@ -144,9 +156,10 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
     checkpoint_seconds: float,
     now: datetime | None,
     since: Mapping[str, Any] | None,
+    lines: Iterable[bytes] | None = None,
 ) -> None:
     grace = timedelta(seconds=checkpoint_seconds * 2 + 5)
-    start = _start_state(data_dir, chain, public_key, report, since)
+    start = _start_state(data_dir, chain, public_key, report, since) if lines is None else _State()
     if isinstance(start, str):
         report.problems.append(f"{chain}: {start}")
         return
@@ -156,6 +169,8 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
     where = f"{chain}: empty"
     at_line = 0
     files = [(n, p) for n, p in segments.segments(data_dir, chain) if n >= state.first_segment]
+    if lines is not None:
+        files = [(1, Path(f"{chain} (given lines)"))]
     skip_first = since is not None
 
     def fail(message: str) -> None:
@@ -170,7 +185,8 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
         ended = False
         line_no = 0
         start_offset = int(since.get("offset", 0)) if skip_first and since is not None else 0
-        for line_no, line in enumerate(segments.read_segment(path, number, start_offset), start=1):
+        source = segments.read_segment(path, number, start_offset) if lines is None else _given(lines)
+        for line_no, line in enumerate(source, start=1):
             if skip_first:
                 skip_first = False
                 continue
@@ -229,7 +245,7 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
         return fail(f"missing checkpoint: the last {since_checkpoint} records are not sealed")
     last_checkpoint = state.last_checkpoint
     head_file = head_path(data_dir, chain)
-    head = _read_head(head_file)
+    head = _read_head(head_file) if lines is None else None
     if head is not None:
         if not _check_signature(head, public_key):
             report.problems.append(f"{head_file.name}: bad signature")
@@ -240,7 +256,7 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
                 f"(it ends at checkpoint #{(last_checkpoint or {}).get('seq', 0)}, {where})")
         elif head.get("seq") == last_checkpoint.get("seq") and head != last_checkpoint:
             report.problems.append(f"{head_file.name}: differs from checkpoint #{head.get('seq')} in the log")
-    elif report.checkpoints:
+    elif report.checkpoints and lines is None:
         report.problems.append(f"{head_file.name} is missing although the log has checkpoints")
     if since_checkpoint:
         moment = now or datetime.now(UTC)
