@@ -32,6 +32,9 @@ GENESIS_HASH = "0" * 64
 
 OUTCOME_SUCCESS = "success"
 OUTCOME_ERROR = "error"
+# Written and made durable before a request changes the store (keyservice/write_ahead.py); the
+# request's success or error record, with the same request_id, follows it.
+OUTCOME_INTENT = "intent"
 
 FIELDS = (
     "version",
@@ -81,19 +84,25 @@ def build_record(
     alias_name: str | None = None,
     encryption_context: Mapping[str, str] | None = None,
     claimed_access_key_id: str | None = None,
+    intent: bool = False,
 ) -> dict[str, Any]:
     """The audit record of one request (without ``prev_hash``, which ``append`` adds).
 
     ``claimed_access_key_id`` is the access key id a refused request claimed (unknown key, bad
-    signature); it is recorded when there is no authenticated principal.
+    signature); it is recorded when there is no authenticated principal. ``intent``: the record
+    written before the request changes the store (outcome ``intent``), not its outcome.
     """
     principal = ctx.principal
+    if intent:
+        outcome = OUTCOME_INTENT
+    else:
+        outcome = OUTCOME_SUCCESS if error is None else OUTCOME_ERROR
     return {
         "version": RECORD_VERSION,
         "time": format_time(when),
         "request_id": ctx.request_id,
         "operation": operation,
-        "outcome": OUTCOME_SUCCESS if error is None else OUTCOME_ERROR,
+        "outcome": outcome,
         "error_code": None if error is None else error.aws_type,
         "error_message": None if error is None else error.message,
         "principal": principal.arn if principal else None,
@@ -114,7 +123,31 @@ def line_hash(line: bytes) -> str:
 
 
 def encode_line(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    """One line of UTF-8 JSON. Text that is not valid Unicode (a lone UTF-16 surrogate such as
+    ``"\\ud800"``, which a hostile client can send as a JSON escape) cannot be UTF-8 encoded; such
+    characters are stored as the six characters of their escape (``\\ud800`` as text), so the
+    line stays valid UTF-8 JSON and every reader can print it."""
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(_escape_surrogates(body), separators=(",", ":"), ensure_ascii=False,
+                          default=str).encode()
+
+
+def escape_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate replaced by its escape as text (``\\ud800``)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _escape_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape_surrogates(value)
+    if isinstance(value, Mapping):
+        return {_escape_surrogates(k): _escape_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escape_surrogates(v) for v in value]
+    return value
 
 
 def signed_bytes(checkpoint: Mapping[str, Any]) -> bytes:
@@ -150,12 +183,17 @@ def read_lines(path: Path) -> Iterator[bytes]:
                 yield raw[:-1]
 
 
-def read_records(data_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every well-formed request record in order (checkpoints and unparseable lines skipped)."""
+def is_intent(record: Mapping[str, Any]) -> bool:
+    return record.get("outcome") == OUTCOME_INTENT
+
+
+def read_records(data_dir: Path, *, intents: bool = False) -> Iterator[dict[str, Any]]:
+    """Every well-formed request record in order: one per request (checkpoints, unparseable lines
+    and, unless ``intents``, the intent records that precede state changes are skipped)."""
     for line in read_lines(audit_path(data_dir)):
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and not is_checkpoint(record):
+        if isinstance(record, dict) and not is_checkpoint(record) and (intents or not is_intent(record)):
             yield record

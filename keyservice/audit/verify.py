@@ -26,6 +26,7 @@ from keyservice.audit.records import (
     audit_path,
     head_path,
     is_checkpoint,
+    is_intent,
     key_fingerprint,
     line_hash,
     read_lines,
@@ -90,6 +91,9 @@ def verify(
         report.problems.append(f"line {number}: {message}")
         return report
 
+    # Intent records (before a state change) whose request has no outcome record yet: request id ->
+    # (line, operation, key). Left over at the end: the process stopped between the two.
+    open_intents: dict[object, tuple[int, object, object]] = {}
     number = 0
     for number, line in enumerate(read_lines(audit_path(data_dir)), start=1):
         try:
@@ -126,6 +130,10 @@ def verify(
             last_checkpoint, last_checkpoint_hash = record, line_hash(line)
             since_checkpoint, first_unsealed_time = 0, None
         else:
+            if is_intent(record):
+                open_intents[record.get("request_id")] = (number, record.get("operation"), record.get("key_id"))
+            else:
+                open_intents.pop(record.get("request_id"), None)
             report.records += 1
             since_checkpoint += 1
             if first_unsealed_time is None:
@@ -133,6 +141,10 @@ def verify(
         prev = line_hash(line)
 
     report.unsealed = since_checkpoint
+    for line_number, operation, key in open_intents.values():
+        report.notes.append(f"line {line_number}: {operation} on {key or '-'} was about to change the store "
+                            f"when the service stopped or could not record its outcome: the change may or "
+                            f"may not have been made")
     if since_checkpoint > checkpoint_every:
         return fail(number, f"missing checkpoint: the last {since_checkpoint} records are not sealed")
     head = _read_head(data_dir)

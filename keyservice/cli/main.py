@@ -28,6 +28,7 @@ from keyservice.clock import FileOffsetClock, SystemClock
 from keyservice.files import write_atomic
 from keyservice.http import tls
 from keyservice.http.api import KmsApp
+from keyservice.http.metrics_listener import MetricsListener
 from keyservice.http.server import Server
 from keyservice.scheduler import DEFAULT_INTERVAL, Scheduler
 from keyservice.store import rootkey
@@ -123,6 +124,22 @@ def _tls_setup(
     return files.cert, files.key, files.ca
 
 
+def _metrics_listener(args: argparse.Namespace, render: Any) -> MetricsListener | None:
+    """The opt-in /metrics listener (unauthenticated, so loopback unless the operator insists)."""
+    if args.metrics_listen is None:
+        return None
+    host, port = args.metrics_listen
+    if not _is_loopback(host) and not args.metrics_allow_remote:
+        raise CliError(
+            f"--metrics-listen {host}: /metrics is unauthenticated; use a loopback address "
+            "or add --metrics-allow-remote"
+        )
+    try:
+        return MetricsListener(host, port, render)
+    except OSError as error:
+        raise CliError(f"--metrics-listen {host}:{port}: {error.strerror or error}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     host, port = args.listen
     temp_dir: Path | None = None
@@ -157,11 +174,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_pkcs1_import=args.allow_pkcs1_import,
     )
     del root_key
-    metrics = {"/metrics": service.metrics_text}
-    app = KmsApp(service, SystemClock(), max_body=args.max_body, extra_routes=metrics, threads=args.threads)
+    app = KmsApp(service, SystemClock(), max_body=args.max_body, threads=args.threads)
     scheduler = Scheduler(service, interval=args.scheduler_interval)
-    server = Server(app, host, port, tls_cert=tls_cert, tls_key=tls_key)
+    server = Server(app, host, port, tls_cert=tls_cert, tls_key=tls_key, refuse=app.refuse_malformed)
     endpoint = server.endpoint
+    metrics = _metrics_listener(args, service.metrics_text)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -179,6 +196,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"  aws --endpoint-url {endpoint} kms list-keys", flush=True)
         if args.credentials_out:
             _write_credentials(Path(args.credentials_out), creds, endpoint, service.region, ca_bundle)
+    if metrics is not None:
+        print(f"  metrics (unauthenticated): {metrics.endpoint}/metrics", flush=True)
+        metrics.start()
     scheduler.start()
     try:
         server.serve_forever()
@@ -186,6 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         server.stop()
+        if metrics is not None:
+            metrics.stop()
         app.close()  # the last audit commits, before the log's final checkpoint
         scheduler.stop()
         service.close()  # seals the audit log with a final checkpoint
@@ -228,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-http",
         action="store_true",
         help="serve plain HTTP (loopback addresses only; for tests and debugging)",
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        type=_parse_listen,
+        metavar="HOST:PORT",
+        help="serve GET /metrics (Prometheus, unauthenticated, plain HTTP) on this separate address; "
+        "off by default, loopback only unless --metrics-allow-remote",
+    )
+    serve.add_argument(
+        "--metrics-allow-remote",
+        action="store_true",
+        help="allow a non-loopback --metrics-listen address (anyone reaching it reads the metrics)",
     )
     serve.add_argument("--threads", type=int, default=8, help="worker threads for key management requests")
     serve.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
