@@ -221,6 +221,7 @@ class KeyService:
                 raise errors.UnknownOperationException(f"Operation {operation[:128]!r} is not supported.")
             self._check_principal(ctx)
             info.principal = ctx.principal
+            info.source_address = ctx.source_address
             if not isinstance(params, dict):
                 raise errors.SerializationException("The request body must be a JSON object.")
             if operation in authorize.ACCOUNT_OPERATIONS:

@@ -131,7 +131,8 @@ def verify(
             since_checkpoint, first_unsealed_time = 0, None
         else:
             if is_intent(record):
-                open_intents[record.get("request_id")] = (number, record.get("operation"), record.get("key_id"))
+                intent = (number, record.get("operation"), record.get("key_id"))
+                open_intents[record.get("request_id")] = intent
             else:
                 open_intents.pop(record.get("request_id"), None)
             report.records += 1
