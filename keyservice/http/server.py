@@ -75,7 +75,8 @@ def _http_protocol(refuse: Refuse | None) -> Any:
             if refuse is None:
                 self._write_refusal(status, "text/plain; charset=utf-8", b"", "")
                 return
-            self.transport.pause_reading()
+            # Reading goes on (and is dropped, above): a client still sending then gets the answer
+            # and a clean close, not a reset that could discard the answer.
             client = self.client[0] if self.client else ""
             self._refusal = self.loop.create_task(self._answer(refuse(status, client)))
 
