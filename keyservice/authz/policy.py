@@ -285,13 +285,14 @@ def _parse_statement(raw: object, *, key_policy: bool) -> Statement:
     )
 
 
-def parse(text: object, *, key_policy: bool = True) -> Policy:
+def parse(text: object, *, key_policy: bool = True, cache: bool = True) -> Policy:
     """Parse and validate a policy document; raise MalformedPolicyDocumentException if it is not one.
 
     Parsed policies are immutable and depend only on the text, so stored policies — asked for on
-    every request — are parsed once (a changed policy is a different text).
+    every request — are parsed once (a changed policy is a different text). A candidate policy
+    from a request (``cache=False``) is not kept: the cache holds only what the store holds.
     """
-    if isinstance(text, str):
+    if isinstance(text, str) and cache:
         return _parse_cached(text, key_policy)
     return _parse(text, key_policy=key_policy)
 

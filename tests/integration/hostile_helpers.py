@@ -62,9 +62,10 @@ def _parse(data: bytes) -> Reply:
     return Reply(status, headers, body[:length])
 
 
-def exchange(port: int, chunks: Iterable[bytes], *, timeout: float = TIMEOUT) -> Reply:
+def exchange(port: int, chunks: Iterable[bytes], *, timeout: float = TIMEOUT, head: bool = False) -> Reply:
     """Send ``chunks`` on a fresh connection (stopping early if the server answers first), then read
-    one reply. Raises TimeoutError if none comes within ``timeout``: the server hung."""
+    one reply (``head``: a reply to HEAD, headers only). Raises TimeoutError if none comes within
+    ``timeout``: the server hung."""
     deadline = time.monotonic() + timeout
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         received = b""
@@ -77,7 +78,7 @@ def exchange(port: int, chunks: Iterable[bytes], *, timeout: float = TIMEOUT) ->
             except (BrokenPipeError, ConnectionResetError):
                 break
         while True:
-            complete = _complete(received)
+            complete = _complete(received, head)
             if complete is not None:
                 return complete
             remaining = deadline - time.monotonic()
@@ -95,10 +96,12 @@ def exchange(port: int, chunks: Iterable[bytes], *, timeout: float = TIMEOUT) ->
             received += data
 
 
-def _complete(data: bytes) -> Reply | None:
+def _complete(data: bytes, head: bool = False) -> Reply | None:
     if b"\r\n\r\n" not in data:
         return None
     reply = _parse(data)
+    if head:
+        return reply
     head_length = data.index(b"\r\n\r\n") + 4
     wanted = int(reply.headers.get("content-length", "0"))
     return reply if len(data) - head_length >= wanted else None

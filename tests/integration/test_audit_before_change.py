@@ -26,6 +26,8 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
+from keyservice.ops.registry import OPERATIONS
+from keyservice.service import READ_ONLY_OPERATIONS
 from tests.conftest import DevKeyService, run_keyservice, start_dev_service, stop_dev_service
 
 pytestmark = pytest.mark.integration
@@ -119,6 +121,8 @@ def _prepare(kms: Any) -> dict[str, Callable[[], Any]]:
 def _attempt_all(service: DevKeyService, kms: Any, calls: dict[str, Callable[[], Any]]) -> list[str]:
     """Make every call against the unwritable log; returns the operations whose change was committed
     (each must have had its intent record made durable first)."""
+    mutating = set(OPERATIONS.handlers) - READ_ONLY_OPERATIONS
+    assert mutating <= {name.split()[0] for name in calls}, "a new mutating operation needs a call here"
     committed = []
     for name, call in calls.items():
         before = _dump(service.data_dir)
