@@ -181,6 +181,12 @@ def _context(request: HttpRequest, request_id: str) -> RequestContext:
     )
 
 
+def _claimed_access_key(headers: dict[str, str]) -> str | None:
+    """The access key id an Authorization header claims (recorded for refused requests)."""
+    claimed = _CLAIMED_KEY.search(headers.get("authorization", ""))
+    return claimed.group(1)[:128] if claimed else None
+
+
 def _operation_of(request: HttpRequest) -> str:
     """The operation a request names, for the audit record of a refusal (attacker text, cut short)."""
     target = request.headers.get("x-amz-target", "")
@@ -248,9 +254,8 @@ class KmsApp:
 
     def _refuse(self, request: HttpRequest, ctx: RequestContext, error: errors.KMSError) -> None:
         """Audit a request refused before its signature was checked, then raise ``error``."""
-        claimed = _CLAIMED_KEY.search(request.headers.get("authorization", ""))
         self.service.record_refused(
-            _operation_of(request), ctx, error, access_key_id=claimed.group(1)[:128] if claimed else None
+            _operation_of(request), ctx, error, access_key_id=_claimed_access_key(request.headers)
         )
         raise error
 
@@ -293,12 +298,11 @@ class KmsApp:
                 now=self.clock.now(),
             )
         except errors.KMSError as error:
-            claimed = _CLAIMED_KEY.search(headers.get("authorization", ""))
             self.service.record_refused(
                 operation or target[:100] or NO_OPERATION,
                 ctx,
                 error,
-                access_key_id=claimed.group(1)[:128] if claimed else None,
+                access_key_id=_claimed_access_key(headers),
             )
             raise
         ctx = RequestContext(

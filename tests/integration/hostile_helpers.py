@@ -8,7 +8,7 @@ import json
 import select
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,14 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from tests.conftest import DevKeyService, free_port, spawn_keyservice, wait_healthy
+from tests.conftest import (
+    DevKeyService,
+    free_port,
+    run_keyservice,
+    spawn_keyservice,
+    stop_dev_service,
+    wait_healthy,
+)
 
 TIMEOUT = 15.0
 
@@ -34,6 +41,17 @@ def start_plain_service(base: Path, *extra: str) -> DevKeyService:
     wait_healthy(process, endpoint, log_file, ready_file=creds)
     region = json.loads(creds.read_text())["region"]
     return DevKeyService(process, endpoint, region, creds, data_dir, log_file)
+
+
+def serve_and_verify(base: Path, *extra: str) -> Iterator[tuple[DevKeyService, AuditTail]]:
+    """A plain-HTTP server and its audit tail for a fixture; afterwards ``audit verify`` must pass."""
+    service = start_plain_service(base, *extra)
+    try:
+        yield service, AuditTail(service.data_dir / "audit" / "audit.log")
+    finally:
+        stop_dev_service(service)
+    report = run_keyservice("audit", "verify", "--data-dir", str(service.data_dir))
+    assert report.returncode == 0, report.stdout + report.stderr
 
 
 @dataclass

@@ -10,7 +10,6 @@ the last free bytes and the outcome record does not. Afterwards the log still ve
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sqlite3
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from keyservice.ops.registry import OPERATIONS
 from keyservice.service import READ_ONLY_OPERATIONS
 from tests.conftest import DevKeyService, run_keyservice, start_dev_service, stop_dev_service
+from tests.integration import audit_disk
 
 pytestmark = pytest.mark.integration
 
@@ -177,43 +177,15 @@ def test_read_only_audit_log_blocks_every_change(tmp_path: Path) -> None:
 @pytest.fixture
 def small_audit_disk(tmp_path: Path) -> Iterator[tuple[DevKeyService, Path]]:
     """A dev service whose audit directory is a 1 MiB tmpfs, unmounted afterwards."""
-    audit_dir = tmp_path / "keyservice-data" / "audit"
-    audit_dir.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(audit_dir)],
-                             capture_output=True)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
-    try:
-        service = start_dev_service(tmp_path)
-        try:
-            yield service, audit_dir
-        finally:
-            stop_dev_service(service)
-    finally:
-        subprocess.run(["umount", "-l", str(audit_dir)], check=False)
-
-
-def _fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (1 << 16, 4096, 1):
-            while True:
-                try:
-                    os.write(fd, b"\0" * size)
-                except OSError as error:
-                    assert error.errno == errno.ENOSPC
-                    break
-    finally:
-        os.close(fd)
-    return filler
+    with audit_disk.small_audit_disk(tmp_path, "1m") as served:
+        yield served
 
 
 def test_full_audit_disk_blocks_every_change(small_audit_disk: tuple[DevKeyService, Path]) -> None:
     service, audit_dir = small_audit_disk
     kms = service.boto3_client(config=Config(retries={"max_attempts": 1}))
     calls = _prepare(kms)
-    filler = _fill(audit_dir)
+    filler = audit_disk.fill(audit_dir)
     # The log's last tmpfs page may still hold a few records: use them up.
     for _ in range(100):
         try:

@@ -28,14 +28,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keyservice.ops.registry import OPERATIONS
-from tests.conftest import DevKeyService, run_keyservice, stop_dev_service
+from tests.conftest import DevKeyService
 from tests.integration.hostile_helpers import (
     AuditTail,
     exchange,
     request_bytes,
     rss_kib,
+    serve_and_verify,
     sign,
-    start_plain_service,
 )
 
 pytestmark = pytest.mark.integration
@@ -50,13 +50,7 @@ MAX_BODY = 64 * 1024
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevKeyService, AuditTail]]:
-    service = start_plain_service(tmp_path_factory.mktemp("fuzz"), "--max-body", str(MAX_BODY))
-    try:
-        yield service, AuditTail(service.data_dir / "audit" / "audit.log")
-    finally:
-        stop_dev_service(service)
-    report = run_keyservice("audit", "verify", "--data-dir", str(service.data_dir))
-    assert report.returncode == 0, report.stdout + report.stderr
+    yield from serve_and_verify(tmp_path_factory.mktemp("fuzz"), "--max-body", str(MAX_BODY))
 
 
 # --------------------------------------------------------------------------- strategies
@@ -71,7 +65,9 @@ _number = st.one_of(
 _scalar = st.one_of(st.none(), st.booleans(), _number, _text)
 _value = st.recursive(
     _scalar,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, min_size=1, max_size=4) | st.dictionaries(_text, inner, min_size=1, max_size=4)
+    ),
     max_leaves=10,
 )
 _b64 = st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode())

@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import DevKeyService, free_port, run_keyservice, stop_dev_service
+from tests.conftest import DevKeyService, free_port, run_keyservice
 from tests.integration.hostile_helpers import (
     AuditTail,
     Reply,
     exchange,
     request_bytes,
+    serve_and_verify,
     sign,
-    start_plain_service,
 )
 
 pytestmark = pytest.mark.integration
@@ -34,13 +34,7 @@ MAX_BODY = 64 * 1024
 
 
 def _serve(base: Path, *extra: str) -> Iterator[tuple[DevKeyService, AuditTail]]:
-    service = start_plain_service(base, "--max-body", str(MAX_BODY), *extra)
-    try:
-        yield service, AuditTail(service.data_dir / "audit" / "audit.log")
-    finally:
-        stop_dev_service(service)
-    report = run_keyservice("audit", "verify", "--data-dir", str(service.data_dir))
-    assert report.returncode == 0, report.stdout + report.stderr
+    yield from serve_and_verify(base, "--max-body", str(MAX_BODY), *extra)
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,9 @@ _text = st.text(st.characters(codec="utf-8") | st.sampled_from(_SPECIAL), max_si
 _value = st.one_of(_text, st.booleans(), st.integers(), st.none(), st.floats(allow_nan=True))
 _json = st.recursive(
     _value,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, min_size=1, max_size=3) | st.dictionaries(_text, inner, min_size=1, max_size=3)
+    ),
     max_leaves=12,
 )
 _operators = st.sampled_from([
