@@ -65,12 +65,16 @@ class DevKeyService:
         } | overrides
         return boto3.client("kms", **kwargs)
 
-    def audit_records(self) -> list[dict[str, Any]]:
-        """The request records of the log, oldest first (checkpoint lines left out: every 100
-        records one appears, and a mount's key pool alone makes dozens of records)."""
+    def audit_records(self, *, intents: bool = False) -> list[dict[str, Any]]:
+        """The request records of the log, oldest first: one per request (checkpoint lines left
+        out: every 100 records one appears, and a mount's key pool alone makes dozens of records;
+        and, unless ``intents``, the intent records written before state changes)."""
         path = self.data_dir / "audit" / "audit.log"
         lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-        return [r for r in lines if r.get("type") != "checkpoint"]
+        return [
+            r for r in lines
+            if r.get("type") != "checkpoint" and (intents or r.get("outcome") != "intent")
+        ]  # fmt: skip
 
 
 def run_keyservice(

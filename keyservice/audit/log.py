@@ -226,8 +226,12 @@ class AuditLog:
             del self._unshipped[: len(batch)]
             self._shipped_end = batch[-1][0]
 
-    def append(self, record: Mapping[str, Any]) -> None:
-        """Write one record and wait until it is durable; raise KMSInternalException if it cannot be."""
+    def append(self, record: Mapping[str, Any], *, sync: bool = False) -> None:
+        """Write one record and wait until it is durable; raise KMSInternalException if it cannot be.
+
+        Inside ``deferred_commits()`` the wait is left to the caller, unless ``sync``: an intent
+        record (``keyservice.write_ahead``) must be durable before the store write that follows.
+        """
         try:
             with self._lock:
                 self._write_locked(dict(record))
@@ -241,7 +245,7 @@ class AuditLog:
                     # ``checkpoint_every`` records; it becomes durable with this batch.
                     sealed = self._checkpoint_locked()
                 ticket = CommitTicket(self, self._end, self._epoch, sealed)
-            pending = pending_tickets()
+            pending = None if sync else pending_tickets()
             if pending is not None:
                 pending.append(ticket)
                 return

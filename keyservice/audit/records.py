@@ -34,6 +34,9 @@ GENESIS_HASH = "0" * 64
 
 OUTCOME_SUCCESS = "success"
 OUTCOME_ERROR = "error"
+# Written and made durable before a request changes the store (keyservice/write_ahead.py); the
+# request's success or error record, with the same request_id, follows it.
+OUTCOME_INTENT = "intent"
 
 FIELDS = (
     "version",
@@ -113,19 +116,25 @@ def build_record(
     alias_name: str | None = None,
     encryption_context: Mapping[str, str] | None = None,
     claimed_access_key_id: str | None = None,
+    intent: bool = False,
 ) -> dict[str, Any]:
     """The audit record of one request (without ``prev_hash``, which ``append`` adds).
 
     ``claimed_access_key_id`` is the access key id a refused request claimed (unknown key, bad
-    signature); it is recorded when there is no authenticated principal.
+    signature); it is recorded when there is no authenticated principal. ``intent``: the record
+    written before the request changes the store (outcome ``intent``), not its outcome.
     """
     principal = ctx.principal
+    if intent:
+        outcome = OUTCOME_INTENT
+    else:
+        outcome = OUTCOME_SUCCESS if error is None else OUTCOME_ERROR
     return {
         "version": RECORD_VERSION,
         "time": format_time(when),
         "request_id": ctx.request_id,
         "operation": operation,
-        "outcome": OUTCOME_SUCCESS if error is None else OUTCOME_ERROR,
+        "outcome": outcome,
         "error_code": None if error is None else error.aws_type,
         "error_message": None if error is None else error.message,
         "principal": principal.arn if principal else None,
@@ -146,7 +155,31 @@ def line_hash(line: bytes) -> str:
 
 
 def encode_line(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    """One line of UTF-8 JSON. Text that is not valid Unicode (a lone UTF-16 surrogate such as
+    ``"\\ud800"``, which a hostile client can send as a JSON escape) cannot be UTF-8 encoded; such
+    characters are stored as the six characters of their escape (``\\ud800`` as text), so the
+    line stays valid UTF-8 JSON and every reader can print it."""
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(_escape_surrogates(body), separators=(",", ":"), ensure_ascii=False,
+                          default=str).encode()
+
+
+def escape_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate replaced by its escape as text (``\\ud800``)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _escape_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape_surrogates(value)
+    if isinstance(value, Mapping):
+        return {_escape_surrogates(k): _escape_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escape_surrogates(v) for v in value]
+    return value
 
 
 def signed_bytes(checkpoint: Mapping[str, Any]) -> bytes:
@@ -182,19 +215,28 @@ def read_lines(path: Path) -> Iterator[bytes]:
                 yield raw[:-1]
 
 
-def read_records(data_dir: Path, unparsable: list[int] | None = None) -> Iterator[dict[str, Any]]:
+def is_intent(record: Mapping[str, Any]) -> bool:
+    return record.get("outcome") == OUTCOME_INTENT
+
+
+def read_records(
+    data_dir: Path, unparsable: list[int] | None = None, *, intents: bool = False
+) -> Iterator[dict[str, Any]]:
     """Every well-formed request record of every chain, merged by time (each chain is in time
-    order already; checkpoints skipped). Lines that are not a JSON object are skipped too, and
-    their 1-based line numbers (in their chain's log) appended to ``unparsable`` if given
+    order already): one per request. Checkpoints are skipped, and so, unless ``intents``, are the
+    intent records that precede state changes. Lines that are not a JSON object are skipped too,
+    and their 1-based line numbers (in their chain's log) appended to ``unparsable`` if given
     (``audit list`` reports them; ``audit verify`` says what they break)."""
-    streams = [_chain_records(data_dir, chain, unparsable) for chain in chains(data_dir)]
+    streams = [_chain_records(data_dir, chain, unparsable, intents) for chain in chains(data_dir)]
     if len(streams) == 1:
         yield from streams[0]
         return
     yield from heapq.merge(*streams, key=lambda record: str(record.get("time", "")))
 
 
-def _chain_records(data_dir: Path, chain: str, unparsable: list[int] | None) -> Iterator[dict[str, Any]]:
+def _chain_records(
+    data_dir: Path, chain: str, unparsable: list[int] | None, intents: bool
+) -> Iterator[dict[str, Any]]:
     for number, line in enumerate(read_lines(audit_path(data_dir, chain)), 1):
         try:
             record = json.loads(line)
@@ -204,5 +246,5 @@ def _chain_records(data_dir: Path, chain: str, unparsable: list[int] | None) -> 
             if unparsable is not None:
                 unparsable.append(number)
             continue
-        if not is_checkpoint(record):
+        if not is_checkpoint(record) and (intents or not is_intent(record)):
             yield record

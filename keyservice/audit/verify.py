@@ -27,6 +27,7 @@ from keyservice.audit.records import (
     audit_path,
     head_path,
     is_checkpoint,
+    is_intent,
     key_fingerprint,
     line_hash,
     read_lines,
@@ -94,6 +95,9 @@ def verify(
         report.problems.append(f"line {number}: {message}")
         return report
 
+    # Intent records (before a state change) whose request has no outcome record yet: request id ->
+    # (line, operation, key). Left over at the end: the process stopped between the two.
+    open_intents: dict[object, tuple[int, object, object]] = {}
     number = 0
     source = read_lines(audit_path(data_dir, chain)) if lines is None else lines
     for number, line in enumerate(source, start=1):
@@ -131,6 +135,11 @@ def verify(
             last_checkpoint, last_checkpoint_hash = record, line_hash(line)
             since_checkpoint, first_unsealed_time = 0, None
         else:
+            if is_intent(record):
+                intent = (number, record.get("operation"), record.get("key_id"))
+                open_intents[record.get("request_id")] = intent
+            else:
+                open_intents.pop(record.get("request_id"), None)
             report.records += 1
             since_checkpoint += 1
             if first_unsealed_time is None:
@@ -138,6 +147,10 @@ def verify(
         prev = line_hash(line)
 
     report.unsealed = since_checkpoint
+    for line_number, operation, key in open_intents.values():
+        report.notes.append(f"line {line_number}: {operation} on {key or '-'} was about to change the store "
+                            f"when the service stopped or could not record its outcome: the change may or "
+                            f"may not have been made")
     if since_checkpoint > checkpoint_every:
         return fail(number, f"missing checkpoint: the last {since_checkpoint} records are not sealed")
     head = _read_head(data_dir, chain) if lines is None else None
