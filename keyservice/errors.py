@@ -40,6 +40,7 @@ AccessDeniedException = _error("AccessDeniedException", 400)
 UnknownOperationException = _error("UnknownOperationException", 400)
 SerializationException = _error("SerializationException", 400)
 RequestEntityTooLargeException = _error("RequestEntityTooLargeException", 413)
+RequestHeaderFieldsTooLargeException = _error("RequestHeaderFieldsTooLargeException", 431)
 
 # Service.
 ValidationException = _error("ValidationException", 400)

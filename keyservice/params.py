@@ -77,6 +77,8 @@ class AuditInfo:
     # ``KeyService.call`` can refuse to return a key operation that skipped authorization.
     principal: Principal | None = None
     authorized_keys: set[str] = field(default_factory=set)
+    # Where the request came from (aws:SourceIp in policy conditions); also not audited from here.
+    source_address: str = ""
 
 
 Handler = Callable[[dict[str, Any], AuditInfo], dict[str, Any]]

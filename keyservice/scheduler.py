@@ -59,12 +59,14 @@ def run_due_work(service: KeyService) -> dict[str, int]:
             ):
                 continue
             due = key.next_rotation_date
-            version = rotation.rotate(service, key, ROTATION_AUTOMATIC, now)
+            with service.intent_scope("RotateKey", key.arn) as request_id:
+                version = rotation.rotate(service, key, ROTATION_AUTOMATIC, now)
         service.audit_event(
             "RotateKey",
             key.arn,
             key_version=version,
             details={"rotation_type": ROTATION_AUTOMATIC, "due": due.isoformat()},
+            request_id=request_id,
         )
         done["rotated"] += 1
     done["import_parameters_purged"] = service.store.purge_import_parameters(now)

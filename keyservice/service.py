@@ -4,7 +4,9 @@ No HTTP here. The HTTP layer verifies SigV4 (using the secret from ``authenticat
 JSON and base64, and calls ``call(operation, params, ctx)``; binary fields arrive and leave as
 ``bytes`` and timestamps leave as ``datetime``. Every ``call`` appends exactly one audit record,
 success or error, before it returns or raises; if the record cannot be written the caller gets
-``KMSInternalException`` instead of the result (fail closed).
+``KMSInternalException`` instead of the result (fail closed). A request that changes the store
+first appends a durable *intent* record (``write_ahead``: ``self.store`` is a ``WriteAheadStore``),
+so no change is ever visible without a record of it.
 
 Authorization (K4/K5) is ``authz.authorize``'s: every handler's ``check_usable(key, operation,
 info)`` authorizes the caller on the key before checking its state, and ``call`` authorizes
@@ -31,11 +33,11 @@ import hmac
 import logging
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from keyservice import envelope, errors, lifecycle
+from keyservice import envelope, errors, lifecycle, write_ahead
 from keyservice.audit.log import AuditLog
 from keyservice.audit.records import build_record
 from keyservice.authz import authorize, policy
@@ -75,6 +77,9 @@ UNSEALED_CACHE_SIZE = 1024
 
 # Who the audit log names for transitions the service makes by itself.
 SERVICE_PRINCIPAL = "keyservice"
+
+# The /metrics label of every request whose operation this service does not implement.
+UNKNOWN_OPERATION = "unknown"
 
 # Operations that never change a key record run outside a store transaction (and, for the same
 # reason, on the HTTP server's event loop: keyservice/http/api.py).
@@ -138,7 +143,8 @@ class KeyService:
     ) -> None:
         if len(root_key) != rootkey.ROOT_KEY_LEN:
             raise ValueError("the root key must be 32 bytes")
-        self.store = store
+        # Every write first makes the current request's intent record durable (write_ahead).
+        self.store: Store = write_ahead.WriteAheadStore(store)  # type: ignore[assignment]
         self.audit_log = audit_log
         self.region = region
         self.account_id = account_id
@@ -212,16 +218,18 @@ class KeyService:
                 raise errors.UnknownOperationException(f"Operation {operation[:128]!r} is not supported.")
             self._check_principal(ctx)
             info.principal = ctx.principal
+            info.source_address = ctx.source_address
             if not isinstance(params, dict):
                 raise errors.SerializationException("The request body must be a JSON object.")
             if operation in authorize.ACCOUNT_OPERATIONS:
                 authorize.authorize_account(self, info, operation)
             authorize.check_grant_tokens(self, params)
-            if operation in READ_ONLY_OPERATIONS:
-                result = handler(params, info)
-            else:
-                with self.store.transaction():
+            with write_ahead.scope(functools.partial(self._audit_intent, operation, ctx, info)):
+                if operation in READ_ONLY_OPERATIONS:
                     result = handler(params, info)
+                else:
+                    with self.store.transaction():
+                        result = handler(params, info)
             if operation not in authorize.ACCOUNT_OPERATIONS and not info.authorized_keys:
                 # Fail closed: a key operation that never authorized its key is a bug, not a grant.
                 log.error("%s returned without authorizing a key", operation)
@@ -293,10 +301,15 @@ class KeyService:
         error: errors.KMSError | None,
         *,
         claimed_access_key_id: str | None = None,
+        intent: bool = False,
     ) -> None:
         if info.extra:
             ctx = dataclasses.replace(ctx, caller={**ctx.caller, "keyservice": info.extra})
-        self.metrics.count_request(operation[:128], error.aws_type if error is not None else None)
+        if not intent:
+            # Only operation names this service implements become metric labels: anything else a
+            # client sends would add a series (memory) per distinct name.
+            label = operation if operation in self._handlers else UNKNOWN_OPERATION
+            self.metrics.count_request(label, error.aws_type if error is not None else None)
         record = build_record(
             when=self.clock.now(),
             ctx=ctx,
@@ -308,8 +321,32 @@ class KeyService:
             alias_name=info.alias_name,
             encryption_context=info.encryption_context,
             claimed_access_key_id=claimed_access_key_id[:128] if claimed_access_key_id else None,
+            intent=intent,
         )
-        self.audit_log.append(record)
+        self.audit_log.append(record, sync=intent)
+
+    def _audit_intent(self, operation: str, ctx: RequestContext, info: AuditInfo) -> None:
+        """The intent record of a request about to change the store: durable before the write."""
+        self._audit(operation, ctx, info, None, intent=True)
+
+    @contextlib.contextmanager
+    def intent_scope(self, operation: str, key_arn: str | None) -> Iterator[str]:
+        """Bracket a transition the service makes by itself (scheduler): its first store write is
+        preceded by a durable intent record; if the block fails after that, an error record follows.
+        Yields the request id, for the ``audit_event`` that records the outcome."""
+        ctx = self._service_context({})
+        info = AuditInfo(key_arn=key_arn)
+        with write_ahead.scope(functools.partial(self._audit_intent, operation, ctx, info)) as current:
+            try:
+                yield ctx.request_id
+            except Exception as exc:
+                if current.written:
+                    error = exc if isinstance(exc, errors.KMSError) else errors.KMSInternalException(
+                        "The transition failed after its intent was recorded."
+                    )
+                    with contextlib.suppress(errors.KMSError):
+                        self._audit(operation, ctx, info, error)
+                raise
 
     def audit_event(
         self,
@@ -318,23 +355,28 @@ class KeyService:
         *,
         key_version: int | None = None,
         details: dict[str, Any] | None = None,
+        request_id: str | None = None,
     ) -> None:
         """Audit a transition the service made by itself (scheduler: rotation, expiry, deletion).
 
         The principal is ``SERVICE_PRINCIPAL``; event details go under ``caller.keyservice``.
+        ``request_id``: the one ``intent_scope`` yielded, so intent and outcome pair up.
         """
-        ctx = RequestContext(
-            request_id=str(uuid.uuid4()),
-            source_address="",
-            principal=Principal(self.account_id, SERVICE_PRINCIPAL, ""),
-            user_agent="keyservice-scheduler",
-            caller={"keyservice": details or {}},
-        )
+        ctx = self._service_context(details or {}, request_id)
         self.metrics.count_event(operation)
         self.audit_log.append(
             build_record(
                 when=self.clock.now(), ctx=ctx, operation=operation, key_arn=key_arn, key_version=key_version
             )
+        )
+
+    def _service_context(self, details: dict[str, Any], request_id: str | None = None) -> RequestContext:
+        return RequestContext(
+            request_id=request_id or str(uuid.uuid4()),
+            source_address="",
+            principal=Principal(self.account_id, SERVICE_PRINCIPAL, ""),
+            user_agent="keyservice-scheduler",
+            caller={"keyservice": details},
         )
 
     def metrics_text(self, counters: Metrics | None = None) -> tuple[str, str]:

@@ -67,10 +67,11 @@ class DevKeyService:
         } | overrides
         return boto3.client("kms", **kwargs)
 
-    def audit_records(self) -> list[dict[str, Any]]:
-        """The request records of the log, oldest first (checkpoint lines left out: every 100
-        records one appears, and a mount's key pool alone makes dozens of records)."""
-        return list(read_records(self.data_dir))
+    def audit_records(self, *, intents: bool = False) -> list[dict[str, Any]]:
+        """The request records of the log, oldest first: one per request (checkpoint lines left
+        out: every 100 records one appears, and a mount's key pool alone makes dozens of records;
+        and, unless ``intents``, the intent records written before state changes)."""
+        return list(read_records(self.data_dir, intents=intents))
 
 
 def run_keyservice(

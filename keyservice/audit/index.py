@@ -1,7 +1,7 @@
 """The audit index: a SQLite cache beside the log that finds records without reading them all.
 
 Why a cache and not a second log: the log (``segments``) is the source of truth, signed and
-chained; the index holds, per request record, its chain, sequence number (its ordinal in the
+chained; the index holds, per request record (not intents), its chain, sequence number (its ordinal in the
 chain), segment and byte offset, and the fields a security officer asks about (docs/AUDIT.md,
 "Index"). Queries read the records themselves from the log at those offsets. The index is filled
 from complete lines already in the log (``update``: never ahead of the log), can be deleted at any
@@ -29,7 +29,7 @@ from typing import Any
 
 from keyservice.audit import segments
 from keyservice.audit.prune import prune_record
-from keyservice.audit.records import is_checkpoint, line_hash, parse_line
+from keyservice.audit.records import is_checkpoint, is_intent, line_hash, parse_line
 
 INDEX_FILE = "index.sqlite"
 INDEX_VERSION = 2
@@ -375,6 +375,8 @@ def _update_chain(data_dir: Path, conn: sqlite3.Connection, chain: str, limit: i
             if record is None:  # damaged: reported with every answer (and by verify)
                 conn.execute("INSERT INTO damaged VALUES (?, ?)", (position.id, number))
                 continue
+            if is_intent(record):
+                continue  # the write-ahead line of a state change: its outcome record is indexed
             seq += 1
             added += 1
             writer.add(position.id, seq, line.segment, line.offset, len(line.data), record)

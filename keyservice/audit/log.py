@@ -324,8 +324,12 @@ class AuditLog:
         self._unshipped = [(e, line) for e, line in self._unshipped if e <= self._durable_end]
         self._epoch += 1
 
-    def append(self, record: Mapping[str, Any]) -> None:
-        """Write one record and wait until it is durable; raise KMSInternalException if it cannot be."""
+    def append(self, record: Mapping[str, Any], *, sync: bool = False) -> None:
+        """Write one record and wait until it is durable; raise KMSInternalException if it cannot be.
+
+        Inside ``deferred_commits()`` the wait is left to the caller, unless ``sync``: an intent
+        record (``keyservice.write_ahead``) must be durable before the store write that follows.
+        """
         try:
             if self._rotation_due():
                 self.rotate()
@@ -341,7 +345,7 @@ class AuditLog:
                     # ``checkpoint_every`` records; it becomes durable with this batch.
                     sealed = self._checkpoint_locked()
                 ticket = CommitTicket(self, self._end, self._epoch, sealed)
-            pending = pending_tickets()
+            pending = None if sync else pending_tickets()
             if pending is not None:
                 pending.append(ticket)
                 return

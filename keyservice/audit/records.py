@@ -34,6 +34,9 @@ GENESIS_HASH = "0" * 64
 
 OUTCOME_SUCCESS = "success"
 OUTCOME_ERROR = "error"
+# Written and made durable before a request changes the store (keyservice/write_ahead.py); the
+# request's success or error record, with the same request_id, follows it.
+OUTCOME_INTENT = "intent"
 
 FIELDS = (
     "version",
@@ -99,19 +102,25 @@ def build_record(
     alias_name: str | None = None,
     encryption_context: Mapping[str, str] | None = None,
     claimed_access_key_id: str | None = None,
+    intent: bool = False,
 ) -> dict[str, Any]:
     """The audit record of one request (without ``prev_hash``, which ``append`` adds).
 
     ``claimed_access_key_id`` is the access key id a refused request claimed (unknown key, bad
-    signature); it is recorded when there is no authenticated principal.
+    signature); it is recorded when there is no authenticated principal. ``intent``: the record
+    written before the request changes the store (outcome ``intent``), not its outcome.
     """
     principal = ctx.principal
+    if intent:
+        outcome = OUTCOME_INTENT
+    else:
+        outcome = OUTCOME_SUCCESS if error is None else OUTCOME_ERROR
     return {
         "version": RECORD_VERSION,
         "time": format_time(when),
         "request_id": ctx.request_id,
         "operation": operation,
-        "outcome": OUTCOME_SUCCESS if error is None else OUTCOME_ERROR,
+        "outcome": outcome,
         "error_code": None if error is None else error.aws_type,
         "error_message": None if error is None else error.message,
         "principal": principal.arn if principal else None,
@@ -132,7 +141,31 @@ def line_hash(line: bytes) -> str:
 
 
 def encode_line(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    """One line of UTF-8 JSON. Text that is not valid Unicode (a lone UTF-16 surrogate such as
+    ``"\\ud800"``, which a hostile client can send as a JSON escape) cannot be UTF-8 encoded; such
+    characters are stored as the six characters of their escape (``\\ud800`` as text), so the
+    line stays valid UTF-8 JSON and every reader can print it."""
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(_escape_surrogates(body), separators=(",", ":"), ensure_ascii=False,
+                          default=str).encode()
+
+
+def escape_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate replaced by its escape as text (``\\ud800``)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _escape_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape_surrogates(value)
+    if isinstance(value, Mapping):
+        return {_escape_surrogates(k): _escape_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escape_surrogates(v) for v in value]
+    return value
 
 
 def signed_bytes(checkpoint: Mapping[str, Any]) -> bytes:
@@ -180,11 +213,17 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def is_intent(record: Mapping[str, Any]) -> bool:
+    return record.get("outcome") == OUTCOME_INTENT
+
+
 def chain_records(
-    data_dir: Path, chain: str = segments.DEFAULT_CHAIN, unparsable: list[int] | None = None
+    data_dir: Path, chain: str = segments.DEFAULT_CHAIN, unparsable: list[int] | None = None,
+    intents: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Every well-formed request record of one chain in order (checkpoints skipped). Lines that
-    are not a JSON object are skipped too, and their 1-based line numbers (counted through the
+    """Every well-formed request record of one chain in order: one per request. Checkpoints are
+    skipped, and so, unless ``intents``, are the intent records that precede state changes. Lines
+    that are not a JSON object are skipped too, and their 1-based line numbers (counted through the
     chain's segments) appended to ``unparsable`` if given."""
     for number, line in enumerate(segments.read_chain(data_dir, chain), 1):
         record = parse_line(line.data)
@@ -192,17 +231,19 @@ def chain_records(
             if unparsable is not None:
                 unparsable.append(number)
             continue
-        if not is_checkpoint(record):
+        if not is_checkpoint(record) and (intents or not is_intent(record)):
             yield record
 
 
-def read_records(data_dir: Path, unparsable: list[int] | None = None) -> Iterator[dict[str, Any]]:
+def read_records(
+    data_dir: Path, unparsable: list[int] | None = None, *, intents: bool = False
+) -> Iterator[dict[str, Any]]:
     """Every well-formed request record of every chain, merged by time (each chain in its order);
-    ``unparsable`` as in ``chain_records``. (``audit list`` reports them; ``audit verify`` says
-    what they break.)"""
+    ``unparsable`` and ``intents`` as in ``chain_records``. (``audit list`` reports the unparsable
+    lines; ``audit verify`` says what they break.)"""
     chains = segments.chains(data_dir)
     if len(chains) == 1:
-        yield from chain_records(data_dir, chains[0], unparsable)
+        yield from chain_records(data_dir, chains[0], unparsable, intents)
         return
-    each = (chain_records(data_dir, c, unparsable) for c in chains)
+    each = (chain_records(data_dir, c, unparsable, intents) for c in chains)
     yield from heapq.merge(*each, key=lambda r: str(r.get("time", "")))

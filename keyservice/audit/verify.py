@@ -26,6 +26,7 @@ from keyservice.audit.records import (
     GENESIS_HASH,
     head_path,
     is_checkpoint,
+    is_intent,
     key_fingerprint,
     line_hash,
     parse_line,
@@ -176,6 +177,9 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
     def fail(message: str) -> None:
         report.problems.append(f"line {at_line}: {message} ({where})" if at_line else f"{where}: {message}")
 
+    # Intent records (before a state change) whose request has no outcome record yet: request id ->
+    # (where, operation, key). Left over at the end: the process stopped between the two.
+    open_intents: dict[object, tuple[str, object, object]] = {}
     expected_number = state.first_segment
     for index, (number, path) in enumerate(files):
         where = f"{chain}/{path.name}"
@@ -228,6 +232,11 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
                 since_checkpoint, first_unsealed_time = 0, None
                 ended = bool(record.get("segment_end"))
             else:
+                if is_intent(record):
+                    intent = (f"line {line_no} ({where})", record.get("operation"), record.get("key_id"))
+                    open_intents[record.get("request_id")] = intent
+                else:
+                    open_intents.pop(record.get("request_id"), None)
                 report.records += 1
                 state.records += 1
                 since_checkpoint += 1
@@ -241,6 +250,10 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
 
     report.unsealed += since_checkpoint
     at_line = 0
+    for place, operation, key in open_intents.values():
+        report.notes.append(f"{place}: {operation} on {key or '-'} was about to change the store "
+                            f"when the service stopped or could not record its outcome: the change may or "
+                            f"may not have been made")
     if since_checkpoint > checkpoint_every:
         return fail(f"missing checkpoint: the last {since_checkpoint} records are not sealed")
     last_checkpoint = state.last_checkpoint

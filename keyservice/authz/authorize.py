@@ -110,6 +110,7 @@ def decide_key(
     *,
     key_policy: policy.Policy | None = None,
     with_grants: bool = True,
+    source_ip: str = "",
 ) -> policy.Decision:
     """The decision for ``principal`` doing ``action`` on ``key`` (``key_policy``: a candidate
     policy to evaluate instead of the stored one, for the lockout check)."""
@@ -130,6 +131,8 @@ def decide_key(
         action=action,
         resource=key.arn,
         encryption_context=dict(context),
+        now=service.clock.now(),
+        source_ip=source_ip,
     )
     return policy.decide(key_policy, _identity_policies(service, principal), grants, request)
 
@@ -155,7 +158,7 @@ def authorize_key(
     action = action or action_of(operation)
     if context is None:
         context = info.encryption_context or {}
-    decision = decide_key(service, principal, key, action, context)
+    decision = decide_key(service, principal, key, action, context, source_ip=info.source_address)
     if not decision.allowed and not also_allowed:
         raise denied(principal, action, key.arn, decision)
     info.authorized_keys.add(key.key_id)
@@ -166,7 +169,10 @@ def authorize_account(service: KeyService, info: AuditInfo, operation: str) -> N
     """Operations not about one key: identity policies decide (the account root may do all)."""
     principal = _caller(info)
     action = action_of(operation)
-    request = policy.Request(principal.arn, principal.account_id, service.account_id, action, "*")
+    request = policy.Request(
+        principal.arn, principal.account_id, service.account_id, action, "*",
+        now=service.clock.now(), source_ip=info.source_address,
+    )  # fmt: skip
     decision = policy.decide_identity(_identity_policies(service, principal), request)
     if not decision.allowed:
         raise denied(principal, action, "*", decision)
@@ -176,8 +182,9 @@ def check_lockout(service: KeyService, info: AuditInfo, key: KeyRecord, new_poli
     """PutKeyPolicy / CreateKey safety check: the caller must still be able to PutKeyPolicy under
     the new policy (grants do not count: they cannot give PutKeyPolicy)."""
     decision = decide_key(
-        service, _caller(info), key, "kms:PutKeyPolicy", {}, key_policy=new_policy, with_grants=False
-    )
+        service, _caller(info), key, "kms:PutKeyPolicy", {}, key_policy=new_policy, with_grants=False,
+        source_ip=info.source_address,
+    )  # fmt: skip
     if not decision.allowed:
         raise errors.MalformedPolicyDocumentException(
             "The new key policy will not allow you to update the key policy in the future."

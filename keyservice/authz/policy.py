@@ -22,34 +22,53 @@ ARN patterns), and ``Condition`` with the operators StringEquals, StringNotEqual
 StringEqualsIgnoreCase, StringLike, StringNotLike, Bool, Null (each optionally with ``IfExists``,
 and ``ForAnyValue:`` / ``ForAllValues:`` for multi-valued keys) on the keys
 ``kms:EncryptionContext:<name>``, ``kms:EncryptionContextKeys``, ``kms:CallerAccount``,
-``aws:PrincipalArn`` and ``kms:GrantIsForAWSResource``. Anything else is refused as malformed
-rather than silently ignored.
+``aws:PrincipalArn`` and ``kms:GrantIsForAWSResource``; DateEquals, DateNotEquals, DateLessThan,
+DateLessThanEquals, DateGreaterThan, DateGreaterThanEquals on ``aws:CurrentTime`` /
+``aws:EpochTime`` (values ISO 8601 or epoch seconds); IpAddress, NotIpAddress on ``aws:SourceIp``
+(addresses or CIDR blocks, IPv4 or IPv6). Anything else, and a date or address operator on a key
+of another type, is refused as malformed rather than silently ignored (fail closed).
+
+Wildcards are IAM's, not the shell's: in Action, Resource and StringLike patterns only ``*`` (any
+run of characters, also none) and ``?`` (one character) are special; ``[``, ``]``, ``!`` and
+``\\`` match themselves (``wildcard_match``).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
+import ipaddress
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
+from keyservice import jsonsafe
 from keyservice.errors import MalformedPolicyDocumentException
 
 MAX_POLICY_BYTES = 32768
 VERSIONS = ("2012-10-17", "2008-10-17")
 _ACTION = re.compile(r"^(kms:[A-Za-z*?]+|\*)$", re.IGNORECASE)
 _ACCOUNT = re.compile(r"^\d{12}$")
-_OPERATORS = {
+_STRING_OPERATORS = {
     "StringEquals", "StringNotEquals", "StringEqualsIgnoreCase", "StringNotEqualsIgnoreCase",
-    "StringLike", "StringNotLike", "Bool", "Null",
+    "StringLike", "StringNotLike", "Bool",
 }  # fmt: skip
+_DATE_OPERATORS = {
+    "DateEquals", "DateNotEquals", "DateLessThan", "DateLessThanEquals", "DateGreaterThan",
+    "DateGreaterThanEquals",
+}  # fmt: skip
+_IP_OPERATORS = {"IpAddress", "NotIpAddress"}
+_OPERATORS = _STRING_OPERATORS | _DATE_OPERATORS | _IP_OPERATORS | {"Null"}
+_NEGATED = {"StringNotEquals", "StringNotEqualsIgnoreCase", "StringNotLike", "DateNotEquals", "NotIpAddress"}
 _CONDITION_KEYS = re.compile(
     r"^(kms:EncryptionContext:.+|kms:EncryptionContextKeys|kms:CallerAccount|aws:PrincipalArn"
-    r"|kms:GrantIsForAWSResource)$",
+    r"|kms:GrantIsForAWSResource|aws:CurrentTime|aws:EpochTime|aws:SourceIp)$",
     re.IGNORECASE,
 )
+_DATE_KEYS = {"aws:currenttime", "aws:epochtime"}
+_IP_KEYS = {"aws:sourceip"}
 
 # Actions by kind: usage of key material versus administration of the key.
 USAGE_ACTIONS = frozenset({
@@ -76,6 +95,8 @@ class Condition:
     values: tuple[str, ...]
     if_exists: bool = False
     quantifier: str = ""  # "", "ForAnyValue", "ForAllValues"
+    # The values of a date operator as epoch seconds, of an address operator as networks.
+    parsed: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,8 @@ class Request:
     action: str  # kms:Encrypt
     resource: str  # the key ARN
     encryption_context: Mapping[str, str] = field(default_factory=dict)
+    now: datetime | None = None  # aws:CurrentTime / aws:EpochTime (absent if None)
+    source_ip: str = ""  # aws:SourceIp (absent if empty)
 
     @property
     def operation(self) -> str:
@@ -175,13 +198,56 @@ def _parse_conditions(value: object) -> tuple[Condition, ...]:
             raise _malformed(f"condition {raw_operator} must map condition keys to values")
         for key, values in body.items():
             if not _CONDITION_KEYS.match(key):
-                raise _malformed(f"unsupported condition key {key!r}")
-            items = [values] if isinstance(values, str | bool) else values
-            if not isinstance(items, list) or not all(isinstance(v, str | bool) for v in items):
-                raise _malformed(f"condition values for {key} must be strings")
-            as_text = tuple(str(v).lower() if isinstance(v, bool) else v for v in items)
-            conditions.append(Condition(base, key, as_text, if_exists, quantifier))
+                raise _malformed(f"unsupported condition key {key[:100]!r}")
+            items = [values] if isinstance(values, str | bool | int) else values
+            if (
+                not isinstance(items, list)
+                or not items
+                or not all(isinstance(v, str | bool | int) for v in items)
+            ):
+                raise _malformed(f"condition values for {key[:100]} must be strings")
+            as_text = tuple(str(v).lower() if isinstance(v, bool) else str(v) for v in items)
+            parsed = _typed_values(base, key, as_text)
+            conditions.append(Condition(base, key, as_text, if_exists, quantifier, parsed))
     return tuple(conditions)
+
+
+def _typed_values(operator: str, key: str, values: tuple[str, ...]) -> tuple[Any, ...]:
+    """Check that operator and key agree in type; parse date and address values up front."""
+    lowered = key.lower()
+    if operator in _DATE_OPERATORS:
+        if lowered not in _DATE_KEYS:
+            raise _malformed(f"{operator} needs a date condition key (aws:CurrentTime), not {key[:100]!r}")
+        return tuple(_parse_date(v) for v in values)
+    if operator in _IP_OPERATORS:
+        if lowered not in _IP_KEYS:
+            raise _malformed(f"{operator} needs an address condition key (aws:SourceIp), not {key[:100]!r}")
+        return tuple(_parse_network(v) for v in values)
+    if operator != "Null" and lowered in _DATE_KEYS | _IP_KEYS:
+        raise _malformed(f"{key} takes date or address operators (or Null), not {operator}")
+    if operator == "Null" and any(v not in ("true", "false") for v in values):
+        raise _malformed("Null takes the values true or false")
+    return ()
+
+
+def _parse_date(text: str) -> float:
+    """An IAM date: ISO 8601 (``2026-01-01``, ``2026-01-01T12:00:00Z``) or epoch seconds."""
+    try:
+        if re.fullmatch(r"-?\d{1,12}(\.\d+)?", text):
+            return float(text)
+        when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise _malformed(f"{text[:100]!r} is not a date (ISO 8601 or epoch seconds)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise _malformed(f"{text[:100]!r} is not an IP address or CIDR block") from None
 
 
 def _parse_statement(raw: object, *, key_policy: bool) -> Statement:
@@ -219,13 +285,14 @@ def _parse_statement(raw: object, *, key_policy: bool) -> Statement:
     )
 
 
-def parse(text: object, *, key_policy: bool = True) -> Policy:
+def parse(text: object, *, key_policy: bool = True, cache: bool = True) -> Policy:
     """Parse and validate a policy document; raise MalformedPolicyDocumentException if it is not one.
 
     Parsed policies are immutable and depend only on the text, so stored policies — asked for on
-    every request — are parsed once (a changed policy is a different text).
+    every request — are parsed once (a changed policy is a different text). A candidate policy
+    from a request (``cache=False``) is not kept: the cache holds only what the store holds.
     """
-    if isinstance(text, str):
+    if isinstance(text, str) and cache:
         return _parse_cached(text, key_policy)
     return _parse(text, key_policy=key_policy)
 
@@ -241,9 +308,9 @@ def _parse(text: object, *, key_policy: bool) -> Policy:
     if len(text.encode("utf-8")) > MAX_POLICY_BYTES:
         raise _malformed(f"the policy exceeds {MAX_POLICY_BYTES} bytes")
     try:
-        document = json.loads(text)
-    except ValueError:
-        raise _malformed("the policy is not valid JSON") from None
+        document = jsonsafe.loads(text)
+    except jsonsafe.JsonError as error:
+        raise _malformed(f"the policy is not valid: {error}") from None
     if not isinstance(document, dict):
         raise _malformed("the policy must be a JSON object")
     unknown = set(document) - {"Version", "Id", "Statement"}
@@ -278,17 +345,53 @@ def default_key_policy(account_id: str) -> str:
 # --------------------------------------------------------------------------- matching
 
 
+def wildcard_match(pattern: str, value: str) -> bool:
+    """IAM's wildcard match: ``*`` is any run of characters (also none), ``?`` exactly one; every
+    other character, ``[``, ``]``, ``!`` and ``\\`` included, matches only itself. Case-sensitive.
+
+    No regular expression: a pattern is policy text and the value request text, and a linear scan
+    that backtracks only to the last ``*`` needs at most len(pattern) x len(value) steps.
+    """
+    if "*" not in pattern and "?" not in pattern:
+        return pattern == value
+    if pattern == "*":
+        return True
+    if pattern.endswith("*") and "*" not in pattern[:-1] and "?" not in pattern:
+        return value.startswith(pattern[:-1])
+    p = v = 0
+    star = -1  # position in pattern after the last '*' seen
+    resume = 0  # position in value where that '*' currently stops
+    while v < len(value):
+        if p < len(pattern) and (pattern[p] == "?" or (pattern[p] != "*" and pattern[p] == value[v])):
+            p += 1
+            v += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, resume = p + 1, v
+            p += 1
+        elif star >= 0:
+            resume += 1
+            p, v = star, resume
+        else:
+            return False
+    return all(c == "*" for c in pattern[p:])
+
+
 def _action_matches(statement: Statement, action: str) -> bool:
-    hit = any(fnmatch.fnmatchcase(action.lower(), pattern) for pattern in statement.actions)
+    hit = any(wildcard_match(pattern, action.lower()) for pattern in statement.actions)
     return hit != statement.not_actions
 
 
 def _resource_matches(statement: Statement, resource: str) -> bool:
-    return any(pattern == "*" or fnmatch.fnmatchcase(resource, pattern) for pattern in statement.resources)
+    return any(pattern == "*" or wildcard_match(pattern, resource) for pattern in statement.resources)
 
 
-def _context_values(request: Request, key: str) -> list[str] | None:
+def _context_values(request: Request, key: str) -> list[Any] | None:
     lowered = key.lower()
+    if lowered in _DATE_KEYS:
+        return None if request.now is None else [request.now.timestamp()]
+    if lowered in _IP_KEYS:
+        address = _address(request.source_ip)
+        return None if address is None else [address]
     if lowered.startswith("kms:encryptioncontext:"):
         name = key.split(":", 2)[2]
         value = request.encryption_context.get(name)
@@ -304,29 +407,61 @@ def _context_values(request: Request, key: str) -> list[str] | None:
     return None
 
 
-def _value_matches(operator: str, actual: str, expected: str) -> bool:
-    if operator in ("StringEquals", "StringNotEquals", "Bool"):
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # a dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d
+    return address
+
+
+def _value_matches(operator: str, actual: Any, expected: Any) -> bool:
+    if operator == "StringEquals":
         return actual == expected
-    if operator in ("StringEqualsIgnoreCase", "StringNotEqualsIgnoreCase"):
+    if operator == "Bool":
         return actual.lower() == expected.lower()
-    return fnmatch.fnmatchcase(actual, expected)  # StringLike / StringNotLike
+    if operator == "StringEqualsIgnoreCase":
+        return actual.lower() == expected.lower()
+    if operator == "StringLike":
+        return wildcard_match(expected, actual)
+    if operator == "DateEquals":
+        return actual == expected
+    if operator == "DateLessThan":
+        return actual < expected
+    if operator == "DateLessThanEquals":
+        return actual <= expected
+    if operator == "DateGreaterThan":
+        return actual > expected
+    if operator == "DateGreaterThanEquals":
+        return actual >= expected
+    if operator == "IpAddress":
+        return actual.version == expected.version and actual in expected
+    return False  # unreachable: parsing admits only the operators above
+
+
+_POSITIVE = {
+    "StringNotEquals": "StringEquals",
+    "StringNotEqualsIgnoreCase": "StringEqualsIgnoreCase",
+    "StringNotLike": "StringLike",
+    "DateNotEquals": "DateEquals",
+    "NotIpAddress": "IpAddress",
+}
 
 
 def _condition_holds(condition: Condition, request: Request) -> bool:
     actual = _context_values(request, condition.key)
     if condition.operator == "Null":
         return (actual is None) == (condition.values[0] == "true")
-    negated = condition.operator in ("StringNotEquals", "StringNotEqualsIgnoreCase", "StringNotLike")
+    negated = condition.operator in _NEGATED
     if actual is None:  # as in IAM: an absent key fails a positive test and passes a negated one
         return negated or condition.if_exists or condition.quantifier == "ForAllValues"
-    base = {
-        "StringNotEquals": "StringEquals",
-        "StringNotEqualsIgnoreCase": "StringEqualsIgnoreCase",
-        "StringNotLike": "StringLike",
-    }.get(condition.operator, condition.operator)
+    base = _POSITIVE.get(condition.operator, condition.operator)
+    expected_values = condition.parsed or condition.values
 
-    def one(value: str) -> bool:
-        return any(_value_matches(base, value, expected) for expected in condition.values)
+    def one(value: Any) -> bool:
+        return any(_value_matches(base, value, expected) for expected in expected_values)
 
     if condition.quantifier == "ForAllValues":
         result = all(one(v) for v in actual)

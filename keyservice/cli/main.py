@@ -40,6 +40,7 @@ from keyservice.console.app import build_console
 from keyservice.files import write_atomic
 from keyservice.http import tls
 from keyservice.http.api import KmsApp
+from keyservice.http.metrics_listener import MetricsListener
 from keyservice.http.server import Server, bind_socket, endpoint_url
 from keyservice.scheduler import DEFAULT_INTERVAL, Scheduler
 from keyservice.store import engine, rootkey
@@ -172,6 +173,30 @@ def _tls_setup(
     return files.cert, files.key, files.ca
 
 
+def _check_metrics_listen(args: argparse.Namespace) -> None:
+    """Refuse a non-loopback --metrics-listen before anything starts (unless the operator insists)."""
+    if args.metrics_listen is None:
+        return
+    host = args.metrics_listen[0]
+    if not _is_loopback(host) and not args.metrics_allow_remote:
+        raise CliError(
+            f"--metrics-listen {host}: /metrics is unauthenticated; use a loopback address "
+            "or add --metrics-allow-remote"
+        )
+
+
+def _metrics_listener(args: argparse.Namespace, render: Any) -> MetricsListener | None:
+    """The opt-in /metrics listener (unauthenticated, so loopback unless the operator insists)."""
+    if args.metrics_listen is None:
+        return None
+    _check_metrics_listen(args)
+    host, port = args.metrics_listen
+    try:
+        return MetricsListener(host, port, render)
+    except OSError as error:
+        raise CliError(f"--metrics-listen {host}:{port}: {error.strerror or error}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.background:
         return startup.run_in_background(lambda ready: _run(lambda: _serve(args, ready)))
@@ -242,6 +267,7 @@ def _start(args: argparse.Namespace, data_dir: Path, host: str, port: int,
     closes it again. With ``--workers N`` the workers open their own after the fork."""
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
+    _check_metrics_listen(args)
     if not args.dev:
         root_key = rootkey.load_root_key(data_dir, root_source(args, confirm=False))
         creds = None
@@ -311,17 +337,14 @@ class _Serving:
                 audit_table_chain=f"{node}:main" if index is None else chain,
             )
             running.closers.append(service.close)  # seals the audit log with a final checkpoint
-            routes: dict[str, Any] = {"/metrics": service.metrics_text}
+            render_metrics: Callable[[], tuple[str, str]] = service.metrics_text
             if index is not None:
                 share = workers.MetricsShare(self.data_dir, index, args.workers, service.metrics)
-                routes["/metrics"] = lambda: service.metrics_text(share.summed())
+                render_metrics = lambda: service.metrics_text(share.summed())  # noqa: E731
                 share.start()
                 running.closers.append(share.stop)
             mounts = {} if args.no_console else {"/console/": build_console(service, self.data_dir)}
-            app = KmsApp(
-                service, SystemClock(), max_body=args.max_body, extra_routes=routes, threads=args.threads,
-                mounts=mounts,
-            )
+            app = KmsApp(service, SystemClock(), max_body=args.max_body, threads=args.threads, mounts=mounts)
             running.closers.append(app.close)  # the last audit commits, before the final checkpoint
             # With several workers of one node, the first runs the scheduler (its transitions are
             # conditional, so a second run anywhere else would be harmless, only wasted) and writes
@@ -330,7 +353,13 @@ class _Serving:
                 signer = audit_signing.load_or_create(self.data_dir, self._root_key)
                 running.digests = audit_digest.DigestWriter(self.data_dir, signer, now=service_clock.now)
                 running.scheduler = Scheduler(service, interval=args.scheduler_interval)
-            running.server = Server(app, "", 0, tls_cert=self.tls_cert, tls_key=self.tls_key, sock=self.sock)
+                # /metrics is not on the KMS port: the opt-in listener, one per node (summed over
+                # its workers), bound by the first worker.
+                metrics = _metrics_listener(args, render_metrics)
+                if metrics is not None:
+                    running.closers.append(metrics.stop)
+            running.server = Server(app, "", 0, tls_cert=self.tls_cert, tls_key=self.tls_key, sock=self.sock,
+                                    refuse=app.refuse_malformed)
         except BaseException:
             running.close()
             raise
@@ -491,6 +520,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-console", action="store_true",
                        help="do not serve the web console at /console/ (default: served)")
+    serve.add_argument(
+        "--metrics-listen",
+        type=_parse_listen,
+        metavar="HOST:PORT",
+        help="serve GET /metrics (Prometheus, unauthenticated, plain HTTP) on this separate address "
+        "(default off; loopback only unless --metrics-allow-remote)",
+    )
+    serve.add_argument(
+        "--metrics-allow-remote",
+        action="store_true",
+        help="allow a non-loopback --metrics-listen address (anyone reaching it reads the metrics) "
+        "(default off)",
+    )
     serve.add_argument("--threads", type=int, default=8,
                        help="worker threads for key management requests (default 8)")
     serve.add_argument("--max-body", type=int, default=256 * 1024,

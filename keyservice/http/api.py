@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from keyservice import errors
+from keyservice import errors, jsonsafe
 from keyservice.audit.commit import AsyncCommitter, deferred_commits
 from keyservice.clock import Clock
 from keyservice.context import Principal, RequestContext
@@ -47,6 +47,12 @@ MAX_BODY_BYTES = 256 * 1024
 DRAIN_FACTOR = 8
 CALLER_HEADER = "x-kmsfs-caller"
 MAX_CALLER_BYTES = 8192
+# kmsfs's caller header is a flat object; a request body nests at most 3 levels (grant Constraints).
+MAX_CALLER_DEPTH = 4
+MAX_BODY_DEPTH = jsonsafe.DEFAULT_MAX_DEPTH
+# What the audit record names as the operation when a request named none (no X-Amz-Target, not
+# POST /, not even parseable HTTP).
+NO_OPERATION = "(none)"
 # Members that travel as base64 strings in the JSON protocol (botocore's "blob" shapes for KMS).
 BLOB_FIELDS = frozenset(
     {
@@ -119,11 +125,17 @@ def _asgi_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 def _decode_params(body: bytes) -> dict[str, Any]:
     try:
-        params = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise errors.SerializationException("Request body is not valid JSON.") from None
+        params = jsonsafe.loads(body or b"{}", max_depth=MAX_BODY_DEPTH)
+    except jsonsafe.JsonError as error:
+        raise errors.SerializationException(f"Request body is not valid: {error}.") from None
     if not isinstance(params, dict):
         raise errors.SerializationException("Request body must be a JSON object.")
+    # A lone surrogate can only arrive as a \u escape or as its (invalid UTF-8) bytes, which
+    # json accepts: look closer only then.
+    if (b"\\u" in body or b"\xed" in body) and jsonsafe.has_surrogate(params):
+        raise errors.SerializationException(
+            "Request body contains a lone UTF-16 surrogate, which is not Unicode text."
+        )
     for name in BLOB_FIELDS & params.keys():
         value = params[name]
         if not isinstance(value, str):
@@ -154,10 +166,33 @@ def _parse_caller(raw: str | None) -> dict[str, object]:
     if len(raw) > MAX_CALLER_BYTES:
         return {"invalid": "caller header too large"}
     try:
-        caller = json.loads(raw)
-    except ValueError:
-        return {"invalid": "caller header is not JSON"}
+        caller = jsonsafe.loads(raw, max_depth=MAX_CALLER_DEPTH)
+    except jsonsafe.JsonError as error:
+        return {"invalid": f"caller header is {'nested too deep' if 'deeper' in str(error) else 'not JSON'}"}
     return caller if isinstance(caller, dict) else {"invalid": "caller header is not an object"}
+
+
+def _context(request: HttpRequest, request_id: str) -> RequestContext:
+    """What the audit record can say about any request before its signature is checked."""
+    return RequestContext(
+        request_id=request_id,
+        source_address=request.remote_addr,
+        user_agent=request.headers.get("user-agent", "")[:256],
+        caller=_parse_caller(request.headers.get(CALLER_HEADER)),
+    )
+
+
+def _claimed_access_key(headers: dict[str, str]) -> str | None:
+    """The access key id an Authorization header claims (recorded for refused requests)."""
+    claimed = _CLAIMED_KEY.search(headers.get("authorization", ""))
+    return claimed.group(1)[:128] if claimed else None
+
+
+def _operation_of(request: HttpRequest) -> str:
+    """The operation a request names, for the audit record of a refusal (attacker text, cut short)."""
+    target = request.headers.get("x-amz-target", "")
+    operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else target
+    return operation[:100] or NO_OPERATION
 
 
 class KmsApp:
@@ -186,32 +221,76 @@ class KmsApp:
 
     # -- the translation ----------------------------------------------------------------------------
     def respond(self, request: HttpRequest) -> HttpReply:
+        """Answer one request. Every request but ``GET /healthz`` (and the other ``extra_routes``)
+        gets exactly one audit record, however malformed it is; refusals are AWS errors (4xx)."""
         request_id = str(uuid.uuid4())
         if request.method == "GET" and request.path in self.extra_routes:
             content_type, text = self.extra_routes[request.path]()
             return HttpReply(200, content_type, text.encode("utf-8"), request_id)
+        ctx = _context(request, request_id)
         try:
             if request.method != "POST" or request.path != "/":
-                raise errors.UnknownOperationException(
-                    f"{request.method[:16]} {request.path[:100]} is not a KMS operation."
+                self._refuse(
+                    request,
+                    ctx,
+                    errors.UnknownOperationException(
+                        f"{request.method[:16]} {request.path[:100]} is not a KMS operation."
+                    ),
+                )
+            if request.too_large:
+                self._refuse(
+                    request,
+                    ctx,
+                    errors.RequestEntityTooLargeException(f"Request body exceeds {self.max_body} bytes."),
                 )
             with self.service.request_scope():
-                return self._handle(request, request_id)
+                return self._handle(request, ctx)
         except errors.KMSError as error:
             return self.error_reply(error, request_id)
+        except Exception:
+            # Our own fault (the service audits its own internal errors; this is the HTTP layer's).
+            log.exception("internal error in the HTTP layer (request %s)", request_id)
+            internal = errors.KMSInternalException("The request failed because of an internal error.")
+            try:
+                self.service.record_refused(_operation_of(request), ctx, internal)
+            except Exception:
+                log.exception("request %s could not be audited", request_id)
+            return self.error_reply(internal, request_id)
 
-    def _handle(self, request: HttpRequest, request_id: str) -> HttpReply:
+    def _refuse(self, request: HttpRequest, ctx: RequestContext, error: errors.KMSError) -> None:
+        """Audit a request refused before its signature was checked, then raise ``error``."""
+        self.service.record_refused(
+            _operation_of(request), ctx, error, access_key_id=_claimed_access_key(request.headers)
+        )
+        raise error
+
+    async def refuse_malformed(self, status: int, remote_addr: str) -> HttpReply:
+        """Answer and audit what the HTTP parser refused before the request reached ``respond``:
+        431 (request line and headers over ``server.MAX_HEADER_BYTES``) or 400 (not HTTP)."""
+        request_id = str(uuid.uuid4())
+        ctx = RequestContext(request_id=request_id, source_address=remote_addr)
+        if status == 431:
+            error: errors.KMSError = errors.RequestHeaderFieldsTooLargeException(
+                "The request line and headers are too large."
+            )
+        else:
+            error = errors.SerializationException("The request is not valid HTTP/1.1.")
+        with deferred_commits() as tickets:
+            try:
+                self.service.record_refused(NO_OPERATION, ctx, error)
+            except errors.KMSError as not_recorded:
+                return self.error_reply(not_recorded, request_id)
+        try:
+            await self._wait_durable(tickets)
+        except errors.KMSError as not_recorded:
+            return self.error_reply(not_recorded, request_id)
+        return self.error_reply(error, request_id)
+
+    def _handle(self, request: HttpRequest, ctx: RequestContext) -> HttpReply:
         headers = request.headers
-        if request.too_large:
-            raise errors.RequestEntityTooLargeException(f"Request body exceeds {self.max_body} bytes.")
+        request_id = ctx.request_id
         target = headers.get("x-amz-target", "")
         operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
-        ctx = RequestContext(
-            request_id=request_id,
-            source_address=request.remote_addr,
-            user_agent=headers.get("user-agent", "")[:256],
-            caller=_parse_caller(headers.get(CALLER_HEADER)),
-        )
         try:
             principal = verify_request(
                 method=request.method,
@@ -224,12 +303,11 @@ class KmsApp:
                 now=self.clock.now(),
             )
         except errors.KMSError as error:
-            claimed = _CLAIMED_KEY.search(headers.get("authorization", ""))
             self.service.record_refused(
-                operation or target[:100] or "(none)",
+                operation or target[:100] or NO_OPERATION,
                 ctx,
                 error,
-                access_key_id=claimed.group(1)[:128] if claimed else None,
+                access_key_id=_claimed_access_key(headers),
             )
             raise
         ctx = RequestContext(
@@ -241,7 +319,7 @@ class KmsApp:
         )
         if not operation:
             error = errors.UnknownOperationException(f"Unknown X-Amz-Target '{target[:100]}'.")
-            self.service.record_refused(target[:100] or "(none)", ctx, error)
+            self.service.record_refused(target[:100] or NO_OPERATION, ctx, error)
             raise error
         try:
             params = _decode_params(request.body)
@@ -304,14 +382,17 @@ class KmsApp:
         """Run on the event loop; the reply waits until its audit records are durable."""
         with deferred_commits() as tickets:
             reply = self.respond(request)
+        try:
+            await self._wait_durable(tickets)
+        except errors.KMSError as error:
+            return self.error_reply(error, reply.request_id)
+        return reply
+
+    async def _wait_durable(self, tickets: list[Any]) -> None:
         if tickets:
             if self._committer is None:
                 self._committer = AsyncCommitter()
-            try:
-                await self._committer.wait(tickets)
-            except errors.KMSError as error:
-                return self.error_reply(error, reply.request_id)
-        return reply
+            await self._committer.wait(tickets)
 
     async def _read_body(self, scope: dict[str, Any], receive: ASGIReceive) -> tuple[bytes, bool]:
         """The body, or (b"", True) past ``max_body``.

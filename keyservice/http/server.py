@@ -14,10 +14,12 @@ secure defaults) rather than uvicorn's cipher default.
 from __future__ import annotations
 
 import asyncio
+import http
 import importlib.util
 import logging
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,14 @@ LISTEN_BACKLOG = 1024
 # no cap of its own, so without this one client could grow the server without bound. (h11, the
 # fallback parser, caps at 16 KiB itself.) SigV4 and the kmsfs caller header need a few KiB.
 MAX_HEADER_BYTES = 256 * 1024
-_HEADERS_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
-                      b"connection: close\r\n\r\n")
+
+# ``refuse(status, client_address)``: the application's answer to a request the parser refused
+# (431: headers too large; 400: not HTTP), audited like any other request. The reply has
+# ``status``, ``content_type``, ``body`` and ``request_id`` (``api.HttpReply``).
+Refuse = Callable[[int, str], Awaitable[Any]]
 
 
-def _http_protocol() -> Any:
+def _http_protocol(refuse: Refuse | None) -> Any:
     """httptools with a header size limit, or uvicorn's h11 protocol when httptools is missing."""
     if importlib.util.find_spec("httptools") is None:
         return "h11"
@@ -44,20 +49,57 @@ def _http_protocol() -> Any:
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """Counts the bytes that arrive while a request's headers are incomplete; past
-        MAX_HEADER_BYTES the client gets a 431 and the connection is closed."""
+        MAX_HEADER_BYTES the client gets a 431 and the connection is closed. That answer, and the
+        400 for bytes that are not HTTP, come from ``refuse``: an AWS error with a request id,
+        audited, instead of uvicorn's plain text."""
 
         _header_bytes = 0
         _in_headers = True
+        _refusal: asyncio.Task[None] | None = None
 
         def data_received(self, data: bytes) -> None:
+            if self._refusal is not None:
+                return  # answered already; the connection is closing
             if self._in_headers:
                 self._header_bytes += len(data)
                 if self._header_bytes > MAX_HEADER_BYTES:
                     self._in_headers = False
-                    self.transport.write(_HEADERS_TOO_LARGE)
-                    self.transport.close()
+                    self._refuse(431)
                     return
             super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            self._refuse(400)
+
+        def _refuse(self, status: int) -> None:
+            if refuse is None:
+                self._write_refusal(status, "text/plain; charset=utf-8", b"", "")
+                return
+            # Reading goes on (and is dropped, above): a client still sending then gets the answer
+            # and a clean close, not a reset that could discard the answer.
+            client = self.client[0] if self.client else ""
+            self._refusal = self.loop.create_task(self._answer(refuse(status, client)))
+
+        async def _answer(self, pending: Awaitable[Any]) -> None:
+            try:
+                reply = await pending
+            except Exception:
+                logging.getLogger("keyservice").exception("could not answer a malformed request")
+                self.transport.abort()
+                return
+            self._write_refusal(reply.status, reply.content_type, reply.body, reply.request_id)
+
+        def _write_refusal(self, status: int, content_type: str, body: bytes, request_id: str) -> None:
+            if self.transport.is_closing():
+                return
+            head = (
+                f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+                f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
+                + (f"x-amzn-requestid: {request_id}\r\n" if request_id else "")
+                + "connection: close\r\n\r\n"
+            )
+            self.transport.write(head.encode("latin-1") + body)
+            self.transport.close()
 
         def on_headers_complete(self) -> None:
             self._in_headers = False
@@ -128,14 +170,18 @@ class Server:
 
     def __init__(self, app: Any, host: str, port: int, *,
                  tls_cert: Path | None = None, tls_key: Path | None = None,
-                 sock: socket.socket | None = None) -> None:
+                 sock: socket.socket | None = None, refuse: Refuse | None = None) -> None:
         if tls_cert is not None and tls_key is None:
             raise ValueError("--tls-cert needs --tls-key")
         self._socket = sock if sock is not None else bind_socket(host, port)
         config = uvicorn.Config(
             app,
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-            http=_http_protocol(),
+            http=_http_protocol(refuse),
+            ws="none",  # no WebSocket upgrades: an Upgrade header is just a header
+            # The audit records the peer's address. Behind no proxy here, so X-Forwarded-For is
+            # attacker text and must not replace it (uvicorn trusts it from 127.0.0.1 by default).
+            proxy_headers=False,
             lifespan="off",
             access_log=False,
             log_config=None,

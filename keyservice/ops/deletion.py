@@ -66,14 +66,16 @@ def cancel_key_deletion(service: KeyService, params: dict[str, Any], info: Audit
 
 
 def reap(service: KeyService, key: KeyRecord, now: datetime) -> bool:
-    """Destroy ``key`` if its deletion is (still) due; audit it as ``DeleteKey``. One store transaction."""
-    with service.store.transaction():
+    """Destroy ``key`` if its deletion is (still) due; audit it as ``DeleteKey``. One store
+    transaction, preceded by a durable intent record."""
+    with service.intent_scope("DeleteKey", key.arn) as request_id, service.store.transaction():
         if not service.store.destroy_key(key.key_id, now):
             return False
     service.audit_event(
         "DeleteKey",
         key.arn,
         details={"deletion_date": key.deletion_date.isoformat() if key.deletion_date else None},
+        request_id=request_id,
     )
     return True
 

@@ -251,12 +251,14 @@ def expire(service: KeyService, key_id: str, now: datetime) -> bool:
         if key is None or not lifecycle.material_expired(key, now):
             return False
         valid_to = key.valid_to
-        _drop_material(service, key)
+        with service.intent_scope("DeleteExpiredKeyMaterial", key.arn) as request_id:
+            _drop_material(service, key)
     service.audit_event(
         "DeleteExpiredKeyMaterial",
         key.arn,
         key_version=1,
         details={"valid_to": valid_to.isoformat() if valid_to else None, "key_material_id": key.material_id},
+        request_id=request_id,
     )
     return True
 

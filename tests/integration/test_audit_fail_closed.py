@@ -15,7 +15,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from keyservice.audit.records import audit_path
-from tests.conftest import DevKeyService, run_keyservice, start_dev_service, stop_dev_service
+from tests.conftest import DevKeyService, run_keyservice, stop_dev_service
+from tests.integration import audit_disk
 from tests.integration.kmsfs_mount_helpers import kmsfs_init, mounted, requires_fuse
 
 pytestmark = [pytest.mark.integration, requires_fuse]
@@ -24,34 +25,8 @@ pytestmark = [pytest.mark.integration, requires_fuse]
 @pytest.fixture
 def small_audit_disk(tmp_path: Path) -> Iterator[tuple[DevKeyService, Path]]:
     """A dev service whose audit directory is a 512 KiB tmpfs, unmounted afterwards."""
-    audit_dir = tmp_path / "keyservice-data" / "audit"
-    audit_dir.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(audit_dir)], check=True)
-    try:
-        service = start_dev_service(tmp_path)
-        try:
-            yield service, audit_dir
-        finally:
-            stop_dev_service(service)
-    finally:
-        subprocess.run(["umount", "-l", str(audit_dir)], check=False)
-
-
-def _fill(directory: Path) -> Path:
-    """Fill the file system to the last byte."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (1 << 16, 4096, 1):
-            while True:
-                try:
-                    os.write(fd, b"\0" * size)
-                except OSError as error:
-                    assert error.errno == errno.ENOSPC
-                    break
-    finally:
-        os.close(fd)
-    return filler
+    with audit_disk.small_audit_disk(tmp_path) as served:
+        yield served
 
 
 def test_full_audit_disk_fails_requests_and_opens(small_audit_disk, tmp_path: Path) -> None:
@@ -63,7 +38,7 @@ def test_full_audit_disk_fails_requests_and_opens(small_audit_disk, tmp_path: Pa
     kmsfs_init(cipher, service.endpoint, key_id, service.credentials_file)
     with mounted(cipher, plain, service.credentials_file):
         (plain / "secret.txt").write_text("kept safe")
-        filler = _fill(audit_dir)
+        filler = audit_disk.fill(audit_dir)
         # The log's last tmpfs page may still hold a few records; the first one that does not fit
         # must fail the request, and every later one too.
         for _ in range(50):

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
-from tests.conftest import DevKeyService, start_dev_service, stop_dev_service
+from tests.conftest import DevKeyService, free_port, start_dev_service, stop_dev_service
 
 pytestmark = pytest.mark.integration
 
@@ -53,9 +54,10 @@ class ServerClock:
 
 
 class Server:
-    def __init__(self, service: DevKeyService, clock: ServerClock) -> None:
+    def __init__(self, service: DevKeyService, clock: ServerClock, metrics: str) -> None:
         self.service = service
         self.clock = clock
+        self.metrics = metrics  # the --metrics-listen endpoint
         self.kms = service.boto3_client()
         # botocore checks ranges itself; this client lets out-of-range values reach the server.
         self.raw = service.boto3_client(config=Config(parameter_validation=False))
@@ -70,10 +72,12 @@ class Server:
 
 def _start(base: Path, *extra: str) -> Server:
     clock = ServerClock(base / "clock-offset")
+    metrics = f"127.0.0.1:{free_port()}"
     service = start_dev_service(
-        base, "--region", REGION, "--scheduler-interval", TICK, "--clock-offset-file", str(clock.path), *extra
-    )
-    return Server(service, clock)
+        base, "--region", REGION, "--scheduler-interval", TICK, "--clock-offset-file", str(clock.path),
+        "--metrics-listen", metrics, *extra,
+    )  # fmt: skip
+    return Server(service, clock, f"http://{metrics}")
 
 
 @pytest.fixture(scope="module")
@@ -420,8 +424,8 @@ def test_delete_imported_material_and_reimport(server: Server) -> None:
     assert kms.decrypt(CiphertextBlob=blob, EncryptionContext={"a": "b"})["Plaintext"] == b"keep me"
 
 
-def _metric(service: DevKeyService, name: str, **labels: str) -> float | None:
-    text = service.http.get(service.endpoint + "/metrics", timeout=5).text
+def _metric(server: Server, name: str, **labels: str) -> float | None:
+    text = requests.get(server.metrics + "/metrics", timeout=5).text
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
@@ -439,10 +443,10 @@ def test_import_expiry_metrics_and_event(server: Server) -> None:
     assert abs((meta["ValidTo"] - valid_to).total_seconds()) < 1
     blob = kms.encrypt(KeyId=key["KeyId"], Plaintext=b"short-lived")["CiphertextBlob"]
     left = _metric(
-        server.service, "keyservice_imported_key_material_expiry_seconds", key_id=key["KeyId"]
+        server, "keyservice_imported_key_material_expiry_seconds", key_id=key["KeyId"]
     )
     assert left is not None and 2 * 86400 - 120 < left <= 2 * 86400
-    served = _metric(server.service, "keyservice_requests_total", operation="ImportKeyMaterial",
+    served = _metric(server, "keyservice_requests_total", operation="ImportKeyMaterial",
                      outcome="success")  # fmt: skip
     assert served is not None and served >= 1
     server.clock.advance(timedelta(days=2, minutes=1))
@@ -450,7 +454,7 @@ def test_import_expiry_metrics_and_event(server: Server) -> None:
     assert event["principal"] == "keyservice" and event["caller"]["keyservice"]["valid_to"]
     assert kms.describe_key(KeyId=key["KeyId"])["KeyMetadata"]["KeyState"] == "PendingImport"
     fails("KMSInvalidStateException", kms.decrypt, CiphertextBlob=blob)
-    assert _metric(server.service, "keyservice_imported_key_material_expiry_seconds",
+    assert _metric(server, "keyservice_imported_key_material_expiry_seconds",
                    key_id=key["KeyId"]) is None  # fmt: skip
     import_material(kms, key["KeyId"], material)
     assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"short-lived"

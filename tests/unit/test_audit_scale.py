@@ -470,3 +470,22 @@ def test_top_over_days_and_hours_counts_like_a_scan(tmp_path: Path, period: tupl
     for got, want in ((indexed.files, scanned.files), (indexed.users, scanned.users)):
         assert sorted((r.get("path") or r.get("user"), r["total"]) for r in got) == \
             sorted((r.get("path") or r.get("user"), r["total"]) for r in want)
+
+
+def test_intent_records_are_not_indexed_and_not_answered(tmp_path: Path) -> None:
+    clock = Clock()
+    log = open_log(tmp_path, clock)
+    write(log, clock, 3)
+    admin = RequestContext("disable-1", "10.0.0.1", ALICE, "aws-cli", {})
+    intent = build_record(when=clock.now, ctx=admin, operation="DisableKey", key_arn=KEY)
+    intent["outcome"] = "intent"  # the write-ahead line before the store changes
+    log.append(intent)
+    log.append(build_record(when=clock.now, ctx=admin, operation="DisableKey", key_arn=KEY))
+    write(log, clock, 2, start=3)
+    log.close()
+    seen, warn = warnings()
+    answered = list(questions.query(tmp_path, questions.Filters(operation="DisableKey"), warn=warn))
+    assert [r["outcome"] for r in answered] == ["success"] and not seen
+    assert len(list(questions.query(tmp_path, questions.Filters(), warn=warn))) == 6
+    assert questions.key_timeline(tmp_path, KEY, warn=warn)["events"] == answered
+    assert not seen
