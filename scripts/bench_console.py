@@ -35,6 +35,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from keyservice.audit.records import audit_path  # noqa: E402
 from keyservice.console import audit_views  # noqa: E402
 
 
@@ -134,7 +135,7 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="bench-console-"))
     try:
         results: dict[str, Any] = bench_server(base, args.keys, args.repeat)
-        log = base / "data" / "audit" / "audit.log"
+        log = audit_path(base / "data")
         results |= bench_timeline(base, log, args.records, min(args.repeat, 3))
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -17,6 +17,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from keyservice.audit.records import audit_path
 from tests.conftest import (
     DevKeyService,
     free_port,
@@ -47,7 +48,7 @@ def serve_and_verify(base: Path, *extra: str) -> Iterator[tuple[DevKeyService, A
     """A plain-HTTP server and its audit tail for a fixture; afterwards ``audit verify`` must pass."""
     service = start_plain_service(base, *extra)
     try:
-        yield service, AuditTail(service.data_dir / "audit" / "audit.log")
+        yield service, AuditTail(audit_path(service.data_dir))
     finally:
         stop_dev_service(service)
     report = run_keyservice("audit", "verify", "--data-dir", str(service.data_dir))

@@ -25,6 +25,7 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
+from keyservice.audit.records import audit_path, chain_lines
 from keyservice.ops.registry import OPERATIONS
 from keyservice.service import READ_ONLY_OPERATIONS
 from tests.conftest import DevKeyService, run_keyservice, start_dev_service, stop_dev_service
@@ -48,8 +49,7 @@ def _wrap(public_der: bytes, material: bytes) -> bytes:
 
 
 def _lines(data_dir: Path) -> list[dict[str, Any]]:
-    text = (data_dir / "audit" / "audit.log").read_bytes().decode()
-    return [json.loads(line) for line in text.split("\n")[:-1] if line]
+    return [json.loads(line) for line in chain_lines(data_dir) if line]
 
 
 def _prepare(kms: Any) -> dict[str, Callable[[], Any]]:
@@ -159,7 +159,7 @@ def test_read_only_audit_log_blocks_every_change(tmp_path: Path) -> None:
     try:
         kms = service.boto3_client(config=Config(retries={"max_attempts": 1}))
         calls = _prepare(kms)
-        with _immutable(service.data_dir / "audit" / "audit.log"):
+        with _immutable(audit_path(service.data_dir)):
             committed = _attempt_all(service, kms, calls)
             # boto3's default retries (the CreateKey of the issue made two keys) change nothing either.
             before = _dump(service.data_dir)
