@@ -1,5 +1,5 @@
 """``python -m keyservice`` runs the CLI."""
 
-from keyservice.cli import main
+from keyservice.cli.main import main
 
 raise SystemExit(main())

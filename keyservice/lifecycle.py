@@ -28,7 +28,7 @@ from keyservice.errors import (
     KMSInvalidStateException,
     UnsupportedOperationException,
 )
-from keyservice.model import (
+from keyservice.store.model import (
     DISABLED,
     ENABLED,
     MANAGER_AWS,

@@ -70,7 +70,7 @@ class AuditInfo:
     alias_name: str | None = None
     encryption_context: dict[str, str] | None = None
     # Facts without a field of their own in the audit record (e.g. ReEncrypt's source key); the
-    # service records them under caller["keyservice"] until audit.py grows a field for them.
+    # service records them under caller["keyservice"] until audit/records.py grows a field for them.
     extra: dict[str, Any] = field(default_factory=dict)
     # Not audited: the authenticated caller (authorization reads it; the audit record takes the
     # caller from the request context), and the keys this request was authorized on, so that

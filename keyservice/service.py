@@ -6,19 +6,19 @@ JSON and base64, and calls ``call(operation, params, ctx)``; binary fields arriv
 success or error, before it returns or raises; if the record cannot be written the caller gets
 ``KMSInternalException`` instead of the result (fail closed).
 
-Authorization (K4/K5) is ``authorize.py``'s: every handler's ``check_usable(key, operation, info)``
-authorizes the caller on the key before checking its state, and ``call`` authorizes operations
-that are not about one key and refuses to return a key operation whose key was never authorized.
-Key material is unsealed only inside the operation that needs it; there is
-no cache.
+Authorization (K4/K5) is ``authz.authorize``'s: every handler's ``check_usable(key, operation,
+info)`` authorizes the caller on the key before checking its state, and ``call`` authorizes
+operations that are not about one key and refuses to return a key operation whose key was never
+authorized. Key material is unsealed only inside the operation that needs it (and kept in this
+process's memory for reuse, keyed by its sealed bytes: ``_unseal``).
 
-The operations themselves live in per-group modules (``keys.py``, ``aliases.py``,
-``encryption.py``, ``reencrypt.py``, ``rotation.py``, ``deletion.py``, ``importing.py``,
-``tagging.py``; ``default_keys.py`` creates ``alias/aws/kmsfs``); each exports ``HANDLERS``,
-``{operation: fn(service, params, info) -> result}``, and uses the helpers here; parameter checks
-and limits are ``params.py``'s. State rules are ``lifecycle.py``'s alone. Operations that change keys, and the
-background ``scheduler.py``, serialise on ``KeyService.lock`` so a read-modify-write of a key
-record never loses a concurrent change.
+This module knows no operation. The operations live in ``keyservice.ops`` (one module per group),
+collected by ``keyservice.ops.registry`` into the ``OperationTable`` that whoever builds the
+service hands in; each handler is ``fn(service, params, info) -> result`` and uses the helpers
+here. Parameter checks and limits are ``params.py``'s; state rules are ``lifecycle.py``'s alone.
+Operations that change keys, and the background ``scheduler.py``, run each read-modify-write as
+one ``store.transaction()`` (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the key row read ``FOR
+UPDATE``), so a concurrent change from another thread, worker process or node is never lost.
 """
 
 from __future__ import annotations
@@ -30,44 +30,19 @@ import hashlib
 import hmac
 import logging
 import os
-import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from keyservice import (
-    aliases,
-    authorize,
-    default_keys,
-    deletion,
-    encryption,
-    envelope,
-    errors,
-    grants,
-    importing,
-    key_policies,
-    keys,
-    lifecycle,
-    policy,
-    reencrypt,
-    rootkey,
-    rotation,
-    tagging,
-)
-from keyservice.audit import AuditLog, build_record
+from keyservice import envelope, errors, lifecycle
+from keyservice.audit.log import AuditLog
+from keyservice.audit.records import build_record
+from keyservice.authz import authorize, policy
 from keyservice.clock import Clock
 from keyservice.context import Principal, RequestContext
 from keyservice.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from keyservice.metrics import Metrics
-from keyservice.model import (
-    ENABLED,
-    ENCRYPTION_ALGORITHM,
-    ORIGIN_EXTERNAL,
-    PENDING_IMPORT,
-    KeyRecord,
-    KeyVersionRecord,
-)
 from keyservice.params import (
     ENCRYPTION_ALGORITHMS,
     MAX_KEY_ID,
@@ -79,7 +54,17 @@ from keyservice.params import (
     get_str,
     wire_name,
 )
-from keyservice.store import Store, material_aad, secret_aad
+from keyservice.store import rootkey
+from keyservice.store.base import Store, material_aad, secret_aad
+from keyservice.store.model import (
+    ENABLED,
+    ENCRYPTION_ALGORITHM,
+    ORIGIN_EXTERNAL,
+    PENDING_IMPORT,
+    AliasRecord,
+    KeyRecord,
+    KeyVersionRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +76,8 @@ UNSEALED_CACHE_SIZE = 1024
 # Who the audit log names for transitions the service makes by itself.
 SERVICE_PRINCIPAL = "keyservice"
 
-# Operations that never change a key record run without ``KeyService.lock`` (and, for the same
-# reason, on the HTTP server's event loop: keyservice/api.py).
+# Operations that never change a key record run outside a store transaction (and, for the same
+# reason, on the HTTP server's event loop: keyservice/http/api.py).
 READ_ONLY_OPERATIONS = frozenset(
     {
         "DescribeKey",
@@ -115,6 +100,23 @@ READ_ONLY_OPERATIONS = frozenset(
 )
 
 
+# An operation: ``fn(service, params, info) -> result`` (``params.AuditInfo`` collects what the
+# audit record names).
+OperationHandler = Callable[["KeyService", dict[str, Any], AuditInfo], dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OperationTable:
+    """What the service runs, handed in by whoever builds it (``keyservice.ops.registry``).
+
+    ``ensure_default_alias(service, alias_name)``: the alias of a service-managed default key,
+    created with its key on first use (SPEC K15), or None if ``alias_name`` is not one.
+    """
+
+    handlers: Mapping[str, OperationHandler]
+    ensure_default_alias: Callable[[KeyService, str], AliasRecord | None]
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -130,6 +132,7 @@ class KeyService:
         account_id: str,
         clock: Clock,
         root_key: bytes,
+        operations: OperationTable,
         max_keys: int = DEFAULT_MAX_KEYS,
         allow_pkcs1_import: bool = False,
     ) -> None:
@@ -143,16 +146,12 @@ class KeyService:
         self.max_keys = max_keys
         self.allow_pkcs1_import = allow_pkcs1_import
         self.metrics = Metrics()
-        # Held by every operation that changes a key record and by the scheduler (re-entrant: the
-        # default key is created from inside a crypto call).
-        self.lock = threading.RLock()
         self._root_key = bytes(root_key)
         self._unsealed: dict[tuple[bytes, bytes], bytes] = {}
-        self._handlers: dict[str, Handler] = {}
-        modules = (keys, aliases, encryption, rotation, deletion, importing, tagging, reencrypt)
-        for module in (*modules, key_policies, grants):
-            for name, fn in module.HANDLERS.items():
-                self._handlers[name] = functools.partial(fn, self)
+        self._ensure_default_alias = operations.ensure_default_alias
+        self._handlers: dict[str, Handler] = {
+            name: functools.partial(fn, self) for name, fn in operations.handlers.items()
+        }
 
     @property
     def operations(self) -> frozenset[str]:
@@ -221,7 +220,7 @@ class KeyService:
             if operation in READ_ONLY_OPERATIONS:
                 result = handler(params, info)
             else:
-                with self.lock:
+                with self.store.transaction():
                     result = handler(params, info)
             if operation not in authorize.ACCOUNT_OPERATIONS and not info.authorized_keys:
                 # Fail closed: a key operation that never authorized its key is a bug, not a grant.
@@ -251,6 +250,38 @@ class KeyService:
         ``access_key_id``: the key id the request claimed, recorded when ``ctx.principal`` is None.
         """
         self._audit(operation or "", ctx, AuditInfo(), error, claimed_access_key_id=access_key_id)
+
+    def authorize_action(self, operation: str, ctx: RequestContext) -> None:
+        """Authorize and audit an account-wide action that is not a KMS operation, such as the
+        console's ``ReadAuditLog`` (IAM action ``kms:ReadAuditLog``): identity policies decide, as
+        for ListKeys; one audit record either way. Raises AccessDeniedException."""
+        info = AuditInfo()
+        try:
+            self._check_principal(ctx)
+            info.principal = ctx.principal
+            authorize.authorize_account(self, info, operation)
+        except errors.KMSError as exc:
+            self._audit(operation, ctx, info, exc)
+            raise
+        self._audit(operation, ctx, info, None)
+
+    def allows(self, operation: str, principal: Principal) -> bool:
+        """Would ``authorize_action(operation)`` pass for ``principal``? Not audited: the console
+        asks it to decide which links to show, and every page behind a link authorizes again."""
+        info = AuditInfo()
+        info.principal = principal
+        try:
+            self._check_principal(RequestContext(request_id="", source_address="", principal=principal))
+            authorize.authorize_account(self, info, operation)
+        except errors.KMSError:
+            return False
+        return True
+
+    def record_event(self, operation: str, ctx: RequestContext) -> None:
+        """Audit a successful event that is not a KMS operation (console login and logout)."""
+        info = AuditInfo()
+        info.principal = ctx.principal
+        self._audit(operation, ctx, info, None)
 
     # ----------------------------------------------------------------- helpers
 
@@ -306,12 +337,13 @@ class KeyService:
             )
         )
 
-    def metrics_text(self) -> tuple[str, str]:
-        """``GET /metrics``: (content type, Prometheus text)."""
+    def metrics_text(self, counters: Metrics | None = None) -> tuple[str, str]:
+        """``GET /metrics``: (content type, Prometheus text); ``counters`` instead of this process's
+        own (``serve --workers``: every worker's, summed)."""
         expiring = [
             (k.key_id, k.arn, k.valid_to) for k in self.store.keys_with_material_expiry() if k.valid_to
         ]
-        text = self.metrics.render(
+        text = (counters or self.metrics).render(
             now=self.clock.now(), expiring=expiring, key_counts=self.store.count_keys_by_state()
         )
         return METRICS_CONTENT_TYPE, text
@@ -363,7 +395,7 @@ class KeyService:
             alias = self.store.get_alias(resource)
             info.alias_name = resource
             if alias is None and create_default:
-                alias = default_keys.ensure(self, resource)
+                alias = self._ensure_default_alias(self, resource)
             if alias is None:
                 raise errors.NotFoundException(f"Alias {self.alias_arn(resource)} is not found.")
             resource = alias.target_key_id

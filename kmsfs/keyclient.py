@@ -4,17 +4,27 @@ Why not boto3: the mount daemon needs three operations, bounded timeouts, an ext
 (``X-Kmsfs-Caller``, the local process the request is made for, recorded by our service's audit
 log) and no heavyweight import in the FUSE process. Speaking the wire protocol directly also keeps
 us honest: the integration tests run this client against moto, an independent implementation.
+Credentials are static (a file, ``Credentials.current`` ~0.1 us) or borrowed from botocore's
+provider chain (kmsfs/awscreds.py: profiles, SSO, roles, refreshed before expiry; ~0.6 us per
+request, ~0.1 s to import once), never botocore's signer or transport.
 
 Errors: an AWS error reply becomes ``KeyServiceError(code, message)``; anything that means "the
 service could not answer" (connection refused, timeout, 5xx, unparseable reply) becomes
 ``KeyServiceUnavailable``. Nothing else escapes.
+
+Failover: a client may be given further endpoints (nodes of the same key service, the
+credentials file's ``"endpoints"`` list). When the current one cannot answer, the same request is
+signed again for the next one and sent there, in order; the first that answers becomes current.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +33,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from keyservice.sigv4 import sign_request
+from keyservice.http.sigv4 import sign_request
 from kmsfs import transport
 
 CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -66,12 +76,54 @@ class Credentials:
     session_token: str | None = None
     endpoint: str | None = None
     region: str | None = None
+    # Every endpoint of the service, in the order to try them (``endpoint`` first when both given).
+    endpoints: tuple[str, ...] = ()
     # A PEM bundle of CAs to trust for an https endpoint (the keyservice's private CA); None means
     # the system's CAs. Certificate verification is never turned off.
     ca_bundle: str | None = None
+    # For credentials resolved by botocore (kmsfs/awscreds.py): returns the keys to sign with now,
+    # refreshing temporary credentials before they expire. None: the static keys above.
+    refresh: Callable[[], tuple[str, str, str | None]] | None = None
+    # Where they came from, for messages ("credentials file X", "AWS shared-credentials-file ...").
+    source: str = ""
 
     def __repr__(self) -> str:  # never print the secret
         return f"Credentials(access_key_id={self.access_key_id!r}, endpoint={self.endpoint!r})"
+
+    def current(self) -> tuple[str, str, str | None]:
+        """(access key id, secret, session token) to sign the next request with."""
+        if self.refresh is None:
+            return self.access_key_id, self.secret_access_key, self.session_token
+        return self.refresh()
+
+
+def is_loopback(host: str) -> bool:
+    """The same rule as the server's ``--insecure-http``: a loopback IP literal or ``localhost``."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def check_endpoint(url: str) -> str:
+    """``url`` if kmsfs may send data keys there, else ValueError with one line saying why.
+
+    https anywhere (the certificate is always verified); plain http only to a loopback address, so
+    data keys never cross a network in clear.
+    """
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"endpoint {url!r}: invalid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"endpoint {url!r} is not an http(s)://HOST[:PORT] URL")
+    if port == 0:
+        raise ValueError(f"endpoint {url!r}: invalid port")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ValueError(f"endpoint {url!r}: plain http is only allowed to a loopback address "
+                         "(data keys would cross the network in clear); use https")
+    return url
 
 
 def load_credentials(path: str | os.PathLike[str] | None = None,
@@ -81,13 +133,20 @@ def load_credentials(path: str | os.PathLike[str] | None = None,
     if path is not None:
         try:
             data = json.loads(Path(path).read_text())
+            endpoints = [str(e) for e in data.get("endpoints") or []]
+            if not isinstance(data.get("endpoints", []), list):
+                raise ValueError('"endpoints" must be a list of URLs')
+            if data.get("endpoint") and data["endpoint"] not in endpoints:
+                endpoints.insert(0, str(data["endpoint"]))
             return Credentials(
                 access_key_id=str(data["access_key_id"]),
                 secret_access_key=str(data["secret_access_key"]),
                 session_token=data.get("session_token"),
-                endpoint=data.get("endpoint"),
+                endpoint=endpoints[0] if endpoints else None,
+                endpoints=tuple(endpoints),
                 region=data.get("region"),
                 ca_bundle=env.get(CA_BUNDLE_ENV) or data.get("ca_bundle") or env.get("AWS_CA_BUNDLE") or None,
+                source=f"the credentials file {path}",
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot read credentials file {path}: {exc}") from exc
@@ -102,6 +161,7 @@ def load_credentials(path: str | os.PathLike[str] | None = None,
         endpoint=env.get("AWS_ENDPOINT_URL_KMS") or env.get("AWS_ENDPOINT_URL") or None,
         region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
         ca_bundle=env.get(CA_BUNDLE_ENV) or env.get("AWS_CA_BUNDLE") or None,
+        source="the AWS environment variables",
     )
 
 
@@ -110,12 +170,13 @@ class KeyClient:
 
     def __init__(self, endpoint: str, region: str, credentials: Credentials, *,
                  connect_timeout: float = 3.0, read_timeout: float = 10.0,
-                 session: requests.Session | None = None) -> None:
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"invalid endpoint URL {endpoint!r}")
-        self.url = f"{parts.scheme}://{parts.netloc}/"
-        self.host = parts.netloc
+                 session: requests.Session | None = None, fallbacks: tuple[str, ...] = ()) -> None:
+        self._endpoints: list[tuple[str, str]] = []  # (url, host) in the order to try them
+        for url in (endpoint, *fallbacks):
+            parts = urlsplit(check_endpoint(url))
+            if (f"{parts.scheme}://{parts.netloc}/", parts.netloc) not in self._endpoints:
+                self._endpoints.append((f"{parts.scheme}://{parts.netloc}/", parts.netloc))
+        self.url, self.host = self._endpoints[0]
         self.region = region
         self.credentials = credentials
         self.timeout = (connect_timeout, read_timeout)
@@ -129,33 +190,60 @@ class KeyClient:
         # The lean keep-alive pool (kmsfs/transport.py) unless a session was given or a proxy is
         # configured: requests costs ~0.8 ms of Python per call, on the path of every open.
         # (A transport adapter mounted on the session later, as tests do, takes precedence.)
-        self._pool = transport.ConnectionPool(self.url) if session is None and transport.usable() else None
+        lean = session is None and transport.usable()
+        self._pools = {url: transport.ConnectionPool(url) if lean else None for url, _ in self._endpoints}
+        self._pool = self._pools[self.url]
 
     # -- transport --------------------------------------------------------------------------------
     def call(self, operation: str, payload: dict[str, Any],
              caller: dict[str, Any] | None = None) -> dict[str, Any]:
-        """POST one KMS operation and return the decoded JSON reply."""
+        """POST one KMS operation and return the decoded JSON reply (failing over, see the module doc)."""
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        current = (self.url, self.host)
+        order = [current] + [e for e in self._endpoints if e != current]
+        for attempt, (url, host) in enumerate(order):
+            try:
+                reply = self._call_one(url, host, operation, body, caller)
+            except KeyServiceUnavailable:
+                if attempt == len(order) - 1:
+                    raise
+                continue
+            if attempt:
+                self.url, self.host, self._pool = url, host, self._pools[url]  # stay on the one that answered
+            return reply
+        raise AssertionError("unreachable")
+
+    def _call_one(self, url: str, host: str, operation: str, body: bytes,
+                  caller: dict[str, Any] | None) -> dict[str, Any]:
         headers = {
-            "Host": self.host,
+            "Host": host,
             "Content-Type": CONTENT_TYPE,
             "X-Amz-Target": TARGET_PREFIX + operation,
         }
         if caller:
             # ensure_ascii keeps any path representable as an HTTP header value.
             headers[CALLER_HEADER] = json.dumps(caller, separators=(",", ":"), sort_keys=True)
-        headers.update(sign_request(
-            method="POST", url=self.url, headers=headers, body=body,
-            access_key_id=self.credentials.access_key_id,
-            secret_access_key=self.credentials.secret_access_key,
-            region=self.region, session_token=self.credentials.session_token,
-        ))
         try:
-            post = (self._pool.post if self._pool is not None
-                    and self.session.get_adapter(self.url) is self._adapter else self.session.post)
-            resp = post(self.url, data=body, headers=headers, timeout=self.timeout, verify=self.verify)
+            access_key_id, secret, token = self.credentials.current()
+        except Exception as exc:  # noqa: BLE001 - botocore's refresh: any failure means "no answer"
+            raise KeyServiceUnavailable(f"credentials could not be refreshed: {exc}") from exc
+        headers.update(sign_request(
+            method="POST", url=url, headers=headers, body=body,
+            access_key_id=access_key_id, secret_access_key=secret,
+            region=self.region, session_token=token,
+        ))
+        pool = self._pools[url]
+        try:
+            post = (pool.post if pool is not None
+                    and self.session.get_adapter(url) is self._adapter else self.session.post)
+            resp = post(url, data=body, headers=headers, timeout=self.timeout, verify=self.verify)
         except requests.RequestException as exc:
-            raise KeyServiceUnavailable(f"key service at {self.url} unreachable: {exc}") from exc
+            if _tls_failure(exc):
+                trusted = self.verify if isinstance(self.verify, str) else "the system CAs"
+                raise KeyServiceUnavailable(
+                    f"the TLS certificate of {url} is not trusted by {trusted}: {_tls_reason(exc)} "
+                    "(wrong endpoint, or pass the service's CA with --ca-bundle)") from exc
+            raise KeyServiceUnavailable(f"key service at {url} unreachable: {exc}") from exc
         if resp.status_code >= 500:
             code = _error_code(resp)
             raise KeyServiceUnavailable(f"key service error {resp.status_code} {code}".strip())
@@ -215,9 +303,29 @@ class KeyClient:
         return meta
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
+        for pool in self._pools.values():
+            if pool is not None:
+                pool.close()
         self.session.close()
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    """A certificate verification failure anywhere in the cause chain (requests or our pool)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ssl.SSLCertVerificationError, requests.exceptions.SSLError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _tls_reason(exc: BaseException) -> str:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or seen)
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
 
 
 def _b64(value: Any) -> bytes:

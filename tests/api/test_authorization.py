@@ -11,10 +11,13 @@ from typing import Any
 
 import pytest
 
-from keyservice import authorize, bootstrap, errors, policy, principals, rootkey, store
+from keyservice import bootstrap, errors, principals
+from keyservice.authz import authorize, policy
 from keyservice.clock import FixedClock
 from keyservice.context import RequestContext
 from keyservice.service import KeyService
+from keyservice.store import rootkey
+from keyservice.store import sqlite as store
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"

@@ -17,10 +17,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from keyservice import audit, bootstrap, errors, policy, rootkey, scheduler, store
+from keyservice import bootstrap, errors, scheduler
+from keyservice.audit.records import read_records
+from keyservice.authz import policy
 from keyservice.clock import FileOffsetClock, FixedClock
 from keyservice.context import RequestContext
 from keyservice.service import KeyService
+from keyservice.store import rootkey, sqlite_schema
+from keyservice.store import sqlite as store
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -46,7 +50,7 @@ class Env:
             self.call(operation, params)
 
     def records(self, operation: str) -> list[dict[str, Any]]:
-        return [r for r in audit.read_records(self.data_dir) if r.get("operation") == operation]
+        return [r for r in read_records(self.data_dir) if r.get("operation") == operation]
 
 
 @pytest.fixture
@@ -177,7 +181,7 @@ def test_no_material_in_audit_or_store(env: Env) -> None:
 def test_schema_v1_store_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "keyservice.db"
     with sqlite3.connect(path) as db:
-        db.executescript(store._SCHEMA_V1)
+        db.executescript(sqlite_schema.SCHEMA_V1)
         db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
         db.execute(
             "INSERT INTO keys(key_id, arn, account_id, region, description, state, origin, key_manager,"
@@ -188,7 +192,7 @@ def test_schema_v1_store_is_migrated(tmp_path: Path) -> None:
         db.execute("INSERT INTO key_versions VALUES ('k', 1, ?, x'00')", (T0.isoformat(),))
     s = store.SQLiteStore(path)
     try:
-        assert s.get_meta("schema_version") == str(store.SCHEMA_VERSION) == "3"
+        assert s.get_meta("schema_version") == str(sqlite_schema.SCHEMA_VERSION) == "3"
         key = s.get_key("k")
         assert key is not None and key.rotation_enabled is False and key.material_id is None
         assert key.policy == policy.default_key_policy("1")  # schema 3: every key has a key policy

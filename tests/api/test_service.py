@@ -15,11 +15,18 @@ from typing import Any
 
 import pytest
 
-from keyservice import audit, audit_review, audit_signing, bootstrap, errors, policy, rootkey
+from keyservice import bootstrap, errors
+from keyservice.audit import log as audit_log
+from keyservice.audit import review as audit_review
+from keyservice.audit import signing as audit_signing
+from keyservice.audit import verify as audit_verify
+from keyservice.audit.records import read_records
+from keyservice.authz import policy
 from keyservice.clock import FixedClock
 from keyservice.context import Principal, RequestContext
 from keyservice.service import KeyService
-from keyservice.store import material_aad
+from keyservice.store import rootkey
+from keyservice.store.base import material_aad
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"
@@ -54,7 +61,7 @@ class Env:
         return self.call("CreateKey", params)["KeyMetadata"]["KeyId"]
 
     def records(self) -> list[dict[str, Any]]:
-        return list(audit.read_records(self.data_dir))
+        return list(read_records(self.data_dir))
 
     def last(self) -> dict[str, Any]:
         return self.records()[-1]
@@ -624,7 +631,7 @@ def test_audit_failure_fails_closed(env: Env, monkeypatch: pytest.MonkeyPatch) -
     def broken(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(audit.os, "fsync", broken)
+    monkeypatch.setattr(audit_log.os, "fsync", broken)
     with pytest.raises(errors.KMSInternalException):
         env.call("GenerateDataKey", {"KeyId": key_id, "KeySpec": "AES_256"})
     with pytest.raises(errors.KMSInternalException):
@@ -713,6 +720,6 @@ def test_concurrent_calls(env: Env) -> None:
     assert verify_audit(env.data_dir).ok
 
 
-def verify_audit(data_dir: Path) -> audit.VerifyReport:
+def verify_audit(data_dir: Path) -> audit_verify.VerifyReport:
     public_key = audit_signing.load_public(audit_signing.public_path(data_dir))
-    return audit.verify(data_dir, public_key)
+    return audit_verify.verify(data_dir, public_key)

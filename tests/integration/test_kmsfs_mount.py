@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from keyservice.audit_review import is_create
+from keyservice.audit.review import is_create
 from kmsfs import format as fmt
 from tests.conftest import run_keyservice
 from tests.integration.kmsfs_mount_helpers import (

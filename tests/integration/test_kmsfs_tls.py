@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from keyservice import tls
+from keyservice.http import tls
 from tests.conftest import DevKeyService
 from tests.integration.kmsfs_mount_helpers import force_unmount, kmsfs, kmsfs_init, mounted, requires_fuse
 

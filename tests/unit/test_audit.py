@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from keyservice import audit, audit_review
+from keyservice.audit import log as audit_log
+from keyservice.audit import review as audit_review
+from keyservice.audit import verify as audit_verify
+from keyservice.audit.records import FIELDS, build_record
 from keyservice.context import Principal, RequestContext
 from keyservice.errors import KMSInternalException, NotFoundException
 
@@ -33,10 +36,10 @@ def ctx(principal: Principal | None = ALICE, path: str | None = None) -> Request
 
 
 def write_sample(data_dir: Path) -> None:
-    log = audit.AuditLog(data_dir)
-    log.append(audit.build_record(when=T0, ctx=ctx(), operation="CreateKey", key_arn=KEY_A, key_version=1))
+    log = audit_log.AuditLog(data_dir)
+    log.append(build_record(when=T0, ctx=ctx(), operation="CreateKey", key_arn=KEY_A, key_version=1))
     log.append(
-        audit.build_record(
+        build_record(
             when=T0 + timedelta(minutes=1),
             ctx=ctx(path="/docs/report.txt"),
             operation="Decrypt",
@@ -46,7 +49,7 @@ def write_sample(data_dir: Path) -> None:
         )
     )
     log.append(
-        audit.build_record(
+        build_record(
             when=T0 + timedelta(minutes=2),
             ctx=ctx(BOB, path="/docs/sub/x"),
             operation="Encrypt",
@@ -57,7 +60,7 @@ def write_sample(data_dir: Path) -> None:
         )
     )
     log.append(
-        audit.build_record(
+        build_record(
             when=T0 + timedelta(minutes=3),
             ctx=ctx(None),
             operation="ListKeys",
@@ -75,7 +78,7 @@ def test_record_fields_and_file_modes(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert len(lines) == 4
     first = json.loads(lines[0])
-    assert list(first) == list(audit.FIELDS)
+    assert list(first) == list(FIELDS)
     assert first["time"] == "2026-03-01T12:00:00.123Z"
     assert first["outcome"] == "success" and first["error_code"] is None
     assert first["principal"] == ALICE.arn and first["access_key_id"] == ALICE.access_key_id
@@ -89,25 +92,25 @@ def test_record_fields_and_file_modes(tmp_path: Path) -> None:
 
 
 def test_every_append_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    log = audit.AuditLog(tmp_path)
+    log = audit_log.AuditLog(tmp_path)
     calls: list[int] = []
     real = os.fsync
-    monkeypatch.setattr(audit.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
-    log.append(audit.build_record(when=T0, ctx=ctx(), operation="ListKeys"))
-    log.append(audit.build_record(when=T0, ctx=ctx(), operation="ListKeys"))
+    monkeypatch.setattr(audit_log.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    log.append(build_record(when=T0, ctx=ctx(), operation="ListKeys"))
+    log.append(build_record(when=T0, ctx=ctx(), operation="ListKeys"))
     assert len(calls) == 2
     log.close()
 
 
 def test_write_failure_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    log = audit.AuditLog(tmp_path)
+    log = audit_log.AuditLog(tmp_path)
 
     def broken(fd: int) -> None:
         raise OSError(5, "EIO")
 
-    monkeypatch.setattr(audit.os, "fsync", broken)
+    monkeypatch.setattr(audit_log.os, "fsync", broken)
     with pytest.raises(KMSInternalException):
-        log.append(audit.build_record(when=T0, ctx=ctx(), operation="ListKeys"))
+        log.append(build_record(when=T0, ctx=ctx(), operation="ListKeys"))
     log.close()
 
 
@@ -141,8 +144,8 @@ def test_partial_last_line_is_tolerated_and_dropped(tmp_path: Path) -> None:
         f.write(b'{"version":1,"time":"2026-03-01T12:')
     assert len(list(audit_review.query(tmp_path))) == 4
     # A restarted writer drops the torn fragment (its request was never answered) and continues.
-    log = audit.AuditLog(tmp_path, signer=SIGNER, now=lambda: T0)
-    log.append(audit.build_record(when=T0, ctx=ctx(), operation="GenerateRandom"))
+    log = audit_log.AuditLog(tmp_path, signer=SIGNER, now=lambda: T0)
+    log.append(build_record(when=T0, ctx=ctx(), operation="GenerateRandom"))
     log.close()
     assert [r["operation"] for r in audit_review.query(tmp_path)][-1] == "GenerateRandom"
     assert b'"2026-03-01T12:\n' not in path.read_bytes()
@@ -152,11 +155,11 @@ def test_partial_last_line_is_tolerated_and_dropped(tmp_path: Path) -> None:
 
 
 def test_concurrent_appends_stay_whole(tmp_path: Path) -> None:
-    log = audit.AuditLog(tmp_path)
+    log = audit_log.AuditLog(tmp_path)
 
     def worker(n: int) -> None:
         for i in range(25):
-            log.append(audit.build_record(when=T0, ctx=ctx(), operation=f"Op{n}-{i}"))
+            log.append(build_record(when=T0, ctx=ctx(), operation=f"Op{n}-{i}"))
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
     for t in threads:
@@ -191,22 +194,54 @@ def test_parse_time() -> None:
     assert audit_review.parse_time("2026-03-01T12:00:00Z") == datetime(2026, 3, 1, 12, tzinfo=UTC)
     assert audit_review.parse_time("2026-03-01") == datetime(2026, 3, 1, tzinfo=UTC)
     assert audit_review.parse_time("2h", now=T0) == T0 - timedelta(hours=2)
+    assert audit_review.parse_time("30m", now=T0) == T0 - timedelta(minutes=30)
     with pytest.raises(ValueError):
-        audit_review.parse_time("yesterday")
+        audit_review.parse_time("last tuesday")
+
+
+def test_parse_time_today_yesterday_utc_and_local(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = datetime(2026, 3, 1, 1, 30, tzinfo=UTC)
+    assert audit_review.parse_time("today", now=now) == datetime(2026, 3, 1, tzinfo=UTC)
+    assert audit_review.parse_time("Yesterday", now=now) == datetime(2026, 2, 28, tzinfo=UTC)
+    # In a zone 5 h behind UTC, 01:30 UTC is 20:30 the day before: local midnights are 05:00 UTC.
+    monkeypatch.setenv("TZ", "EST+5")
+    time.tzset()
+    try:
+        assert audit_review.parse_time("today", now=now, local=True) == datetime(2026, 2, 28, 5, tzinfo=UTC)
+        yesterday = audit_review.parse_time("yesterday", now=now, local=True)
+        assert yesterday == datetime(2026, 2, 27, 5, tzinfo=UTC)
+        assert audit_review.parse_time("2026-03-01T00:00", local=True) == datetime(2026, 3, 1, 5, tzinfo=UTC)
+        assert audit_review.display_time("2026-03-01T05:00:00Z", local=True) == "2026-03-01T00:00:00-05:00"
+        assert audit_review.display_time("2026-03-01T05:00:00Z", local=False) == "2026-03-01T05:00:00Z"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_unparsable_lines_are_reported(tmp_path: Path) -> None:
+    from keyservice.audit.records import audit_path
+
+    path = audit_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"operation": "Decrypt", "time": "2026-03-01T00:00:00Z"}\nnot json\n[1]\n'
+                    '{"operation": "Encrypt", "time": "2026-03-01T00:00:01Z"}\n')
+    unparsable: list[int] = []
+    records = list(audit_review.query(tmp_path, unparsable=unparsable))
+    assert [r["operation"] for r in records] == ["Decrypt", "Encrypt"] and unparsable == [2, 3]
 
 
 def test_missing_log_reads_empty(tmp_path: Path) -> None:
     assert list(audit_review.query(tmp_path)) == []
 
 
-def verify(data_dir: Path, **kwargs: object) -> audit.VerifyReport:
-    return audit.verify(data_dir, SIGNER.public_key(), **kwargs)  # type: ignore[arg-type]
+def verify(data_dir: Path, **kwargs: object) -> audit_verify.VerifyReport:
+    return audit_verify.verify(data_dir, SIGNER.public_key(), **kwargs)  # type: ignore[arg-type]
 
 
 def test_group_commit_shares_fsyncs_and_keeps_every_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    log = audit.AuditLog(tmp_path, signer=SIGNER, checkpoint_every=1000, now=lambda: T0)
+    log = audit_log.AuditLog(tmp_path, signer=SIGNER, checkpoint_every=1000, now=lambda: T0)
     calls: list[int] = []
     real = os.fsync
 
@@ -215,11 +250,11 @@ def test_group_commit_shares_fsyncs_and_keeps_every_record(
         time.sleep(0.01)
         real(fd)
 
-    monkeypatch.setattr(audit.os, "fsync", slow_fsync)
+    monkeypatch.setattr(audit_log.os, "fsync", slow_fsync)
 
     def worker(n: int) -> None:
         for i in range(20):
-            log.append(audit.build_record(when=T0, ctx=ctx(), operation=f"Op{n}-{i}"))
+            log.append(build_record(when=T0, ctx=ctx(), operation=f"Op{n}-{i}"))
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
     for t in threads:
@@ -233,14 +268,14 @@ def test_group_commit_shares_fsyncs_and_keeps_every_record(
 
 
 def test_failed_fsync_rolls_back_unsynced_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    log = audit.AuditLog(tmp_path, signer=SIGNER, now=lambda: T0)
-    log.append(audit.build_record(when=T0, ctx=ctx(), operation="Kept"))
+    log = audit_log.AuditLog(tmp_path, signer=SIGNER, now=lambda: T0)
+    log.append(build_record(when=T0, ctx=ctx(), operation="Kept"))
     real = os.fsync
-    monkeypatch.setattr(audit.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    monkeypatch.setattr(audit_log.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
     with pytest.raises(KMSInternalException):
-        log.append(audit.build_record(when=T0, ctx=ctx(), operation="Lost"))
-    monkeypatch.setattr(audit.os, "fsync", real)
-    log.append(audit.build_record(when=T0, ctx=ctx(), operation="After"))
+        log.append(build_record(when=T0, ctx=ctx(), operation="Lost"))
+    monkeypatch.setattr(audit_log.os, "fsync", real)
+    log.append(build_record(when=T0, ctx=ctx(), operation="After"))
     log.close()
     assert [r["operation"] for r in audit_review.query(tmp_path)] == ["Kept", "After"]
     assert verify(tmp_path).ok
@@ -250,7 +285,7 @@ def test_files_summary_counts_pooled_creates_as_created(tmp_path: Path) -> None:
     """A pooled create is two records: the pool's GenerateDataKey (no path) and the create's claim
     (a Decrypt with the path and ``op: create``); they join by file id, and the claim is a create,
     not an open."""
-    log = audit.AuditLog(tmp_path)
+    log = audit_log.AuditLog(tmp_path)
     pooled_ctx = RequestContext("r1", "127.0.0.1", ALICE, "kmsfs", {"pool": True, "uid": 0, "pid": 9,
                                                                      "process": "kmsfs"})
     tar = {"path": "/t/a.py", "uid": 1000, "user": "alice", "pid": 42, "process": "tar"}
@@ -266,7 +301,7 @@ def test_files_summary_counts_pooled_creates_as_created(tmp_path: Path) -> None:
          "Decrypt", "f3", NotFoundException("disabled")),
     ]
     for n, (context, operation, file_id, error) in enumerate(records):
-        log.append(audit.build_record(when=T0 + timedelta(seconds=n), ctx=context, operation=operation,
+        log.append(build_record(when=T0 + timedelta(seconds=n), ctx=context, operation=operation,
                                       key_arn=KEY_A, key_version=1, error=error,
                                       encryption_context={"kmsfs:file-id": file_id}))
     log.close()

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from keyservice import audit
+from keyservice.audit import commit as audit_commit
+from keyservice.audit import log as audit_log
+from keyservice.audit.records import audit_path, build_record, line_hash, read_records
 from keyservice.context import Principal, RequestContext
 from keyservice.errors import KMSInternalException
 
@@ -21,7 +23,7 @@ T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 def record(n: int) -> dict[str, object]:
     ctx = RequestContext(f"req-{n}", "127.0.0.1", ALICE, "test", {"path": f"/f{n}"})
-    return audit.build_record(when=T0, ctx=ctx, operation="Decrypt")
+    return build_record(when=T0, ctx=ctx, operation="Decrypt")
 
 
 def count_fsyncs(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[int]:
@@ -33,34 +35,34 @@ def count_fsyncs(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[in
         time.sleep(delay)
         real(fd)
 
-    monkeypatch.setattr(audit.os, "fsync", fsync)
+    monkeypatch.setattr(audit_log.os, "fsync", fsync)
     return calls
 
 
 def test_deferred_append_returns_before_the_fsync_and_commit_makes_it_durable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    log = audit.AuditLog(tmp_path)
+    log = audit_log.AuditLog(tmp_path)
     calls = count_fsyncs(monkeypatch)
-    with audit.deferred_commits() as tickets:
+    with audit_commit.deferred_commits() as tickets:
         log.append(record(1))
     assert len(tickets) == 1 and calls == []
     log.append(record(2))  # outside the block: the blocking path, which covers both
     assert len(calls) == 1
     tickets[0].commit()  # already durable: no second fsync
     assert len(calls) == 1
-    assert len(list(audit.read_records(tmp_path))) == 2
+    assert len(list(read_records(tmp_path))) == 2
 
 
 def test_committer_shares_fsyncs_across_concurrent_requests(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    log = audit.AuditLog(tmp_path)
+    log = audit_log.AuditLog(tmp_path)
     calls = count_fsyncs(monkeypatch, delay=0.005)
-    committer = audit.AsyncCommitter()
+    committer = audit_commit.AsyncCommitter()
 
     async def request(n: int) -> None:
-        with audit.deferred_commits() as tickets:
+        with audit_commit.deferred_commits() as tickets:
             log.append(record(n))
         await committer.wait(tickets)
         assert log._durable_end >= tickets[0].end  # the reply may go out now
@@ -70,24 +72,24 @@ def test_committer_shares_fsyncs_across_concurrent_requests(
 
     asyncio.run(main())
     committer.close()
-    assert len(list(audit.read_records(tmp_path))) == 200
+    assert len(list(read_records(tmp_path))) == 200
     assert len(calls) < 50, f"{len(calls)} fsyncs for 200 records: no group commit"
 
 
 def test_failed_fsync_fails_every_waiting_request_and_rolls_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    log = audit.AuditLog(tmp_path)
+    log = audit_log.AuditLog(tmp_path)
     log.append(record(0))
 
     def broken(fd: int) -> None:
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(audit.os, "fsync", broken)
-    committer = audit.AsyncCommitter()
+    monkeypatch.setattr(audit_log.os, "fsync", broken)
+    committer = audit_commit.AsyncCommitter()
 
     async def request(n: int) -> str:
-        with audit.deferred_commits() as tickets:
+        with audit_commit.deferred_commits() as tickets:
             log.append(record(n))
         try:
             await committer.wait(tickets)
@@ -102,8 +104,8 @@ def test_failed_fsync_fails_every_waiting_request_and_rolls_back(
     committer.close()
     assert outcomes == ["The request could not be recorded in the audit log."] * 5
     monkeypatch.undo()
-    assert [r["request_id"] for r in audit.read_records(tmp_path)] == ["req-0"]
+    assert [r["request_id"] for r in read_records(tmp_path)] == ["req-0"]
     log.append(record(9))  # the chain goes on from the last durable record
-    assert [r["request_id"] for r in audit.read_records(tmp_path)] == ["req-0", "req-9"]
-    first, second = audit.audit_path(tmp_path).read_bytes().splitlines()
-    assert json.loads(second)["prev_hash"] == audit.line_hash(first)
+    assert [r["request_id"] for r in read_records(tmp_path)] == ["req-0", "req-9"]
+    first, second = audit_path(tmp_path).read_bytes().splitlines()
+    assert json.loads(second)["prev_hash"] == line_hash(first)

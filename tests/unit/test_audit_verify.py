@@ -1,4 +1,4 @@
-"""Tamper evidence of the audit log: every kind of tampering is found by ``audit.verify``,
+"""Tamper evidence of the audit log: every kind of tampering is found by ``audit_verify.verify``,
 even by an attacker who recomputes the hash chain after editing (only the signing key,
 which they do not have, could hide it)."""
 
@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from keyservice import audit
+from keyservice.audit import verify as audit_verify
+from keyservice.audit.log import AuditLog
+from keyservice.audit.records import (
+    GENESIS_HASH,
+    audit_path,
+    build_record,
+    head_path,
+    key_fingerprint,
+    line_hash,
+    signed_bytes,
+)
 from keyservice.context import Principal, RequestContext
 
 SIGNER = Ed25519PrivateKey.generate()
@@ -34,35 +44,35 @@ class Clock:
 
 def write_log(
     data_dir: Path, count: int, clock: Clock | None = None, *, every: int = EVERY, close: bool = True
-) -> audit.AuditLog:
+) -> AuditLog:
     clock = clock or Clock()
-    log = audit.AuditLog(data_dir, signer=SIGNER, checkpoint_every=every, checkpoint_seconds=60, now=clock)
+    log = AuditLog(data_dir, signer=SIGNER, checkpoint_every=every, checkpoint_seconds=60, now=clock)
     for n in range(count):
         ctx = RequestContext(f"req-{n}", "127.0.0.1", ALICE, "test", {})
-        log.append(audit.build_record(when=clock(), ctx=ctx, operation=f"Op{n}"))
+        log.append(build_record(when=clock(), ctx=ctx, operation=f"Op{n}"))
     if close:
         log.close()
     return log
 
 
 def lines(data_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in audit.audit_path(data_dir).read_text().splitlines()]
+    return [json.loads(line) for line in audit_path(data_dir).read_text().splitlines()]
 
 
 def store(data_dir: Path, records: list[dict], *, rechain: bool) -> None:
     """Write records back; with ``rechain`` recompute every prev_hash like a careful attacker."""
-    out, prev = [], audit.GENESIS_HASH
+    out, prev = [], GENESIS_HASH
     for record in records:
         if rechain:
             record = {**record, "prev_hash": prev}
         line = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
         out.append(line)
-        prev = audit.line_hash(line)
-    audit.audit_path(data_dir).write_bytes(b"".join(line + b"\n" for line in out))
+        prev = line_hash(line)
+    audit_path(data_dir).write_bytes(b"".join(line + b"\n" for line in out))
 
 
-def verify(data_dir: Path, **kwargs: object) -> audit.VerifyReport:
-    return audit.verify(data_dir, SIGNER.public_key(), checkpoint_every=EVERY, now=T0, **kwargs)  # type: ignore[arg-type]
+def verify(data_dir: Path, **kwargs: object) -> audit_verify.VerifyReport:
+    return audit_verify.verify(data_dir, SIGNER.public_key(), checkpoint_every=EVERY, now=T0, **kwargs)  # type: ignore[arg-type]
 
 
 def test_intact_log_verifies(tmp_path: Path) -> None:
@@ -70,8 +80,8 @@ def test_intact_log_verifies(tmp_path: Path) -> None:
     report = verify(tmp_path)
     assert report.ok, report.problems
     assert (report.records, report.checkpoints, report.unsealed) == (12, 3, 0)  # 5 + 5 + final 2 at close
-    assert report.fingerprint == audit.key_fingerprint(SIGNER.public_key())
-    head = json.loads(audit.head_path(tmp_path).read_text())
+    assert report.fingerprint == key_fingerprint(SIGNER.public_key())
+    head = json.loads(head_path(tmp_path).read_text())
     assert head == lines(tmp_path)[-1] and head["seq"] == 3
 
 
@@ -103,7 +113,7 @@ def _forge_checkpoint(records: list[dict]) -> list[dict]:
     for n, record in enumerate(records):
         if record.get("type") == "checkpoint":
             body = {k: v for k, v in record.items() if k != "signature"}
-            sig = forger.sign(audit._signed_bytes(body))
+            sig = forger.sign(signed_bytes(body))
             records[n] = {**body, "signature": base64.b64encode(sig).decode()}
     return records
 
@@ -159,12 +169,12 @@ def test_missing_checkpoint_by_count(tmp_path: Path) -> None:
 
 def test_missing_checkpoint_by_time(tmp_path: Path) -> None:
     clock = Clock()
-    log = audit.AuditLog(tmp_path, signer=SIGNER, checkpoint_every=EVERY, checkpoint_seconds=60, now=clock)
+    log = AuditLog(tmp_path, signer=SIGNER, checkpoint_every=EVERY, checkpoint_seconds=60, now=clock)
     log._stop.set()  # the timer thread that should have sealed in time is stopped
     ctx = RequestContext("r", "127.0.0.1", ALICE, "test", {})
-    log.append(audit.build_record(when=clock(), ctx=ctx, operation="Early"))
+    log.append(build_record(when=clock(), ctx=ctx, operation="Early"))
     clock.now += timedelta(hours=1)
-    log.append(audit.build_record(when=clock(), ctx=ctx, operation="Late"))
+    log.append(build_record(when=clock(), ctx=ctx, operation="Late"))
     log.close()
     report = verify(tmp_path)
     assert not report.ok and "missing checkpoint" in report.problems[0]
@@ -172,36 +182,36 @@ def test_missing_checkpoint_by_time(tmp_path: Path) -> None:
 
 def test_timer_seals_idle_records(tmp_path: Path) -> None:
     clock = Clock()
-    log = audit.AuditLog(tmp_path, signer=SIGNER, checkpoint_every=EVERY, checkpoint_seconds=0.2, now=clock)
-    log.append(audit.build_record(when=clock(), ctx=RequestContext("r", "", ALICE, "", {}), operation="One"))
+    log = AuditLog(tmp_path, signer=SIGNER, checkpoint_every=EVERY, checkpoint_seconds=0.2, now=clock)
+    log.append(build_record(when=clock(), ctx=RequestContext("r", "", ALICE, "", {}), operation="One"))
     clock.now += timedelta(seconds=1)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not audit.head_path(tmp_path).exists():
+    while time.monotonic() < deadline and not head_path(tmp_path).exists():
         time.sleep(0.05)
-    assert audit.head_path(tmp_path).exists(), "the timer did not write a checkpoint"
+    assert head_path(tmp_path).exists(), "the timer did not write a checkpoint"
     log.close()
     assert verify(tmp_path, checkpoint_seconds=0.2).ok
 
 
 def test_wrong_public_key_fails(tmp_path: Path) -> None:
     write_log(tmp_path, 3)
-    report = audit.verify(tmp_path, Ed25519PrivateKey.generate().public_key())
+    report = audit_verify.verify(tmp_path, Ed25519PrivateKey.generate().public_key())
     assert not report.ok and "bad signature" in report.problems[0]
 
 
 def test_head_file_rollback_and_removal(tmp_path: Path) -> None:
     write_log(tmp_path, 12)
-    audit.head_path(tmp_path).unlink()
+    head_path(tmp_path).unlink()
     assert "missing" in verify(tmp_path).problems[0]
 
 
 def test_concurrent_appends_never_overfill_a_checkpoint(tmp_path: Path) -> None:
-    log = audit.AuditLog(tmp_path, signer=SIGNER, checkpoint_every=EVERY, checkpoint_seconds=60, now=Clock())
+    log = AuditLog(tmp_path, signer=SIGNER, checkpoint_every=EVERY, checkpoint_seconds=60, now=Clock())
 
     def worker(n: int) -> None:
         for i in range(25):
             log.append(
-                audit.build_record(when=T0, ctx=RequestContext(f"{n}-{i}", "", ALICE, "", {}), operation="Op")
+                build_record(when=T0, ctx=RequestContext(f"{n}-{i}", "", ALICE, "", {}), operation="Op")
             )
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]

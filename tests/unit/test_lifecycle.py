@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from keyservice import lifecycle
-from keyservice.model import KeyRecord
+from keyservice.store.model import KeyRecord
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 STATES = ("Enabled", "Disabled", "PendingImport", "PendingDeletion")

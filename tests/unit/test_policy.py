@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from keyservice import policy
+from keyservice.authz import policy
 from keyservice.errors import MalformedPolicyDocumentException
 
 ACCOUNT = "111122223333"

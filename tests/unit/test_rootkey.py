@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from keyservice import rootkey
-from keyservice.rootkey import RootKeyError, RootKeySource, UnsealError
+from keyservice.store import rootkey
+from keyservice.store.rootkey import RootKeyError, RootKeySource, UnsealError
 
 FAST_N = 2**10  # cheap scrypt for tests; production default is 2**15
 

@@ -10,7 +10,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from keyservice import errors
-from keyservice.sigv4 import sign_request, signing_key, verify_request
+from keyservice.http.sigv4 import sign_request, signing_key, verify_request
 
 AKID = "AKIAEXAMPLEEXAMPLE00"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
