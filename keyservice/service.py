@@ -267,6 +267,7 @@ class KeyService:
         try:
             self._check_principal(ctx)
             info.principal = ctx.principal
+            info.source_address = ctx.source_address  # aws:SourceIp conditions see the browser's peer
             authorize.authorize_account(self, info, operation)
         except errors.KMSError as exc:
             self._audit(operation, ctx, info, exc)

@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from kmsfs.backing_at import pin
+from kmsfs.backing_at import RENAME_EXCHANGE, pin
 from kmsfs.config import RESERVED_PREFIX
 from kmsfs.core import Caller, KmsfsCore, attributes
 
@@ -223,7 +223,7 @@ class InodeFs:
         self._check_name(new_parent, new_name)
         self.core.rename_at(parent.fd, name, new_parent.fd, new_name, flags)
         self._renamed(new_parent, new_name)
-        if flags & 2:  # RENAME_EXCHANGE: the other one moved too
+        if flags & RENAME_EXCHANGE:  # the other one moved too
             self._renamed(parent, name)
 
     def _renamed(self, parent: Node, name: str) -> None:

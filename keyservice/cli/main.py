@@ -358,6 +358,8 @@ class _Serving:
                 metrics = _metrics_listener(args, render_metrics)
                 if metrics is not None:
                     running.closers.append(metrics.stop)
+                    metrics.start()
+                    print(f"  metrics (unauthenticated): {metrics.endpoint}/metrics", flush=True)
             running.server = Server(app, "", 0, tls_cert=self.tls_cert, tls_key=self.tls_key, sock=self.sock,
                                     refuse=app.refuse_malformed)
         except BaseException:
