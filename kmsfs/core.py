@@ -49,17 +49,13 @@ from kmsfs.config import RESERVED_PREFIX, Config
 from kmsfs.encfile import EncryptedFile
 from kmsfs.format import (
     DATA_KEY_SIZE,
-    DEFAULT_BLOCK_SIZE,
     FILE_ID_SIZE,
     FORMAT_VERSION,
-    HEADER_XATTR,
     CorruptHeader,
     Header,
     encryption_context,
-    pack_header,
-    parse_header,
-    plain_size,
 )
+from kmsfs.headers import empty, plain_size_at, read_header, replace_empty, write_new
 from kmsfs.holes import supports_sparse
 from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
 from kmsfs.keypool import DataKeyPool, PooledKey
@@ -158,11 +154,13 @@ class KmsfsCore:
         The most frequent request (several per created file: the kernel re-asks after every
         write), so the dict is built in one literal rather than by a loop of ``getattr``."""
         handle = self._handles.get(fh) if fh else None
-        st = os.fstat(handle.fd) if handle else os.lstat(self.full(path))
+        full = self.full(path) if not handle else ""
+        st = os.fstat(handle.fd) if handle else os.lstat(full)
         mode = st.st_mode
         return {"st_mode": mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
                 "st_gid": st.st_gid,
-                "st_size": plain_size(st.st_size, DEFAULT_BLOCK_SIZE) if stat.S_ISREG(mode) else st.st_size,
+                "st_size": plain_size_at(full, st.st_size, handle.fd if handle else None)
+                if stat.S_ISREG(mode) else st.st_size,
                 "st_blocks": st.st_blocks, "st_rdev": st.st_rdev, "st_atime": st.st_atime_ns,
                 "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
 
@@ -312,7 +310,7 @@ class KmsfsCore:
         directory = os.path.dirname(full)
         fd, temp = _open_unnamed(directory)
         try:
-            os.setxattr(fd, HEADER_XATTR, pack_header(header))
+            write_new(fd, header, key)  # xattr and in-file copy (kmsfs.headers)
             self._own(full, caller, fd)  # before chmod: chown clears set-id bits
             os.fchmod(fd, mode & 0o7777)
             if temp is None:
@@ -447,12 +445,12 @@ class KmsfsCore:
     def _rekey_if_planted(self, handle: _Handle, caller: Caller | None) -> None:
         """First write into an empty file we did not create: fresh file id and data key."""
         inode = handle.inode
-        if inode.fresh or os.fstat(handle.fd).st_size != 0:
+        if inode.fresh or handle.efile.size() != 0:
             return
         header, key = self._new_key(handle.path, caller)
         fcntl.flock(handle.fd, fcntl.LOCK_EX)  # excludes a concurrent ``kmsfs rewrap``
         try:
-            os.setxattr(handle.fd, HEADER_XATTR, pack_header(header))
+            replace_empty(handle.fd, header, key)
         finally:
             fcntl.flock(handle.fd, fcntl.LOCK_UN)
         cipher = BlockCipher(key)
@@ -526,8 +524,7 @@ class KmsfsCore:
             if inode is None:
                 fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
                 try:
-                    os.ftruncate(fd, 0)  # no plaintext needed to empty a file
-                    _clear_marker(fd)
+                    empty(fd)  # no plaintext needed to empty a file
                 finally:
                     os.close(fd)
                 return
@@ -595,16 +592,6 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _clear_marker(fd: int) -> None:
-    from kmsfs.format import RESIZE_XATTR
-
-    try:
-        os.removexattr(fd, RESIZE_XATTR)
-    except OSError as exc:
-        if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
-            raise
-
-
 def _prefetch(fd: int) -> None:
     """Start reading the first blocks from disk while the key service unwraps the key.
 
@@ -619,10 +606,4 @@ def _prefetch(fd: int) -> None:
 
 
 def _read_header(fd: int) -> Header:
-    try:
-        raw = os.getxattr(fd, HEADER_XATTR)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-            raise CorruptHeader("backing file has no kmsfs header") from None
-        raise
-    return parse_header(raw)
+    return read_header(fd)  # the xattr, checked against (or replaced by) the in-file copy

@@ -1,0 +1,109 @@
+"""The state record of an open version-3 file: loaded once per inode, saved alternately to two slots.
+
+Why shared per inode: the mount opens one ``EncryptedFile`` per handle, all under one inode lock
+(core.py). The hole runs and the marker must be the same for all of them, or a handle with a stale
+copy would write back blocks another handle already filled as holes. ``shared`` hands every
+``EncryptedFile`` of one (device, inode, file id) the same ``FileState`` while any holds it.
+
+Crash safety: a save writes the slot *not* holding the current record (sequence number + 1), in
+one ``pwrite``; if that write is torn, the other slot still holds the previous record. Callers
+order saves against block writes (see encfile.py): a gap is recorded before the size grows over
+it, a filled hole is dropped from the record only after its block is written.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+
+from kmsfs.cipher import BlockCipher, IntegrityError
+from kmsfs.format import CorruptHeader
+from kmsfs.infile import (
+    BODY_SIZE,
+    PREFIX_READ,
+    RECORD_SIZE,
+    Prefix,
+    State,
+    data_offset_of,
+    parse_prefix,
+    record_aad,
+    unpack_body,
+)
+
+
+class FileState:
+    """Prefix geometry plus the current record of one version-3 file."""
+
+    def __init__(self, prefix: Prefix, state: State, cipher: BlockCipher, file_id: bytes) -> None:
+        self.prefix = prefix
+        self.data_offset = prefix.data_offset
+        self.state = state
+        self._cipher = cipher
+        self._file_id = file_id
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        return self.state.runs
+
+    def save(self, fd: int, marker: tuple[int, int] | None, runs: list[tuple[int, int]]) -> None:
+        """Write a new record (next sequence number) to the other slot."""
+        new = State(seq=self.state.seq + 1, marker=marker, runs=list(runs))
+        body = new.pack_body()
+        seal = self._cipher.seal(b"", record_aad(self._file_id, self.prefix.fixed, body))
+        os.pwrite(fd, body + seal, self.prefix.slot_offset(new.seq % 2))
+        self.state = new
+
+
+def load(fd: int, cipher: BlockCipher, file_id: bytes) -> FileState:
+    """Parse the prefix and authenticate both record slots; the valid one with the highest
+    sequence number wins. No valid record is ``CorruptHeader`` unless the file is empty (an
+    emptied file's records are voided, see headers.empty)."""
+    first = os.pread(fd, PREFIX_READ, 0)
+    size = os.fstat(fd).st_size
+    if data_offset_of(first) > len(first):
+        first = os.pread(fd, data_offset_of(first), 0)
+    prefix = parse_prefix(first, size)
+    best: State | None = None
+    for slot in (0, 1):
+        start = prefix.slot_offset(slot)
+        raw = first[start:start + RECORD_SIZE]
+        body, seal = raw[:BODY_SIZE], raw[BODY_SIZE:]
+        try:
+            cipher.open(seal, record_aad(file_id, prefix.fixed, body))
+        except IntegrityError:
+            continue
+        state = unpack_body(body)
+        if state.seq % 2 != slot:
+            continue  # a record copied into the other slot
+        if best is None or state.seq > best.seq:
+            best = state
+    if best is None:
+        if size > prefix.data_offset:
+            raise CorruptHeader("state record fails authentication")
+        best = State()
+    return FileState(prefix, best, cipher, file_id)
+
+
+_shared: weakref.WeakValueDictionary[tuple[int, int, bytes], FileState] = weakref.WeakValueDictionary()
+_shared_lock = threading.Lock()
+
+
+def shared(fd: int, cipher: BlockCipher, file_id: bytes) -> FileState:
+    """The one FileState of this inode and file id, loaded on first use."""
+    st = os.fstat(fd)
+    ident = (st.st_dev, st.st_ino, file_id)
+    with _shared_lock:
+        found = _shared.get(ident)
+        if found is not None:
+            return found
+        state = load(fd, cipher, file_id)
+        _shared[ident] = state
+        return state
+
+
+def forget(fd: int, file_id: bytes) -> None:
+    """Drop the shared state of an inode (its prefix was rewritten: re-key, upgrade)."""
+    st = os.fstat(fd)
+    with _shared_lock:
+        _shared.pop((st.st_dev, st.st_ino, file_id), None)
