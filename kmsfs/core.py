@@ -59,6 +59,7 @@ from kmsfs.headers import empty, plain_size_at, read_header, replace_empty, writ
 from kmsfs.holes import supports_sparse
 from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
 from kmsfs.keypool import DataKeyPool, PooledKey
+from kmsfs.nolinks import link_or_rename
 from kmsfs.rwlock import SharedLock
 
 log = logging.getLogger("kmsfs")
@@ -316,7 +317,7 @@ class KmsfsCore:
             if temp is None:
                 _link_fd(fd, self._root_fd, full[len(self._root_slash):])
             else:
-                os.link(temp, full, follow_symlinks=False)
+                link_or_rename(temp, full)  # (a rename where hard links are refused)
         except BaseException:
             os.close(fd)
             raise

@@ -182,3 +182,77 @@ def test_tampered_header_pairs_are_eio_and_fsck_reports_them(keyservice_dev: Any
         assert f"DAMAGED /{name}: header xattr and in-file header copy differ" in out.stdout, out.stdout
     repaired = kmsfs("fsck", cipherdir, "--repair", "--credentials", creds, "-q", check=False)
     assert repaired.returncode == 1 and "REPAIRED" not in repaired.stdout  # never "resolved"
+
+
+def _kernel_has(fstype: str) -> bool:
+    with open("/proc/filesystems", encoding="utf-8") as f:
+        return any(line.split()[-1] == fstype for line in f if line.strip())
+
+
+@pytest.fixture
+def no_xattr_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A directory on a filesystem without user xattrs: a vfat loop image made by mkfs.vfat, or —
+    on kernels without vfat (this test machine's) — an exFAT image through exfat-fuse."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a filesystem image")
+    image, target = tmp_path / "fs.img", tmp_path / "fat"
+    target.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(96 << 20)
+    loop = None
+    try:
+        if _kernel_has("vfat") and shutil.which("mkfs.vfat"):
+            subprocess.run(["mkfs.vfat", str(image)], check=True, capture_output=True)
+            subprocess.run(["mount", "-o", "loop", str(image), str(target)], check=True)
+            kind = "vfat"
+        elif shutil.which("mkfs.exfat") and shutil.which("mount.exfat-fuse"):
+            subprocess.run(["mkfs.exfat", str(image)], check=True, capture_output=True)
+            loop = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True,
+                                  text=True).stdout.strip()
+            subprocess.run(["mount.exfat-fuse", loop, str(target)], check=True, capture_output=True)
+            kind = "exfat"
+        else:
+            pytest.skip("neither vfat nor exfat-fuse available (scripts/setup.sh installs them)")
+        yield target, kind
+    finally:
+        for cmd in (["umount", str(target)], ["umount", "-l", str(target)]):
+            if os.path.ismount(target):
+                subprocess.run(cmd, capture_output=True, check=False)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+
+
+def test_cipherdir_on_a_filesystem_without_xattrs(keyservice_dev: Any, no_xattr_dir: tuple[Path, str],
+                                                  tmp_path: Path) -> None:
+    fat, kind = no_xattr_dir
+    cipherdir = fat / "cipher"
+    creds = keyservice_dev.credentials_file
+    key = keyservice_dev.boto3_client().create_key(Description=kind)["KeyMetadata"]
+    out = kmsfs("init", cipherdir, "--endpoint", keyservice_dev.endpoint, "--key", key["KeyId"],
+                "--credentials", creds).stdout
+    assert "does not keep user xattrs" in out, out
+    data = os.urandom(3 * BS + 77)
+    with mounted(cipherdir, tmp_path / "mnt", creds) as m:
+        (m / "hello.txt").write_bytes(b"hello " + kind.encode())
+        (m / "d").mkdir()
+        (m / "d" / "data.bin").write_bytes(data)
+        with open(m / "d" / "data.bin", "ab") as f:
+            f.write(b"appended")
+        with open(m / "sparse.bin", "wb") as f:  # no holes on FAT: the gap is written as zeros
+            f.seek(50 * BS)
+            f.write(b"after the gap")
+        os.rename(m / "hello.txt", m / "d" / "renamed.txt")
+        (m / "gone.txt").write_bytes(b"x")
+        os.unlink(m / "gone.txt")
+        os.truncate(m / "d" / "data.bin", 2 * BS + 1)
+        assert (m / "d" / "renamed.txt").read_bytes() == b"hello " + kind.encode()
+    with pytest.raises(OSError) as info:  # really no xattrs here: the headers live in the files
+        os.getxattr(cipherdir / "d" / "data.bin", fmt.HEADER_XATTR)
+    assert info.value.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+    with mounted(cipherdir, tmp_path / "mnt", creds) as m:  # a fresh mount: in-file headers only
+        assert (m / "d" / "renamed.txt").read_bytes() == b"hello " + kind.encode()
+        assert (m / "d" / "data.bin").read_bytes() == data[:2 * BS + 1]
+        assert (m / "sparse.bin").read_bytes() == bytes(50 * BS) + b"after the gap"
+        assert sorted(os.listdir(m)) == ["d", "sparse.bin"]
+    out = kmsfs("fsck", cipherdir, "--credentials", creds, "-q").stdout
+    assert "clean" in out and "NOTE" not in out, out
