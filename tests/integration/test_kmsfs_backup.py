@@ -50,7 +50,8 @@ def _big_reference_sha() -> str:
 
 
 @pytest.fixture(scope="module")
-def source(keyservice_dev: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+def source(keyservice_dev: Any,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
     """A cipherdir with every kind of file a backup must keep, and each file's plaintext sha256."""
     tmp = tmp_path_factory.mktemp("backup-src")
     key = keyservice_dev.boto3_client().create_key(Description="backups")["KeyMetadata"]
@@ -152,7 +153,8 @@ def test_tampered_header_pairs_are_eio_and_fsck_reports_them(keyservice_dev: Any
     key = keyservice_dev.boto3_client().create_key(Description="tamper")["KeyMetadata"]
     cipherdir = tmp_path / "cipher"
     creds = keyservice_dev.credentials_file
-    kmsfs("init", cipherdir, "--endpoint", keyservice_dev.endpoint, "--key", key["KeyId"], "--credentials", creds)
+    kmsfs("init", cipherdir, "--endpoint", keyservice_dev.endpoint, "--key", key["KeyId"],
+          "--credentials", creds)
     with mounted(cipherdir, tmp_path / "mnt", creds) as m:
         for name in ("a", "b", "c", "d", "e"):
             (m / name).write_bytes(name.encode() * 5000)

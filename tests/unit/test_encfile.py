@@ -19,7 +19,8 @@ HEADER = fmt.Header(file_id=FILE_ID, key_arn="arn:aws:kms:us-east-1:111122223333
                     wrapped_key=b"w" * 150, version=fmt.FORMAT_V3)
 
 
-@pytest.fixture(params=[(3, False), (2, True), (2, False), (1, False)], ids=["v3", "v2-sparse", "v2-dense", "v1"])
+@pytest.fixture(params=[(3, False), (2, True), (2, False), (1, False)],
+                ids=["v3", "v2-sparse", "v2-dense", "v1"])
 def ef(tmp_path, request):
     version, sparse = request.param
     fd = os.open(tmp_path / "backing", os.O_RDWR | os.O_CREAT, 0o600)

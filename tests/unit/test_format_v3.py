@@ -53,7 +53,8 @@ def test_prefix_layout_and_worked_sizes(tmp_path: Path) -> None:
     try:
         first = os.pread(fd, 64, 0)
         d = infile.data_offset_for(257)
-        assert first[:16] == b"KMSFS\x00" + b"\x00\x03" + d.to_bytes(4, "big") + (257).to_bytes(2, "big") + b"\0\0"
+        assert first[:16] == (b"KMSFS\x00" + b"\x00\x03" + d.to_bytes(4, "big") + (257).to_bytes(2, "big")
+                              + b"\0\0")
         assert os.pread(fd, 257, 16) == raw and ef.data_offset == d
         assert os.fstat(fd).st_size == d  # an empty file is its prefix
         ef.write(0, b"x")
@@ -102,7 +103,8 @@ def test_header_and_copy_disagreeing_is_refused(tmp_path: Path, attack: str) -> 
         elif attack == "copy-bitflip":
             os.pwrite(fd, bytes([os.pread(fd, 1, 200)[0] ^ 1]), 200)
         elif attack == "v2-xattr-on-v3-file":
-            os.setxattr(a, fmt.HEADER_XATTR, fmt.pack_header(fmt.Header(FILE_ID, ARN, bytes([7]) * 150, version=2)))
+            old = fmt.Header(FILE_ID, ARN, bytes([7]) * 150, version=2)
+            os.setxattr(a, fmt.HEADER_XATTR, fmt.pack_header(old))
         else:  # a v3 header as xattr of a v2 file (no prefix)
             os.truncate(a, 0)
             EncryptedFile(fd, KEY, FILE_ID, version=2).write(0, b"x" * 100)
@@ -160,7 +162,7 @@ def test_more_gaps_than_the_record_holds_are_written_as_zeros(tmp_path: Path) ->
     fd, ef = _new(tmp_path / "f")
     ref = bytearray()
     try:
-        for i in range(infile.MAX_RUNS + 6):
+        for _ in range(infile.MAX_RUNS + 6):
             off = len(ref) + 3 * BS
             ef.write(off, b"D" * 100)
             ref += bytes(3 * BS) + b"D" * 100
@@ -191,7 +193,8 @@ def test_state_record_torn_forged_or_replayed(tmp_path: Path) -> None:
             load(fd, ef.cipher, FILE_ID)
         with pytest.raises(fmt.CorruptHeader):  # a record under another file id
             fd2, _ = _new(tmp_path / "g", bytes(16))
-            os.pwrite(fd, os.pread(fd2, 2 * infile.RECORD_SIZE, fs.prefix.slot_offset(0)), fs.prefix.slot_offset(0))
+            slots = fs.prefix.slot_offset(0)
+            os.pwrite(fd, os.pread(fd2, 2 * infile.RECORD_SIZE, slots), slots)
             os.close(fd2)
             load(fd, ef.cipher, FILE_ID)
     finally:
