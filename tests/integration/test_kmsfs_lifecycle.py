@@ -100,7 +100,7 @@ def test_fsck_info_and_rewrap(keyservice_dev: Any, tmp_path: Path) -> None:
         for i in range(5):
             (m / f"f{i}.bin").write_bytes(os.urandom(i * 5000))
         info = json.loads(kmsfs("info", m / "f2.bin").stdout)
-        assert info["format_version"] == 2 and info["key_arn"] == arn
+        assert info["format_version"] == 3 and info["key_arn"] == arn
         assert info["plaintext_size"] == 10000 and "data_key" not in json.dumps(info)
         proc = kmsfs("fsck", cipherdir, "--credentials", creds)
         assert "5 files" in proc.stdout and "clean" in proc.stdout
