@@ -21,6 +21,7 @@ from keyservice.audit_review import is_create
 from kmsfs import format as fmt
 from tests.integration.kmsfs_mount_helpers import (
     daemon_pid,
+    data_offset,
     force_unmount,
     kmsfs,
     mounted,
@@ -119,7 +120,7 @@ def test_fsck_info_and_rewrap(keyservice_dev: Any, tmp_path: Path) -> None:
         assert len((m / "f4.bin").read_bytes()) == 20000
         assert not (cipherdir / ".kmsfs.rewrap").exists()
         with open(cipherdir / "f3.bin", "r+b") as f:
-            f.seek(4124 + 3)
+            f.seek(data_offset(cipherdir / "f3.bin") + 4124 + 3)
             f.write(b"\xff")
         proc = kmsfs("fsck", cipherdir, "--credentials", creds, check=False)
         assert proc.returncode == 1 and "DAMAGED /f3.bin: block 1" in proc.stdout
