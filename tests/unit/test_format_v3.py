@@ -263,3 +263,50 @@ def test_v1_refuses_writes_but_may_be_emptied(tmp_path: Path) -> None:
         assert ef.size() == 0
     finally:
         os.close(fd)
+
+
+def _after_crash(tmp_path: Path, fd: int) -> tuple[int, EncryptedFile]:
+    """The file as a new process finds it after a kill -9 (a copy: nothing shared in memory)."""
+    size = os.fstat(fd).st_size
+    crashed = tmp_path / "crashed"
+    crashed.write_bytes(os.pread(fd, size, 0))
+    fd2 = os.open(crashed, os.O_RDWR)
+    return fd2, EncryptedFile(fd2, KEY, FILE_ID, version=3)
+
+
+def test_recover_interrupted_append_in_format_3(tmp_path: Path) -> None:
+    fd, ef = _new(tmp_path / "f")
+    try:
+        data = os.urandom(BS + 100)
+        ef.write(0, data)
+        ef._set_marker(BS + 100, 5 * BS)  # noqa: SLF001 - the append's first step, in the record
+        ef._write_runs({1: data[BS:] + b"new" + bytes(BS - 103)}, 99)  # noqa: SLF001 - re-sealed non-final
+        os.pwrite(fd, os.urandom(100), ef.data_offset + 2 * S)  # part of the next block, then death
+        fd2, crashed = _after_crash(tmp_path, fd)
+        try:
+            assert crashed.pending_marker() == (BS + 100, 5 * BS)
+            assert crashed.recover() == BS + 100
+            assert crashed.read(0, 10 * BS) == data and crashed.verify() == []
+            assert load(fd2, crashed.cipher, FILE_ID).state.marker is None
+        finally:
+            os.close(fd2)
+    finally:
+        os.close(fd)
+
+
+def test_recover_interrupted_grow_in_format_3_keeps_the_recorded_gap(tmp_path: Path) -> None:
+    fd, ef = _new(tmp_path / "f")
+    try:
+        ef.write(0, b"abc")
+        ef._set_marker(10 * BS, 3, [(1, 9)])  # noqa: SLF001 - marker and gap saved together
+        ef._write_runs({0: b"abc" + bytes(BS - 3)}, 99)  # noqa: SLF001 - old last block re-sealed
+        fd2, crashed = _after_crash(tmp_path, fd)
+        try:
+            assert crashed.recover() == 10 * BS
+            assert crashed.read(0, 20 * BS) == b"abc" + bytes(10 * BS - 3)
+            assert crashed.verify() == []
+            assert load(fd2, crashed.cipher, FILE_ID).runs == [(1, 9)]
+        finally:
+            os.close(fd2)
+    finally:
+        os.close(fd)
