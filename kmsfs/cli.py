@@ -406,7 +406,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "key_version": _blob_key_version(header.wrapped_key),
         "encryption_context": header.encryption_context(),
         "backing_size": os.path.getsize(path),
-        "plaintext_size": plain_size_at(path, os.path.getsize(path)),
+        "plaintext_size": plain_size_at(path, os.stat(path)),
     }
     try:
         info["size_change_pending"] = bool(os.getxattr(path, RESIZE_XATTR))

@@ -160,7 +160,7 @@ class KmsfsCore:
         mode = st.st_mode
         return {"st_mode": mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
                 "st_gid": st.st_gid,
-                "st_size": plain_size_at(full, st.st_size, handle.fd if handle else None)
+                "st_size": plain_size_at(full, st, handle.fd if handle else None)
                 if stat.S_ISREG(mode) else st.st_size,
                 "st_blocks": st.st_blocks, "st_rdev": st.st_rdev, "st_atime": st.st_atime_ns,
                 "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}

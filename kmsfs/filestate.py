@@ -42,6 +42,10 @@ class FileState:
         self._cipher = cipher
         self._file_id = file_id
 
+    def use_cipher(self, cipher: BlockCipher) -> None:
+        """Seal later saves with the caller's cipher object (the same data key)."""
+        self._cipher = cipher
+
     @property
     def runs(self) -> list[tuple[int, int]]:
         return self.state.runs
@@ -69,6 +73,8 @@ def load(fd: int, cipher: BlockCipher, file_id: bytes) -> FileState:
         start = prefix.slot_offset(slot)
         raw = first[start:start + RECORD_SIZE]
         body, seal = raw[:BODY_SIZE], raw[BODY_SIZE:]
+        if not any(seal):
+            continue  # a slot never written (or voided): no GCM attempt
         try:
             cipher.open(seal, record_aad(file_id, prefix.fixed, body))
         except IntegrityError:
@@ -97,9 +103,28 @@ def shared(fd: int, cipher: BlockCipher, file_id: bytes) -> FileState:
         found = _shared.get(ident)
         if found is not None:
             return found
-        state = load(fd, cipher, file_id)
+        state = _fresh.pop(ident, None)  # same inode and file id: same data key
+        if state is None:
+            state = load(fd, cipher, file_id)
+        else:
+            state.use_cipher(cipher)
         _shared[ident] = state
         return state
+
+
+# States just written by ``headers.write_new``, held until the first EncryptedFile takes them (a
+# create opens its file at once; reading back what was just written would cost a pread and two
+# GCM checks). Bounded: a create that failed before registering leaves at most a few behind.
+_fresh: dict[tuple[int, int, bytes], FileState] = {}
+_FRESH_MAX = 64
+
+
+def remember(fd: int, prefix: Prefix, state: State, cipher: BlockCipher, file_id: bytes) -> None:
+    st = os.fstat(fd)
+    with _shared_lock:
+        if len(_fresh) >= _FRESH_MAX:
+            _fresh.clear()
+        _fresh[(st.st_dev, st.st_ino, file_id)] = FileState(prefix, state, cipher, file_id)
 
 
 def forget(fd: int, file_id: bytes) -> None:
