@@ -59,12 +59,30 @@ class FileState:
         self.state = new
 
 
+# The first bytes of files whose header was just read (headers.in_file_copy), keyed by device,
+# inode, ctime and size: an open reads the prefix once for the header and the record.
+_recent: dict[tuple[int, int, int, int], bytes] = {}
+_RECENT_MAX = 64
+_recent_lock = threading.Lock()
+
+
+def stash_prefix(st: os.stat_result, first: bytes) -> None:
+    with _recent_lock:
+        if len(_recent) >= _RECENT_MAX:
+            _recent.clear()
+        _recent[(st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)] = first
+
+
 def load(fd: int, cipher: BlockCipher, file_id: bytes) -> FileState:
     """Parse the prefix and authenticate both record slots; the valid one with the highest
     sequence number wins. No valid record is ``CorruptHeader`` unless the file is empty (an
     emptied file's records are voided, see headers.empty)."""
-    first = os.pread(fd, PREFIX_READ, 0)
-    size = os.fstat(fd).st_size
+    st = os.fstat(fd)
+    size = st.st_size
+    with _recent_lock:
+        first = _recent.pop((st.st_dev, st.st_ino, st.st_ctime_ns, size), None)
+    if first is None:
+        first = os.pread(fd, PREFIX_READ, 0)
     if data_offset_of(first) > len(first):
         first = os.pread(fd, data_offset_of(first), 0)
     prefix = parse_prefix(first, size)

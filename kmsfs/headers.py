@@ -72,10 +72,12 @@ def in_file_copy(fd: int) -> bytes | None:
     first = os.pread(fd, PREFIX_READ, 0)
     if not has_prefix(first):
         return None
-    size = os.fstat(fd).st_size
+    st = os.fstat(fd)
     if len(first) >= FIXED_SIZE and data_offset_of(first) > len(first):
         first = os.pread(fd, data_offset_of(first), 0)
-    return parse_prefix(first, size).header
+    copy = parse_prefix(first, st.st_size).header
+    filestate.stash_prefix(st, first)  # the state record is read from the same bytes next
+    return copy
 
 
 def read_header(fd: int, *, restore: bool = True) -> Header:
