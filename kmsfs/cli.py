@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from kmsfs import mount_helper, mountlock
@@ -32,12 +32,9 @@ from kmsfs.config import CONFIG_NAME, Config, ConfigError
 from kmsfs.core import DEFAULT_REVALIDATE_AFTER
 from kmsfs.format import (
     FILE_ID_SIZE,
-    HEADER_XATTR,
     RESIZE_XATTR,
     CorruptHeader,
     encryption_context,
-    parse_header,
-    plain_size,
 )
 from kmsfs.keyclient import (
     CA_BUNDLE_ENV,
@@ -50,6 +47,9 @@ from kmsfs.keyclient import (
     load_credentials,
 )
 from kmsfs.keypool import DEFAULT_SIZE as DEFAULT_KEY_POOL
+
+if TYPE_CHECKING:
+    from kmsfs.fsck import FsckReport
 
 MOUNT_TIMEOUT = 30.0
 # Bound on one key service request (connect and read): new opens fail with EIO after at most this.
@@ -157,7 +157,17 @@ def cmd_init(args: argparse.Namespace) -> int:
                 directory.rmdir()
         raise CliError(f"cannot initialise {cipherdir}: {exc.strerror or exc}") from None
     print(f"initialised {cipherdir} with key {arn} (config {path})")
+    _note_xattr_support(cipherdir)
     return 0
+
+
+def _note_xattr_support(cipherdir: Path) -> None:
+    """Say so when the cipherdir's filesystem keeps no user xattrs (vfat, exfat, some NFS/FUSE)."""
+    from kmsfs.headers import xattrs_supported
+
+    if not xattrs_supported(str(cipherdir)):
+        print(f"note: the filesystem of {cipherdir} does not keep user xattrs; kmsfs will use the "
+              "header copies inside the files only (format 3 needs nothing else)")
 
 
 def _endpoint_for(cipherdir: str, config: Config, creds: Credentials, override: str | None,
@@ -463,7 +473,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
     _, client = _tool_client(args.cipherdir, args)
     try:
-        report = fsck(args.cipherdir, client, progress=not args.quiet)
+        report = fsck(args.cipherdir, client, progress=not args.quiet, repair=getattr(args, "repair", False))
     except KeyServiceUnavailable as exc:
         raise CliError(f"fsck stopped: {exc}") from None
     finally:
@@ -475,9 +485,54 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         print(f"PENDING {rel}: interrupted size change, completed at its next open")
     for rel in report.temporaries:
         print(f"LEFTOVER {rel}: temporary file of an interrupted create (safe to delete)")
+    _print_backup_notes(report)
     state = "clean" if report.clean else f"{len(report.damaged)} damaged file(s)"
     print(f"fsck: {report.files} files, {report.blocks} blocks checked: {state}")
     return 0 if report.clean else 1
+
+
+def _print_backup_notes(report: FsckReport) -> None:
+    """fsck's findings that do not make a file unreadable: missing xattrs, old formats, repairs."""
+    for rel, notes in sorted(report.notes.items()):
+        for note in notes:
+            print(f"NOTE {rel}: {note}")
+    for rel in report.repaired:
+        print(f"REPAIRED {rel}: header xattr restored from the in-file copy")
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Convert format-1/2 files to format 3 (in-file header copy); exit 1 if any file failed."""
+    from kmsfs.upgrade import UpgradeRefused, upgrade
+
+    _, client = _tool_client(args.cipherdir, args)
+    try:
+        report = upgrade(args.cipherdir, client, progress=not args.quiet)
+    except UpgradeRefused as exc:
+        raise CliError(str(exc)) from None
+    except KeyServiceUnavailable as exc:
+        raise CliError(f"upgrade stopped (rerun to continue): {exc}") from None
+    finally:
+        client.close()
+    for rel, reason in sorted(report.failed.items()):
+        print(f"FAILED {rel}: {reason}")
+    print(f"upgrade: {report.upgraded} file(s) converted to format 3, {report.current} already current, "
+          f"{len(report.failed)} failed")
+    return 1 if report.failed else 0
+
+
+def _add_backup_commands(sub: Any) -> None:
+    """``kmsfs upgrade`` and ``kmsfs fsck --repair`` (issue 13: backups that work)."""
+    sub.choices["fsck"].add_argument(
+        "--repair", action="store_true",
+        help="restore missing header xattrs from the in-file copies (after verifying each file)")
+    s = sub.add_parser("upgrade", help="convert old-format (1, 2) files to format 3 (unmounted)")
+    s.add_argument("cipherdir")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default off)")
+    s.add_argument(
+        "--ca-bundle", metavar="PEM",
+        help="CA certificates to verify the key service's TLS certificate with, as for fsck "
+             "(default: the credentials' ca_bundle, else the system store)")
+    s.set_defaults(func=cmd_upgrade)
 
 
 def cmd_rewrap(args: argparse.Namespace) -> int:
@@ -568,10 +623,15 @@ def _key_arn_at(client: KeyClient, config: Config) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     """Show the header of a backing file, or of the file behind a mount path (no secrets)."""
     from kmsfs.backing import backing_path_of
+    from kmsfs.headers import plain_size_at, read_header
 
     path = backing_path_of(args.path)
     try:
-        header = parse_header(os.getxattr(path, HEADER_XATTR))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            header = read_header(fd, restore=False)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise CliError(f"{path}: no kmsfs header ({exc.strerror})") from None
     except CorruptHeader as exc:
@@ -584,7 +644,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "key_version": _blob_key_version(header.wrapped_key),
         "encryption_context": header.encryption_context(),
         "backing_size": os.path.getsize(path),
-        "plaintext_size": plain_size(os.path.getsize(path), header.block_size),
+        "plaintext_size": plain_size_at(path, os.stat(path)),
     }
     try:
         info["size_change_pending"] = bool(os.getxattr(path, RESIZE_XATTR))
@@ -701,6 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.set_defaults(func=cmd_info)
 
+    _add_backup_commands(sub)
     config = sub.add_parser("config", help="change a cipherdir's configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     s = config_sub.add_parser("set-endpoint", help="record that the key service moved (checks that "
@@ -710,8 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_config_set_endpoint)
 
     _add_credential_options(sub.choices["init"], sub.choices["mount"], sub.choices["fsck"],
-                            sub.choices["rewrap"], s)
-    for name in ("mount", "fsck", "rewrap"):
+                            sub.choices["rewrap"], sub.choices["upgrade"], s)
+    for name in ("mount", "fsck", "rewrap", "upgrade"):
         sub.choices[name].add_argument(
             "--endpoint", metavar="URL",
             help="key service URL for this run, overriding the cipherdir's record (default: the "

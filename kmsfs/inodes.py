@@ -90,6 +90,7 @@ class InodeFs:
         """Count one lookup of the object ``fd`` pins (the call takes ownership of ``fd``)."""
         try:
             st = os.fstat(fd)
+            attrs = attributes(st, fd)  # through our own descriptor, still open here
         except BaseException:
             os.close(fd)
             raise
@@ -107,7 +108,7 @@ class InodeFs:
             node.nlookup += 1
         if fd >= 0:
             os.close(fd)  # the node already holds a descriptor of this inode
-        return node, attributes(st)
+        return node, attrs
 
     def lookup(self, parent_ino: int, name: str) -> tuple[Node, dict[str, int]]:
         parent = self.node(parent_ino)
@@ -140,7 +141,8 @@ class InodeFs:
     # -- attributes -------------------------------------------------------------------------------
     def getattr(self, ino: int, fh: int | None = None) -> dict[str, int]:
         if fh:
-            return attributes(os.fstat(self.core.handle_fd(fh)))
+            fd = self.core.handle_fd(fh)
+            return attributes(os.fstat(fd), fd)
         return self.core.stat_fd(self.node(ino).fd)
 
     def setattr(self, ino: int, changes: dict[str, Any], fh: int | None = None,

@@ -149,3 +149,14 @@ def wait_pool_full(service: Any, cipherdir: Path, mountpoint: Path, size: int = 
 
     wait_for_records(service.audit_records, pooled)
     return pid
+
+
+def data_offset(backing: Path) -> int:
+    """Where block 0 starts in a backing file: after the format-3 prefix (0 for versions 1/2)."""
+    from kmsfs.headers import data_offset as _data_offset
+
+    fd = os.open(backing, os.O_RDONLY)
+    try:
+        return _data_offset(fd)
+    finally:
+        os.close(fd)

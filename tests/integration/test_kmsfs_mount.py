@@ -24,6 +24,7 @@ from kmsfs import format as fmt
 from tests.conftest import run_keyservice
 from tests.integration.kmsfs_mount_helpers import (
     backing_files,
+    data_offset,
     force_unmount,
     kmsfs,
     mounted,
@@ -199,8 +200,8 @@ def test_backing_files_are_ciphertext_with_header(mnt: Mount) -> None:
     (mnt.path / "secret.txt").write_bytes(MARKER * 300)
     (mnt.path / "empty").write_bytes(b"")
     backing = mnt.cipherdir / "secret.txt"
-    assert backing.stat().st_size == fmt.backing_size(len(MARKER) * 300)
-    assert (mnt.cipherdir / "empty").stat().st_size == 0
+    assert backing.stat().st_size == data_offset(backing) + fmt.backing_size(len(MARKER) * 300)
+    assert (mnt.cipherdir / "empty").stat().st_size == data_offset(backing)  # the prefix alone
     ids = set()
     files = backing_files(mnt.cipherdir)
     assert len(files) >= 2
@@ -221,7 +222,7 @@ def test_flipped_byte_reads_as_eio(mnt: Mount) -> None:
     data = os.urandom(4 * 4096)
     (mnt.path / "tamper.bin").write_bytes(data)
     backing = mnt.cipherdir / "tamper.bin"
-    pos = fmt.block_offset(2) + 40
+    pos = data_offset(backing) + fmt.block_offset(2) + 40
     with open(backing, "r+b") as f:
         f.seek(pos)
         byte = f.read(1)
