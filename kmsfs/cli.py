@@ -11,21 +11,33 @@ non-zero.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
+from kmsfs import mount_helper, mountlock
 from kmsfs.config import CONFIG_NAME, Config, ConfigError
 from kmsfs.core import DEFAULT_REVALIDATE_AFTER
-from kmsfs.format import HEADER_XATTR, RESIZE_XATTR, CorruptHeader, parse_header, plain_size
+from kmsfs.format import (
+    FILE_ID_SIZE,
+    HEADER_XATTR,
+    RESIZE_XATTR,
+    CorruptHeader,
+    encryption_context,
+    parse_header,
+    plain_size,
+)
 from kmsfs.keyclient import (
     CA_BUNDLE_ENV,
     DEFAULT_REGION,
@@ -33,6 +45,7 @@ from kmsfs.keyclient import (
     KeyClient,
     KeyServiceError,
     KeyServiceUnavailable,
+    check_endpoint,
     load_credentials,
 )
 from kmsfs.keypool import DEFAULT_SIZE as DEFAULT_KEY_POOL
@@ -47,25 +60,80 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
-def _credentials(path: str | None) -> Credentials:
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line naming the problem (and where the help is), exit status 2,
+    instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _credentials(args: argparse.Namespace) -> Credentials:
+    """``--credentials FILE`` (static keys), else botocore's chain (``--aws-profile`` or default)."""
+    path, profile = getattr(args, "credentials", None), getattr(args, "aws_profile", None)
+    if path and profile:
+        raise CliError("--credentials and --aws-profile exclude each other")
     try:
-        return load_credentials(path)
+        if path:
+            return load_credentials(path)
+        from kmsfs.awscreds import resolve
+
+        return resolve(profile)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
 
+def _valid_endpoint(url: str) -> str:
+    try:
+        return check_endpoint(url)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _new_dirs(path: Path) -> list[Path]:
+    """The directories ``mkdir -p path`` would create, outermost first; CliError if it cannot."""
+    missing: list[Path] = []
+    probe = path.absolute()
+    while not probe.exists():
+        if probe.is_symlink():
+            raise CliError(f"cannot create {path}: {probe} is a dangling symlink")
+        missing.append(probe)
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CliError(f"cannot create {path}: {probe} is not a directory")
+    return missing[::-1]
+
+
+def _check_init_target(cipherdir: Path, force: bool) -> list[Path]:
+    """Refuse a cipherdir that is in use or not a directory; the directories init must create."""
+    if cipherdir.exists() and not cipherdir.is_dir():
+        raise CliError(f"{cipherdir} exists and is not a directory")
+    if not cipherdir.exists():
+        return _new_dirs(cipherdir)
+    if (cipherdir / CONFIG_NAME).exists() and not force:
+        raise CliError(f"{cipherdir} is already initialised ({CONFIG_NAME} exists; --force replaces it)")
+    if any(not p.name.startswith(".kmsfs") for p in cipherdir.iterdir()) and not force:
+        raise CliError(f"{cipherdir} is not empty (a cipherdir starts empty)")
+    if not os.access(cipherdir, os.W_OK | os.X_OK):
+        raise CliError(f"{cipherdir}: not writable")
+    return []
+
+
 def cmd_init(args: argparse.Namespace) -> int:
+    """Check everything first (endpoint, credentials, target, key), then create: a failed init
+    leaves nothing behind."""
     cipherdir = Path(args.cipherdir)
-    creds = _credentials(args.credentials)
+    creds = _credentials(args)
     endpoint = args.endpoint or creds.endpoint
     if not endpoint:
-        raise CliError("no endpoint: pass --endpoint URL")
+        raise CliError("no endpoint: pass --endpoint URL (or name one in the credentials)")
+    _valid_endpoint(endpoint)
+    if args.endpoint and creds.endpoint and _origin(args.endpoint) != _origin(creds.endpoint):
+        raise CliError(f"--endpoint {args.endpoint} differs from {creds.endpoint} named by "
+                       f"{creds.source or 'the credentials'}: one key service, one endpoint; fix "
+                       "the credentials (its \"endpoint\") or drop --endpoint")
     region = args.region or creds.region or DEFAULT_REGION
-    cipherdir.mkdir(parents=True, exist_ok=True)
-    if (cipherdir / CONFIG_NAME).exists() and not args.force:
-        raise CliError(f"{cipherdir} is already initialised ({CONFIG_NAME} exists)")
-    if any(not p.name.startswith(".kmsfs") for p in cipherdir.iterdir()) and not args.force:
-        raise CliError(f"{cipherdir} is not empty")
+    to_create = _check_init_target(cipherdir, args.force)
     client = KeyClient(endpoint, region, creds)
     try:
         meta = client.describe_key(args.key)
@@ -73,29 +141,58 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise CliError(f"key {args.key!r} refused by the key service: {exc}") from None
     except KeyServiceUnavailable as exc:
         raise CliError(str(exc)) from None
+    finally:
+        client.close()
     if meta.get("Enabled") is False or meta.get("KeyState", "Enabled") != "Enabled":
         raise CliError(f"key {args.key!r} is not enabled (state {meta.get('KeyState')})")
     arn = str(meta.get("Arn") or meta.get("KeyId"))
-    path = Config(endpoint=endpoint, region=region, key_id=args.key, key_arn=arn).save(cipherdir)
+    try:
+        for directory in to_create:
+            directory.mkdir()
+        path = Config(endpoint=endpoint, region=region, key_id=args.key, key_arn=arn).save(cipherdir)
+    except OSError as exc:
+        for directory in reversed(to_create):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise CliError(f"cannot initialise {cipherdir}: {exc.strerror or exc}") from None
     print(f"initialised {cipherdir} with key {arn} (config {path})")
     return 0
 
 
-def _build(cipherdir: str, credentials: str | None,
-           timeout: float = DEFAULT_KMS_TIMEOUT) -> tuple[Config, KeyClient]:
+def _endpoint_for(cipherdir: str, config: Config, creds: Credentials, override: str | None,
+                  quiet: bool = False) -> str:
+    """The one endpoint a command talks to.
+
+    The cipherdir's config records it (``init``, ``config set-endpoint``), but it lies in untrusted
+    storage: an edited endpoint must not redirect signed requests (and the data keys they return)
+    to another server. So it is used only when the operator's side agrees or names none:
+    ``--endpoint`` on the command line wins (and is reported when it differs), and an endpoint named
+    by the credentials must match the record.
+    """
+    if override:
+        _valid_endpoint(override)
+        if _origin(override) != _origin(config.endpoint) and not quiet:
+            print(f"kmsfs: note: using --endpoint {override}; {cipherdir} records {config.endpoint} "
+                  f"(kmsfs config set-endpoint {cipherdir} {override} records the move)", file=sys.stderr)
+        return override
+    if creds.endpoint and _origin(creds.endpoint) != _origin(config.endpoint):
+        raise CliError(
+            f"{cipherdir} records the key service {config.endpoint} but {creds.source or 'the credentials'} "
+            f"name {creds.endpoint}; refusing to guess (the record lies in untrusted storage): if the "
+            f"service moved, run 'kmsfs config set-endpoint {cipherdir} {creds.endpoint}'; for one run, "
+            "pass --endpoint URL")
+    return _valid_endpoint(config.endpoint)
+
+
+def _build(cipherdir: str, args: argparse.Namespace, timeout: float = DEFAULT_KMS_TIMEOUT,
+           quiet: bool = False) -> tuple[Config, KeyClient]:
     try:
         config = Config.load(cipherdir)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
-    creds = _credentials(credentials)
-    if creds.endpoint and _origin(creds.endpoint) != _origin(config.endpoint):
-        # The config lies in the cipherdir, which is untrusted storage: an edited endpoint must not
-        # redirect signed requests (and the data keys they return) to another server.
-        raise CliError(
-            f"the cipherdir names the key service {config.endpoint} but the credentials are for "
-            f"{creds.endpoint}; refusing to use either (re-run 'kmsfs init --force' if it moved)"
-        )
-    return config, KeyClient(config.endpoint, config.region, creds, connect_timeout=timeout,
+    creds = _credentials(args)
+    endpoint = _endpoint_for(cipherdir, config, creds, getattr(args, "endpoint", None), quiet)
+    return config, KeyClient(endpoint, config.region, creds, connect_timeout=timeout,
                              read_timeout=timeout)
 
 
@@ -104,17 +201,43 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme.lower(), parts.netloc.lower()
 
 
-def _check_service(client: KeyClient, config: Config) -> None:
-    """Fail fast on a wrong endpoint or bad credentials; a usage-only principal may not describe."""
+def _check_service(client: KeyClient, config: Config) -> list[str]:
+    """Fail fast on a wrong endpoint or bad credentials (a usage-only principal may not describe);
+    return warnings when the key cannot be used now (every open would fail with EACCES)."""
     try:
-        client.describe_key(config.key_arn)
+        try:
+            meta = client.describe_key(config.key_arn)
+        except KeyServiceError as exc:
+            if exc.code != "AccessDeniedException":
+                raise CliError(f"cannot mount: key service refused: {exc}") from None
+            meta = {}
+        if meta and (meta.get("Enabled") is False or meta.get("KeyState", "Enabled") != "Enabled"):
+            return [f"key {config.key_arn} is {meta.get('KeyState') or 'disabled'}: every open "
+                    "and create will fail with EACCES"]
+        return _probe_key(client, config)
     except KeyServiceUnavailable as exc:
         raise CliError(f"cannot mount: {exc}") from None
-    except KeyServiceError as exc:
-        if exc.code != "AccessDeniedException":
-            raise CliError(f"cannot mount: key service refused: {exc}") from None
     finally:
         client.close()
+
+
+def _probe_key(client: KeyClient, config: Config) -> list[str]:
+    """Try the two operations a mount needs, the way it uses them (a file-id encryption context,
+    so context-conditioned policies answer as they will for files). Audited as ``op: probe``."""
+    context = encryption_context(secrets.token_bytes(FILE_ID_SIZE))
+    caller = {"tool": "kmsfs mount", "process": "kmsfs", "op": "probe", "pid": os.getpid(),
+              "uid": os.getuid()}
+    try:
+        _, blob, _ = client.generate_data_key(config.key_arn, context, caller)
+    except KeyServiceError as exc:
+        return [f"these credentials may not GenerateDataKey with {config.key_arn} ({exc}): "
+                "creating files will fail with EACCES"]
+    try:
+        client.decrypt(blob, context, caller, key_id=config.key_arn)
+    except KeyServiceError as exc:
+        return [f"these credentials may not Decrypt with {config.key_arn} ({exc}): "
+                "opening files will fail with EACCES"]
+    return []
 
 
 def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other: bool,
@@ -124,7 +247,7 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
     from kmsfs.core import KmsfsCore
     from kmsfs.operations import KmsfsOperations
 
-    config, client = _build(cipherdir, credentials, args.kms_timeout)
+    config, client = _build(cipherdir, args, args.kms_timeout, quiet=True)
     pool = None
     if args.key_pool:
         from kmsfs.keypool import DataKeyPool
@@ -155,6 +278,9 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
     }
     if allow_other:
         options["allow_other"] = True
+    if getattr(args, "nonempty", False) and LIBFUSE.startswith("2"):
+        options["nonempty"] = True  # libfuse 2 refuses a non-empty mount point without it
+    options.update(dict.fromkeys(getattr(args, "fs_options", None) or (), True))  # nosuid, ro, ...
     try:
         FUSE(ops, mountpoint, **options)
     finally:
@@ -173,6 +299,31 @@ def _setup_logging(log_file: str | None, verbose: bool) -> None:
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
+def _check_mountpoint_empty(mountpoint: str, nonempty: bool) -> None:
+    """Refuse to hide files under a mount, as gocryptfs does, unless ``--nonempty``."""
+    try:
+        entries = os.listdir(mountpoint)
+    except OSError as exc:
+        raise CliError(f"mount point {mountpoint}: {exc.strerror}") from None
+    if entries and not nonempty:
+        raise CliError(f"mount point {mountpoint} is not empty ({len(entries)} entries would be hidden "
+                       "under the mount); empty it, or pass --nonempty")
+
+
+def _lock_cipherdir(cipherdir: str) -> int:
+    try:
+        return mountlock.acquire(cipherdir)
+    except mountlock.AlreadyMounted as exc:
+        raise CliError(str(exc)) from None
+
+
+def _warn_unusable_key(warnings: list[str], strict: bool) -> None:
+    for warning in warnings:
+        if strict:
+            raise CliError(f"refusing to mount (--strict): {warning}")
+        print(f"kmsfs: warning: {warning}", file=sys.stderr)
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     cipherdir = os.path.abspath(args.cipherdir)
     mountpoint = os.path.abspath(args.mountpoint)
@@ -180,9 +331,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CliError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise CliError(f"{mountpoint} is already a mount point")
+    _check_mountpoint_empty(mountpoint, args.nonempty)
     credentials = os.path.abspath(args.credentials) if args.credentials else None
-    config, client = _build(cipherdir, credentials)
-    _check_service(client, config)
+    args.credentials = credentials  # the daemon runs in /
+    config, client = _build(cipherdir, args)
+    _warn_unusable_key(_check_service(client, config), args.strict)
+    lock_fd = _lock_cipherdir(cipherdir)  # held by the mount (inherited by the daemon) for its life
     log_file = os.path.abspath(args.log) if args.log else os.path.join(cipherdir, LOG_NAME)
     if args.foreground:
         _setup_logging(args.log, args.verbose)
@@ -190,6 +344,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
+    if pid != 0:
+        os.close(lock_fd)  # the daemon's copy keeps the lock
     if pid == 0:  # child: become the daemon
         os.close(read_fd)
         code = 0
@@ -256,19 +412,31 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.ismount(mountpoint):
         raise CliError(f"{mountpoint} is not mounted")
-    attempts = [[t, "-u", mountpoint] for t in ("fusermount", "fusermount3") if shutil.which(t)]
-    attempts.append(["umount", mountpoint])
+    lazy = getattr(args, "lazy", False)
+    attempts = [[t, "-uz" if lazy else "-u", mountpoint] for t in ("fusermount", "fusermount3")
+                if shutil.which(t)]
+    attempts.append(["umount", "-l", mountpoint] if lazy else ["umount", mountpoint])
     errors = []
     for cmd in attempts:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode == 0:
             return 0
         errors.append(f"{cmd[0]}: {proc.stderr.strip()}")
-    raise CliError("unmount failed: " + "; ".join(errors))
+    raise _unmount_failure(mountpoint, errors)
 
 
-def _tool_client(cipherdir: str, credentials: str | None) -> tuple[Config, KeyClient]:
-    config, client = _build(cipherdir, credentials)
+def _unmount_failure(mountpoint: str, errors: list[str]) -> CliError:
+    """One line: a busy mount (the usual case) says what to do; anything else lists the errors."""
+    if any("busy" in error.lower() for error in errors):
+        return CliError(f"{mountpoint} is busy: a process has a file open there or its working "
+                        f"directory inside (fuser -vm {mountpoint} lists them); close them and retry, "
+                        "or detach it now and let it finish when they close: "
+                        f"kmsfs umount --lazy {mountpoint}")
+    return CliError("unmount failed: " + "; ".join(" ".join(e.split()) for e in errors))
+
+
+def _tool_client(cipherdir: str, args: argparse.Namespace) -> tuple[Config, KeyClient]:
+    config, client = _build(cipherdir, args)
     return config, client
 
 
@@ -276,7 +444,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     """Verify every header and block; exit 1 if anything is damaged."""
     from kmsfs.fsck import fsck
 
-    _, client = _tool_client(args.cipherdir, args.credentials)
+    _, client = _tool_client(args.cipherdir, args)
     try:
         report = fsck(args.cipherdir, client, progress=not args.quiet)
     except KeyServiceUnavailable as exc:
@@ -299,7 +467,8 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     """Re-wrap every data key (ReEncrypt) under the newest key version or ``--to-key``."""
     from kmsfs.rewrap import rewrap
 
-    _, client = _tool_client(args.cipherdir, args.credentials)
+    _, client = _tool_client(args.cipherdir, args)
+    _note_mounted(args.cipherdir)
     destination = args.to_key
     if destination:
         try:
@@ -321,6 +490,62 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     print(f"rewrap: {report.rewrapped} re-wrapped ({keys}), {report.skipped} already done, "
           f"{len(report.failed)} failed")
     return 1 if report.failed else 0
+
+
+def _note_mounted(cipherdir: str) -> None:
+    """rewrap is safe on a mounted cipherdir (each header is replaced under the flock the mount
+    takes too); say so, so that an operator who expected to have to unmount first is not left
+    guessing."""
+    if mountlock.held_by_mount(cipherdir):
+        where = ", ".join(mountlock.mounted_at(cipherdir)) or "a mount in another namespace"
+        print(f"kmsfs: note: {cipherdir} is mounted ({where}); rewrap coordinates with it through "
+              "per-file locks, and open files keep their unwrapped keys", file=sys.stderr)
+
+
+def cmd_config_set_endpoint(args: argparse.Namespace) -> int:
+    """Record a moved key service in the cipherdir, after checking the cipherdir's key is there."""
+    cipherdir = args.cipherdir
+    try:
+        config = Config.load(cipherdir)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    url = _valid_endpoint(args.url)
+    creds = _credentials(args)
+    client = KeyClient(url, config.region, creds)
+    try:
+        arn = _key_arn_at(client, config)
+    except KeyServiceUnavailable as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        client.close()
+    if arn != config.key_arn:
+        raise CliError(f"the key service at {url} answers for {arn}, not the cipherdir's key "
+                       f"{config.key_arn}: not the same service; nothing changed")
+    path = Config(endpoint=url, region=config.region, key_id=config.key_id, key_arn=config.key_arn,
+                  version=config.version).save(cipherdir)
+    print(f"{path}: endpoint {config.endpoint} -> {url}")
+    if creds.endpoint and _origin(creds.endpoint) != _origin(url):
+        print(f"kmsfs: note: {creds.source or 'the credentials'} still name {creds.endpoint}: update "
+              "it, or mounts with it will refuse the mismatch", file=sys.stderr)
+    return 0
+
+
+def _key_arn_at(client: KeyClient, config: Config) -> str:
+    """The ARN the service at ``client`` gives the cipherdir's key (DescribeKey, else a probe
+    GenerateDataKey for a usage-only principal)."""
+    try:
+        return str(client.describe_key(config.key_arn).get("Arn"))
+    except KeyServiceError as exc:
+        if exc.code != "AccessDeniedException":
+            raise CliError(f"the key service at {client.url} refused the key {config.key_arn}: "
+                           f"{exc}") from None
+    try:
+        _, _, arn = client.generate_data_key(
+            config.key_arn, encryption_context(secrets.token_bytes(FILE_ID_SIZE)),
+            {"tool": "kmsfs config", "process": "kmsfs", "op": "probe"})
+    except KeyServiceError as exc:
+        raise CliError(f"cannot check the key {config.key_arn} at {client.url}: {exc}") from None
+    return arn
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -386,27 +611,43 @@ def _count(low: int, high: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kmsfs", description="Encrypted FUSE filesystem over a KMS.")
+    p = OneLineParser(
+        prog="kmsfs", description="Encrypted FUSE filesystem over a KMS.",
+        epilog="Exit codes: 0 ok, 1 operational error, 2 usage error (docs/CLI.md). mount.fuse form: "
+               "kmsfs CIPHERDIR MOUNTPOINT -o credentials=FILE,... (fstab type fuse.kmsfs).")
+    p.add_argument("--version", action="version", version=f"kmsfs {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("init", help="initialise a cipherdir")
-    s.add_argument("cipherdir")
-    s.add_argument("--endpoint", help="key service URL (default: from credentials/env)")
+    s.add_argument("cipherdir", help="directory for the encrypted files (created if missing; must be empty)")
+    s.add_argument("--endpoint", help="key service URL, https:// (http:// only to loopback) "
+                   "(default: the credentials' endpoint)")
     s.add_argument("--key", default="alias/aws/kmsfs",
                    help="key id, ARN, alias/name or alias ARN (default: the service-managed alias/aws/kmsfs)")
-    s.add_argument("--credentials", help="JSON credentials file (default: AWS env vars)")
-    s.add_argument("--region")
-    s.add_argument("--force", action="store_true", help="overwrite an existing configuration")
+    s.add_argument("--region", help="region to sign for (default: the credentials' region, else "
+                   f"{DEFAULT_REGION})")
+    s.add_argument("--force", action="store_true",
+                   help="replace an existing configuration / accept a non-empty directory (default off)")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("mount", help="mount a cipherdir")
-    s.add_argument("cipherdir")
-    s.add_argument("mountpoint")
-    s.add_argument("--credentials")
-    s.add_argument("--foreground", "-f", action="store_true")
-    s.add_argument("--allow-other", action="store_true")
+    s.add_argument("cipherdir", help="the initialised cipherdir")
+    s.add_argument("mountpoint", help="an existing, empty directory")
+    s.add_argument("--foreground", "-f", action="store_true",
+                   help="stay in the foreground, log to stderr (default: daemon, returns once mounted)")
+    s.add_argument("--allow-other", action="store_true",
+                   help="let other users use the mount (default off; non-root users need "
+                        "user_allow_other in /etc/fuse.conf)")
+    s.add_argument("--nonempty", action="store_true",
+                   help="mount over a non-empty directory, hiding its files (default: refuse)")
+    s.add_argument("--strict", action="store_true",
+                   help="refuse to mount (exit 1) when the credentials cannot use the key "
+                        "(default: warn and mount)")
+    s.add_argument("--fs-options", type=mount_helper.fs_options, metavar="LIST", default=[],
+                   help="kernel mount flags, comma-separated: " + ",".join(sorted(mount_helper.FS_FLAGS))
+                        + " (default: none)")
     s.add_argument("--log", help=f"daemon log file (default CIPHERDIR/{LOG_NAME})")
-    s.add_argument("--verbose", "-v", action="store_true")
+    s.add_argument("--verbose", "-v", action="store_true", help="debug logging (default off)")
     s.add_argument("--revalidate-after", type=_seconds(0.0, 60.0), default=DEFAULT_REVALIDATE_AFTER,
                    metavar="SECONDS",
                    help="open handles re-unwrap their key after this long, so revocation reaches "
@@ -423,24 +664,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("umount", help="unmount")
     s.add_argument("mountpoint")
+    s.add_argument("--lazy", "-z", action="store_true",
+                   help="detach now even if busy; the mount ends when the last user closes (default off)")
     s.set_defaults(func=cmd_umount)
 
     s = sub.add_parser("fsck", help="verify every header and block through the key service")
     s.add_argument("cipherdir")
-    s.add_argument("--credentials")
-    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default: shown)")
     s.set_defaults(func=cmd_fsck)
 
     s = sub.add_parser("rewrap", help="re-wrap every data key (newest key version or --to-key)")
     s.add_argument("cipherdir")
-    s.add_argument("--to-key", help="key id, ARN or alias to move the data keys to")
-    s.add_argument("--credentials")
-    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    s.add_argument("--to-key", help="key id, ARN or alias to move the data keys to (default: the "
+                   "newest version of each file's key)")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default: shown)")
     s.set_defaults(func=cmd_rewrap)
 
     s = sub.add_parser("info", help="show the header of a backing file (or a mount path)")
     s.add_argument("path")
     s.set_defaults(func=cmd_info)
+
+    config = sub.add_parser("config", help="change a cipherdir's configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    s = config_sub.add_parser("set-endpoint", help="record that the key service moved (checks that "
+                              "the cipherdir's key answers there first)")
+    s.add_argument("cipherdir")
+    s.add_argument("url", help="the new key service URL")
+    s.set_defaults(func=cmd_config_set_endpoint)
+
+    _add_credential_options(sub.choices["init"], sub.choices["mount"], sub.choices["fsck"],
+                            sub.choices["rewrap"], s)
+    for name in ("mount", "fsck", "rewrap"):
+        sub.choices[name].add_argument(
+            "--endpoint", metavar="URL",
+            help="key service URL for this run, overriding the cipherdir's record (default: the "
+                 "record; https://, http:// only to loopback)")
 
     for name in ("init", "mount", "fsck", "rewrap", "info"):
         sub.choices[name].add_argument(
@@ -452,8 +710,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_credential_options(*parsers: argparse.ArgumentParser) -> None:
+    for parser in parsers:
+        parser.add_argument(
+            "--credentials", metavar="FILE",
+            help="JSON credentials file: access_key_id, secret_access_key, optional session_token, "
+                 "endpoint, region, ca_bundle (docs/CLI.md) (default: the AWS default chain)")
+        parser.add_argument(
+            "--aws-profile", metavar="NAME",
+            help="AWS profile from ~/.aws/config and ~/.aws/credentials: static keys, "
+                 "credential_process, SSO, assumed roles, refreshed before expiry (default: "
+                 "AWS_PROFILE, else the AWS default chain: environment, files, instance role)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kmsfs")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    try:
+        argv = mount_helper.translate(argv, _command_names(parser)) or argv
+    except mount_helper.HelperError as exc:
+        print(f"kmsfs: {exc}", file=sys.stderr)
+        return 2
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 0 for --help/--version, 2 for a usage error
+        return int(exc.code or 0)
     if getattr(args, "ca_bundle", None):
         if not os.path.isfile(args.ca_bundle):
             print(f"kmsfs: --ca-bundle {args.ca_bundle}: no such file", file=sys.stderr)
@@ -464,6 +754,34 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"kmsfs: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # an operator's path that is not what it should be: one line, never a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"kmsfs: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def mount_fuse_main() -> int:
+    """Entry point of ``mount.fuse.kmsfs`` (mount(8)'s helper for type fuse.kmsfs; install it as
+    /usr/sbin/mount.fuse.kmsfs): ``CIPHERDIR MOUNTPOINT [-o OPTIONS]`` only (kmsfs/mount_helper.py)."""
+    argv = sys.argv[1:]
+    try:
+        translated = mount_helper.translate(argv, set()) if argv and not argv[0].startswith("-") else None
+    except mount_helper.HelperError as exc:
+        print(f"mount.fuse.kmsfs: {exc}", file=sys.stderr)
+        return 2
+    if translated is None:
+        print("usage: mount.fuse.kmsfs CIPHERDIR MOUNTPOINT [-o OPTIONS]", file=sys.stderr)
+        return 2
+    return main(translated)
+
+
+def _command_names(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public accessor
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
 
 
 if __name__ == "__main__":

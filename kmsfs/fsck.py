@@ -17,6 +17,7 @@ from kmsfs.encfile import EncryptedFile
 from kmsfs.format import HEADER_XATTR, CorruptHeader, parse_header
 from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
 from kmsfs.progress import Progress
+from kmsfs.toolcaller import plaintext_path, tool_caller
 
 
 @dataclass
@@ -32,8 +33,9 @@ class FsckReport:
         return not self.damaged
 
 
-def check_file(path: str, client: KeyClient) -> tuple[int, list[str], bool]:
-    """(blocks checked, problems, size change pending) for one backing file."""
+def check_file(path: str, client: KeyClient, name: str | None = None) -> tuple[int, list[str], bool]:
+    """(blocks checked, problems, size change pending) for one backing file; ``name`` is its path
+    inside the filesystem, which the key service audits (default: the backing path)."""
     try:
         header = parse_header(os.getxattr(path, HEADER_XATTR))
     except OSError as exc:
@@ -42,7 +44,7 @@ def check_file(path: str, client: KeyClient) -> tuple[int, list[str], bool]:
         return 0, [f"header: {exc}"], False
     try:
         key = client.decrypt(header.wrapped_key, header.encryption_context(),
-                             {"path": path, "process": "kmsfs-fsck"}, key_id=header.key_arn)
+                             tool_caller("fsck", name or path), key_id=header.key_arn)
     except KeyServiceError as exc:
         reason = "key deleted: file unrecoverable" if exc.code == "NotFoundException" else str(exc)
         return 0, [f"key: {reason}"], False
@@ -71,9 +73,9 @@ def fsck(cipherdir: str, client: KeyClient, progress: bool = True) -> FsckReport
     bar = Progress(len(paths), "fsck") if progress else None
     root = os.path.realpath(cipherdir)
     for path in paths:
-        rel = "/" + os.path.relpath(path, root)
+        rel = plaintext_path(root, path)
         try:
-            blocks, problems, pending = check_file(path, client)
+            blocks, problems, pending = check_file(path, client, rel)
         except KeyServiceUnavailable:
             raise
         except OSError as exc:

@@ -13,8 +13,11 @@ service could not answer" (connection refused, timeout, 5xx, unparseable reply) 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +72,49 @@ class Credentials:
     # A PEM bundle of CAs to trust for an https endpoint (the keyservice's private CA); None means
     # the system's CAs. Certificate verification is never turned off.
     ca_bundle: str | None = None
+    # For credentials resolved by botocore (kmsfs/awscreds.py): returns the keys to sign with now,
+    # refreshing temporary credentials before they expire. None: the static keys above.
+    refresh: Callable[[], tuple[str, str, str | None]] | None = None
+    # Where they came from, for messages ("credentials file X", "AWS shared-credentials-file ...").
+    source: str = ""
 
     def __repr__(self) -> str:  # never print the secret
         return f"Credentials(access_key_id={self.access_key_id!r}, endpoint={self.endpoint!r})"
+
+    def current(self) -> tuple[str, str, str | None]:
+        """(access key id, secret, session token) to sign the next request with."""
+        if self.refresh is None:
+            return self.access_key_id, self.secret_access_key, self.session_token
+        return self.refresh()
+
+
+def is_loopback(host: str) -> bool:
+    """The same rule as the server's ``--insecure-http``: a loopback IP literal or ``localhost``."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def check_endpoint(url: str) -> str:
+    """``url`` if kmsfs may send data keys there, else ValueError with one line saying why.
+
+    https anywhere (the certificate is always verified); plain http only to a loopback address, so
+    data keys never cross a network in clear.
+    """
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"endpoint {url!r}: invalid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"endpoint {url!r} is not an http(s)://HOST[:PORT] URL")
+    if port == 0:
+        raise ValueError(f"endpoint {url!r}: invalid port")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ValueError(f"endpoint {url!r}: plain http is only allowed to a loopback address "
+                         "(data keys would cross the network in clear); use https")
+    return url
 
 
 def load_credentials(path: str | os.PathLike[str] | None = None,
@@ -88,6 +131,7 @@ def load_credentials(path: str | os.PathLike[str] | None = None,
                 endpoint=data.get("endpoint"),
                 region=data.get("region"),
                 ca_bundle=env.get(CA_BUNDLE_ENV) or data.get("ca_bundle") or env.get("AWS_CA_BUNDLE") or None,
+                source=f"the credentials file {path}",
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot read credentials file {path}: {exc}") from exc
@@ -102,6 +146,7 @@ def load_credentials(path: str | os.PathLike[str] | None = None,
         endpoint=env.get("AWS_ENDPOINT_URL_KMS") or env.get("AWS_ENDPOINT_URL") or None,
         region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
         ca_bundle=env.get(CA_BUNDLE_ENV) or env.get("AWS_CA_BUNDLE") or None,
+        source="the AWS environment variables",
     )
 
 
@@ -111,9 +156,7 @@ class KeyClient:
     def __init__(self, endpoint: str, region: str, credentials: Credentials, *,
                  connect_timeout: float = 3.0, read_timeout: float = 10.0,
                  session: requests.Session | None = None) -> None:
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"invalid endpoint URL {endpoint!r}")
+        parts = urlsplit(check_endpoint(endpoint))
         self.url = f"{parts.scheme}://{parts.netloc}/"
         self.host = parts.netloc
         self.region = region
@@ -144,17 +187,25 @@ class KeyClient:
         if caller:
             # ensure_ascii keeps any path representable as an HTTP header value.
             headers[CALLER_HEADER] = json.dumps(caller, separators=(",", ":"), sort_keys=True)
+        try:
+            access_key_id, secret, token = self.credentials.current()
+        except Exception as exc:  # noqa: BLE001 - botocore's refresh: any failure means "no answer"
+            raise KeyServiceUnavailable(f"credentials could not be refreshed: {exc}") from exc
         headers.update(sign_request(
             method="POST", url=self.url, headers=headers, body=body,
-            access_key_id=self.credentials.access_key_id,
-            secret_access_key=self.credentials.secret_access_key,
-            region=self.region, session_token=self.credentials.session_token,
+            access_key_id=access_key_id, secret_access_key=secret,
+            region=self.region, session_token=token,
         ))
         try:
             post = (self._pool.post if self._pool is not None
                     and self.session.get_adapter(self.url) is self._adapter else self.session.post)
             resp = post(self.url, data=body, headers=headers, timeout=self.timeout, verify=self.verify)
         except requests.RequestException as exc:
+            if _tls_failure(exc):
+                trusted = self.verify if isinstance(self.verify, str) else "the system CAs"
+                raise KeyServiceUnavailable(
+                    f"the TLS certificate of {self.url} is not trusted by {trusted}: {_tls_reason(exc)} "
+                    "(wrong endpoint, or pass the service's CA with --ca-bundle)") from exc
             raise KeyServiceUnavailable(f"key service at {self.url} unreachable: {exc}") from exc
         if resp.status_code >= 500:
             code = _error_code(resp)
@@ -218,6 +269,25 @@ class KeyClient:
         if self._pool is not None:
             self._pool.close()
         self.session.close()
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    """A certificate verification failure anywhere in the cause chain (requests or our pool)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ssl.SSLCertVerificationError, requests.exceptions.SSLError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _tls_reason(exc: BaseException) -> str:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or seen)
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
 
 
 def _b64(value: Any) -> bytes:

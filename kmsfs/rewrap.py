@@ -18,6 +18,7 @@ from kmsfs.backing import backing_files
 from kmsfs.format import HEADER_XATTR, CorruptHeader, Header, pack_header, parse_header
 from kmsfs.keyclient import KeyClient, KeyServiceError
 from kmsfs.progress import Progress
+from kmsfs.toolcaller import plaintext_path, tool_caller
 
 JOURNAL = ".kmsfs.rewrap"
 
@@ -48,15 +49,16 @@ def _journal(cipherdir: str, target: str) -> tuple[set[str], int]:
     return done, fd
 
 
-def rewrap_file(path: str, client: KeyClient, destination: str | None) -> str:
-    """Re-wrap one file's key; returns the new key ARN. Raises on any failure."""
+def rewrap_file(path: str, client: KeyClient, destination: str | None, name: str | None = None) -> str:
+    """Re-wrap one file's key; returns the new key ARN. Raises on any failure. ``name`` is the
+    path inside the filesystem, which the key service audits (default: the backing path)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         header = parse_header(os.getxattr(fd, HEADER_XATTR))
         blob, arn = client.re_encrypt(header.wrapped_key, header.encryption_context(),
                                       destination or header.key_arn,
-                                      {"path": path, "process": "kmsfs-rewrap"})
+                                      tool_caller("rewrap", name or path))
         new = Header(file_id=header.file_id, key_arn=arn, wrapped_key=blob,
                      block_size=header.block_size, version=header.version)
         os.setxattr(fd, HEADER_XATTR, pack_header(new), os.XATTR_REPLACE)
@@ -75,12 +77,12 @@ def rewrap(cipherdir: str, client: KeyClient, destination: str | None,
     bar = Progress(len(paths), "rewrap") if progress else None
     try:
         for path in paths:
-            rel = "/" + os.path.relpath(path, root)
+            rel = plaintext_path(root, path)
             if rel in done:
                 report.skipped += 1
             else:
                 try:
-                    arn = rewrap_file(path, client, destination)
+                    arn = rewrap_file(path, client, destination, rel)
                 except (OSError, CorruptHeader, KeyServiceError) as exc:
                     report.failed[rel] = str(exc)
                 else:

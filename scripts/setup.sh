@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Installs what kmsfs needs on a Debian machine, idempotently: libfuse3 and libfuse2, a fusermount
 # (from `fuse` or `fuse3`, whichever is there: they conflict, so never force one over the other),
-# Python's venv, and a .venv with the project and its test tools. Sourced by demo.sh and test.sh;
-# run as root.
-set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# Python's venv, and a .venv with the project and its test tools. Run as root.
+#
+# Run it (./scripts/setup.sh), or source it (source scripts/setup.sh, as demo.sh and test.sh do):
+# sourcing also puts .venv/bin on PATH and defines `say`. Either way the work happens in a
+# subshell, so a sourcing shell keeps its own options (no `set -e` left behind to close an
+# interactive terminal at the next failing command) and its working directory; a failure returns
+# non-zero instead of exiting the caller.
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+_kmsfs_setup() (
+set -euo pipefail
+cd "$1"
 
 apt_install() {
     say "installing Debian packages: $*"
@@ -50,4 +57,22 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
     .venv/bin/python -m pip install -q -e '.[test]'
     echo "$want" > "$stamp"
 fi
-export PATH="$PWD/.venv/bin:$PATH"
+)
+
+_kmsfs_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if _kmsfs_setup "$_kmsfs_root"; then
+    case ":$PATH:" in
+        *":$_kmsfs_root/.venv/bin:"*) ;;
+        *) export PATH="$_kmsfs_root/.venv/bin:$PATH" ;;
+    esac
+    unset -f _kmsfs_setup
+    unset _kmsfs_root
+else
+    _kmsfs_status=$?
+    unset -f _kmsfs_setup
+    unset _kmsfs_root
+    echo "kmsfs setup failed (exit $_kmsfs_status)" >&2
+    # return when sourced (the caller's shell stays open), exit when run
+    (return 0 2>/dev/null) && return "$_kmsfs_status"
+    exit "$_kmsfs_status"
+fi

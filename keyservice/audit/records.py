@@ -150,12 +150,18 @@ def read_lines(path: Path) -> Iterator[bytes]:
                 yield raw[:-1]
 
 
-def read_records(data_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every well-formed request record in order (checkpoints and unparseable lines skipped)."""
-    for line in read_lines(audit_path(data_dir)):
+def read_records(data_dir: Path, unparsable: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Every well-formed request record in order (checkpoints skipped). Lines that are not a JSON
+    object are skipped too, and their 1-based line numbers appended to ``unparsable`` if given
+    (``audit list`` reports them; ``audit verify`` says what they break)."""
+    for number, line in enumerate(read_lines(audit_path(data_dir)), 1):
         try:
             record = json.loads(line)
         except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if unparsable is not None:
+                unparsable.append(number)
             continue
-        if isinstance(record, dict) and not is_checkpoint(record):
+        if not is_checkpoint(record):
             yield record

@@ -17,23 +17,47 @@ from keyservice.audit.records import read_records
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 
 
-def parse_time(text: str, *, now: datetime | None = None) -> datetime:
-    """Parse ``--since``/``--until``.
+def parse_time(text: str, *, now: datetime | None = None, local: bool = False) -> datetime:
+    """Parse ``--since``/``--until`` into an aware UTC time.
 
-    Accepts RFC 3339 / ISO 8601 (naive means UTC), a date, or a span ago: ``15m``, ``2h``, ``7d``.
+    Accepts RFC 3339 / ISO 8601, a date, a span ago (``30m``, ``1h``, ``7d``), or ``today`` /
+    ``yesterday`` (from midnight). Midnight and naive times are UTC, or local time with ``local``.
     """
     text = text.strip()
+    now = now or datetime.now(UTC)
     m = _RELATIVE.match(text)
     if m:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
-        return (now or datetime.now(UTC)) - timedelta(**{unit: int(m.group(1))})
+        return now - timedelta(**{unit: int(m.group(1))})
+    if text.lower() in ("today", "yesterday"):
+        here = now.astimezone() if local else now.astimezone(UTC)
+        midnight = here.replace(hour=0, minute=0, second=0, microsecond=0)
+        if text.lower() == "yesterday":
+            midnight = (midnight - timedelta(days=1)).replace(tzinfo=None)
+            midnight = midnight.astimezone() if local else midnight.replace(tzinfo=UTC)
+        return midnight.astimezone(UTC)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(
-            f"cannot parse time {text!r}: use ISO 8601 (2026-01-31T12:00:00Z) or 15m/2h/7d"
+            f"cannot parse time {text!r}: use ISO 8601 (2026-01-31T12:00:00Z), 30m/1h/7d, today "
+            "or yesterday"
         ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    if when.tzinfo is None:
+        when = when.astimezone() if local else when.replace(tzinfo=UTC)
+    return when.astimezone(UTC)
+
+
+def display_time(value: object, local: bool) -> str:
+    """A record's time for the tables: as recorded (UTC), or in local time with its offset."""
+    if not local or not isinstance(value, str):
+        return str(value if value is not None else "-")
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when
+    return when.astimezone().isoformat(timespec="milliseconds" if when.microsecond else "seconds")
 
 
 def _record_time(record: Mapping[str, Any]) -> datetime | None:
@@ -99,6 +123,7 @@ def query(
     outcome: str | None = None,
     user: str | None = None,
     file_id: str | None = None,
+    unparsable: list[int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Records matching every given filter, oldest first.
 
@@ -109,7 +134,7 @@ def query(
     kmsfs file id in the encryption context (hex), which joins a pooled GenerateDataKey — audited
     before any path was known — to the create that used it and to every open of that file.
     """
-    for record in read_records(data_dir):
+    for record in read_records(data_dir, unparsable):
         if key is not None and not _matches_key(record, key):
             continue
         if operation is not None and str(record.get("operation", "")).lower() != operation.lower():
@@ -165,8 +190,8 @@ def _caller(record: Mapping[str, Any]) -> tuple[str, str]:
     return path, " ".join(who) or "-"
 
 
-def format_table(records: Iterable[Mapping[str, Any]]) -> str:
-    """A fixed-width table for humans (the CLI's default output)."""
+def format_table(records: Iterable[Mapping[str, Any]], local: bool = False) -> str:
+    """A fixed-width table for humans (the CLI's default output); times in UTC, or local."""
     header = ("TIME", "OPERATION", "OUTCOME", "PRINCIPAL", "KEY", "FILE", "PROCESS", "ERROR")
     rows: list[tuple[str, ...]] = [header]
     for r in records:
@@ -176,7 +201,7 @@ def format_table(records: Iterable[Mapping[str, Any]]) -> str:
         principal = r.get("principal")
         rows.append(
             (
-                str(r.get("time", "-")),
+                display_time(r.get("time", "-"), local),
                 str(r.get("operation", "-")),
                 outcome,
                 _principal_name(principal),
@@ -234,15 +259,15 @@ def files_summary(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: (str(r["last"]), r["path"]), reverse=True)
 
 
-def format_files(rows: Iterable[Mapping[str, Any]]) -> str:
-    """The ``audit files`` table."""
+def format_files(rows: Iterable[Mapping[str, Any]], local: bool = False) -> str:
+    """The ``audit files`` table; times in UTC, or local."""
     header = ("FILE", "LOCAL USER", "PROCESS", "PRINCIPAL", "KEY", "OPENS", "CREATED", "REFUSED", "LAST")
     table: list[tuple[str, ...]] = [header]
     for r in rows:
         key = str(r["key_id"]).rsplit("/", 1)[-1]
         table.append((r["path"], r["user"], ",".join(r.get("processes") or ()) or "-",
                       _principal_name(r["principal"]), key, str(r["opens"]), str(r["created"]),
-                      str(r["denied"]), str(r["last"])))
+                      str(r["denied"]), display_time(r["last"], local)))
     return _render(table)
 
 

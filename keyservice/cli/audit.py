@@ -1,9 +1,15 @@
-"""``keyservice audit``: list, files, verify. Offline: reads the data directory, server running or not."""
+"""``keyservice audit``: list, files, verify. Offline: reads the data directory, server running or not.
+
+Review commands must never answer "nobody" by mistake: a data directory that does not exist or
+has no audit log is an error (exit 1), not an empty table, and lines of the log that cannot be
+parsed are reported on stderr and in the exit status (3) rather than skipped in silence.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,19 +17,27 @@ from typing import Any
 from keyservice.audit import review as audit_review
 from keyservice.audit import signing as audit_signing
 from keyservice.audit import verify as audit_verify
-from keyservice.audit.records import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_SECONDS
+from keyservice.audit.records import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_SECONDS, audit_path
+from keyservice.cli.common import CliError
+
+# Exit status of list/files when some log lines could not be parsed (the output is incomplete).
+EXIT_UNPARSABLE = 3
 
 
-def _time(value: str):  # noqa: ANN202 - argparse type
+def _time(value: str) -> str:
+    """argparse type: a time ``parse_time`` accepts (parsed again with --local in ``_filters``)."""
     try:
-        return audit_review.parse_time(value)
+        audit_review.parse_time(value)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 
 
 def _filters(args: argparse.Namespace) -> dict[str, object]:
+    since = audit_review.parse_time(args.since, local=args.local) if args.since else None
+    until = audit_review.parse_time(args.until, local=args.local) if args.until else None
     return {
-        "key": args.key, "operation": args.operation, "since": args.since, "until": args.until,
+        "key": args.key, "operation": args.operation, "since": since, "until": until,
         "file": args.file, "principal": args.principal, "outcome": args.outcome, "user": args.user,
         "file_id": args.file_id,
     }  # fmt: skip
@@ -37,25 +51,54 @@ def _print(items: Iterable[Mapping[str, Any]], as_json: bool, table: Callable[[A
         print(table(items), end="")
 
 
+def _readable_log(data_dir: Path) -> None:
+    """CliError unless ``data_dir`` is a keyservice data directory with an audit log."""
+    if not data_dir.is_dir():
+        raise CliError(f"{data_dir}: no such data directory")
+    if not audit_path(data_dir).is_file():
+        raise CliError(f"{data_dir} has no audit log ({audit_path(data_dir)}): not a keyservice data "
+                       "directory, or never served")
+
+
+def _report_unparsable(data_dir: Path, lines: list[int]) -> int:
+    if not lines:
+        return 0
+    shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
+    print(f"keyservice: {len(lines)} line(s) of {audit_path(data_dir)} could not be parsed and are "
+          f"not listed (line {shown}); run keyservice audit verify", file=sys.stderr)
+    return EXIT_UNPARSABLE
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    records = audit_review.query(Path(args.data_dir), **_filters(args))  # type: ignore[arg-type]
-    _print(records, args.json, audit_review.format_table)
-    return 0
+    data_dir = Path(args.data_dir)
+    _readable_log(data_dir)
+    unparsable: list[int] = []
+    records = audit_review.query(data_dir, **_filters(args), unparsable=unparsable)  # type: ignore[arg-type]
+    _print(records, args.json, lambda rows: audit_review.format_table(rows, local=args.local))
+    return _report_unparsable(data_dir, unparsable)
 
 
 def cmd_files(args: argparse.Namespace) -> int:
-    records = audit_review.query(Path(args.data_dir), **_filters(args))  # type: ignore[arg-type]
-    _print(audit_review.files_summary(records), args.json, audit_review.format_files)
-    return 0
+    data_dir = Path(args.data_dir)
+    _readable_log(data_dir)
+    unparsable: list[int] = []
+    records = audit_review.query(data_dir, **_filters(args), unparsable=unparsable)  # type: ignore[arg-type]
+    _print(audit_review.files_summary(records), args.json,
+           lambda rows: audit_review.format_files(rows, local=args.local))
+    return _report_unparsable(data_dir, unparsable)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        print(f"keyservice: cannot check: {data_dir}: no such data directory", file=sys.stderr)
+        return 2
     key_path = Path(args.public_key) if args.public_key else audit_signing.public_path(data_dir)
     try:
         public_key = audit_signing.load_public(key_path)
     except (OSError, ValueError) as error:
-        print(f"cannot load the audit public key {key_path}: {error}")
+        print(f"keyservice: cannot check: cannot load the audit public key {key_path}: {error}",
+              file=sys.stderr)
         return 2
     report = audit_verify.verify(
         data_dir,
@@ -71,9 +114,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.ok:
         print("OK: the audit log is intact")
         return 0
-    print(f"TAMPERED: {report.problems[0]}")
+    print(f"TAMPERED: {report.problems[0]}", file=sys.stderr)
     for problem in report.problems[1:]:
-        print(f"also: {problem}")
+        print(f"also: {problem}", file=sys.stderr)
     return 1
 
 
@@ -86,22 +129,35 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         ("files", cmd_files, "who created and opened which file how often, through which key"),
     ):
         p = commands.add_parser(name, help=text)
-        p.add_argument("--data-dir", required=True)
-        p.add_argument("--key", help="key id, ARN, alias name or alias ARN")
-        p.add_argument("--operation", help="e.g. Decrypt")
-        p.add_argument("--principal", help="principal ARN or access key id")
-        p.add_argument("--outcome", choices=("success", "error"))
-        p.add_argument("--user", help="local user behind a kmsfs open: uid or user name")
-        p.add_argument("--file", help="path inside a kmsfs mount (a directory matches everything below it)")
+        p.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
+        p.add_argument("--key", help="key id, ARN, alias name or alias ARN (default: any)")
+        p.add_argument("--operation", help="e.g. Decrypt (default: any)")
+        p.add_argument("--principal", help="principal ARN or access key id (default: any)")
+        p.add_argument("--outcome", choices=("success", "error"), help="(default: both)")
+        p.add_argument("--user", help="local user behind a kmsfs open: uid or user name (default: any)")
+        p.add_argument("--file", help="path inside a kmsfs mount (a directory matches everything below "
+                       "it) (default: any)")
         p.add_argument("--file-id", help="kmsfs file id (hex, from the encryption context): joins a "
-                       "pooled GenerateDataKey to the create that used it and the file's opens")
-        p.add_argument("--since", type=_time, help="ISO 8601 time, or 15m / 2h / 7d ago")
-        p.add_argument("--until", type=_time, help="ISO 8601 time, or 15m / 2h / 7d ago")
-        p.add_argument("--json", action="store_true", help="one JSON object per line")
-        p.set_defaults(func=func)
+                       "pooled GenerateDataKey to the create that used it and the file's opens "
+                       "(default: any)")
+        p.add_argument("--since", type=_time, help="ISO 8601 time, 30m / 1h / 7d ago, today or yesterday "
+                       "(from midnight, UTC or --local) (default: the beginning)")
+        p.add_argument("--until", type=_time, help="same forms as --since, exclusive (default: now)")
+        p.add_argument("--json", action="store_true",
+                       help="one JSON object per line, times as recorded in UTC (default: a table)")
+        zone = p.add_mutually_exclusive_group()
+        zone.add_argument("--utc", dest="local", action="store_false",
+                          help="show times in UTC, as recorded (the default)")
+        zone.add_argument("--local", dest="local", action="store_true",
+                          help="show table times in this host's time zone, and read naive --since/--until "
+                               "and today/yesterday in it (default: UTC)")
+        p.set_defaults(func=func, local=False)
     verify = commands.add_parser("verify", help="check the hash chain, signed checkpoints and head")
-    verify.add_argument("--data-dir", required=True)
+    verify.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
     verify.add_argument("--public-key", help="pinned PEM public key (default: DATA_DIR/audit-signing.pub)")
-    verify.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY)
-    verify.add_argument("--checkpoint-seconds", type=float, default=DEFAULT_CHECKPOINT_SECONDS)
+    verify.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+                        help=f"records per checkpoint the server used (default {DEFAULT_CHECKPOINT_EVERY})")
+    verify.add_argument("--checkpoint-seconds", type=float, default=DEFAULT_CHECKPOINT_SECONDS,
+                        help="seconds per checkpoint the server used "
+                             f"(default {DEFAULT_CHECKPOINT_SECONDS:g})")
     verify.set_defaults(func=cmd_verify)

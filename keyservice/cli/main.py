@@ -11,11 +11,15 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import secrets
+import shlex
 import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,7 +27,8 @@ from urllib.parse import urlsplit
 from keyservice import bootstrap
 from keyservice.cli import audit as cli_audit
 from keyservice.cli import principal as cli_principal
-from keyservice.cli.common import CliError, root_source
+from keyservice.cli import startup
+from keyservice.cli.common import CliError, OneLineParser, root_source
 from keyservice.clock import FileOffsetClock, SystemClock
 from keyservice.files import write_atomic
 from keyservice.http import tls
@@ -47,8 +52,24 @@ log = logging.getLogger("keyservice")
 def _parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--listen must be HOST:PORT, not {value!r}")
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT, not {value!r}")
+    if int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"port {port} of {value!r} is out of range (0-65535)")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+# The endpoint ``init`` wrote into --credentials-out, recorded so that ``serve`` can say when it
+# listens somewhere else (clients using that file would not find it). Not secret.
+ENDPOINT_RECORD = "client-endpoint"
+
+
+def _endpoint_of(listen: tuple[str, int]) -> str:
+    """The https endpoint clients use for a server listening on ``listen`` (a wildcard address
+    is reached through loopback on this host)."""
+    host, port = listen
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
 def _write_credentials(
@@ -71,25 +92,42 @@ def _new_account_id() -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    """Check first, then create; a failed init leaves nothing behind (the data directory, a root
+    key file it generated, the credentials file)."""
     data_dir = Path(args.data_dir)
+    startup.check_data_dir_path(data_dir)
     if (data_dir / rootkey.ROOT_CONFIG_NAME).exists():
         raise CliError(f"{data_dir} is already initialised")
-    root_key = rootkey.create_root_config(data_dir, root_source(args, confirm=True))
-    creds = bootstrap.initialize(
-        data_dir, root_key, region=args.region, account_id=args.account_id or _new_account_id()
-    )
-    print(f"Initialised {data_dir} (region {args.region}).")
+    endpoint = args.endpoint or _endpoint_of(args.listen)
+    if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).hostname:
+        raise CliError(f"--endpoint {endpoint!r} is not an https://HOST:PORT URL")
+    created = [startup.first_missing(data_dir)]
+    if args.root_key_file:
+        created.append(Path(args.root_key_file))
+    if args.credentials_out:
+        created.append(Path(args.credentials_out))
+    source = root_source(args, confirm=True)
+    with startup.undo_on_failure(*created):
+        root_key = rootkey.create_root_config(data_dir, source)
+        creds = bootstrap.initialize(
+            data_dir, root_key, region=args.region, account_id=args.account_id or _new_account_id()
+        )
+        ca_bundle = None
+        if not args.no_tls:
+            host = urlsplit(endpoint).hostname or "127.0.0.1"
+            files = tls.generate(data_dir, [*tls.default_hosts(host), *(args.tls_hostname or [])])
+            ca_bundle = files.ca
+        (data_dir / ENDPOINT_RECORD).write_text(endpoint + "\n")
+        if args.credentials_out:
+            _write_credentials(Path(args.credentials_out), creds, endpoint, args.region, ca_bundle)
+    print(f"Initialised {data_dir} (region {args.region}); clients reach it at {endpoint} "
+          f"once it serves with --listen {args.listen[0]}:{args.listen[1]}.")
     print("Admin credentials (shown once; keep them safe):")
     print(f"  access_key_id:     {creds.access_key_id}")
     print(f"  secret_access_key: {creds.secret_access_key}")
-    ca_bundle = None
-    if not args.no_tls:
-        host = urlsplit(args.endpoint).hostname or "127.0.0.1"
-        files = tls.generate(data_dir, [*tls.default_hosts(host), *(args.tls_hostname or [])])
-        ca_bundle = files.ca
-        print(f"TLS: private CA {files.ca} (give it to clients), server certificate {files.cert}")
+    if ca_bundle is not None:
+        print(f"TLS: private CA {ca_bundle} (give it to clients), server certificate {files.cert}")
     if args.credentials_out:
-        _write_credentials(Path(args.credentials_out), creds, args.endpoint, args.region, ca_bundle)
         print(f"  written to {args.credentials_out}")
     return 0
 
@@ -124,27 +162,91 @@ def _tls_setup(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.background:
+        return startup.run_in_background(lambda ready: _run(lambda: _serve(args, ready)))
+    return _serve(args, None)
+
+
+def _serve(args: argparse.Namespace, ready: Callable[[str, Path], None] | None) -> int:
+    """Check the address and the data directory, start, announce, serve until SIGTERM/SIGINT. A
+    start that fails undoes what it created (a new dev data directory) and says why in one line."""
     host, port = args.listen
+    startup.check_listen(host, port)
     temp_dir: Path | None = None
+    new_dir: Path | None = None
     if args.dev:
         if args.data_dir:
             data_dir = Path(args.data_dir)
+            startup.check_data_dir_path(data_dir)
+            new_dir = startup.first_missing(data_dir)
         else:
             temp_dir = data_dir = Path(tempfile.mkdtemp(prefix="keyservice-dev-"))
-        if (data_dir / rootkey.ROOT_CONFIG_NAME).exists():
-            root_key = rootkey.load_root_key(data_dir, rootkey.RootKeySource.dev())
-            creds = bootstrap.admin_credentials(data_dir, root_key)
-        else:
-            root_key = rootkey.create_root_config(data_dir, rootkey.RootKeySource.dev())
-            creds = bootstrap.initialize(
-                data_dir, root_key, region=args.region or DEFAULT_REGION, account_id=_new_account_id()
-            )
+            new_dir = temp_dir
+        rootkey.ensure_private_dir(data_dir)
     else:
         if not args.data_dir:
             raise CliError("--data-dir is required (or use --dev)")
         data_dir = Path(args.data_dir)
+        if not (data_dir / rootkey.ROOT_CONFIG_NAME).is_file():
+            raise CliError(f"{data_dir} is not an initialised keyservice data directory "
+                           f"(keyservice init --data-dir {data_dir}, or serve --dev)")
+    closers: list[Callable[[], object]] = []
+    with startup.undo_on_failure(new_dir) if new_dir is not None else nullcontext():
+        try:
+            lock_fd = startup.lock_data_dir(data_dir)
+            closers.append(lambda: os.close(lock_fd))
+            started = _start(args, data_dir, host, port, closers)
+        except BaseException:
+            for close in reversed(closers):
+                close()
+            raise
+    service, app, scheduler, server, creds, ca_bundle, tls_cert = started
+    endpoint = server.endpoint
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    if args.dev:
+        sys.stderr.write(DEV_WARNING.format(root=data_dir / rootkey.DEV_KEY_NAME))
+    _warn_endpoint_mismatch(data_dir, endpoint, host, tls_cert, ca_bundle)
+    if creds is not None and args.credentials_out:
+        _write_credentials(Path(args.credentials_out), creds, endpoint, service.region, ca_bundle)
+    if args.pid_file:
+        Path(args.pid_file).write_text(f"{os.getpid()}\n")
+    _announce(args, ready, data_dir, endpoint, service.region, creds, ca_bundle)
+    scheduler.start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        app.close()  # the last audit commits, before the log's final checkpoint
+        scheduler.stop()
+        service.close()  # seals the audit log with a final checkpoint
+        if args.pid_file:
+            Path(args.pid_file).unlink(missing_ok=True)
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    return 0
+
+
+def _start(args: argparse.Namespace, data_dir: Path, host: str, port: int,
+           closers: list[Callable[[], object]]) -> tuple[Any, ...]:
+    """Open the store and the audit log, bind the server; each opened part is added to
+    ``closers`` at once, so a failure further on closes it again."""
+    if not args.dev:
         root_key = rootkey.load_root_key(data_dir, root_source(args, confirm=False))
         creds = None
+    elif (data_dir / rootkey.ROOT_CONFIG_NAME).exists():
+        root_key = rootkey.load_root_key(data_dir, rootkey.RootKeySource.dev())
+        creds = bootstrap.admin_credentials(data_dir, root_key)
+    else:
+        root_key = rootkey.create_root_config(data_dir, rootkey.RootKeySource.dev())
+        creds = bootstrap.initialize(
+            data_dir, root_key, region=args.region or DEFAULT_REGION, account_id=_new_account_id()
+        )
     tls_cert, tls_key, ca_bundle = _tls_setup(args, data_dir, host)
     # The service's clock may be shifted for tests (--clock-offset-file); SigV4 always checks real time.
     service_clock = FileOffsetClock(args.clock_offset_file) if args.clock_offset_file else SystemClock()
@@ -156,81 +258,130 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_keys=args.max_keys,
         allow_pkcs1_import=args.allow_pkcs1_import,
     )
+    closers.append(service.close)
     del root_key
     metrics = {"/metrics": service.metrics_text}
     app = KmsApp(service, SystemClock(), max_body=args.max_body, extra_routes=metrics, threads=args.threads)
+    closers.append(app.close)
     scheduler = Scheduler(service, interval=args.scheduler_interval)
-    server = Server(app, host, port, tls_cert=tls_cert, tls_key=tls_key)
-    endpoint = server.endpoint
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    if args.dev:
-        sys.stderr.write(DEV_WARNING.format(root=data_dir / rootkey.DEV_KEY_NAME))
-    print(f"keyservice listening on {endpoint} (region {service.region}, data {data_dir})", flush=True)
-    if creds is not None:
-        print(f"  export AWS_ACCESS_KEY_ID={creds.access_key_id}")
-        print(f"  export AWS_SECRET_ACCESS_KEY={creds.secret_access_key}")
-        print(f"  export AWS_DEFAULT_REGION={service.region}")
-        if ca_bundle:
-            print(f"  export AWS_CA_BUNDLE={ca_bundle}")
-        print(f"  aws --endpoint-url {endpoint} kms list-keys", flush=True)
-        if args.credentials_out:
-            _write_credentials(Path(args.credentials_out), creds, endpoint, service.region, ca_bundle)
-    scheduler.start()
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-        app.close()  # the last audit commits, before the log's final checkpoint
-        scheduler.stop()
-        service.close()  # seals the audit log with a final checkpoint
-        if temp_dir is not None:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-    return 0
+        server = Server(app, host, port, tls_cert=tls_cert, tls_key=tls_key)
+    except OSError as exc:  # taken since check_listen, or a certificate that cannot be read
+        if exc.filename:
+            raise CliError(f"cannot start: {exc.filename}: {exc.strerror}") from None
+        raise startup.listen_error(host, port, exc) from None
+    return service, app, scheduler, server, creds, ca_bundle, tls_cert
+
+
+def _warn_endpoint_mismatch(data_dir: Path, endpoint: str, host: str, tls_cert: Path | None,
+                            ca_bundle: Path | None) -> None:
+    """One warning line each when clients following ``init``'s credentials file, or checking the
+    certificate, would not reach this server: it names the endpoint and the CA involved."""
+    try:
+        recorded = (data_dir / ENDPOINT_RECORD).read_text().strip()
+    except OSError:
+        recorded = ""
+    if recorded and urlsplit(recorded).port != urlsplit(endpoint).port:
+        sys.stderr.write(f"keyservice: warning: init recorded the endpoint {recorded} (in its credentials "
+                         f"file) but this server listens at {endpoint}: clients using that file will not "
+                         f"find it; serve with --listen matching it, or fix the file's \"endpoint\"\n")
+    if tls_cert is not None and host not in ("", "0.0.0.0", "::"):
+        names = startup.certificate_names(tls_cert)
+        if names is not None and host not in names:
+            sys.stderr.write(f"keyservice: warning: the certificate {tls_cert} (CA {ca_bundle}) names "
+                             f"{', '.join(sorted(names))}, not {host}: clients of {endpoint} will refuse "
+                             "it; move the old certificate aside and serve with --tls-hostname to make a "
+                             "new one\n")
+
+
+def _announce(args: argparse.Namespace, ready: Callable[[str, Path], None] | None, data_dir: Path,
+              endpoint: str, region: str, creds: bootstrap.Credentials | None,
+              ca_bundle: Path | None) -> None:
+    """Say where the service is. Foreground: the banner and (dev) the export lines. Background:
+    the same as shell lines for ``eval``, to the parent, which then returns."""
+    env: dict[str, str] = {}
+    if creds is not None:
+        env["AWS_ACCESS_KEY_ID"] = creds.access_key_id
+        env["AWS_SECRET_ACCESS_KEY"] = creds.secret_access_key
+    env["AWS_DEFAULT_REGION"] = region
+    if ca_bundle:
+        env["AWS_CA_BUNDLE"] = str(ca_bundle)
+    env["AWS_ENDPOINT_URL_KMS"] = endpoint
+    banner = f"keyservice listening on {endpoint} (region {region}, data {data_dir})"
+    if ready is None:
+        print(banner, flush=True)
+        if creds is not None:
+            for name, value in env.items():
+                print(f"  export {name}={shlex.quote(value)}")
+            print(f"  aws --endpoint-url {endpoint} kms list-keys", flush=True)
+        return
+    log_file = Path(args.log).absolute() if args.log else data_dir.absolute() / startup.LOG_NAME
+    env["KEYSERVICE_PID"] = str(os.getpid())
+    lines = [f"# {banner}, pid {os.getpid()}, log {log_file}"]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
+    ready("\n".join(lines) + "\n", log_file)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keyservice", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser = OneLineParser(
+        prog="keyservice", description=__doc__.splitlines()[0],
+        epilog="Exit codes: 0 ok, 1 operational error, 2 usage error; audit verify and audit "
+               "list/files have more (docs/CLI.md).")
+    parser.add_argument("--version", action="version", version=f"keyservice {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (default off)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the AWS KMS protocol")
-    serve.add_argument("--dev", action="store_true", help="no-setup dev mode (root key kept in the data dir)")
+    serve.add_argument("--dev", action="store_true",
+                       help="no-setup dev mode, root key kept in the data dir (default off)")
     serve.add_argument(
-        "--listen", type=_parse_listen, default=_parse_listen(DEFAULT_LISTEN), metavar="HOST:PORT"
+        "--listen", type=_parse_listen, default=_parse_listen(DEFAULT_LISTEN), metavar="HOST:PORT",
+        help=f"address to serve on (default {DEFAULT_LISTEN}; port 0 picks a free one)",
     )
     serve.add_argument(
-        "--data-dir", help="data directory (dev mode: created if missing, temporary if omitted)"
+        "--data-dir", help="data directory (default: none, required without --dev; dev mode: created "
+        "if missing, temporary if omitted)"
     )
     serve.add_argument(
-        "--credentials-out", metavar="FILE", help="dev mode: write endpoint and admin credentials"
+        "--credentials-out", metavar="FILE",
+        help="dev mode: write endpoint, region, CA and admin credentials as JSON (default: not written)"
     )
+    serve.add_argument(
+        "--background", action="store_true",
+        help="return once serving, printing export lines for eval \"$(keyservice serve ...)\" "
+             "(AWS_* and KEYSERVICE_PID); output then goes to --log (default: foreground)",
+    )
+    serve.add_argument("--log", metavar="FILE",
+                       help=f"with --background: the log file (default DATA_DIR/{startup.LOG_NAME})")
+    serve.add_argument("--pid-file", metavar="FILE",
+                       help="write the server's pid here while it runs (default: none)")
     serve.add_argument(
         "--region",
         help=f"region of a new dev store (default {DEFAULT_REGION}); for an existing store it must match",
     )
-    serve.add_argument("--root-key-file", metavar="FILE", help="root key file (kept outside the data dir)")
-    serve.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain); default DATA_DIR/tls")
-    serve.add_argument("--tls-key", metavar="PEM", help="server private key")
-    serve.add_argument("--ca-bundle", metavar="PEM", help="with --tls-cert: the CA clients should trust")
+    _root_key_options(serve)
+    serve.add_argument("--tls-cert", metavar="PEM",
+                       help="server certificate (chain) (default DATA_DIR/tls/server.pem)")
+    serve.add_argument("--tls-key", metavar="PEM",
+                       help="server private key (default DATA_DIR/tls/server.key)")
+    serve.add_argument("--ca-bundle", metavar="PEM",
+                       help="with --tls-cert: the CA clients should trust (default: none named)")
     serve.add_argument(
         "--tls-hostname",
         action="append",
         metavar="NAME",
-        help="extra DNS name or IP for a generated certificate (repeatable)",
+        help="extra DNS name or IP for a generated certificate (repeatable; default: the listen "
+             "address, localhost, 127.0.0.1, ::1)",
     )
     serve.add_argument(
         "--insecure-http",
         action="store_true",
-        help="serve plain HTTP (loopback addresses only; for tests and debugging)",
+        help="serve plain HTTP (loopback addresses only; for tests and debugging) (default off)",
     )
-    serve.add_argument("--threads", type=int, default=8, help="worker threads for key management requests")
-    serve.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
+    serve.add_argument("--threads", type=int, default=8,
+                       help="worker threads for key management requests (default 8)")
+    serve.add_argument("--max-body", type=int, default=256 * 1024,
+                       help="request body limit in bytes (default 262144)")
     serve.add_argument("--max-keys", type=int, default=1000, help="customer managed key quota (default 1000)")
     serve.add_argument(
         "--allow-pkcs1-import",
@@ -256,28 +407,34 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"create a real store; root key from --root-key-file or "
         f"{rootkey.PASSPHRASE_ENV} / a prompt (scrypt)",
     )
-    init.add_argument("--data-dir", required=True)
+    init.add_argument("--data-dir", required=True, help="the new store's directory, created (required)")
+    _root_key_options(init, creating=True)
+    init.add_argument("--region", default=DEFAULT_REGION,
+                      help=f"the store's region (default {DEFAULT_REGION})")
+    init.add_argument("--account-id", help="12-digit account id (default: random)")
+    init.add_argument("--credentials-out", metavar="FILE",
+                      help="write endpoint, region, CA and the admin credentials as JSON "
+                           "(default: not written)")
     init.add_argument(
-        "--root-key-file",
-        metavar="FILE",
-        help="root key file outside the data dir (created with 32 random bytes if missing)",
+        "--listen", type=_parse_listen, default=_parse_listen(DEFAULT_LISTEN), metavar="HOST:PORT",
+        help=f"where serve will listen: the endpoint in --credentials-out and the certificate follow "
+             f"it (default {DEFAULT_LISTEN})",
     )
-    init.add_argument("--region", default=DEFAULT_REGION)
-    init.add_argument("--account-id", help="12-digit account id (random if omitted)")
-    init.add_argument("--credentials-out", metavar="FILE", help="write the admin credentials as JSON")
     init.add_argument(
-        "--endpoint", default=f"https://{DEFAULT_LISTEN}", help="endpoint recorded in that file"
+        "--endpoint", metavar="URL",
+        help="endpoint clients use, when not https://LISTEN (e.g. a DNS name) (default: from --listen)",
     )
     init.add_argument(
         "--tls-hostname",
         action="append",
         metavar="NAME",
-        help="extra DNS name or IP for the server certificate (repeatable)",
+        help="extra DNS name or IP for the server certificate (repeatable; default: the endpoint's "
+             "host, localhost, 127.0.0.1, ::1)",
     )
     init.add_argument(
         "--no-tls",
         action="store_true",
-        help="do not generate a private CA (bring your own with serve --tls-cert/--tls-key)",
+        help="do not generate a private CA; bring your own with serve --tls-cert/--tls-key (default off)",
     )
     init.set_defaults(func=cmd_init)
 
@@ -286,19 +443,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _root_key_options(parser: argparse.ArgumentParser, creating: bool = False) -> None:
+    parser.add_argument(
+        "--root-key-file", metavar="FILE",
+        help="root key file outside the data dir" + (" (created with 32 random bytes if missing)"
+                                                     if creating else "")
+        + f" (default: a passphrase from --root-passphrase-file, {rootkey.PASSPHRASE_ENV} or a prompt)",
+    )
+    parser.add_argument(
+        "--root-passphrase-file", metavar="FILE",
+        help="read the root passphrase from FILE, e.g. systemd's $CREDENTIALS_DIRECTORY/... "
+             f"(default: {rootkey.PASSPHRASE_ENV}, else a prompt)",
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kmsfs")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _run(func: Callable[[], int]) -> int:
+    """Run a command; an operator's mistake becomes one line on stderr and exit 1, never a traceback."""
+    try:
+        return int(func())
+    except (CliError, rootkey.RootKeyError, bootstrap.RegionMismatchError, bootstrap.NotInitializedError,
+            bootstrap.AlreadyInitializedError) as error:
+        print(f"keyservice: {error}", file=sys.stderr)
+    except ValueError as error:  # bootstrap's checks of --region / --account-id
+        print(f"keyservice: {error}", file=sys.stderr)
+    except OSError as error:
+        if isinstance(error, BrokenPipeError):
+            return 0
+        where = f": {error.filename}" if error.filename else ""
+        print(f"keyservice: {error.strerror or error}{where}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        return int(args.func(args))
-    except (CliError, rootkey.RootKeyError, bootstrap.RegionMismatchError) as error:
-        print(f"keyservice: {error}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:
-        return 0
+    return _run(lambda: args.func(args))
 
 
 if __name__ == "__main__":

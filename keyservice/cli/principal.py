@@ -105,26 +105,29 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     def command(name: str, func, text: str, *, root: bool = True) -> argparse.ArgumentParser:  # noqa: ANN001
         p = commands.add_parser(name, help=text)
-        p.add_argument("--data-dir", required=True)
+        p.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
         if root:
-            p.add_argument("--root-key-file", metavar="FILE", help="root key file (non-dev data dirs)")
+            p.add_argument("--root-key-file", metavar="FILE",
+                           help="root key file, for non-dev data dirs (default: a dev data dir's own "
+                                f"key, else {rootkey.PASSPHRASE_ENV} or a prompt)")
         p.set_defaults(func=_guarded(func))
         return p
 
     p = command("create", cmd_create, "create a principal and print its access key (once)")
     p.add_argument("name")
-    p.add_argument("--json", action="store_true", help="print the credentials as JSON")
+    p.add_argument("--json", action="store_true", help="print the credentials as JSON (default: text)")
     p = command("list", cmd_list, "list principals, their access key ids and policies", root=False)
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--json", action="store_true", help="one JSON object per line (default: a table)")
     p = command("delete", cmd_delete, "delete a principal with its access keys and policies")
     p.add_argument("name")
     p = command("rotate-access-key", cmd_rotate, "new access key; the old ones stop working")
     p.add_argument("name")
-    p.add_argument("--json", action="store_true", help="print the credentials as JSON")
+    p.add_argument("--json", action="store_true", help="print the credentials as JSON (default: text)")
     p = command("attach-policy", cmd_attach, "attach (or replace) an identity policy")
     p.add_argument("name")
-    p.add_argument("--policy-file", required=True, metavar="FILE", help="IAM policy JSON (no Principal)")
+    p.add_argument("--policy-file", required=True, metavar="FILE",
+                   help="IAM policy JSON (no Principal) (required)")
     p.add_argument("--name", dest="policy_name", help="policy name (default: the file name without suffix)")
     p = command("detach-policy", cmd_detach, "detach an identity policy")
     p.add_argument("name")
-    p.add_argument("--name", dest="policy_name", required=True, help="policy name")
+    p.add_argument("--name", dest="policy_name", required=True, help="policy name (required)")

@@ -347,7 +347,7 @@ def test_audit_verify_command_finds_tampering(tmp_path: Path) -> None:
         "--public-key",
         str(other / "keyservice-data" / "audit-signing.pub"),
     )
-    assert foreign.returncode == 1 and "bad signature" in foreign.stdout
+    assert foreign.returncode == 1 and "bad signature" in foreign.stderr
 
     log = service.data_dir / "audit" / "audit.log"
     lines = log.read_text().splitlines(keepends=True)
@@ -356,4 +356,4 @@ def test_audit_verify_command_finds_tampering(tmp_path: Path) -> None:
     log.write_text("".join(lines))
     tampered = run_keyservice("audit", "verify", "--data-dir", data_dir)
     assert tampered.returncode == 1
-    assert f"TAMPERED: line {encrypts[2] + 2}:" in tampered.stdout, tampered.stdout
+    assert f"TAMPERED: line {encrypts[2] + 2}:" in tampered.stderr, tampered.stderr

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from kmsfs import format as fmt
-from tests.integration.kmsfs_mount_helpers import backing_files, kmsfs, mounted, requires_fuse
+from tests.integration.kmsfs_mount_helpers import backing_files, force_unmount, kmsfs, mounted, requires_fuse
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 boto3 = pytest.importorskip("boto3")
@@ -116,3 +116,86 @@ def test_init_with_alias_and_bad_key(moto: dict[str, str], moto_key: str, tmp_pa
     proc = kmsfs("init", tmp_path / "b", "--endpoint", moto["endpoint"], "--key", "alias/nope",
                  "--credentials", creds, check=False)
     assert proc.returncode != 0 and "NotFoundException" in proc.stderr
+
+
+def _aws_files(base: Path, moto: dict[str, str], profile: str, credentials: str) -> dict[str, str]:
+    """An AWS config and shared-credentials file (never the user's ~/.aws) and the environment
+    naming them, with every static-credential variable cleared so only the profile can answer."""
+    config, shared = base / "aws-config", base / "aws-credentials"
+    config.write_text(f"[profile {profile}]\nregion = {moto['region']}\nendpoint_url = {moto['endpoint']}\n")
+    shared.write_text(f"[{profile}]\n{credentials}\n")
+    return {"AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": str(shared)}
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_KMS", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_profile_credentials_init_mount_fsck(moto: dict[str, str], moto_key: str, tmp_path: Path,
+                                             aws_env: pytest.MonkeyPatch) -> None:
+    """Issue 14 item 7: a profile from AWS config files (endpoint_url and region in the profile),
+    selected with --aws-profile, then through AWS_PROFILE (the default chain)."""
+    profile = "kmsfs-moto"
+    for name, value in _aws_files(tmp_path, moto, profile,
+                                  "aws_access_key_id = testing\naws_secret_access_key = testing").items():
+        aws_env.setenv(name, value)
+    cipherdir, mnt = tmp_path / "cipher", tmp_path / "mnt"
+    kmsfs("init", cipherdir, "--aws-profile", profile, "--key", moto_key)
+    assert json.loads((cipherdir / ".kmsfs.json").read_text())["endpoint"] == moto["endpoint"]
+    mnt.mkdir()
+    try:
+        kmsfs("mount", cipherdir, mnt, "--aws-profile", profile, "--strict")
+        (mnt / "profile.txt").write_text("signed with a profile's keys")
+        assert (mnt / "profile.txt").read_text() == "signed with a profile's keys"
+        kmsfs("umount", mnt)
+    finally:
+        force_unmount(mnt)
+    aws_env.setenv("AWS_PROFILE", profile)
+    report = kmsfs("fsck", cipherdir, "--quiet")
+    assert "1 files" in report.stdout and "clean" in report.stdout
+    missing = kmsfs("fsck", cipherdir, "--aws-profile", "no-such-profile", check=False)
+    assert missing.returncode == 1 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+PROCESS = """\
+import datetime, json, sys
+with open(sys.argv[1], "a") as calls:
+    calls.write("call\\n")
+n = sum(1 for _ in open(sys.argv[1]))
+expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=int(sys.argv[2]))
+print(json.dumps({"Version": 1, "AccessKeyId": f"ASIAKMSFS{n}", "SecretAccessKey": f"secret{n}",
+                  "SessionToken": f"token{n}", "Expiration": expires.isoformat()}))
+"""
+
+
+@pytest.mark.parametrize(("lifetime", "refreshes"), [(300, True), (3600, False)])
+def test_credential_process_is_refreshed_before_expiry(moto: dict[str, str], moto_key: str, tmp_path: Path,
+                                                       aws_env: pytest.MonkeyPatch, lifetime: int,
+                                                       refreshes: bool) -> None:
+    """botocore refreshes temporary credentials inside its window before expiry (10-15 min):
+    credentials that expire in 5 minutes are fetched again for the next request (with the new
+    session token sent); credentials good for an hour are fetched once."""
+    from kmsfs.awscreds import resolve
+    from kmsfs.keyclient import KeyClient
+
+    script, calls = tmp_path / "creds.py", tmp_path / "calls"
+    script.write_text(PROCESS)
+    command = f"credential_process = {sys.executable} {script} {calls} {lifetime}"
+    for name, value in _aws_files(tmp_path, moto, "proc", command).items():
+        aws_env.setenv(name, value)
+    creds = resolve("proc")
+    assert creds.endpoint == moto["endpoint"] and creds.region == moto["region"]
+    client = KeyClient(creds.endpoint, creds.region, creds)
+    before = len(calls.read_text().splitlines())
+    try:
+        for _ in range(3):
+            assert client.describe_key(moto_key)["Arn"] == moto_key
+    finally:
+        client.close()
+    fetched = len(calls.read_text().splitlines()) - before
+    assert fetched == (3 if refreshes else 0), fetched

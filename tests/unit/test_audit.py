@@ -194,8 +194,40 @@ def test_parse_time() -> None:
     assert audit_review.parse_time("2026-03-01T12:00:00Z") == datetime(2026, 3, 1, 12, tzinfo=UTC)
     assert audit_review.parse_time("2026-03-01") == datetime(2026, 3, 1, tzinfo=UTC)
     assert audit_review.parse_time("2h", now=T0) == T0 - timedelta(hours=2)
+    assert audit_review.parse_time("30m", now=T0) == T0 - timedelta(minutes=30)
     with pytest.raises(ValueError):
-        audit_review.parse_time("yesterday")
+        audit_review.parse_time("last tuesday")
+
+
+def test_parse_time_today_yesterday_utc_and_local(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = datetime(2026, 3, 1, 1, 30, tzinfo=UTC)
+    assert audit_review.parse_time("today", now=now) == datetime(2026, 3, 1, tzinfo=UTC)
+    assert audit_review.parse_time("Yesterday", now=now) == datetime(2026, 2, 28, tzinfo=UTC)
+    # In a zone 5 h behind UTC, 01:30 UTC is 20:30 the day before: local midnights are 05:00 UTC.
+    monkeypatch.setenv("TZ", "EST+5")
+    time.tzset()
+    try:
+        assert audit_review.parse_time("today", now=now, local=True) == datetime(2026, 2, 28, 5, tzinfo=UTC)
+        yesterday = audit_review.parse_time("yesterday", now=now, local=True)
+        assert yesterday == datetime(2026, 2, 27, 5, tzinfo=UTC)
+        assert audit_review.parse_time("2026-03-01T00:00", local=True) == datetime(2026, 3, 1, 5, tzinfo=UTC)
+        assert audit_review.display_time("2026-03-01T05:00:00Z", local=True) == "2026-03-01T00:00:00-05:00"
+        assert audit_review.display_time("2026-03-01T05:00:00Z", local=False) == "2026-03-01T05:00:00Z"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_unparsable_lines_are_reported(tmp_path: Path) -> None:
+    from keyservice.audit.records import audit_path
+
+    path = audit_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"operation": "Decrypt", "time": "2026-03-01T00:00:00Z"}\nnot json\n[1]\n'
+                    '{"operation": "Encrypt", "time": "2026-03-01T00:00:01Z"}\n')
+    unparsable: list[int] = []
+    records = list(audit_review.query(tmp_path, unparsable=unparsable))
+    assert [r["operation"] for r in records] == ["Decrypt", "Encrypt"] and unparsable == [2, 3]
 
 
 def test_missing_log_reads_empty(tmp_path: Path) -> None:

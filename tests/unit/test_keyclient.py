@@ -148,7 +148,7 @@ def test_credentials_sources(tmp_path: Any) -> None:
 
 def test_session_token_is_sent() -> None:
     adapter = Canned(200, {"KeyMetadata": {"KeyId": "k"}})
-    client = KeyClient("http://h:1", "us-east-1", Credentials("A", "S", session_token="TOKEN"))
+    client = KeyClient("http://localhost:1", "us-east-1", Credentials("A", "S", session_token="TOKEN"))
     client.session.mount("http://", adapter)
     assert client.describe_key("k") == {"KeyId": "k"}
     req = adapter.requests[0][0]
