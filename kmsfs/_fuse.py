@@ -1,130 +1,247 @@
-"""The only module that imports a FUSE binding: mfusepy on libfuse3 if available, else fusepy.
+"""The only module that loads libfuse: a ctypes binding to libfuse3's low-level (inode) API.
 
-Why one module: switching binding must be a one-file change. Which one is used is decided here,
-once, at import: mfusepy (a maintained fusepy fork) when it is installed and ``libfuse.so.3`` is
-present, otherwise fusepy on libfuse2. ``KMSFS_FUSE=fusepy`` forces the fallback (benchmarks,
-debugging). ``BINDING`` and ``LIBFUSE`` name what was chosen (the mount log prints them).
+Why our own binding (docs/PERFORMANCE.md, "Inode-based FUSE"): kmsfs needs the low-level API
+(an inode per backing inode, lookup counts, forget: issue 11) with the operations the available
+bindings leave out — ``fallocate`` and ``renameat2`` flags — and with libfuse's multithreaded
+loop running synchronous handlers (the core blocks on the key service). pyfuse3 runs every
+request as a trio task (a thread hop per blocking call) and has no fallocate; llfuse is
+libfuse2-only (128 KiB requests, no rename flags); mfusepy and fusepy are path-based (hard links
+become separate kernel inodes). This module is what those bindings are for the parts kmsfs uses:
+the C structures of libfuse 3.12+ on x86-64 Linux, the reply functions, and the session.
 
-What differs between the two, and is absorbed here rather than in operations.py:
-
-- mfusepy ignores ``Operations.__call__`` (fusepy dispatches every operation through it, and
-  kmsfs translates domain errors to errno there): ``FUSE`` hands mfusepy a proxy whose methods
-  go through ``__call__``, so the error mapping is identical.
-- mfusepy finds libfuse2 first when both libraries are installed: the libfuse3 path is passed
-  to it explicitly.
-- mfusepy gives libfuse a zeroed stat (inode 0: readdir(3) skips it) for each name readdir
-  returns: the proxy returns ``(name, None, 0)`` instead, i.e. no stat, like fusepy.
-- libfuse3 passes renameat2 flags, which mfusepy drops (RENAME_EXCHANGE would become a plain
-  rename): ``FUSE`` refuses them with EINVAL as libfuse2 did, except RENAME_NOREPLACE.
-- libfuse3 asks the kernel for AUTO_INVAL_DATA and HANDLE_KILLPRIV by default; both are turned
-  off in ``init`` so the kernel behaves as it did with libfuse2 (see ``_CAP_*``).
-- libfuse3 drops the file handle of ``truncate`` in mfusepy; ``FUSE`` passes it on, as fusepy's
-  ``ftruncate`` does on libfuse2.
-- Mount options: ``IO_OPTIONS`` are the request-size options for the chosen library (libfuse2:
-  ``big_writes`` and 128 KiB reads, its maximum; libfuse3 has no ``big_writes``, negotiates
-  ``max_pages`` itself and writes up to 1 MiB per request by default). ``use_ino`` and
-  mtime-only utimens (``flag_utime_omit_ok`` on libfuse2) work on both.
-- Reads still arrive as 128 KiB requests on libfuse3: the kernel caps the mount's read-ahead at
-  its default, which libfuse cannot raise. ``raise_readahead`` sets it to 1 MiB through sysfs
-  (root only) on the first getattr.
-- Both bindings copy request data (``string_at`` for writes, ``memmove`` for reads): ``FUSE``
-  passes views of libfuse's buffers instead (write data, and the read reply through
-  ``Operations.read_into``), still through ``__call__``.
+It knows nothing of kmsfs: ``Session`` takes a table of Python callables keyed by the libfuse
+operation name (``kmsfs/operations.py`` builds it) and runs the loop. Callbacks run on libfuse's
+worker threads (ctypes takes the GIL for each); ctypes releases the GIL while libfuse waits.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
-import functools
 import logging
 import os
-import shutil
+import platform
+from collections.abc import Callable
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    c_char_p,
+    c_double,
+    c_int,
+    c_int32,
+    c_int64,
+    c_size_t,
+    c_uint,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
 from typing import Any
 
+log = logging.getLogger("kmsfs")
 
-def _load_mfusepy() -> Any:
-    if os.environ.get("KMSFS_FUSE", "").lower() == "fusepy":
-        raise ImportError("KMSFS_FUSE=fusepy")
-    lib = os.environ.get("FUSE_LIBRARY_PATH") or ctypes.util.find_library("fuse3")
-    if not lib:
-        raise ImportError("libfuse3 not found")
-    if os.geteuid() != 0 and not shutil.which("fusermount3"):  # root mounts without it
-        raise ImportError("libfuse3 needs fusermount3 to mount as a user")
-    saved = os.environ.get("FUSE_LIBRARY_PATH")
-    os.environ["FUSE_LIBRARY_PATH"] = lib
-    try:
-        import mfusepy
-    finally:
-        if saved is None:
-            del os.environ["FUSE_LIBRARY_PATH"]
-    if mfusepy.fuse_version_major != 3:
-        raise ImportError(f"{lib} is not libfuse3")
-    return mfusepy
+if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
+    raise ImportError("kmsfs's libfuse binding describes x86-64 Linux structures only")
+
+_path = os.environ.get("FUSE_LIBRARY_PATH") or ctypes.util.find_library("fuse3")
+if not _path:
+    raise ImportError("libfuse3 not found (Debian: apt-get install libfuse3-3 fuse3)")
+_lib = ctypes.CDLL(_path, use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)
+LIBFUSE = "3"
+BINDING = "kmsfs._fuse (ctypes, libfuse3 low-level)"
+
+fuse_req_t = c_void_p
+fuse_ino_t = c_uint64
 
 
-try:
-    _binding = _load_mfusepy()
-    BINDING = "mfusepy"
-    IO_OPTIONS: dict[str, object] = {}  # libfuse3: no big_writes; max_write is 1 MiB by default
-except (ImportError, OSError, AttributeError):
-    import fuse as _binding  # type: ignore[no-redef]
+class Stat(Structure):
+    """struct stat, x86-64 glibc layout (144 bytes)."""
 
-    BINDING = "fusepy"
-    IO_OPTIONS = {"big_writes": True, "max_read": 131072}  # libfuse2 clamps requests to 128 KiB
-
-LIBFUSE = (f"{_binding.fuse_version_major}.{_binding.fuse_version_minor}"
-           if hasattr(_binding, "fuse_version_major") else "2")
-FuseOSError = _binding.FuseOSError
-LoggingMixIn = _binding.LoggingMixIn
-Operations = _binding.Operations
-fuse_exit = _binding.fuse_exit
-fuse_get_context = _binding.fuse_get_context
-
-__all__ = ["BINDING", "FUSE", "IO_OPTIONS", "LIBFUSE", "FuseOSError", "LoggingMixIn", "Operations",
-           "fuse_exit", "fuse_get_context"]
+    _fields_ = [("st_dev", c_uint64), ("st_ino", c_uint64), ("st_nlink", c_uint64),
+                ("st_mode", c_uint32), ("st_uid", c_uint32), ("st_gid", c_uint32), ("_pad0", c_int32),
+                ("st_rdev", c_uint64), ("st_size", c_int64), ("st_blksize", c_int64),
+                ("st_blocks", c_int64), ("st_atime", c_int64), ("st_atime_nsec", c_int64),
+                ("st_mtime", c_int64), ("st_mtime_nsec", c_int64), ("st_ctime", c_int64),
+                ("st_ctime_nsec", c_int64), ("_reserved", c_int64 * 3)]
 
 
-# fuse_common.h (libfuse 3): capabilities libfuse3 asks for by default and libfuse2 did not.
-# AUTO_INVAL_DATA: the kernel drops a file's cached pages whenever its mtime changes (every write).
-# HANDLE_KILLPRIV: the kernel leaves clearing setuid/setgid on write/truncate/chown to the
-# filesystem, which kmsfs does not do (its daemon writes the backing file with CAP_FSETID).
-_CAP_AUTO_INVAL_DATA = 1 << 12
-_CAP_HANDLE_KILLPRIV = 1 << 20
-_RENAME_NOREPLACE = 1  # linux/fs.h
-# Read-ahead window of a kmsfs mount (libfuse3): one full-size (1 MiB, max_pages) read request.
+class StatVfs(Structure):
+    """struct statvfs, x86-64 glibc layout."""
+
+    _fields_ = [("f_bsize", c_uint64), ("f_frsize", c_uint64), ("f_blocks", c_uint64),
+                ("f_bfree", c_uint64), ("f_bavail", c_uint64), ("f_files", c_uint64),
+                ("f_ffree", c_uint64), ("f_favail", c_uint64), ("f_fsid", c_uint64),
+                ("f_flag", c_uint64), ("f_namemax", c_uint64), ("_spare", c_int * 6)]
+
+
+class FileInfo(Structure):
+    """struct fuse_file_info (libfuse 3.x)."""
+
+    _fields_ = [("flags", c_int), ("writepage", c_uint, 1), ("direct_io", c_uint, 1),
+                ("keep_cache", c_uint, 1), ("flush", c_uint, 1), ("nonseekable", c_uint, 1),
+                ("flock_release", c_uint, 1), ("cache_readdir", c_uint, 1), ("noflush", c_uint, 1),
+                ("padding", c_uint, 24), ("padding2", c_uint, 32), ("fh", c_uint64),
+                ("lock_owner", c_uint64), ("poll_events", c_uint32)]
+
+
+class EntryParam(Structure):
+    """struct fuse_entry_param."""
+
+    _fields_ = [("ino", fuse_ino_t), ("generation", c_uint64), ("attr", Stat),
+                ("attr_timeout", c_double), ("entry_timeout", c_double)]
+
+
+class ConnInfo(Structure):
+    """struct fuse_conn_info (libfuse 3.x)."""
+
+    _fields_ = [("proto_major", c_uint), ("proto_minor", c_uint), ("max_write", c_uint),
+                ("max_read", c_uint), ("max_readahead", c_uint), ("capable", c_uint), ("want", c_uint),
+                ("max_background", c_uint), ("congestion_threshold", c_uint), ("time_gran", c_uint),
+                ("reserved", c_uint * 22)]
+
+
+class Ctx(Structure):
+    """struct fuse_ctx: who sent the request."""
+
+    _fields_ = [("uid", c_uint32), ("gid", c_uint32), ("pid", c_int32), ("umask", c_uint32)]
+
+
+class ForgetData(Structure):
+    _fields_ = [("ino", fuse_ino_t), ("nlookup", c_uint64)]
+
+
+class Args(Structure):
+    _fields_ = [("argc", c_int), ("argv", POINTER(c_char_p)), ("allocated", c_int)]
+
+
+_FI = POINTER(FileInfo)
+# The operations kmsfs implements, in struct fuse_lowlevel_ops order; None marks a slot left
+# NULL (libfuse answers ENOSYS or does the default).
+_OPS: list[tuple[str, Any]] = [
+    ("init", CFUNCTYPE(None, c_void_p, POINTER(ConnInfo))),
+    ("destroy", CFUNCTYPE(None, c_void_p)),
+    ("lookup", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_char_p)),
+    ("forget", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_uint64)),
+    ("getattr", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, _FI)),
+    ("setattr", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, POINTER(Stat), c_int, _FI)),
+    ("readlink", CFUNCTYPE(None, fuse_req_t, fuse_ino_t)),
+    ("mknod", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_char_p, c_uint32, c_uint64)),
+    ("mkdir", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_char_p, c_uint32)),
+    ("unlink", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_char_p)),
+    ("rmdir", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_char_p)),
+    ("symlink", CFUNCTYPE(None, fuse_req_t, c_char_p, fuse_ino_t, c_char_p)),
+    ("rename", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_char_p, fuse_ino_t, c_char_p, c_uint)),
+    ("link", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, fuse_ino_t, c_char_p)),
+    ("open", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, _FI)),
+    ("read", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_size_t, c_int64, _FI)),
+    ("write", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_void_p, c_size_t, c_int64, _FI)),
+    ("flush", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, _FI)),
+    ("release", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, _FI)),
+    ("fsync", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_int, _FI)),
+    ("opendir", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, _FI)),
+    ("readdir", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_size_t, c_int64, _FI)),
+    ("releasedir", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, _FI)),
+    ("fsyncdir", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_int, _FI)),
+    ("statfs", CFUNCTYPE(None, fuse_req_t, fuse_ino_t)),
+    ("setxattr", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_char_p, c_void_p, c_size_t, c_int)),
+    ("getxattr", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_char_p, c_size_t)),
+    ("listxattr", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_size_t)),
+    ("removexattr", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_char_p)),
+    ("access", None),
+    ("create", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_char_p, c_uint32, _FI)),
+    ("getlk", None), ("setlk", None), ("bmap", None), ("ioctl", None), ("poll", None),
+    ("write_buf", None), ("retrieve_reply", None),
+    ("forget_multi", CFUNCTYPE(None, fuse_req_t, c_size_t, POINTER(ForgetData))),
+    ("flock", None),
+    ("fallocate", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_int, c_int64, c_int64, _FI)),
+    ("readdirplus", None), ("copy_file_range", None), ("lseek", None),
+]
+
+
+class LowLevelOps(Structure):
+    _fields_ = [(name, proto if proto is not None else c_void_p) for name, proto in _OPS]
+
+
+def _proto(lib: Any, name: str, restype: Any, *argtypes: Any) -> Any:
+    fn = getattr(lib, name)
+    fn.restype, fn.argtypes = restype, argtypes
+    return fn
+
+
+reply_err = _proto(_lib, "fuse_reply_err", c_int, fuse_req_t, c_int)
+reply_none = _proto(_lib, "fuse_reply_none", None, fuse_req_t)
+reply_entry = _proto(_lib, "fuse_reply_entry", c_int, fuse_req_t, POINTER(EntryParam))
+reply_create = _proto(_lib, "fuse_reply_create", c_int, fuse_req_t, POINTER(EntryParam), _FI)
+reply_attr = _proto(_lib, "fuse_reply_attr", c_int, fuse_req_t, POINTER(Stat), c_double)
+reply_readlink = _proto(_lib, "fuse_reply_readlink", c_int, fuse_req_t, c_char_p)
+reply_open = _proto(_lib, "fuse_reply_open", c_int, fuse_req_t, _FI)
+reply_write = _proto(_lib, "fuse_reply_write", c_int, fuse_req_t, c_size_t)
+reply_buf = _proto(_lib, "fuse_reply_buf", c_int, fuse_req_t, c_void_p, c_size_t)
+reply_statfs = _proto(_lib, "fuse_reply_statfs", c_int, fuse_req_t, POINTER(StatVfs))
+reply_xattr = _proto(_lib, "fuse_reply_xattr", c_int, fuse_req_t, c_size_t)
+add_direntry = _proto(_lib, "fuse_add_direntry", c_size_t, fuse_req_t, c_void_p, c_size_t, c_char_p,
+                      POINTER(Stat), c_int64)
+req_ctx = _proto(_lib, "fuse_req_ctx", POINTER(Ctx), fuse_req_t)
+_session_new = _proto(_lib, "fuse_session_new", c_void_p, POINTER(Args), POINTER(LowLevelOps), c_size_t,
+                      c_void_p)
+_session_mount = _proto(_lib, "fuse_session_mount", c_int, c_void_p, c_char_p)
+_session_unmount = _proto(_lib, "fuse_session_unmount", None, c_void_p)
+_session_destroy = _proto(_lib, "fuse_session_destroy", None, c_void_p)
+_session_exit = _proto(_lib, "fuse_session_exit", None, c_void_p)
+_set_signal_handlers = _proto(_lib, "fuse_set_signal_handlers", c_int, c_void_p)
+_remove_signal_handlers = _proto(_lib, "fuse_remove_signal_handlers", None, c_void_p)
+_loop_cfg_create = _proto(_lib, "fuse_loop_cfg_create", c_void_p)
+_loop_cfg_destroy = _proto(_lib, "fuse_loop_cfg_destroy", None, c_void_p)
+_loop_cfg_set_max_threads = _proto(_lib, "fuse_loop_cfg_set_max_threads", None, c_void_p, c_uint)
+_loop_cfg_set_idle_threads = _proto(_lib, "fuse_loop_cfg_set_idle_threads", None, c_void_p, c_uint)
+_session_loop_mt = _proto(_lib, "fuse_session_loop_mt_312", c_int, c_void_p, c_void_p)
+
+# fuse_common.h capabilities (conn.want)
+CAP_ATOMIC_O_TRUNC = 1 << 3
+CAP_AUTO_INVAL_DATA = 1 << 12
+CAP_READDIRPLUS = 1 << 13
+CAP_READDIRPLUS_AUTO = 1 << 14
+CAP_POSIX_ACL = 1 << 19
+CAP_HANDLE_KILLPRIV = 1 << 20
+# fuse_lowlevel.h setattr to_set bits
+SET_ATTR_MODE, SET_ATTR_UID, SET_ATTR_GID, SET_ATTR_SIZE = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+SET_ATTR_ATIME, SET_ATTR_MTIME, SET_ATTR_ATIME_NOW, SET_ATTR_MTIME_NOW = 1 << 4, 1 << 5, 1 << 7, 1 << 8
+
+# PyMemoryView_FromMemory(char *, Py_ssize_t, int): a view of C memory without a copy (write
+# data is handed to the core as a view of libfuse's buffer; valid during the callback only).
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.argtypes = (c_void_p, ctypes.c_ssize_t, c_int)
+_memory_view.restype = ctypes.py_object
+_PYBUF_READ, _PYBUF_WRITE = 0x100, 0x200
+
+
+def c_view(address: int, size: int, writable: bool = False) -> memoryview:
+    """A byte view of ``size`` bytes of C memory at ``address`` (no copy; only during the call)."""
+    if not size:
+        return memoryview(b"")
+    return _memory_view(address, size, _PYBUF_WRITE if writable else _PYBUF_READ)  # type: ignore[no-any-return]
+
+
+def fill_stat(st: Stat, attrs: dict[str, int]) -> None:
+    """A struct stat from the core's attribute dict (times in nanoseconds)."""
+    st.st_ino = attrs["st_ino"]
+    st.st_mode = attrs["st_mode"]
+    st.st_nlink = attrs["st_nlink"]
+    st.st_uid = attrs["st_uid"]
+    st.st_gid = attrs["st_gid"]
+    st.st_rdev = attrs.get("st_rdev", 0)
+    st.st_size = attrs["st_size"]
+    st.st_blocks = attrs.get("st_blocks", 0)
+    st.st_blksize = 4096
+    st.st_atime, st.st_atime_nsec = divmod(attrs["st_atime"], 1_000_000_000)
+    st.st_mtime, st.st_mtime_nsec = divmod(attrs["st_mtime"], 1_000_000_000)
+    st.st_ctime, st.st_ctime_nsec = divmod(attrs["st_ctime"], 1_000_000_000)
+
+
+# Read-ahead window of a kmsfs mount: one full-size (1 MiB, max_pages) read request.
 READAHEAD_KIB = 1024
-
-
-class _CallDispatch:
-    """What mfusepy sees as the Operations object: every implemented operation goes through the
-    object's ``__call__`` (the one error-translation point), everything else is passed through."""
-
-    def __init__(self, operations: Any) -> None:
-        self._ops = operations
-
-    def init_with_config(self, conn: Any, config: Any) -> None:
-        """libfuse3 only: keep libfuse2's kernel contract where libfuse3 changed its defaults."""
-        if conn is not None:
-            conn.want &= ~(_CAP_AUTO_INVAL_DATA | _CAP_HANDLE_KILLPRIV)
-        self._ops("init", "/")
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._ops, name)
-        if (callable(value) and not name.startswith("_") and hasattr(Operations, name)
-                and not getattr(value, "libfuse_ignore", False)):
-            value = functools.partial(self._ops.__call__, name)
-            if name == "readdir":
-                value = functools.partial(_readdir_no_stat, value)
-        self.__dict__[name] = value  # resolved once: later lookups skip __getattr__
-        return value
-
-
-def _readdir_no_stat(readdir: Any, path: str, fh: Any) -> list[tuple[str, None, int]]:
-    """mfusepy fills a zeroed stat for a bare name; with use_ino that is inode 0, which readdir(3)
-    skips (an empty listing). ``(name, None, 0)`` passes no stat, as fusepy does."""
-    return [(name, None, 0) for name in readdir(path, fh)]
 
 
 def raise_readahead(mountpoint: str, kib: int = READAHEAD_KIB) -> None:
@@ -165,88 +282,46 @@ def _unescape_mount(field: str) -> str:
     return field
 
 
-# PyMemoryView_FromMemory(char *, Py_ssize_t, int): a memoryview over C memory in one call (the
-# callbacks' buffer pointers are passed as they are: no ctypes.cast, no array type per size).
-_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
-_memory_view.argtypes = (ctypes.POINTER(ctypes.c_byte), ctypes.c_ssize_t, ctypes.c_int)
-_memory_view.restype = ctypes.py_object
-_PYBUF_WRITE = 0x200
+class Session:
+    """One mount: ``handlers`` maps operation names of ``_OPS`` to Python callables taking the
+    C arguments; each must reply (``reply_*``) exactly once, except init/destroy/forget."""
 
+    def __init__(self, handlers: dict[str, Callable[..., None]], mountpoint: str, options: list[str],
+                 debug: bool = False) -> None:
+        self._ops = LowLevelOps()
+        self._keep = []  # the C function objects must outlive the session
+        for name, proto in _OPS:
+            if proto is not None and name in handlers:
+                cfunc = proto(handlers[name])
+                self._keep.append(cfunc)
+                setattr(self._ops, name, cfunc)
+        argv = [b"kmsfs", *([b"-d"] if debug else [])]
+        if options:
+            argv += [b"-o", ",".join(options).encode()]
+        self._argv = (c_char_p * (len(argv) + 1))(*argv, None)
+        args = Args(len(argv), self._argv, 0)
+        self._se = _session_new(ctypes.byref(args), ctypes.byref(self._ops), ctypes.sizeof(LowLevelOps), None)
+        if not self._se:
+            raise OSError("libfuse refused the mount options: " + " ".join(a.decode() for a in argv[1:]))
+        self._mountpoint = mountpoint
+        self._mounted = False
 
-def _c_buffer(buf: Any, size: int) -> memoryview:
-    """A writable byte view of the C buffer ``buf`` points to (no copy).
-
-    Valid only during the callback that received ``buf``: nothing may keep it (or a slice of
-    it) afterwards. kmsfs's read and write paths only use it within the call."""
-    return memoryview(b"") if not size else _memory_view(buf, size, _PYBUF_WRITE)  # type: ignore[no-any-return]
-
-
-class FUSE(_binding.FUSE):  # type: ignore[misc,name-defined]
-    """The binding's FUSE with a C-callback-level answer for ``security.*`` getxattr, and reads
-    and writes that do not copy the request data.
-
-    Why getxattr: once getxattr is implemented, the kernel asks ``security.capability`` before
-    every write(2) (FUSE-NOTES), e.g. ~19,000 times for an untar of 3,400 files. kmsfs never
-    stores ``security.*`` attributes (operations.py answers ENODATA for them too), so this
-    answers straight from the ctypes callback: no name decoding, no dispatch, no exception.
-
-    Why read/write: both bindings copy every request (``ctypes.string_at`` of the written data,
-    ``memmove`` of the returned bytes), 1 MiB / 128 KiB each time. Here a write hands kmsfs a
-    view of libfuse's buffer, which it seals from directly, and a read has kmsfs decrypt into
-    the reply buffer (``read_into``). Both still go through ``Operations.__call__``, the single
-    errno-translation point.
-    """
-
-    def __init__(self, operations: Any, mountpoint: str, **kwargs: Any) -> None:
-        # Resolved now: once mounted, resolving it would ask this (still initialising) daemon.
-        self._mountpoint = os.path.realpath(mountpoint)
-        self._readahead_pending = True
-        self._dispatch = operations  # Operations.__call__: every operation's entry point
-        self._read_into = callable(getattr(operations, "read_into", None))
-        if BINDING == "mfusepy":
-            operations = _CallDispatch(operations)
-        super().__init__(operations, mountpoint, **kwargs)
-
-    def _path(self, path: bytes | None) -> str | None:
-        return None if path is None else path.decode(self.encoding, getattr(self, "errors", "strict"))
-
-    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        if not self._read_into:
-            return int(super().read(path, buf, size, offset, fip))
-        fh = fip.contents if self.raw_fi else fip.contents.fh
-        return int(self._dispatch("read_into", self._path(path), _c_buffer(buf, size), offset, fh))
-
-    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        fh = fip.contents if self.raw_fi else fip.contents.fh
-        return int(self._dispatch("write", self._path(path), _c_buffer(buf, size), offset, fh))
-
-    def getattr_fuse_3(self, path: bytes, buf: Any, fip: Any) -> int:
-        """libfuse3: the first getattr also raises the mount's read-ahead (``raise_readahead``).
-
-        Why here and not in ``init``: the kernel applies the INIT reply (which resets the
-        read-ahead window) only after ``init`` returns, and holds every other request until it
-        has. Any open needs a lookup, i.e. a getattr, first, so every file opened on this mount
-        starts with the larger window (the kernel copies it into the file at open)."""
-        if self._readahead_pending:
-            self._readahead_pending = False
-            raise_readahead(self._mountpoint)
-        return int(super().getattr_fuse_3(path, buf, fip) or 0)
-
-    def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
-        if name.startswith(b"security."):
-            return -errno.ENODATA
-        return int(super().getxattr(path, name, value, size, *args))
-
-    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-        """renameat2 flags reach libfuse3 (libfuse2 refused them: EINVAL); mfusepy would drop them
-        and turn RENAME_EXCHANGE into a plain rename that destroys the target. RENAME_NOREPLACE
-        is safe to drop: the VFS already refused an existing target under both directory locks."""
-        if flags & ~_RENAME_NOREPLACE:
-            return -errno.EINVAL
-        return int(super().rename_fuse_3(old, new, 0) or 0)
-
-    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
-        """libfuse3 passes the open file to truncate (ftruncate); mfusepy would drop it."""
-        if fip:
-            return int(self.ftruncate(path, length, fip) or 0)
-        return int(super().truncate_fuse_3(path, length, fip) or 0)
+    def run(self, threads: int = 10) -> None:
+        """Mount and serve until unmounted or signalled (SIGINT/SIGTERM/SIGHUP), then clean up."""
+        if _session_mount(self._se, os.fsencode(self._mountpoint)) != 0:
+            _session_destroy(self._se)
+            raise OSError(f"cannot mount {self._mountpoint}")
+        self._mounted = True
+        _set_signal_handlers(self._se)
+        cfg = _loop_cfg_create()
+        _loop_cfg_set_max_threads(cfg, threads)  # explicit: no "Ignoring invalid max threads" line
+        _loop_cfg_set_idle_threads(cfg, threads)
+        try:
+            code = _session_loop_mt(self._se, cfg)
+        finally:
+            _loop_cfg_destroy(cfg)
+            _remove_signal_handlers(self._se)
+            _session_unmount(self._se)
+            _session_destroy(self._se)
+        if code not in (0,) and code > 0:
+            log.info("FUSE loop ended by signal %d", code)

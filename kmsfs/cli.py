@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -243,8 +244,9 @@ def _probe_key(client: KeyClient, config: Config) -> list[str]:
 def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other: bool,
            ready_fd: int | None, debug: bool, args: argparse.Namespace) -> None:
     """Run the FUSE loop in this process (foreground)."""
-    from kmsfs._fuse import BINDING, FUSE, IO_OPTIONS, LIBFUSE
+    from kmsfs._fuse import BINDING, Session
     from kmsfs.core import KmsfsCore
+    from kmsfs.inodes import InodeFs
     from kmsfs.operations import KmsfsOperations
 
     config, client = _build(cipherdir, args, args.kms_timeout, quiet=True)
@@ -259,7 +261,7 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
                            max(1.0, args.revalidate_after))
         pool.start()
     core = KmsfsCore(cipherdir, config, client, revalidate_after=args.revalidate_after, key_pool=pool)
-    logging.getLogger("kmsfs").info("FUSE binding %s on libfuse %s", BINDING, LIBFUSE)
+    logging.getLogger("kmsfs").info("FUSE binding %s", BINDING)
     logging.getLogger("kmsfs").info("revalidate open keys after %.1f s; key service timeout %.1f s; "
                                     "sparse files %s", args.revalidate_after, args.kms_timeout,
                                     "on" if core.sparse else "off (backing fs reports no holes)")
@@ -269,20 +271,14 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
             os.write(ready_fd, b"R")
             os.close(ready_fd)
 
-    ops = KmsfsOperations(core, on_ready=ready)
-    options: dict[str, object] = {
-        "foreground": True, "nothreads": False, "raw_fi": True,
-        "fsname": os.path.realpath(cipherdir).replace("\\", "\\\\").replace(",", "\\,"),
-        "subtype": "kmsfs", "use_ino": True, "default_permissions": True, "debug": debug,
-        **IO_OPTIONS,  # request sizes: binding- and libfuse-specific (kmsfs/_fuse.py)
-    }
+    ops = KmsfsOperations(InodeFs(core), mountpoint, on_ready=ready)
+    fsname = os.path.realpath(cipherdir).replace("\\", "\\\\").replace(",", "\\,")
+    options = [f"fsname={fsname}", "subtype=kmsfs", "default_permissions"]
     if allow_other:
-        options["allow_other"] = True
-    if getattr(args, "nonempty", False) and LIBFUSE.startswith("2"):
-        options["nonempty"] = True  # libfuse 2 refuses a non-empty mount point without it
-    options.update(dict.fromkeys(getattr(args, "fs_options", None) or (), True))  # nosuid, ro, ...
+        options.append("allow_other")
+    options.extend(getattr(args, "fs_options", None) or ())  # nosuid, ro, ... (mount -t fuse.kmsfs)
     try:
-        FUSE(ops, mountpoint, **options)
+        Session(ops.handlers(), mountpoint, options, debug=debug).run()
     finally:
         if pool is not None:
             pool.close()
@@ -327,6 +323,9 @@ def _warn_unusable_key(warnings: list[str], strict: bool) -> None:
 def cmd_mount(args: argparse.Namespace) -> int:
     cipherdir = os.path.abspath(args.cipherdir)
     mountpoint = os.path.abspath(args.mountpoint)
+    if _is_dead_mount(mountpoint):
+        _unmount(mountpoint)  # a daemon killed with -9 left it: recover, then mount afresh
+        print(f"recovered {mountpoint} from a dead kmsfs mount", file=sys.stderr)
     if not os.path.isdir(mountpoint):
         raise CliError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
@@ -410,9 +409,23 @@ def _await_ready(pid: int, read_fd: int, mountpoint: str, log_file: str) -> int:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
-    if not os.path.ismount(mountpoint):
+    if not os.path.ismount(mountpoint) and not _is_dead_mount(mountpoint):
         raise CliError(f"{mountpoint} is not mounted")
-    lazy = getattr(args, "lazy", False)
+    _unmount(mountpoint, lazy=getattr(args, "lazy", False))
+    return 0
+
+
+def _is_dead_mount(mountpoint: str) -> bool:
+    """A FUSE mount whose daemon died (kill -9): every access answers ENOTCONN, so ``ismount``
+    and ``isdir`` see neither a mount nor a directory; only unmounting recovers it."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def _unmount(mountpoint: str, *, lazy: bool = False) -> None:
     attempts = [[t, "-uz" if lazy else "-u", mountpoint] for t in ("fusermount", "fusermount3")
                 if shutil.which(t)]
     attempts.append(["umount", "-l", mountpoint] if lazy else ["umount", mountpoint])
@@ -420,7 +433,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     for cmd in attempts:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode == 0:
-            return 0
+            return
         errors.append(f"{cmd[0]}: {proc.stderr.strip()}")
     raise _unmount_failure(mountpoint, errors)
 

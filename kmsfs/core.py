@@ -1,8 +1,14 @@
 """The filesystem core: plaintext operations over a cipherdir, free of FUSE.
 
 Why a core apart from operations.py: everything here can be driven by plain Python tests, and the
-FUSE adapter stays a thin layer whose only jobs are unpacking fusepy's arguments, collecting the
-caller (uid/pid/process) and translating errors to errno in one place.
+FUSE adapter stays a thin layer whose only jobs are unpacking libfuse's arguments, collecting the
+caller (uid/pid/process) and translating errors to errno in one place. kmsfs/inodes.py puts this
+core in FUSE's inode terms; the methods taking a mount path are the same operations for tests
+and tools, each resolving the path one name at a time (kmsfs/backing_at.py).
+
+Backing access: every call is relative to a directory descriptor (``*_at``: directory fd + one
+name, never followed if a symlink) or to a pinned ``O_PATH`` descriptor of the object itself
+(``*_fd``); no path string reaches the backing filesystem (docs/SECURITY.md).
 
 Methods raise OSError (with an errno) or the domain errors: ``IntegrityError``, ``CorruptHeader``,
 ``KeyServiceError``, ``KeyServiceUnavailable``.
@@ -31,6 +37,7 @@ that this daemon did not create itself starts a fresh file id and data key.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -41,9 +48,22 @@ import stat
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kmsfs.backing_at import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    chmod_at,
+    chown_at,
+    lstat_at,
+    names_of,
+    open_parent,
+    pin,
+    proc_path,
+    renameat2,
+)
 from kmsfs.cipher import BlockCipher
 from kmsfs.config import RESERVED_PREFIX, Config
 from kmsfs.encfile import EncryptedFile
@@ -75,10 +95,13 @@ PREFETCH_BYTES = 128 * 1024
 
 Caller = dict[str, Any]
 _RESERVED_XATTR_PREFIX = "user.kmsfs."
+_ACL_PREFIX = "system.posix_acl_"
 # Flags the backing open must not see: we handle truncation and appends ourselves (pwrite on an
 # O_APPEND fd ignores the offset on Linux), O_DIRECT fails on some backing filesystems.
+# O_NOFOLLOW is the caller's (the kernel resolved its symlinks): the backing open sets its own,
+# and a reopen through /proc/self/fd must follow that magic link.
 _STRIP_FLAGS = (os.O_APPEND | os.O_TRUNC | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0)
-                | os.O_NOCTTY)
+                | os.O_NOCTTY | os.O_NOFOLLOW)
 
 
 @dataclass
@@ -111,10 +134,11 @@ class KmsfsCore:
                  revalidate_after: float = DEFAULT_REVALIDATE_AFTER,
                  sparse: bool | None = None, key_pool: DataKeyPool | None = None) -> None:
         self.root = os.path.realpath(cipherdir)
-        self._root_slash = self.root.rstrip("/") + "/"
-        # Held for the core's life: creates name their O_TMPFILE relative to it (no directory
-        # open and close per create).
+        # Held for the core's life: every backing access starts from it, one name at a time
+        # (kmsfs/backing_at.py); no path string reaches the backing filesystem.
         self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        root_st = os.fstat(self._root_fd)
+        self._root_ident = (root_st.st_dev, root_st.st_ino)
         weakref.finalize(self, os.close, self._root_fd)
         self.key_pool = key_pool
         self.config = config
@@ -127,67 +151,141 @@ class KmsfsCore:
         self._fh = itertools.count(1)
         self._as_root = os.geteuid() == 0
 
+    @property
+    def root_fd(self) -> int:
+        """The O_PATH descriptor of the cipherdir every backing access starts from."""
+        return self._root_fd
+
     # -- paths ------------------------------------------------------------------------------------
-    def full(self, path: str) -> str:
-        """Backing path of a mount path; reserved names in the root do not exist in the mount.
-
-        Called on every path operation, hence plain string operations (the first component
-        starts with the reserved prefix exactly when the relative path does: the prefix has no
-        slash; ``root + "/" + rel`` is what ``os.path.join`` returns for a relative ``rel``)."""
-        rel = path.lstrip("/")
-        if not rel:
-            return self.root
-        if rel.startswith(RESERVED_PREFIX):
+    def _names(self, path: str) -> list[str]:
+        """The components of a mount path; reserved names in the root do not exist in the mount."""
+        names = names_of(path)
+        if names and names[0].startswith(RESERVED_PREFIX):
             raise FileNotFoundError(errno.ENOENT, "reserved name", path)
-        return self._root_slash + rel
+        return names
 
-    def _own(self, full: str, caller: Caller | None, fd: int | None = None) -> None:
-        """When running as root, new entries belong to the requesting user (like a local fs)."""
+    @contextlib.contextmanager
+    def _at(self, path: str) -> Iterator[tuple[int, str]]:
+        """(descriptor of the backing parent directory, last name) of a mount path, reached
+        without following any symlink (kmsfs/backing_at.py); the cipherdir is ``(root, ".")``."""
+        dir_fd, name = open_parent(self._root_fd, self._names(path))
+        try:
+            yield dir_fd, name
+        finally:
+            if dir_fd != self._root_fd:
+                os.close(dir_fd)
+
+    @contextlib.contextmanager
+    def _pinned(self, path: str) -> Iterator[int]:
+        """An O_PATH|O_NOFOLLOW descriptor of the backing object of a mount path."""
+        with self._at(path) as (dir_fd, name):
+            fd = pin(dir_fd, name)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _own(self, dir_fd: int, name: str, caller: Caller | None, fd: int | None = None) -> None:
+        """New entries belong to the requesting user when running as root (like a local fs); the
+        group is the parent directory's when that directory is setgid (the kernel's rule)."""
         if not self._as_root or not caller or "uid" not in caller:
             return
         uid, gid = int(caller["uid"]), int(caller.get("gid", -1))
+        parent = os.fstat(dir_fd)
+        if parent.st_mode & stat.S_ISGID:
+            gid = parent.st_gid
         if fd is not None:
             os.fchown(fd, uid, gid)
         else:
-            os.lchown(full, uid, gid)
+            chown_at(dir_fd, name, uid, gid)
 
-    # -- attributes -------------------------------------------------------------------------------
-    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
-        """The backing file's attributes, with the plaintext size for regular files.
+    # -- attributes (of a pinned O_PATH descriptor; the path forms below pin first) ---------------
+    def stat_fd(self, fd: int) -> dict[str, int]:
+        """The backing object's attributes, with the plaintext size for regular files.
 
         The most frequent request (several per created file: the kernel re-asks after every
         write), so the dict is built in one literal rather than by a loop of ``getattr``."""
+        return attributes(os.fstat(fd))
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
         handle = self._handles.get(fh) if fh else None
-        st = os.fstat(handle.fd) if handle else os.lstat(self.full(path))
-        mode = st.st_mode
-        return {"st_mode": mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
-                "st_gid": st.st_gid,
-                "st_size": plain_size(st.st_size, DEFAULT_BLOCK_SIZE) if stat.S_ISREG(mode) else st.st_size,
-                "st_blocks": st.st_blocks, "st_rdev": st.st_rdev, "st_atime": st.st_atime_ns,
-                "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
+        if handle:
+            return attributes(os.fstat(handle.fd))
+        with self._at(path) as (dir_fd, name):
+            return attributes(lstat_at(dir_fd, name))
+
+    def readdir_fd(self, fd: int) -> list[str]:
+        """The names in the directory ``fd`` (reserved names of the cipherdir's root left out)."""
+        dfd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            names = os.listdir(dfd)
+            if self.is_root(dfd):
+                names = [n for n in names if not n.startswith(RESERVED_PREFIX)]
+        finally:
+            os.close(dfd)
+        return names
+
+    def scan_fd(self, fd: int) -> list[tuple[str, int, int]]:
+        """(name, inode number, type bits) of each entry of the directory ``fd``, "." and ".."
+        first (reserved names of the cipherdir's root left out), for a FUSE readdir reply."""
+        dfd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(dfd)
+            root = (st.st_dev, st.st_ino) == self._root_ident
+            out = [(".", st.st_ino, stat.S_IFDIR), ("..", 0, stat.S_IFDIR)]
+            with os.scandir(dfd) as entries:
+                for entry in entries:
+                    if root and entry.name.startswith(RESERVED_PREFIX):
+                        continue
+                    out.append((entry.name, entry.inode(), _DTYPE_MODE.get(_dtype(entry), 0)))
+        finally:
+            os.close(dfd)
+        return out
+
+    def handle_fd(self, fh: int) -> int:
+        """The backing descriptor of an open handle (the inode layer pins a created file by it)."""
+        return self._handle(fh).fd
+
+    def is_root(self, fd: int) -> bool:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == self._root_ident
 
     def readdir(self, path: str) -> list[str]:
-        names = os.listdir(self.full(path))
-        if path.strip("/") == "":
-            names = [n for n in names if not n.startswith(RESERVED_PREFIX)]
-        return [".", "..", *names]
+        with self._pinned(path) as fd:
+            return [".", "..", *self.readdir_fd(fd)]
 
-    def statfs(self, path: str) -> dict[str, int]:
-        sv = os.statvfs(self.full(path))
+    def statfs_fd(self, fd: int) -> dict[str, int]:
+        sv = os.statvfs(fd)
         return {k: getattr(sv, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
                                             "f_files", "f_ffree", "f_favail", "f_flag", "f_namemax")}
 
+    def statfs(self, path: str) -> dict[str, int]:
+        with self._pinned(path) as fd:
+            return self.statfs_fd(fd)
+
+    def chmod_fd(self, fd: int, mode: int) -> None:
+        """chmod of the pinned object; a symlink has no mode on Linux (EOPNOTSUPP)."""
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
+        os.chmod(proc_path(fd), mode & 0o7777)
+
     def chmod(self, path: str, mode: int) -> None:
-        os.chmod(self.full(path), mode & 0o7777)
+        with self._pinned(path) as fd:
+            self.chmod_fd(fd, mode)
+
+    def chown_fd(self, fd: int, uid: int, gid: int) -> None:
+        """The magic link resolves to the pinned object itself (a symlink's own owner)."""
+        os.chown(proc_path(fd), uid, gid)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
-        os.lchown(self.full(path), uid, gid)
+        with self._at(path) as (dir_fd, name):
+            chown_at(dir_fd, name, uid, gid)
 
-    def utimens(self, path: str, times: tuple[int, int] | None) -> None:
+    def utimens_fd(self, fd: int, times: tuple[int, int] | None) -> None:
         """Times in nanoseconds; UTIME_NOW / UTIME_OMIT honoured per field (tar sets mtime only)."""
-        full = self.full(path)
+        target = proc_path(fd)  # the pinned object itself, a symlink included
         if times is None:
-            os.utime(full, follow_symlinks=False)
+            os.utime(target)
             return
         now = None
         resolved = []
@@ -197,66 +295,131 @@ class KmsfsCore:
                 now = now or _now_ns()
                 resolved.append(now)
             elif value == UTIME_OMIT:
-                st = st or os.lstat(full)
+                st = st or os.fstat(fd)
                 resolved.append(getattr(st, attr))
             else:
                 resolved.append(value)
-        os.utime(full, ns=(resolved[0], resolved[1]), follow_symlinks=False)
+        os.utime(target, ns=(resolved[0], resolved[1]))
 
-    # -- namespace --------------------------------------------------------------------------------
+    def utimens(self, path: str, times: tuple[int, int] | None) -> None:
+        with self._pinned(path) as fd:
+            self.utimens_fd(fd, times)
+
+    # -- namespace (directory descriptor + one name) ----------------------------------------------
+    def mkdir_at(self, dir_fd: int, name: str, mode: int, caller: Caller | None = None) -> None:
+        if os.fstat(dir_fd).st_mode & stat.S_ISGID:
+            mode |= stat.S_ISGID  # a setgid directory's subdirectories inherit the bit
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+        self._own(dir_fd, name, caller)  # before chmod: exact modes, also with set-id bits
+        chmod_at(dir_fd, name, mode & 0o7777)
+
     def mkdir(self, path: str, mode: int, caller: Caller | None = None) -> None:
-        full = self.full(path)
-        os.mkdir(full, 0o700)
-        self._own(full, caller)  # before chmod: exact modes, also with set-id bits
-        os.chmod(full, mode & 0o7777)
+        with self._at(path) as (dir_fd, name):
+            self.mkdir_at(dir_fd, name, mode, caller)
 
     def rmdir(self, path: str) -> None:
-        os.rmdir(self.full(path))
+        with self._at(path) as (dir_fd, name):
+            os.rmdir(name, dir_fd=dir_fd)
 
     def unlink(self, path: str) -> None:
-        os.unlink(self.full(path))
+        with self._at(path) as (dir_fd, name):
+            os.unlink(name, dir_fd=dir_fd)
 
-    def rename(self, old: str, new: str) -> None:
-        os.rename(self.full(old), self.full(new))
+    @staticmethod
+    def rename_at(old_dir: int, old_name: str, new_dir: int, new_name: str, flags: int = 0) -> None:
+        """rename, with renameat2's RENAME_NOREPLACE and RENAME_EXCHANGE (others: EINVAL)."""
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, "unsupported rename flags", old_name)
+        renameat2(old_dir, old_name, new_dir, new_name, flags)
+
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        with self._at(old) as (old_dir, old_name), self._at(new) as (new_dir, new_name):
+            self.rename_at(old_dir, old_name, new_dir, new_name, flags)
+
+    @staticmethod
+    def link_fd(fd: int, new_dir: int, new_name: str) -> None:
+        """A new name for the pinned object (linkat of its magic link, AT_SYMLINK_FOLLOW)."""
+        os.link(proc_path(fd), new_name, dst_dir_fd=new_dir, follow_symlinks=True)
 
     def link(self, new: str, existing: str) -> None:
-        os.link(self.full(existing), self.full(new), follow_symlinks=False)
+        with self._at(existing) as (old_dir, old_name), self._at(new) as (new_dir, new_name):
+            os.link(old_name, new_name, src_dir_fd=old_dir, dst_dir_fd=new_dir, follow_symlinks=False)
+
+    def symlink_at(self, dir_fd: int, name: str, target: str, caller: Caller | None = None) -> None:
+        os.symlink(target, name, dir_fd=dir_fd)
+        self._own(dir_fd, name, caller)
 
     def symlink(self, new: str, target: str, caller: Caller | None = None) -> None:
-        full = self.full(new)
-        os.symlink(target, full)
-        self._own(full, caller)
+        with self._at(new) as (dir_fd, name):
+            self.symlink_at(dir_fd, name, target, caller)
+
+    @staticmethod
+    def readlink_fd(fd: int) -> str:
+        return os.readlink("", dir_fd=fd)  # readlinkat(fd, ""): the pinned symlink itself
 
     def readlink(self, path: str) -> str:
-        return os.readlink(self.full(path))
+        with self._at(path) as (dir_fd, name):
+            return os.readlink(name, dir_fd=dir_fd)
+
+    def mknod_at(self, dir_fd: int, name: str, mode: int, dev: int, caller: Caller | None = None) -> None:
+        if stat.S_ISREG(mode):  # a regular file needs a header: same as create
+            self.release(name, self.create_at(dir_fd, name, name, mode, caller, os.O_RDWR | os.O_EXCL))
+            return
+        os.mknod(name, mode, dev, dir_fd=dir_fd)
+        self._own(dir_fd, name, caller)
 
     def mknod(self, path: str, mode: int, dev: int, caller: Caller | None = None) -> None:
-        if stat.S_ISREG(mode):  # a regular file needs a header: same as create
-            self.release(path, self.create(path, mode, caller))
-            return
-        full = self.full(path)
-        os.mknod(full, mode, dev)
-        self._own(full, caller)
+        with self._at(path) as (dir_fd, name):
+            if stat.S_ISREG(mode):
+                self.release(path, self.create_at(dir_fd, name, path, mode, caller, os.O_RDWR | os.O_EXCL))
+                return
+            self.mknod_at(dir_fd, name, mode, dev, caller)
 
     # -- extended attributes (user xattrs pass through; the header is invisible) ------------------
-    def getxattr(self, path: str, name: str) -> bytes:
+    # The xattr calls have no *at form: the pinned object is named by its /proc/self/fd link.
+    # POSIX ACLs are refused (EOPNOTSUPP): stored on the backing file they would not be enforced
+    # (the kernel checks permissions from the mode alone on this mount), and an ACL that is
+    # shown but not enforced misleads whoever sets it.
+    def getxattr_fd(self, fd: int, name: str) -> bytes:
         if name.startswith(_RESERVED_XATTR_PREFIX) or name.startswith("security."):
             raise OSError(errno.ENODATA, "no such attribute")
-        return os.getxattr(self.full(path), name, follow_symlinks=False)
+        if name.startswith(_ACL_PREFIX):
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
+        return os.getxattr(proc_path(fd), name)
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        with self._pinned(path) as fd:
+            return self.getxattr_fd(fd, name)
+
+    def listxattr_fd(self, fd: int) -> list[str]:
+        names = os.listxattr(proc_path(fd))
+        return [n for n in names if not n.startswith((_RESERVED_XATTR_PREFIX, _ACL_PREFIX))]
 
     def listxattr(self, path: str) -> list[str]:
-        names = os.listxattr(self.full(path), follow_symlinks=False)
-        return [n for n in names if not n.startswith(_RESERVED_XATTR_PREFIX)]
+        with self._pinned(path) as fd:
+            return self.listxattr_fd(fd)
+
+    def setxattr_fd(self, fd: int, name: str, value: bytes, options: int) -> None:
+        if name.startswith(_RESERVED_XATTR_PREFIX):
+            raise PermissionError(errno.EPERM, "reserved attribute")
+        if name.startswith(_ACL_PREFIX):
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
+        os.setxattr(proc_path(fd), name, value, options)
 
     def setxattr(self, path: str, name: str, value: bytes, options: int) -> None:
+        with self._pinned(path) as fd:
+            self.setxattr_fd(fd, name, value, options)
+
+    def removexattr_fd(self, fd: int, name: str) -> None:
         if name.startswith(_RESERVED_XATTR_PREFIX):
             raise PermissionError(errno.EPERM, "reserved attribute")
-        os.setxattr(self.full(path), name, value, options, follow_symlinks=False)
+        if name.startswith(_ACL_PREFIX):
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
+        os.removexattr(proc_path(fd), name)
 
     def removexattr(self, path: str, name: str) -> None:
-        if name.startswith(_RESERVED_XATTR_PREFIX):
-            raise PermissionError(errno.EPERM, "reserved attribute")
-        os.removexattr(self.full(path), name, follow_symlinks=False)
+        with self._pinned(path) as fd:
+            self.removexattr_fd(fd, name)
 
     # -- files ------------------------------------------------------------------------------------
     def _new_key(self, path: str, caller: Caller | None) -> tuple[Header, bytes]:
@@ -298,33 +461,37 @@ class KmsfsCore:
         The file becomes visible only once complete (header, mode, owner): O_TMPFILE + link, or a
         hidden temporary name + link. The link fails with EEXIST if the name exists (O_EXCL).
         """
-        full = self.full(path)
-        if os.path.lexists(full):
+        with self._at(path) as (dir_fd, name):
+            return self.create_at(dir_fd, name, path, mode, caller, flags)
+
+    def create_at(self, dir_fd: int, name: str, path: str, mode: int, caller: Caller | None = None,
+                  flags: int = os.O_RDWR) -> int:
+        """``create`` of ``name`` in the directory ``dir_fd``; ``path`` is what the audit shows."""
+        if _exists_at(dir_fd, name):
             if flags & os.O_EXCL:
                 raise FileExistsError(errno.EEXIST, "file exists", path)
-            return self.open(path, flags & ~os.O_CREAT, caller)
+            return self._open_at(dir_fd, name, path, flags & ~os.O_CREAT, caller)
         pooled = self.key_pool.take() if self.key_pool is not None else None
         if pooled is None:
             header, key = self._new_key(path, caller)
         else:  # generated ahead for a file id chosen then; claimed below, once the file exists
             header, key = Header(file_id=pooled.file_id, key_arn=pooled.key_arn,
                                  wrapped_key=pooled.wrapped_key, version=FORMAT_VERSION), pooled.key
-        directory = os.path.dirname(full)
-        fd, temp = _open_unnamed(directory)
+        fd, temp = _open_unnamed(dir_fd)
         try:
             os.setxattr(fd, HEADER_XATTR, pack_header(header))
-            self._own(full, caller, fd)  # before chmod: chown clears set-id bits
+            self._own(dir_fd, name, caller, fd)  # before chmod: chown clears set-id bits
             os.fchmod(fd, mode & 0o7777)
             if temp is None:
-                _link_fd(fd, self._root_fd, full[len(self._root_slash):])
+                _link_fd(fd, dir_fd, name)
             else:
-                os.link(temp, full, follow_symlinks=False)
+                os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         except BaseException:
             os.close(fd)
             raise
         finally:
             if temp is not None:
-                _unlink_quietly(temp)
+                _unlink_quietly(dir_fd, temp)
         fh = self._register(fd, path, header, key, fresh=True)
         if pooled is not None:
             self._claim(pooled, path, caller, self._handles[fh].inode)
@@ -332,11 +499,23 @@ class KmsfsCore:
 
     def open(self, path: str, flags: int, caller: Caller | None = None) -> int:
         """Open an existing file: read its header, unwrap its key through the service (F5)."""
-        full = self.full(path)
+        with self._at(path) as (dir_fd, name):
+            return self._open_at(dir_fd, name, path, flags, caller)
+
+    def open_fd(self, pinned: int, path: str, flags: int, caller: Caller | None = None) -> int:
+        """``open`` of the pinned object (reopened through its /proc/self/fd link: exactly that
+        inode, whatever its names are now); ``path`` is what the audit shows."""
+        if not stat.S_ISREG(os.fstat(pinned).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return self._open_at(None, proc_path(pinned), path, flags, caller)
+
+    def _open_at(self, dir_fd: int | None, name: str, path: str, flags: int, caller: Caller | None) -> int:
         bflags = flags & ~_STRIP_FLAGS
         if bflags & os.O_ACCMODE == os.O_WRONLY:  # read-modify-write needs to read
             bflags = (bflags & ~os.O_ACCMODE) | os.O_RDWR
-        fd = os.open(full, bflags | os.O_CLOEXEC)
+        if dir_fd is not None:
+            bflags |= os.O_NOFOLLOW  # (a /proc/self/fd link must be followed: it is the inode)
+        fd = os.open(name, bflags | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             _prefetch(fd)
             header = _read_header(fd)
@@ -347,23 +526,24 @@ class KmsfsCore:
             raise
         handle = self._handles[fh]
         with handle.inode.lock:
-            settled = self._recover(full, handle)
+            settled = self._recover(handle)
         if settled is not None:
             log.warning("%s: completed an interrupted size change (size now %d)", path, settled)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             self.truncate(path, 0, fh)
         return fh
 
-    def _recover(self, full: str, handle: _Handle) -> int | None:
+    def _recover(self, handle: _Handle) -> int | None:
         """Settle a size change a crash interrupted (inode lock held).
 
         Settling writes and truncates, so a handle opened read-only settles through a second,
-        read-write descriptor of the same backing file."""
+        read-write descriptor of the same backing inode (reopened through /proc/self/fd: the
+        inode the handle holds, whatever its name is now)."""
         if handle.efile.pending_marker() is None:
             return None
         if fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
             return handle.efile.recover()
-        fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(proc_path(handle.fd), os.O_RDWR | os.O_CLOEXEC)
         try:
             efile = handle.efile
             return EncryptedFile(fd, handle.inode.cipher, efile.file_id, efile.block_size,
@@ -405,6 +585,15 @@ class KmsfsCore:
             inode.files.append(efile)
             self._handles[fh] = _Handle(fd=fd, path=path, inode=inode, ident=ident, efile=efile)
         return fh
+
+    def _register_copy(self, fd: int, path: str, header: Header, key: bytes | None) -> int:
+        """``_register`` on a duplicate of ``fd`` (the handle owns and closes its own descriptor)."""
+        copy = os.dup(fd)
+        try:
+            return self._register(copy, path, header, key)
+        except BaseException:
+            os.close(copy)
+            raise
 
     def _handle(self, fh: int | None) -> _Handle:
         handle = self._handles.get(fh) if fh else None
@@ -502,37 +691,83 @@ class KmsfsCore:
                     self._rekey_if_planted(handle, caller)
                 handle.efile.truncate(length)
             return
-        full = self.full(path)
-        st = os.lstat(full)
+        with self._at(path) as (dir_fd, name):
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            self._truncate_fd(fd, path, length, caller)
+        finally:
+            os.close(fd)
+
+    def truncate_pinned(self, pinned: int, path: str, length: int, caller: Caller | None = None) -> None:
+        """truncate of the pinned object without an open handle (reopened read-write)."""
+        if not stat.S_ISREG(os.fstat(pinned).st_mode):
+            return self._truncate_fd(pinned, path, length, caller)  # raises EISDIR / EINVAL
+        fd = os.open(proc_path(pinned), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._truncate_fd(fd, path, length, caller)
+        finally:
+            os.close(fd)
+
+    def fallocate(self, path: str, mode: int, offset: int, length: int, fh: int,
+                  caller: Caller | None = None) -> None:
+        """fallocate(2) in plaintext terms, on an open handle.
+
+        Mode 0 grows the file to ``offset + length`` if shorter (the new range reads as zeros,
+        like a truncate up: blocks are sealed or left as holes, not preallocated).
+        FALLOC_FL_KEEP_SIZE alone changes nothing a reader can see. PUNCH_HOLE (with KEEP_SIZE)
+        and ZERO_RANGE make the range read as zeros by writing zeros (sealed blocks: a real
+        hole in the backing file reads as zeros only where whole blocks were never written,
+        docs/FORMAT.md), clamped to the file size unless ZERO_RANGE may grow it. Other modes
+        (COLLAPSE_RANGE, INSERT_RANGE, ...) are EOPNOTSUPP."""
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "bad fallocate range", path)
+        known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+        if mode & ~known or (mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE):
+            raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode", path)
+        handle = self._handle(fh)
+        end = offset + length
+        with handle.inode.lock:
+            self._check_key(handle)
+            size = handle.efile.size()
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                stop = end if not mode & FALLOC_FL_KEEP_SIZE else min(end, size)
+                if stop > offset:
+                    self._rekey_if_planted(handle, caller)
+                    chunk = bytes(min(stop - offset, 1 << 20))
+                    for at in range(offset, stop, len(chunk)):
+                        handle.efile.write(at, chunk[:stop - at])
+            elif not mode & FALLOC_FL_KEEP_SIZE and end > size:
+                self._rekey_if_planted(handle, caller)
+                handle.efile.truncate(end)
+
+    def _truncate_fd(self, fd: int, path: str, length: int, caller: Caller | None) -> None:
+        """truncate(path) on the backing file ``fd`` (opened O_RDWR|O_NOFOLLOW, no handle yet)."""
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "not a regular file") if stat.S_ISDIR(
                 st.st_mode) else OSError(errno.EINVAL, "not a regular file")
         with self._lock:
             inode = self._inodes.get((st.st_dev, st.st_ino))
-        fh = None
         if inode is not None:  # reuse the key already unwrapped for the open handles
-            fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
             try:
-                fh = self._register(fd, path, inode.header, None)
+                fh = self._register_copy(fd, path, inode.header, None)
             except LookupError:
-                os.close(fd)
-        if fh is not None:
-            try:
-                self.truncate(path, length, fh, caller)
-            finally:
-                self.release(path, fh)
-            return
-        if length == 0:
-            if inode is None:
-                fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
+                fh = None
+            if fh is not None:
                 try:
-                    os.ftruncate(fd, 0)  # no plaintext needed to empty a file
-                    _clear_marker(fd)
+                    self.truncate(path, length, fh, caller)
                 finally:
-                    os.close(fd)
+                    self.release(path, fh)
                 return
-        fh = self.open(path, os.O_RDWR, caller)
+        if length == 0 and inode is None:
+            os.ftruncate(fd, 0)  # no plaintext needed to empty a file
+            _clear_marker(fd)
+            return
+        header = _read_header(fd)
+        fh = self._register_copy(fd, path, header, self._unwrap(header, caller))
         try:
+            with self._handles[fh].inode.lock:
+                self._recover(self._handles[fh])
             self.truncate(path, length, fh, caller)
         finally:
             self.release(path, fh)
@@ -560,6 +795,33 @@ class KmsfsCore:
         return len(self._handles)
 
 
+def _dtype(entry: os.DirEntry[str]) -> str:
+    """The entry's type from getdents' d_type, without a stat (lstat only where d_type is unknown)."""
+    if entry.is_symlink():
+        return "lnk"
+    if entry.is_dir(follow_symlinks=False):
+        return "dir"
+    if entry.is_file(follow_symlinks=False):
+        return "reg"
+    return "other"
+
+
+_DTYPE_MODE = {"lnk": stat.S_IFLNK, "dir": stat.S_IFDIR, "reg": stat.S_IFREG}
+
+
+def attributes(st: os.stat_result) -> dict[str, int]:
+    """A backing stat as the mount shows it: the plaintext size for regular files."""
+    mode = st.st_mode
+    return {"st_mode": mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
+            "st_gid": st.st_gid,
+            "st_size": plain_size(st.st_size, DEFAULT_BLOCK_SIZE) if stat.S_ISREG(mode) else st.st_size,
+            "st_blocks": st.st_blocks, "st_rdev": st.st_rdev, "st_atime": st.st_atime_ns,
+            "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
+
+
+FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
@@ -568,29 +830,38 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
-def _open_unnamed(directory: str) -> tuple[int, str | None]:
-    """An O_TMPFILE in ``directory`` (no name yet), else a hidden temporary name."""
+def _exists_at(dir_fd: int, name: str) -> bool:
     try:
-        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600), None
+        lstat_at(dir_fd, name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _open_unnamed(dir_fd: int) -> tuple[int, str | None]:
+    """An O_TMPFILE in the directory ``dir_fd`` (no name yet), else a hidden temporary name in it."""
+    try:
+        return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd), None
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise
-    temp = os.path.join(directory, TEMP_PREFIX + os.urandom(8).hex())
-    return os.open(temp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600), temp
+    temp = TEMP_PREFIX + os.urandom(8).hex()
+    flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(temp, flags, 0o600, dir_fd=dir_fd), temp
 
 
-def _link_fd(fd: int, root_fd: int, rel: str) -> None:
+def _link_fd(fd: int, dir_fd: int, name: str) -> None:
     """linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: gives an O_TMPFILE its name atomically.
 
-    ``rel`` is relative to the directory ``root_fd``. Python calls plain link() unless a dir fd is
+    ``name`` is relative to the directory ``dir_fd``. Python calls plain link() unless a dir fd is
     given, and link() would not follow the magic link.
     """
-    os.link(f"/proc/self/fd/{fd}", rel, dst_dir_fd=root_fd, follow_symlinks=True)
+    os.link(proc_path(fd), name, dst_dir_fd=dir_fd, follow_symlinks=True)
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(dir_fd: int, name: str) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 

@@ -189,12 +189,18 @@ def test_whole_file_rollback_is_not_detected(m: M, tmp_path: Path) -> None:
 
 
 def test_whole_file_swap_between_names_is_not_detected(m: M) -> None:
-    """Pinned limitation: names are not bound to contents; renaming backing files swaps them."""
+    """Pinned limitation: names are not bound to contents; renaming backing files swaps them
+    (once the kernel's cached name -> inode entries expire: ENTRY_TIMEOUT)."""
+    import time
+
+    from kmsfs.operations import ENTRY_TIMEOUT
+
     (m.path / "a.txt").write_bytes(b"AAAA")
     (m.path / "b.txt").write_bytes(b"BBBB")
     os.rename(m.cipherdir / "a.txt", m.cipherdir / "tmp")
     os.rename(m.cipherdir / "b.txt", m.cipherdir / "a.txt")
     os.rename(m.cipherdir / "tmp", m.cipherdir / "b.txt")
+    time.sleep(ENTRY_TIMEOUT + 0.3)
     assert (m.path / "a.txt").read_bytes() == b"BBBB"
 
 

@@ -22,6 +22,7 @@ from kmsfs import format as fmt
 from tests.integration.kmsfs_mount_helpers import (
     daemon_pid,
     force_unmount,
+    is_mounted,
     kmsfs,
     mounted,
     requires_fuse,
@@ -164,6 +165,41 @@ while True:
     proc = kmsfs("fsck", cipherdir, "--credentials", creds, check=False)
     assert proc.returncode == 0, proc.stdout
     assert "DAMAGED" not in proc.stdout
+
+
+def test_dead_mount_is_recovered_by_umount_and_by_mount(keyservice_dev: Any, tmp_path: Path) -> None:
+    """After kill -9 of the daemon the mount point answers ENOTCONN; ``kmsfs umount`` and
+    ``kmsfs mount`` both recover it (they used to refuse: "not mounted" / "not a directory")."""
+    cipherdir, _ = _init(keyservice_dev, tmp_path, "dead mount")
+    creds = keyservice_dev.credentials_file
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        for recover_with in ("umount", "mount"):
+            kmsfs("mount", cipherdir, mnt, "--credentials", creds)
+            (mnt / f"{recover_with}.txt").write_text("kept")
+            os.kill(daemon_pid(cipherdir, mnt), signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.stat(mnt)
+                except OSError as exc:
+                    if exc.errno == errno.ENOTCONN:  # (a request in flight gets ECONNABORTED)
+                        break
+                time.sleep(0.05)
+            assert is_mounted(mnt) and not os.path.ismount(mnt)
+            if recover_with == "umount":
+                kmsfs("umount", mnt)
+                assert not is_mounted(mnt)
+            else:
+                proc = kmsfs("mount", cipherdir, mnt, "--credentials", creds)
+                assert "recovered" in proc.stderr
+                assert (mnt / "umount.txt").read_text() == "kept"
+                kmsfs("umount", mnt)
+        proc = kmsfs("umount", mnt, check=False)
+        assert proc.returncode != 0 and "not mounted" in proc.stderr
+    finally:
+        force_unmount(mnt)
 
 
 @pytest.mark.parametrize("pool", ["32", "0"])

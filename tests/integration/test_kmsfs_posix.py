@@ -140,10 +140,13 @@ def test_rename_over_file_and_directory(m: M) -> None:
     assert info.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
 
 
-def test_renameat2_exchange_is_refused_and_noreplace_honoured(m: M) -> None:
+def test_renameat2_exchange_and_noreplace(m: M) -> None:
     """libfuse3 passes renameat2 flags; a binding that dropped them would turn RENAME_EXCHANGE
-    into a plain rename and destroy the target (mfusepy 3.1 does: kmsfs/_fuse.py refuses it)."""
+    into a plain rename and destroy the target (mfusepy 3.1 does): kmsfs/_fuse.py passes them on
+    and the core does both with renameat2 on the backing directories."""
     import ctypes
+
+    from kmsfs._fuse import LIBFUSE
 
     libc = ctypes.CDLL(None, use_errno=True)
 
@@ -155,11 +158,19 @@ def test_renameat2_exchange_is_refused_and_noreplace_honoured(m: M) -> None:
 
     (m.path / "xa").write_bytes(b"A")
     (m.path / "xb").write_bytes(b"B")
-    assert renameat2(m.path / "xa", m.path / "xb", 2) == errno.EINVAL  # RENAME_EXCHANGE
     assert renameat2(m.path / "xa", m.path / "xb", 1) == errno.EEXIST  # RENAME_NOREPLACE
     assert (m.path / "xa").read_bytes() == b"A" and (m.path / "xb").read_bytes() == b"B"
-    assert renameat2(m.path / "xa", m.path / "xc", 1) in (0, errno.EINVAL)  # libfuse2: EINVAL
-    assert (m.path / "xb").read_bytes() == b"B"
+    if LIBFUSE.startswith("2"):  # libfuse2 has no rename flags: refused, nothing changed
+        assert renameat2(m.path / "xa", m.path / "xb", 2) == errno.EINVAL
+        return
+    assert renameat2(m.path / "xa", m.path / "xb", 2) == 0  # RENAME_EXCHANGE
+    assert (m.path / "xa").read_bytes() == b"B" and (m.path / "xb").read_bytes() == b"A"
+    assert renameat2(m.path / "xa", m.path / "xnone", 2) == errno.ENOENT
+    assert renameat2(m.path / "xa", m.path / "xc", 1) == 0
+    assert (m.path / "xc").read_bytes() == b"B" and not (m.path / "xa").exists()
+    (m.path / "xd").mkdir()
+    assert renameat2(m.path / "xc", m.path / "xd", 2) == 0  # a file and a directory swap too
+    assert (m.path / "xd").read_bytes() == b"B" and (m.path / "xc").is_dir()
 
 
 def test_hard_links_share_one_header(m: M) -> None:
@@ -232,12 +243,34 @@ def test_statfs_fsync_fdatasync(m: M) -> None:
         os.fdatasync(f.fileno())
 
 
-def test_fallocate_is_a_clean_eopnotsupp(m: M) -> None:
-    (m.path / "falloc").write_bytes(b"keep")
-    proc = subprocess.run(["fallocate", "-l", "1M", str(m.path / "falloc")], capture_output=True,
-                          text=True)
-    assert proc.returncode != 0 and "not supported" in proc.stderr.lower()
-    assert (m.path / "falloc").read_bytes() == b"keep"
+def test_fallocate_modes(m: M) -> None:
+    """fallocate through the mount (issue 11): mode 0 grows with zeros, KEEP_SIZE changes nothing
+    visible, PUNCH_HOLE and ZERO_RANGE read back as zeros; COLLAPSE_RANGE is refused cleanly."""
+    p = m.path / "falloc"
+    data = os.urandom(3 * BS + 100)
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 5 * BS)  # mode 0: grows
+        assert os.fstat(fd).st_size == 5 * BS
+        assert os.pread(fd, 5 * BS, 0) == data + bytes(5 * BS - len(data))
+        run = ["fallocate", "--keep-size", "-o", "0", "-l", str(10 * BS), str(p)]
+        assert subprocess.run(run, capture_output=True).returncode == 0
+        assert os.fstat(fd).st_size == 5 * BS
+        run = ["fallocate", "--punch-hole", "-o", "100", "-l", str(BS), str(p)]
+        assert subprocess.run(run, capture_output=True).returncode == 0
+        expect = bytearray(data + bytes(5 * BS - len(data)))
+        expect[100:100 + BS] = bytes(BS)
+        assert os.pread(fd, 5 * BS, 0) == bytes(expect) and os.fstat(fd).st_size == 5 * BS
+        run = ["fallocate", "--zero-range", "-o", str(5 * BS - 10), "-l", "20", str(p)]
+        assert subprocess.run(run, capture_output=True).returncode == 0
+        assert os.fstat(fd).st_size == 5 * BS + 10
+        assert os.pread(fd, 100, 5 * BS - 10) == bytes(20)
+        proc = subprocess.run(["fallocate", "--collapse-range", "-o", "0", "-l", str(BS), str(p)],
+                              capture_output=True, text=True)
+        assert proc.returncode != 0 and "not supported" in proc.stderr.lower()
+    finally:
+        os.close(fd)
 
 
 def test_user_xattrs_pass_through(m: M) -> None:

@@ -170,20 +170,28 @@ def test_disabled_key_and_errno_translation(core: KmsfsCore) -> None:
     assert translate(FileNotFoundError(errno.ENOENT, "x"), "getattr", "/d") == errno.ENOENT
 
 
-def test_adapter_never_leaks_domain_errors(core: KmsfsCore) -> None:
-    from kmsfs._fuse import FuseOSError
+def test_adapter_never_leaks_domain_errors(core: KmsfsCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every handler answers an exception with exactly one errno reply (the reply function is
+    libfuse's; here it records what the kernel would get)."""
+    import ctypes
 
-    ops = KmsfsOperations(core)
-    Path(core.root, "plain").write_bytes(b"x")
+    from kmsfs import _fuse
+    from kmsfs.inodes import InodeFs
 
-    class FI:
-        flags = os.O_RDONLY
-        fh = 0
+    replies: list[int] = []
+    monkeypatch.setattr(_fuse, "reply_err", lambda req, code: replies.append(code))
+    ops = KmsfsOperations(InodeFs(core))
+    fi = ctypes.pointer(_fuse.FileInfo(fh=999))
+    ops.read(None, 1, 10, 0, fi)  # bad handle
+    ops.lookup(None, 1, b"missing")
+    ops.getattr(None, 12345, None)  # an inode the kernel never got
 
-    with pytest.raises(FuseOSError) as info:
-        ops("read", "/plain", 10, 0, FI())  # bad handle
-    assert info.value.errno == errno.EBADF
-    assert ops.flag_utime_omit_ok == 1 and ops.use_ns is True
+    def boom(*args: Any) -> int:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(core, "read_into", boom)
+    ops.read(None, 1, 10, 0, fi)
+    assert replies == [errno.EBADF, errno.ENOENT, errno.ESTALE, errno.EIO]
 
 
 def test_dirs_links_rename(core: KmsfsCore) -> None:

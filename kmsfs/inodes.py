@@ -1,0 +1,297 @@
+"""The filesystem in FUSE's inode terms (lookup counts, forget), still free of FUSE.
+
+Why inodes: FUSE's high-level (path) API gives every *name* its own kernel inode, so hard links
+were separate files to the kernel (stale mode, owner, link count and even contents through the
+other name) and every request carried a full path for the daemon to resolve. Here, as in
+libfuse's passthrough_hp example, a node is one backing inode: it holds an
+``O_PATH|O_NOFOLLOW`` descriptor of it, found once by ``openat(parent_fd, name)`` at lookup, and
+every later request on it uses that descriptor (kmsfs/backing_at.py, the core's ``*_fd`` /
+``*_at`` methods). Two names of one backing inode are one node: one set of attributes and one
+page cache in the kernel.
+
+Lookup counts are kept as the kernel counts them (each reply that returns an entry is one
+lookup) and ``forget`` drops the node and closes its descriptor when the count reaches zero, so
+the daemon holds one descriptor per inode the kernel remembers, and no more.
+
+Nodes also remember the name they were last seen under and their parent, only to name the file
+in the audit record and in log lines (``path_of``); no access is ever made by that name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from kmsfs.backing_at import pin
+from kmsfs.config import RESERVED_PREFIX
+from kmsfs.core import Caller, KmsfsCore, attributes
+
+ROOT_INODE = 1  # FUSE_ROOT_ID
+_MAX_DEPTH = 4096  # path_of gives up beyond this (a path cannot be longer than PATH_MAX anyway)
+
+
+@dataclass(eq=False)
+class Node:
+    ino: int  # the FUSE node id (the kernel's handle for this inode)
+    fd: int  # O_PATH|O_NOFOLLOW descriptor of the backing object
+    ident: tuple[int, int]  # backing (st_dev, st_ino)
+    nlookup: int
+    parent: Node | None
+    name: str
+
+
+class InodeFs:
+    """Inode-numbered operations over a ``KmsfsCore``; raises what the core raises."""
+
+    def __init__(self, core: KmsfsCore) -> None:
+        self.core = core
+        self._lock = threading.Lock()
+        root_fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=core.root_fd)
+        st = os.fstat(root_fd)
+        self.root = Node(ROOT_INODE, root_fd, (st.st_dev, st.st_ino), 1, None, "")
+        self._nodes: dict[int, Node] = {ROOT_INODE: self.root}
+        self._by_ident: dict[tuple[int, int], Node] = {self.root.ident: self.root}
+        self._next = ROOT_INODE + 1
+        self._dirs: dict[int, list[tuple[str, int, int]]] = {}
+        self._next_dir = 1
+
+    # -- the node table ---------------------------------------------------------------------------
+    def node(self, ino: int) -> Node:
+        node = self._nodes.get(ino)
+        if node is None:
+            raise OSError(errno.ESTALE, "unknown inode")
+        return node
+
+    def nodes(self) -> int:
+        """How many nodes (and so backing descriptors) are held, the root included."""
+        return len(self._nodes)
+
+    def path_of(self, node: Node, name: str | None = None) -> str:
+        """The mount path the node was last seen under (for the audit and logs only)."""
+        names = [] if name is None else [name]
+        depth = 0
+        while node.parent is not None and depth < _MAX_DEPTH:
+            names.append(node.name)
+            node, depth = node.parent, depth + 1
+        return "/" + "/".join(reversed(names))
+
+    def _check_name(self, parent: Node, name: str) -> None:
+        """Reserved names in the root do not exist in the mount; "." and ".." are never asked."""
+        if "/" in name or name in (".", "..", ""):
+            raise OSError(errno.EINVAL, "bad name", name)
+        if parent is self.root and name.startswith(RESERVED_PREFIX):
+            raise FileNotFoundError(errno.ENOENT, "reserved name", name)
+
+    def _remember(self, fd: int, parent: Node, name: str) -> tuple[Node, dict[str, int]]:
+        """Count one lookup of the object ``fd`` pins (the call takes ownership of ``fd``)."""
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        ident = (st.st_dev, st.st_ino)
+        with self._lock:
+            node = self._by_ident.get(ident)
+            if node is None:
+                node = Node(self._next, fd, ident, 0, parent, name)
+                self._next += 1
+                self._nodes[node.ino] = node
+                self._by_ident[ident] = node
+                fd = -1
+            elif node is not self.root:
+                node.parent, node.name = parent, name
+            node.nlookup += 1
+        if fd >= 0:
+            os.close(fd)  # the node already holds a descriptor of this inode
+        return node, attributes(st)
+
+    def lookup(self, parent_ino: int, name: str) -> tuple[Node, dict[str, int]]:
+        parent = self.node(parent_ino)
+        self._check_name(parent, name)
+        return self._remember(pin(parent.fd, name), parent, name)
+
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped ``count`` lookups; at zero the node and its descriptor go."""
+        with self._lock:
+            node = self._nodes.get(ino)
+            if node is None or node is self.root:
+                return
+            node.nlookup -= count
+            if node.nlookup > 0:
+                return
+            del self._nodes[ino]
+            if self._by_ident.get(node.ident) is node:
+                del self._by_ident[node.ident]
+        os.close(node.fd)
+
+    def forget_all(self) -> None:
+        """Unmount: close every node's descriptor (the kernel forgets without telling)."""
+        with self._lock:
+            nodes = [n for n in self._nodes.values() if n is not self.root]
+            self._nodes = {ROOT_INODE: self.root}
+            self._by_ident = {self.root.ident: self.root}
+        for node in nodes:
+            os.close(node.fd)
+
+    # -- attributes -------------------------------------------------------------------------------
+    def getattr(self, ino: int, fh: int | None = None) -> dict[str, int]:
+        if fh:
+            return attributes(os.fstat(self.core.handle_fd(fh)))
+        return self.core.stat_fd(self.node(ino).fd)
+
+    def setattr(self, ino: int, changes: dict[str, Any], fh: int | None = None,
+                caller: Caller | None = None) -> dict[str, int]:
+        """Apply ``changes`` (mode, uid, gid, size, atime/mtime in ns or UTIME_NOW/OMIT) in the
+        kernel's order: owner, mode, size, times; returns the new attributes."""
+        node = self.node(ino)
+        if "uid" in changes or "gid" in changes:
+            self.core.chown_fd(node.fd, changes.get("uid", -1), changes.get("gid", -1))
+        if "mode" in changes:
+            self.core.chmod_fd(node.fd, changes["mode"])
+        if "size" in changes:
+            if fh:
+                self.core.truncate(self.path_of(node), changes["size"], fh, caller)
+            else:
+                self.core.truncate_pinned(node.fd, self.path_of(node), changes["size"], caller)
+        if "times" in changes:
+            self.core.utimens_fd(node.fd, changes["times"])
+        return self.getattr(ino, fh)
+
+    def readlink(self, ino: int) -> str:
+        return self.core.readlink_fd(self.node(ino).fd)
+
+    def statfs(self, ino: int) -> dict[str, int]:
+        return self.core.statfs_fd(self.node(ino).fd)
+
+    # -- namespace --------------------------------------------------------------------------------
+    def _made(self, parent: Node, name: str) -> tuple[Node, dict[str, int]]:
+        return self._remember(pin(parent.fd, name), parent, name)
+
+    def mknod(self, parent_ino: int, name: str, mode: int, rdev: int,
+              caller: Caller | None = None) -> tuple[Node, dict[str, int]]:
+        parent = self.node(parent_ino)
+        self._check_name(parent, name)
+        if stat.S_ISREG(mode):
+            fh = self.core.create_at(parent.fd, name, self.path_of(parent, name), mode, caller,
+                                     os.O_RDWR | os.O_EXCL)
+            try:
+                return self._remember(self._pin_handle(fh), parent, name)
+            finally:
+                self.core.release(None, fh)
+        self.core.mknod_at(parent.fd, name, mode, rdev, caller)
+        return self._made(parent, name)
+
+    def mkdir(self, parent_ino: int, name: str, mode: int,
+              caller: Caller | None = None) -> tuple[Node, dict[str, int]]:
+        parent = self.node(parent_ino)
+        self._check_name(parent, name)
+        self.core.mkdir_at(parent.fd, name, mode, caller)
+        return self._made(parent, name)
+
+    def symlink(self, target: str, parent_ino: int, name: str,
+                caller: Caller | None = None) -> tuple[Node, dict[str, int]]:
+        parent = self.node(parent_ino)
+        self._check_name(parent, name)
+        self.core.symlink_at(parent.fd, name, target, caller)
+        return self._made(parent, name)
+
+    def link(self, ino: int, parent_ino: int, name: str) -> tuple[Node, dict[str, int]]:
+        """A new name for the node: the reply is the same node, with the new link count."""
+        node, parent = self.node(ino), self.node(parent_ino)
+        self._check_name(parent, name)
+        self.core.link_fd(node.fd, parent.fd, name)
+        return self._remember(os.dup(node.fd), parent, name)
+
+    def unlink(self, parent_ino: int, name: str) -> None:
+        parent = self.node(parent_ino)
+        self._check_name(parent, name)
+        os.unlink(name, dir_fd=parent.fd)
+
+    def rmdir(self, parent_ino: int, name: str) -> None:
+        parent = self.node(parent_ino)
+        self._check_name(parent, name)
+        os.rmdir(name, dir_fd=parent.fd)
+
+    def rename(self, parent_ino: int, name: str, new_parent_ino: int, new_name: str,
+               flags: int = 0) -> None:
+        parent, new_parent = self.node(parent_ino), self.node(new_parent_ino)
+        self._check_name(parent, name)
+        self._check_name(new_parent, new_name)
+        self.core.rename_at(parent.fd, name, new_parent.fd, new_name, flags)
+        self._renamed(new_parent, new_name)
+        if flags & 2:  # RENAME_EXCHANGE: the other one moved too
+            self._renamed(parent, name)
+
+    def _renamed(self, parent: Node, name: str) -> None:
+        """Keep the audit name of a known node current after a rename (best effort)."""
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            return
+        with self._lock:
+            node = self._by_ident.get((st.st_dev, st.st_ino))
+            if node is not None and node is not self.root:
+                node.parent, node.name = parent, name
+
+    # -- extended attributes ----------------------------------------------------------------------
+    def getxattr(self, ino: int, name: str) -> bytes:
+        return self.core.getxattr_fd(self.node(ino).fd, name)
+
+    def listxattr(self, ino: int) -> list[str]:
+        return self.core.listxattr_fd(self.node(ino).fd)
+
+    def setxattr(self, ino: int, name: str, value: bytes, flags: int) -> None:
+        self.core.setxattr_fd(self.node(ino).fd, name, value, flags)
+
+    def removexattr(self, ino: int, name: str) -> None:
+        self.core.removexattr_fd(self.node(ino).fd, name)
+
+    # -- files ------------------------------------------------------------------------------------
+    def _pin_handle(self, fh: int) -> int:
+        """An O_PATH descriptor of the inode an open handle holds (exactly that inode)."""
+        return os.open(f"/proc/self/fd/{self.core.handle_fd(fh)}", os.O_PATH | os.O_CLOEXEC)
+
+    def create(self, parent_ino: int, name: str, mode: int, flags: int,
+               caller: Caller | None = None) -> tuple[Node, dict[str, int], int]:
+        """A new (or, without O_EXCL, existing) file, opened: (node, attributes, handle)."""
+        parent = self.node(parent_ino)
+        self._check_name(parent, name)
+        fh = self.core.create_at(parent.fd, name, self.path_of(parent, name), mode, caller, flags)
+        try:
+            node, attrs = self._remember(self._pin_handle(fh), parent, name)
+        except BaseException:
+            self.core.release(None, fh)
+            raise
+        return node, attrs, fh
+
+    def open(self, ino: int, flags: int, caller: Caller | None = None) -> int:
+        node = self.node(ino)
+        return self.core.open_fd(node.fd, self.path_of(node), flags, caller)
+
+    def opendir(self, ino: int) -> int:
+        """A directory handle: the listing is read once here and served by offset from it."""
+        entries = self.core.scan_fd(self.node(ino).fd)
+        with self._lock:
+            dh = self._next_dir
+            self._next_dir += 1
+            self._dirs[dh] = entries
+        return dh
+
+    def readdir(self, dh: int, offset: int) -> list[tuple[str, int, int]]:
+        """The entries from ``offset`` on; entry i's next offset is i + 1."""
+        entries = self._dirs.get(dh)
+        if entries is None:
+            raise OSError(errno.EBADF, "bad directory handle")
+        return entries[offset:]
+
+    def releasedir(self, dh: int) -> None:
+        with self._lock:
+            self._dirs.pop(dh, None)
+
+    def fallocate(self, ino: int, mode: int, offset: int, length: int, fh: int,
+                  caller: Caller | None = None) -> None:
+        self.core.fallocate(self.path_of(self.node(ino)), mode, offset, length, fh, caller)
