@@ -72,10 +72,15 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
+    """Strict: only the canonical encoding decodes (the last character's unused bits are zero),
+    so no two backing names stand for one ciphertext."""
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (ValueError, TypeError):
         raise BadName() from None
+    if _b64(raw) != text:
+        raise BadName()
+    return raw
 
 
 def _hash_name(encoded: str) -> str:

@@ -142,3 +142,20 @@ def test_symlink_target_tampering(cipher: NameCipher) -> None:
 def test_name_key_size() -> None:
     with pytest.raises(ValueError):
         NameCipher(b"short")
+
+
+def test_only_the_canonical_encoding_decodes() -> None:
+    """base64url's last character carries unused bits: a renamed entry that differs only there
+    must not decrypt (two backing names for one plaintext would list twice, open once)."""
+    cipher = names.NameCipher(bytes(32))
+    dir_id = bytes(16)
+    encoded = cipher.encrypt(dir_id, b"hello.txt")  # 25 bytes: 34 characters, 4 unused bits
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    index = alphabet.index(encoded[-1])
+    twin = encoded[:-1] + alphabet[index ^ 1]
+    assert cipher.decrypt(dir_id, encoded) == b"hello.txt"
+    with pytest.raises(names.BadName):
+        cipher.decrypt(dir_id, twin)
+    stored = cipher.encrypt_target(b"target")
+    with pytest.raises(names.BadName):
+        cipher.decrypt_target(stored[:-1] + alphabet[alphabet.index(chr(stored[-1])) ^ 1].encode())
