@@ -598,7 +598,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     """Re-wrap every data key (ReEncrypt) under the newest key version or ``--to-key``."""
     from kmsfs.rewrap import rewrap
 
-    _, client = _tool_client(args.cipherdir, args)
+    config, client = _tool_client(args.cipherdir, args)
     _note_mounted(args.cipherdir)
     destination = args.to_key
     if destination:
@@ -610,7 +610,8 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         except KeyServiceUnavailable as exc:
             raise CliError(str(exc)) from None
     try:
-        report = rewrap(args.cipherdir, client, destination, progress=not args.quiet)
+        names = _tool_names(config, client, "rewrap", "/")
+        report = rewrap(args.cipherdir, client, destination, progress=not args.quiet, names=names)
     except KeyServiceUnavailable as exc:
         raise CliError(f"rewrap interrupted (rerun to resume): {exc}") from None
     finally:
@@ -720,10 +721,12 @@ def _cipherdir_of(path: str) -> str | None:
 
 
 def _info_paths(args: argparse.Namespace, backing_path_of: Callable[[str], str]) -> tuple[str, str | None]:
-    """(backing path, plaintext path or None) for ``kmsfs info PATH``: a mount path of a
-    name-encrypting cipherdir is found through the name key; a backing path is decrypted."""
+    """(backing path, plaintext path or None) for ``kmsfs info PATH`` in a name-encrypting
+    cipherdir. A mount path: the backing file is the one with the same inode number (the mount
+    shows backing inode numbers; no key needed). A backing path: its name is decrypted through
+    the key service (audited), when credentials are at hand; otherwise it is left out."""
     from kmsfs.names import BadName
-    from kmsfs.namewalk import decrypt_path, encrypt_path
+    from kmsfs.namewalk import decrypt_path, find_inode
 
     mapped = backing_path_of(args.path)
     cipherdir = _cipherdir_of(mapped)
@@ -735,24 +738,27 @@ def _info_paths(args: argparse.Namespace, backing_path_of: Callable[[str], str])
         return mapped, None
     if not config.encrypted_names:
         return mapped, None
-    through_mount = os.path.realpath(mapped) != os.path.realpath(args.path)
     root = os.path.realpath(cipherdir)
-    config, client = _build(cipherdir, args, quiet=True)
+    if os.path.realpath(mapped) != os.path.realpath(args.path):  # a path inside a mount
+        plain = "/" + os.path.relpath(os.path.realpath(mapped), root)
+        found = find_inode(root, os.lstat(args.path).st_ino)
+        if found is None:
+            raise CliError(f"{args.path}: no backing file with its inode number in {cipherdir}")
+        return found, "/" if plain == "/." else plain
     try:
-        if through_mount:
-            plain = "/" + os.path.relpath(os.path.realpath(mapped), root)
-            plain = "/" if plain == "/." else plain
-            cipher = _tool_names(config, client, "info", plain)
-            assert cipher is not None
-            return encrypt_path(cipherdir, cipher, plain), plain
-        cipher = _tool_names(config, client, "info", "/")
-        assert cipher is not None
+        config, client = _build(cipherdir, args, quiet=True)
         try:
-            return mapped, decrypt_path(cipherdir, cipher, os.path.realpath(mapped))
-        except BadName:
-            return mapped, "(undecryptable name)"
-    finally:
-        client.close()
+            cipher = _tool_names(config, client, "info", "/")
+        finally:
+            client.close()
+    except CliError as exc:
+        print(f"kmsfs: note: no plaintext path ({exc})", file=sys.stderr)
+        return mapped, None
+    assert cipher is not None
+    try:
+        return mapped, decrypt_path(cipherdir, cipher, os.path.realpath(mapped))
+    except BadName:
+        return mapped, "(name fails authentication)"
 
 
 def _blob_key_version(blob: bytes) -> str | None:

@@ -247,7 +247,8 @@ class InodeFs:
         # Side entries of long names: the new one exists before the rename, the old one goes
         # after it, only if its entry is gone (RENAME_EXCHANGE keeps both names where they are).
         with self.names.new_entry(new_parent, new_name) as new_backing, \
-                self.names.old_entry(parent, name) as backing:
+                self.names.old_entry(parent, name) as backing, \
+                self.names.replacing(new_parent, new_backing, flags):
             self.core.rename_at(parent.fd, backing, new_parent.fd, new_backing, flags)
         self._renamed(new_parent, new_backing, new_name)
         if flags & 2:  # RENAME_EXCHANGE: the other one moved too

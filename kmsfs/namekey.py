@@ -26,7 +26,12 @@ log = logging.getLogger("kmsfs")
 
 
 class NameKeyError(Exception):
-    """The name key could not be unwrapped (the message says why, one line)."""
+    """The name key could not be unwrapped (the message says why, one line); ``denied``: the
+    service refused access (disabled key, policy), as opposed to an outage or a damaged blob."""
+
+    def __init__(self, message: str, denied: bool = False) -> None:
+        super().__init__(message)
+        self.denied = denied
 
 
 def unwrap_name_key(client: KeyClient, config: Config, caller: dict[str, Any]) -> NameCipher:
@@ -35,7 +40,8 @@ def unwrap_name_key(client: KeyClient, config: Config, caller: dict[str, Any]) -
         key = client.decrypt(config.wrapped_name_key, config.name_key_context(), caller,
                              key_id=config.key_arn)
     except KeyServiceError as exc:
-        raise NameKeyError(f"the key service refused the name key: {exc}") from None
+        raise NameKeyError(f"the key service refused the name key: {exc}",
+                           denied=exc.is_access_denied) from None
     except KeyServiceUnavailable as exc:
         raise NameKeyError(f"cannot unwrap the name key: {exc}") from None
     if len(key) != NAME_KEY_SIZE:
@@ -55,30 +61,43 @@ class NameKey:
         self._client = client
         self._config = config
         self._revalidate_after = revalidate_after
-        self._cipher = unwrap_name_key(client, config, mount_caller())
-        self._checked_at = time.monotonic()
+        self._cipher: NameCipher | None = None
         self._revoked: str | None = None
         self._lock = threading.Lock()
+        try:
+            self._cipher = unwrap_name_key(client, config, mount_caller())
+        except NameKeyError as exc:
+            # A refusal mounts with names hidden (EACCES) until the key is usable again, as a
+            # mount with an unusable file key does; an unreachable service fails the mount.
+            if not exc.denied:
+                raise
+            log.warning("%s: names are hidden until it is allowed again", exc)
+            self._revoked = str(exc)
+        self._checked_at = time.monotonic()
 
     def cipher(self) -> NameCipher:
         """The cipher, after a revalidation if one is due; PermissionError (EACCES) if refused."""
         now = time.monotonic()
-        if self._revoked is None and now - self._checked_at < self._revalidate_after:
-            return self._cipher
+        cipher = self._cipher
+        if cipher is not None and self._revoked is None and now - self._checked_at < self._revalidate_after:
+            return cipher
         with self._lock:
             now = time.monotonic()
             due = self._revalidate_after if self._revoked is None else min(1.0, self._revalidate_after)
             if now - self._checked_at >= due:
                 self._checked_at = now
                 self._revalidate()
-            if self._revoked is not None:
+            cipher = self._cipher
+            if self._revoked is not None or cipher is None:
                 raise PermissionError(errno.EACCES, f"name key refused: {self._revoked}")
-        return self._cipher
+        return cipher
 
     def _revalidate(self) -> None:
         try:
-            self._client.decrypt(self._config.wrapped_name_key, self._config.name_key_context(),
-                                 mount_caller(revalidate=True), key_id=self._config.key_arn)
+            key = self._client.decrypt(self._config.wrapped_name_key, self._config.name_key_context(),
+                                       mount_caller(revalidate=True), key_id=self._config.key_arn)
+            if self._cipher is None and len(key) == NAME_KEY_SIZE:
+                self._cipher = NameCipher(key)
         except KeyServiceError as exc:
             if exc.is_access_denied:
                 if self._revoked is None:

@@ -33,7 +33,7 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol
 
-from kmsfs.backing_at import pin
+from kmsfs.backing_at import RENAME_EXCHANGE, RENAME_NOREPLACE, pin
 from kmsfs.config import RESERVED_PREFIX
 from kmsfs.core import TEMP_PREFIX
 from kmsfs.namekey import NameKey
@@ -119,6 +119,10 @@ class PlainNames:
     @contextlib.contextmanager
     def old_entry(self, parent: DirNode, name: str) -> Iterator[str]:
         yield name
+
+    @contextlib.contextmanager
+    def replacing(self, parent: DirNode, backing: str, flags: int) -> Iterator[None]:
+        yield
 
     def fill_dir(self, dir_fd: int) -> None:
         return None
@@ -217,6 +221,34 @@ class EncryptedNames:
             except BaseException:
                 if saved is not None:
                     with contextlib.suppress(FileExistsError):
+                        _write_new(dfd, DIRID_FILE, saved)
+                raise
+        finally:
+            os.close(dfd)
+
+    @contextlib.contextmanager
+    def replacing(self, parent: DirNode, backing: str, flags: int) -> Iterator[None]:
+        """A rename onto ``backing``: an empty target directory holds its id, which would make
+        the rename fail with ENOTEMPTY; the id goes first and comes back if the rename fails."""
+        if flags & (RENAME_EXCHANGE | RENAME_NOREPLACE):
+            yield
+            return
+        try:
+            dfd = os.open(backing, _DIR_PIN, dir_fd=parent.fd)
+        except OSError:  # no such entry, or not a directory: nothing to do
+            yield
+            return
+        try:
+            try:
+                saved: bytes | None = _read_small(dfd, DIRID_FILE, DIRID_FILE_SIZE)
+                os.unlink(DIRID_FILE, dir_fd=dfd)
+            except FileNotFoundError:
+                saved = None
+            try:
+                yield
+            except BaseException:
+                if saved is not None:
+                    with contextlib.suppress(OSError):
                         _write_new(dfd, DIRID_FILE, saved)
                 raise
         finally:

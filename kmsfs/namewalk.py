@@ -137,3 +137,15 @@ def decrypt_path(cipherdir: str, cipher: NameCipher, backing_path: str) -> str:
         plain.append(os.fsdecode(cipher.plain_name(dir_id, part, side)))
         backing_dir = os.path.join(backing_dir, part)
     return "/" + "/".join(plain)
+
+
+def find_inode(cipherdir: str, ino: int) -> str | None:
+    """The first backing path (sorted walk) of the regular file with inode number ``ino``."""
+    for dirpath, dirnames, filenames in os.walk(os.path.realpath(cipherdir)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_ino == ino and stat.S_ISREG(st.st_mode):
+                return path
+    return None

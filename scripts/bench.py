@@ -37,7 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-TARGETS = ("bare", "passthrough", "gocryptfs", "kmsfs")
+TARGETS = ("bare", "passthrough", "gocryptfs", "kmsfs", "kmsfs-plain")  # kmsfs-plain: --plaintext-names
 
 
 @dataclass(frozen=True)
@@ -231,12 +231,13 @@ def start_keyservice(env: Env) -> None:
     say(f"keyservice at {info['endpoint']} (pid {proc.pid}), key {env.key_id}")
 
 
-def mount_kmsfs(env: Env, name: str = "kmsfs") -> Path:
+def mount_kmsfs(env: Env, name: str = "kmsfs", plaintext_names: bool = False) -> Path:
     cipher, mnt = env.run_dir / f"{name}.cipher", env.run_dir / name
     mnt.mkdir(exist_ok=True)
     if not (cipher / ".kmsfs.json").exists():
         cipher.mkdir(exist_ok=True)
-        run([PY, "-m", "kmsfs", "init", str(cipher), "--key", "alias/bench", "--credentials", str(env.creds)])
+        run([PY, "-m", "kmsfs", "init", str(cipher), "--key", "alias/bench", "--credentials", str(env.creds),
+             *(["--plaintext-names"] if plaintext_names else [])])
     run([PY, "-m", "kmsfs", "mount", str(cipher), str(mnt), "--credentials", str(env.creds),
          *env.kmsfs_opts])
     env.mounts[name] = mnt
@@ -576,12 +577,13 @@ def fmt(value: float | None) -> str:
 
 
 def render(result: dict[str, Any]) -> str:
-    cols = ["workload", "unit", *TARGETS, "kmsfs/gocryptfs", "kmsfs/passthrough", "target"]
+    cols = ["workload", "unit", *TARGETS, "kmsfs/gocryptfs", "kmsfs/passthrough", "kmsfs/plain", "target"]
     lines = [cols]
     for row in result["rows"]:
         v = row["values"]
         lines.append([row["label"], row["unit"], *(fmt(v.get(t)) for t in TARGETS),
-                      fmt(row.get("ratio_gocryptfs")), fmt(row.get("ratio_passthrough")), row["target"]])
+                      fmt(row.get("ratio_gocryptfs")), fmt(row.get("ratio_passthrough")),
+                      fmt(row.get("ratio_plain")), row["target"]])
     widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
     out = []
     for n, line in enumerate(lines):
@@ -604,7 +606,8 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
     start_keyservice(env)
     tarball, nfiles = quick_tarball(env.run_dir) if args.quick else make_tarball(env.run_dir)
     say(f"tree: {nfiles} files in {tarball.name}")
-    mounters = {"kmsfs": mount_kmsfs, "passthrough": mount_passthrough, "gocryptfs": mount_gocryptfs}
+    mounters = {"kmsfs": mount_kmsfs, "passthrough": mount_passthrough, "gocryptfs": mount_gocryptfs,
+                "kmsfs-plain": lambda env: mount_kmsfs(env, "kmsfs-plain", plaintext_names=True)}
     mnts: dict[str, Path] = {}
     for t in targets:
         if t == "bare":
@@ -634,7 +637,8 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
                      "higher_is_better": r.higher_is_better, "target": r.target, "values": values,
                      "samples": samples[r.key],
                      "ratio_gocryptfs": ratio(values.get("kmsfs"), values.get("gocryptfs")),
-                     "ratio_passthrough": ratio(values.get("kmsfs"), values.get("passthrough"))})
+                     "ratio_passthrough": ratio(values.get("kmsfs"), values.get("passthrough")),
+                     "ratio_plain": ratio(values.get("kmsfs"), values.get("kmsfs-plain"))})
     say("key service alone: Decrypt and GenerateDataKey, 16 concurrent clients")
     kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=sizes.kms_seconds, clients=16,
                    processes=4, run_dir=env.run_dir)
@@ -672,8 +676,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="parent of the run directory (a new kmsfs-bench-* inside it; default /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the run directory")
     p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
-    p.add_argument("--targets", default=",".join(TARGETS),
-                   help="comma-separated subset of " + ",".join(TARGETS))
+    p.add_argument("--targets", default=",".join(TARGETS[:4]),
+                   help="comma-separated subset of " + ",".join(TARGETS) + " (default: all but "
+                        "kmsfs-plain, a kmsfs cipherdir made with --plaintext-names)")
     p.add_argument("--key-pool", type=int, default=None, metavar="N",
                    help="kmsfs mount --key-pool N (default: kmsfs's own default, off; 32 measures "
                         "the pool with its claims)")
