@@ -232,7 +232,9 @@ class KmsfsCore:
         try:
             st = os.fstat(dfd)
             root = (st.st_dev, st.st_ino) == self._root_ident
-            out = [(".", st.st_ino, stat.S_IFDIR), ("..", 0, stat.S_IFDIR)]
+            # ".." of the mount's root is the root itself: nothing above the cipherdir is asked
+            up = st.st_ino if root else os.stat("..", dir_fd=dfd, follow_symlinks=False).st_ino
+            out = [(".", st.st_ino, stat.S_IFDIR), ("..", up, stat.S_IFDIR)]
             with os.scandir(dfd) as entries:
                 for entry in entries:
                     if root and entry.name.startswith(RESERVED_PREFIX):

@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from kmsfs.backing_at import pin
+from kmsfs.backing_at import RENAME_EXCHANGE, pin
 from kmsfs.core import Caller, KmsfsCore, attributes
 from kmsfs.namespace import EncryptedNames, PlainNames
 
@@ -251,7 +251,7 @@ class InodeFs:
                 self.names.replacing(new_parent, new_backing, flags):
             self.core.rename_at(parent.fd, backing, new_parent.fd, new_backing, flags)
         self._renamed(new_parent, new_backing, new_name)
-        if flags & 2:  # RENAME_EXCHANGE: the other one moved too
+        if flags & RENAME_EXCHANGE:  # the other one moved too
             self._renamed(parent, backing, name)
 
     def _renamed(self, parent: Node, backing: str, name: str) -> None:

@@ -27,7 +27,7 @@ apt_install() {
 }
 
 packages=()
-# libfuse3 for kmsfs (mfusepy); libfuse2 for the fusepy fallback and the benchmark's passthrough.
+# libfuse3 for kmsfs (its own low-level binding, kmsfs/_fuse.py); libfuse2 for the benchmark's passthrough.
 if ! ldconfig -p 2>/dev/null | grep -q 'libfuse3\.so\.3'; then
     if apt-cache show libfuse3-4 >/dev/null 2>&1; then packages+=(libfuse3-4); else packages+=(libfuse3-3); fi
 fi

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.integration.kmsfs_mount_helpers import backing_path, daemon_pid, kmsfs, mounted, requires_fuse
+from tests.integration.test_kmsfs_posix import _as_nobody
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 PATH_MAX = 4096
@@ -114,11 +115,6 @@ def test_chmod_through_one_name_binds_the_other_at_once(m: M) -> None:
     os.chmod(a, 0o600)
     denied = _as_nobody("cat", str(b))
     assert denied.returncode != 0 and "Permission denied" in denied.stderr
-
-
-def _as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *cmd],
-                          capture_output=True, text=True, timeout=30)
 
 
 def _deep(root_fd: int, length: int) -> tuple[str, list[str]]:

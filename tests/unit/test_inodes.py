@@ -106,11 +106,16 @@ def test_readdir_by_offset(fs: InodeFs) -> None:
     everything = fs.readdir(dh, 0)
     names = [e[0] for e in everything]
     assert names[:2] == [".", ".."] and sorted(names[2:]) == [f"f{i}" for i in range(5)]
+    assert everything[1][1] == everything[0][1] != 0  # ".." of the root: the root itself
     assert fs.readdir(dh, 3) == everything[3:]
     assert all(stat.S_ISREG(mode) for name, _, mode in everything[2:])
     fs.releasedir(dh)
     with pytest.raises(OSError):
         fs.readdir(dh, 0)
+    sub = fs.mkdir(ROOT_INODE, "sub", 0o755)[0]
+    dh = fs.opendir(sub.ino)
+    assert fs.readdir(dh, 0)[1][1] == everything[0][1]  # ".." of a subdirectory: its parent
+    fs.releasedir(dh)
 
 
 def test_audit_path_follows_renames(fs: InodeFs) -> None:
