@@ -620,9 +620,11 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
     for rep in range(sizes.reps):
         for t in targets:
             mnt = mnts[t]
-            got = {"seq_write": seq_write(mnt, sizes.seq_mib), "seq_read": seq_read(mnt, sizes.seq_mib)}
-            (mnt / "seq.bin").unlink()
-            if tools["fio"]:
+            got = {}
+            if not args.tree_only:
+                got = {"seq_write": seq_write(mnt, sizes.seq_mib), "seq_read": seq_read(mnt, sizes.seq_mib)}
+                (mnt / "seq.bin").unlink()
+            if tools["fio"] and not args.tree_only:
                 got["rand_iops"] = rand_iops(mnt, sizes.fio_mib, sizes.fio_seconds)
             got.update(tree_workloads(mnt, tarball, nfiles, check_diff=(rep == 0)))
             for k, v in got.items():
@@ -639,12 +641,14 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
                      "ratio_gocryptfs": ratio(values.get("kmsfs"), values.get("gocryptfs")),
                      "ratio_passthrough": ratio(values.get("kmsfs"), values.get("passthrough")),
                      "ratio_plain": ratio(values.get("kmsfs"), values.get("kmsfs-plain"))})
-    say("key service alone: Decrypt and GenerateDataKey, 16 concurrent clients")
-    kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=sizes.kms_seconds, clients=16,
-                   processes=4, run_dir=env.run_dir)
-    kms["kms_serial_p50"] = serial_decrypt_ms(env.creds, env.key_id)
-    say("kmsfs peak RSS")
-    kms["kmsfs_rss"] = kmsfs_peak_rss(env, sizes.rss_mib)
+    kms: dict[str, Any] = {}
+    if not args.tree_only:
+        say("key service alone: Decrypt and GenerateDataKey, 16 concurrent clients")
+        kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=sizes.kms_seconds,
+                       clients=16, processes=4, run_dir=env.run_dir)
+        kms["kms_serial_p50"] = serial_decrypt_ms(env.creds, env.key_id)
+        say("kmsfs peak RSS")
+        kms["kmsfs_rss"] = kmsfs_peak_rss(env, sizes.rss_mib)
     for r in KMS_ROWS:
         rows.append({"key": r.key, "label": r.label.format(**subst), "unit": r.unit,
                      "higher_is_better": r.higher_is_better, "target": r.target,
@@ -679,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default=",".join(TARGETS[:4]),
                    help="comma-separated subset of " + ",".join(TARGETS) + " (default: all but "
                         "kmsfs-plain, a kmsfs cipherdir made with --plaintext-names)")
+    p.add_argument("--tree-only", action="store_true",
+                   help="only the tree workloads (untar, find/ls, cat, rm): e.g. encrypted against "
+                        "plaintext names, --targets kmsfs,kmsfs-plain")
     p.add_argument("--key-pool", type=int, default=None, metavar="N",
                    help="kmsfs mount --key-pool N (default: kmsfs's own default, off; 32 measures "
                         "the pool with its claims)")
