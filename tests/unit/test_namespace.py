@@ -5,18 +5,22 @@ long symlink targets, and tampered entries hidden from listings."""
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kmsfs.config import Config
 from kmsfs.core import KmsfsCore
 from kmsfs.inodes import ROOT_INODE, InodeFs
+from kmsfs.namekey import NameKey
 from kmsfs.names import DIRID_FILE, NameCipher
 from kmsfs.namespace import TARGETS_DIR, EncryptedNames
-from tests.unit.test_core import caller, core  # noqa: F401 - the core fixture
+from tests.unit.test_core import ARN, FakeKeyService, caller, core  # noqa: F401 - the core fixture
 
 LONG = "l" * 200
 
@@ -172,3 +176,41 @@ def test_rename_over_an_empty_directory(fs: InodeFs) -> None:
     with pytest.raises(OSError):
         fs.rename(ROOT_INODE, "plain", ROOT_INODE, "d3")  # a file over a directory: EISDIR
     assert _listing(fs, fs.lookup(ROOT_INODE, "d3")[0].ino) == []
+
+
+def _name_key_config(svc: Any) -> Config:
+    key, blob, _ = svc.generate_data_key(ARN, {"kmsfs:purpose": "names", "kmsfs:cipherdir": "ab" * 16}, {})
+    return Config(endpoint="https://127.0.0.1:1", region="us-east-1", key_id=ARN, key_arn=ARN,
+                  version=2, names="aes-siv", cipherdir_id="ab" * 16,
+                  name_key=base64.b64encode(blob).decode())
+
+
+def test_name_key_is_revalidated_and_refusal_hides_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Revocation reaches names on the --revalidate-after schedule; an outage keeps the key; a
+    key refused at mount time mounts with names hidden and recovers once allowed."""
+    svc = FakeKeyService()
+    config = _name_key_config(svc)
+    clock = [1000.0]
+    monkeypatch.setattr("kmsfs.namekey.time.monotonic", lambda: clock[0])
+    key = NameKey(svc, config, revalidate_after=5.0)  # type: ignore[arg-type]
+    first = key.cipher()
+    assert [c[0] for c in svc.calls] == ["GenerateDataKey", "Decrypt"]
+    assert svc.calls[-1][2]["op"] == "names"
+    svc.disabled = True
+    clock[0] += 4.9
+    assert key.cipher() is first  # within the bound: no request
+    clock[0] += 0.2
+    with pytest.raises(PermissionError):
+        key.cipher()
+    with pytest.raises(PermissionError):
+        key.cipher()  # sticks, re-asked at most once a second
+    svc.disabled = False
+    clock[0] += 1.1
+    assert key.cipher() is first
+    svc.disabled = True
+    late = NameKey(svc, config, revalidate_after=5.0)  # type: ignore[arg-type]
+    with pytest.raises(PermissionError):
+        late.cipher()
+    svc.disabled = False
+    clock[0] += 1.1
+    assert late.cipher().decrypt(bytes(16), first.encrypt(bytes(16), b"x")) == b"x"
