@@ -13,7 +13,8 @@ Layout::
     DATA_DIR/            0700
       root.json          0600  root key source, KDF params, verifier (rootkey.py)
       dev-root.key       0600  dev mode only
-      keyservice.db      0600  SQLite store (+ -wal, -shm)
+      keyservice.db      0600  SQLite store (+ -wal, -shm), unless the store is on PostgreSQL:
+      store.url          0600  then the database's URL (store/engine.py)
       audit/             0700
         audit.log        0600  JSON Lines audit log
 """
@@ -28,14 +29,14 @@ from pathlib import Path
 
 from keyservice.audit import signing as audit_signing
 from keyservice.audit.log import AuditLog
-from keyservice.audit.records import AUDIT_DIR
+from keyservice.audit.pgmirror import PgMirror
+from keyservice.audit.records import AUDIT_DIR, MAIN_CHAIN, audit_path, read_lines
 from keyservice.clock import Clock, SystemClock
 from keyservice.ops.registry import OPERATIONS
 from keyservice.service import DEFAULT_MAX_KEYS, KeyService
-from keyservice.store import rootkey
-from keyservice.store.base import root_check_aad, secret_aad
+from keyservice.store import engine, rootkey
+from keyservice.store.base import Store, root_check_aad, secret_aad
 from keyservice.store.model import CredentialRecord
-from keyservice.store.sqlite import SQLiteStore
 from keyservice.store.sqlite_schema import DB_NAME
 
 DEFAULT_REGION = "us-east-1"
@@ -74,11 +75,11 @@ def store_path(data_dir: Path) -> Path:
     return Path(data_dir) / DB_NAME
 
 
-def is_initialized(data_dir: Path) -> bool:
-    path = store_path(data_dir)
-    if not path.exists():
+def is_initialized(data_dir: Path, store_url: str | None = None) -> bool:
+    store_url = engine.resolve_url(data_dir, store_url)
+    if not engine.store_exists(data_dir, store_url):
         return False
-    store = SQLiteStore(path)
+    store = engine.open_store(data_dir, store_url)
     try:
         return store.get_meta("account_id") is not None
     finally:
@@ -96,7 +97,7 @@ def new_secret_access_key() -> str:
 
 
 def _add_credential(
-    store: SQLiteStore, root_key: bytes, account_id: str, principal_arn: str, clock: Clock
+    store: Store, root_key: bytes, account_id: str, principal_arn: str, clock: Clock
 ) -> Credentials:
     access_key_id = new_access_key_id()
     secret = new_secret_access_key()
@@ -112,10 +113,15 @@ def _add_credential(
     return Credentials(access_key_id, secret, principal_arn)
 
 
-def _open_checked(data_dir: Path, root_key: bytes) -> SQLiteStore:
-    if not store_path(data_dir).exists():
+def _open_checked(
+    data_dir: Path, root_key: bytes, store_url: str | None = None, *, watch: bool = False
+) -> Store:
+    """The store of ``data_dir`` (on the engine ``store_url`` or ``DATA_DIR/store.url`` names),
+    checked to be initialised and sealed under ``root_key``."""
+    store_url = engine.resolve_url(data_dir, store_url)
+    if not engine.store_exists(data_dir, store_url):
         raise NotInitializedError(f"{data_dir} is not an initialised keyservice data directory")
-    store = SQLiteStore(store_path(data_dir))
+    store = engine.open_store(data_dir, store_url, watch=watch)
     try:
         check = store.get_meta("root_check")
         if check is None or store.get_meta("account_id") is None:
@@ -139,8 +145,11 @@ def initialize(
     region: str = DEFAULT_REGION,
     account_id: str = DEFAULT_ACCOUNT_ID,
     clock: Clock | None = None,
+    store_url: str | None = None,
 ) -> Credentials:
-    """Create the store and audit directory and a bootstrap admin credential; return the latter."""
+    """Create the store and audit directory and a bootstrap admin credential; return the latter.
+
+    ``store_url``: a PostgreSQL database (recorded in ``DATA_DIR/store.url``); None for SQLite."""
     clock = clock or SystemClock()
     if not _REGION.match(region):
         raise ValueError(f"invalid region {region!r} (e.g. us-east-1)")
@@ -149,9 +158,11 @@ def initialize(
     data_dir = Path(data_dir)
     rootkey.ensure_private_dir(data_dir)
     rootkey.ensure_private_dir(data_dir / AUDIT_DIR)
-    if is_initialized(data_dir):
+    store_url = engine.check_url(store_url)
+    if is_initialized(data_dir, store_url):
         raise AlreadyInitializedError(f"{data_dir} already holds a keyservice store")
-    store = SQLiteStore(store_path(data_dir))
+    engine.record_url(data_dir, store_url)
+    store = engine.open_store(data_dir, store_url)
     try:
         principal_arn = f"arn:aws:iam::{account_id}:root"
         creds = _add_credential(store, root_key, account_id, principal_arn, clock)
@@ -175,17 +186,29 @@ def open_service(
     region: str | None = None,
     max_keys: int = DEFAULT_MAX_KEYS,
     allow_pkcs1_import: bool = False,
+    store_url: str | None = None,
+    audit_chain: str = MAIN_CHAIN,
+    audit_table_chain: str | None = None,
 ) -> KeyService:
-    """The service over an initialised data directory; ``region``, if given, must match the store's."""
+    """The service over an initialised data directory; ``region``, if given, must match the store's.
+    ``store_url``: the PostgreSQL database, if not the one recorded in the data directory."""
     data_dir = Path(data_dir)
-    store = _open_checked(data_dir, root_key)
+    store = _open_checked(data_dir, root_key, store_url, watch=True)
     try:
         stored_region = store.get_meta("region") or DEFAULT_REGION
         account_id = store.get_meta("account_id") or DEFAULT_ACCOUNT_ID
         if region is not None and region != stored_region:
             raise RegionMismatchError(f"this data directory serves region {stored_region}, not {region}")
         clock = clock or SystemClock()
-        audit_log = AuditLog(data_dir, signer=audit_signing.load_or_create(data_dir, root_key), now=clock.now)
+        signer = audit_signing.load_or_create(data_dir, root_key)
+        mirror = None
+        url = engine.resolve_url(data_dir, store_url)
+        if url is not None:  # every line also goes into the database's append-only table
+            mirror = PgMirror(url, audit_table_chain or audit_chain)
+            mirror.resume(read_lines(audit_path(data_dir, audit_chain)))
+        audit_log = AuditLog(
+            data_dir, signer=signer, now=clock.now, chain=audit_chain, mirror=mirror.ship if mirror else None
+        )
     except BaseException:
         store.close()
         raise
@@ -202,9 +225,26 @@ def open_service(
     )
 
 
-def admin_credentials(data_dir: Path, root_key: bytes) -> Credentials:
+def check_store(
+    data_dir: Path, root_key: bytes, store_url: str | None = None, *, region: str | None = None
+) -> str:
+    """Check that ``data_dir``'s store is initialised, sealed under ``root_key`` and of ``region``
+    (if given) without serving it, and create the audit signing key if it is not there yet;
+    returns its region (``serve --workers`` does this once, before it forks the workers)."""
+    store = _open_checked(Path(data_dir), root_key, store_url)
+    try:
+        stored_region = store.get_meta("region") or DEFAULT_REGION
+    finally:
+        store.close()
+    audit_signing.load_or_create(Path(data_dir), root_key)
+    if region is not None and region != stored_region:
+        raise RegionMismatchError(f"this data directory serves region {stored_region}, not {region}")
+    return stored_region
+
+
+def admin_credentials(data_dir: Path, root_key: bytes, store_url: str | None = None) -> Credentials:
     """The bootstrap admin's credentials, unsealed (dev mode reprints them on restart)."""
-    store = _open_checked(Path(data_dir), root_key)
+    store = _open_checked(Path(data_dir), root_key, store_url)
     try:
         access_key_id = store.get_meta("admin_access_key_id")
         cred = store.get_credential(access_key_id) if access_key_id else None

@@ -57,6 +57,8 @@ LimitExceededException = _error("LimitExceededException", 400)
 UnsupportedOperationException = _error("UnsupportedOperationException", 400)
 MalformedPolicyDocumentException = _error("MalformedPolicyDocumentException", 400)
 KMSInternalException = _error("KMSInternalException", 500)
+# The store's database is unreachable (PostgreSQL down or restarting): retry later (AWS's 503).
+DependencyTimeoutException = _error("DependencyTimeoutException", 503)
 
 # Added for the core: AWS answers an attempt to manage an ``alias/aws/`` alias with this.
 NotAuthorizedException = _error("NotAuthorizedException", 400)

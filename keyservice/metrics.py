@@ -42,6 +42,22 @@ class Metrics:
         with self._lock:
             self._events[event] += 1
 
+    def snapshot(self) -> dict[str, list[list[object]]]:
+        """The counters as JSON-able lists (``serve --workers``: each worker publishes its own)."""
+        with self._lock:
+            return {
+                "requests": [[*key, n] for key, n in sorted(self._requests.items())],
+                "events": [[event, n] for event, n in sorted(self._events.items())],
+            }
+
+    def add(self, snapshot: dict[str, list[list[object]]]) -> None:
+        """Add another worker's ``snapshot`` to these counters."""
+        with self._lock:
+            for operation, outcome, code, n in snapshot.get("requests", []):
+                self._requests[(str(operation), str(outcome), str(code))] += int(n)  # type: ignore[call-overload]
+            for event, n in snapshot.get("events", []):
+                self._events[str(event)] += int(n)  # type: ignore[call-overload]
+
     def render(
         self,
         *,

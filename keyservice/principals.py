@@ -20,8 +20,9 @@ from pathlib import Path
 from keyservice import bootstrap
 from keyservice.authz import policy
 from keyservice.clock import Clock, SystemClock
+from keyservice.store import engine
+from keyservice.store.base import Store
 from keyservice.store.model import IdentityPolicyRecord, PrincipalRecord
-from keyservice.store.sqlite import SQLiteStore
 
 USER_NAME = re.compile(r"^[\w+=,.@-]{1,64}$")
 POLICY_NAME = re.compile(r"^[\w+=,.@-]{1,128}$")
@@ -49,12 +50,12 @@ def _check_name(name: str) -> None:
         raise PrincipalError(f"invalid principal name {name[:80]!r}: 1-64 of letters, digits and +=,.@_-")
 
 
-def _open(data_dir: Path, root_key: bytes) -> tuple[SQLiteStore, str]:
+def _open(data_dir: Path, root_key: bytes) -> tuple[Store, str]:
     store = bootstrap._open_checked(Path(data_dir), root_key)  # checks the root key matches
     return store, store.get_meta("account_id") or bootstrap.DEFAULT_ACCOUNT_ID
 
 
-def _existing(store: SQLiteStore, account_id: str, name: str) -> PrincipalRecord:
+def _existing(store: Store, account_id: str, name: str) -> PrincipalRecord:
     _check_name(name)
     principal = store.get_principal(user_arn(account_id, name))
     if principal is None:
@@ -81,10 +82,10 @@ def create(
 
 def list_all(data_dir: Path) -> list[PrincipalInfo]:
     """Every principal with its access key ids and policy names (nothing secret; no root key needed)."""
-    path = bootstrap.store_path(Path(data_dir))
-    if not path.exists():
+    url = engine.resolve_url(Path(data_dir), None)
+    if not engine.store_exists(Path(data_dir), url):
         raise bootstrap.NotInitializedError(f"{data_dir} is not an initialised keyservice data directory")
-    store = SQLiteStore(path)
+    store = engine.open_store(Path(data_dir), url)
     try:
         keys: dict[str, list[str]] = {}
         for cred in store.list_credentials():

@@ -5,15 +5,26 @@ work missed while the server was down is done on the first tick after a restart,
 move an injected clock forward instead of waiting. Each transition is audited (principal
 ``keyservice``) and counted in /metrics. One thread; ``stop`` ends it between ticks; a failing
 tick is logged and retried on the next one, never fatal.
+
+Several nodes on one PostgreSQL store: a tick runs only on the node holding the scheduler lease
+(a row timed by the database clock, renewed every tick, ``lease_seconds`` long), and each of
+its transitions re-checks the lease's fencing token inside its own transaction
+(``store.fenced``), so a node that lost the lease while paused changes nothing. The transitions
+are conditional updates besides, so even a second run would be harmless. No advisory locks:
+they vanish silently with a dropped connection.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import uuid
 from typing import TYPE_CHECKING
 
 from keyservice.ops import deletion, importing, rotation
+from keyservice.store.base import LeaseLostError
 from keyservice.store.model import ENABLED, ROTATION_AUTOMATIC
 
 if TYPE_CHECKING:
@@ -22,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 60.0
+MIN_LEASE_SECONDS = 5.0
 
 
 def run_due_work(service: KeyService) -> dict[str, int]:
@@ -35,7 +47,7 @@ def run_due_work(service: KeyService) -> dict[str, int]:
         if key.valid_to is not None and key.valid_to <= now and importing.expire(service, key.key_id, now):
             done["expired"] += 1
     for candidate in service.store.keys_due_rotation(now):
-        with service.lock:
+        with service.store.transaction():
             key = service.store.get_key(candidate.key_id)
             # Disabled and pending keys are not rotated; they rotate when enabled again, if still due.
             if (
@@ -67,6 +79,8 @@ class Scheduler:
             raise ValueError("the scheduler interval must be positive")
         self.service = service
         self.interval = interval
+        self.lease_seconds = max(MIN_LEASE_SECONDS, 3 * interval)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="keyservice-scheduler", daemon=True)
 
@@ -81,9 +95,15 @@ class Scheduler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                done = run_due_work(self.service)
-                if any(done.values()):
-                    log.info("scheduler: %s", done)
+                store = self.service.store
+                token = store.acquire_scheduler_lease(self.holder, self.lease_seconds)
+                if token is not None:
+                    with store.fenced(self.holder, token):
+                        done = run_due_work(self.service)
+                    if any(done.values()):
+                        log.info("scheduler: %s", done)
+            except LeaseLostError as error:
+                log.info("scheduler: %s; another node runs it now", error)
             except Exception:
                 log.exception("scheduler tick failed; retrying next tick")
             self._stop.wait(self.interval)

@@ -16,8 +16,9 @@ This module knows no operation. The operations live in ``keyservice.ops`` (one m
 collected by ``keyservice.ops.registry`` into the ``OperationTable`` that whoever builds the
 service hands in; each handler is ``fn(service, params, info) -> result`` and uses the helpers
 here. Parameter checks and limits are ``params.py``'s; state rules are ``lifecycle.py``'s alone.
-Operations that change keys, and the background ``scheduler.py``, serialise on
-``KeyService.lock`` so a read-modify-write of a key record never loses a concurrent change.
+Operations that change keys, and the background ``scheduler.py``, run each read-modify-write as
+one ``store.transaction()`` (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the key row read ``FOR
+UPDATE``), so a concurrent change from another thread, worker process or node is never lost.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import hashlib
 import hmac
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -76,7 +76,7 @@ UNSEALED_CACHE_SIZE = 1024
 # Who the audit log names for transitions the service makes by itself.
 SERVICE_PRINCIPAL = "keyservice"
 
-# Operations that never change a key record run without ``KeyService.lock`` (and, for the same
+# Operations that never change a key record run outside a store transaction (and, for the same
 # reason, on the HTTP server's event loop: keyservice/http/api.py).
 READ_ONLY_OPERATIONS = frozenset(
     {
@@ -146,9 +146,6 @@ class KeyService:
         self.max_keys = max_keys
         self.allow_pkcs1_import = allow_pkcs1_import
         self.metrics = Metrics()
-        # Held by every operation that changes a key record and by the scheduler (re-entrant: the
-        # default key is created from inside a crypto call).
-        self.lock = threading.RLock()
         self._root_key = bytes(root_key)
         self._unsealed: dict[tuple[bytes, bytes], bytes] = {}
         self._ensure_default_alias = operations.ensure_default_alias
@@ -223,7 +220,7 @@ class KeyService:
             if operation in READ_ONLY_OPERATIONS:
                 result = handler(params, info)
             else:
-                with self.lock:
+                with self.store.transaction():
                     result = handler(params, info)
             if operation not in authorize.ACCOUNT_OPERATIONS and not info.authorized_keys:
                 # Fail closed: a key operation that never authorized its key is a bug, not a grant.
@@ -253,6 +250,38 @@ class KeyService:
         ``access_key_id``: the key id the request claimed, recorded when ``ctx.principal`` is None.
         """
         self._audit(operation or "", ctx, AuditInfo(), error, claimed_access_key_id=access_key_id)
+
+    def authorize_action(self, operation: str, ctx: RequestContext) -> None:
+        """Authorize and audit an account-wide action that is not a KMS operation, such as the
+        console's ``ReadAuditLog`` (IAM action ``kms:ReadAuditLog``): identity policies decide, as
+        for ListKeys; one audit record either way. Raises AccessDeniedException."""
+        info = AuditInfo()
+        try:
+            self._check_principal(ctx)
+            info.principal = ctx.principal
+            authorize.authorize_account(self, info, operation)
+        except errors.KMSError as exc:
+            self._audit(operation, ctx, info, exc)
+            raise
+        self._audit(operation, ctx, info, None)
+
+    def allows(self, operation: str, principal: Principal) -> bool:
+        """Would ``authorize_action(operation)`` pass for ``principal``? Not audited: the console
+        asks it to decide which links to show, and every page behind a link authorizes again."""
+        info = AuditInfo()
+        info.principal = principal
+        try:
+            self._check_principal(RequestContext(request_id="", source_address="", principal=principal))
+            authorize.authorize_account(self, info, operation)
+        except errors.KMSError:
+            return False
+        return True
+
+    def record_event(self, operation: str, ctx: RequestContext) -> None:
+        """Audit a successful event that is not a KMS operation (console login and logout)."""
+        info = AuditInfo()
+        info.principal = ctx.principal
+        self._audit(operation, ctx, info, None)
 
     # ----------------------------------------------------------------- helpers
 
@@ -308,12 +337,13 @@ class KeyService:
             )
         )
 
-    def metrics_text(self) -> tuple[str, str]:
-        """``GET /metrics``: (content type, Prometheus text)."""
+    def metrics_text(self, counters: Metrics | None = None) -> tuple[str, str]:
+        """``GET /metrics``: (content type, Prometheus text); ``counters`` instead of this process's
+        own (``serve --workers``: every worker's, summed)."""
         expiring = [
             (k.key_id, k.arn, k.valid_to) for k in self.store.keys_with_material_expiry() if k.valid_to
         ]
-        text = self.metrics.render(
+        text = (counters or self.metrics).render(
             now=self.clock.now(), expiring=expiring, key_counts=self.store.count_keys_by_state()
         )
         return METRICS_CONTENT_TYPE, text

@@ -218,7 +218,7 @@ def _endpoint_for(cipherdir: str, config: Config, creds: Credentials, override: 
     storage: an edited endpoint must not redirect signed requests (and the data keys they return)
     to another server. So it is used only when the operator's side agrees or names none:
     ``--endpoint`` on the command line wins (and is reported when it differs), and an endpoint named
-    by the credentials must match the record.
+    by the credentials (one of them, when they list several) must match the record.
     """
     if override:
         _valid_endpoint(override)
@@ -226,7 +226,8 @@ def _endpoint_for(cipherdir: str, config: Config, creds: Credentials, override: 
             print(f"kmsfs: note: using --endpoint {override}; {cipherdir} records {config.endpoint} "
                   f"(kmsfs config set-endpoint {cipherdir} {override} records the move)", file=sys.stderr)
         return override
-    if creds.endpoint and _origin(creds.endpoint) != _origin(config.endpoint):
+    named = creds.endpoints or ((creds.endpoint,) if creds.endpoint else ())
+    if named and _origin(config.endpoint) not in {_origin(e) for e in named}:
         raise CliError(
             f"{cipherdir} records the key service {config.endpoint} but {creds.source or 'the credentials'} "
             f"name {creds.endpoint}; refusing to guess (the record lies in untrusted storage): if the "
@@ -243,8 +244,11 @@ def _build(cipherdir: str, args: argparse.Namespace, timeout: float = DEFAULT_KM
         raise CliError(str(exc)) from None
     creds = _credentials(args)
     endpoint = _endpoint_for(cipherdir, config, creds, getattr(args, "endpoint", None), quiet)
+    # The other endpoints the credentials list (nodes of the same key service) are tried in order
+    # when this one cannot answer (docs/OPERATIONS.md, failover).
+    fallbacks = tuple(e for e in creds.endpoints if _origin(e) != _origin(endpoint))
     return config, KeyClient(endpoint, config.region, creds, connect_timeout=timeout,
-                             read_timeout=timeout)
+                             read_timeout=timeout, fallbacks=fallbacks)
 
 
 def _origin(url: str) -> tuple[str, str]:

@@ -11,6 +11,10 @@ request, ~0.1 s to import once), never botocore's signer or transport.
 Errors: an AWS error reply becomes ``KeyServiceError(code, message)``; anything that means "the
 service could not answer" (connection refused, timeout, 5xx, unparseable reply) becomes
 ``KeyServiceUnavailable``. Nothing else escapes.
+
+Failover: a client may be given further endpoints (nodes of the same key service, the
+credentials file's ``"endpoints"`` list). When the current one cannot answer, the same request is
+signed again for the next one and sent there, in order; the first that answers becomes current.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ class Credentials:
     session_token: str | None = None
     endpoint: str | None = None
     region: str | None = None
+    # Every endpoint of the service, in the order to try them (``endpoint`` first when both given).
+    endpoints: tuple[str, ...] = ()
     # A PEM bundle of CAs to trust for an https endpoint (the keyservice's private CA); None means
     # the system's CAs. Certificate verification is never turned off.
     ca_bundle: str | None = None
@@ -127,11 +133,17 @@ def load_credentials(path: str | os.PathLike[str] | None = None,
     if path is not None:
         try:
             data = json.loads(Path(path).read_text())
+            endpoints = [str(e) for e in data.get("endpoints") or []]
+            if not isinstance(data.get("endpoints", []), list):
+                raise ValueError('"endpoints" must be a list of URLs')
+            if data.get("endpoint") and data["endpoint"] not in endpoints:
+                endpoints.insert(0, str(data["endpoint"]))
             return Credentials(
                 access_key_id=str(data["access_key_id"]),
                 secret_access_key=str(data["secret_access_key"]),
                 session_token=data.get("session_token"),
-                endpoint=data.get("endpoint"),
+                endpoint=endpoints[0] if endpoints else None,
+                endpoints=tuple(endpoints),
                 region=data.get("region"),
                 ca_bundle=env.get(CA_BUNDLE_ENV) or data.get("ca_bundle") or env.get("AWS_CA_BUNDLE") or None,
                 source=f"the credentials file {path}",
@@ -158,10 +170,13 @@ class KeyClient:
 
     def __init__(self, endpoint: str, region: str, credentials: Credentials, *,
                  connect_timeout: float = 3.0, read_timeout: float = 10.0,
-                 session: requests.Session | None = None) -> None:
-        parts = urlsplit(check_endpoint(endpoint))
-        self.url = f"{parts.scheme}://{parts.netloc}/"
-        self.host = parts.netloc
+                 session: requests.Session | None = None, fallbacks: tuple[str, ...] = ()) -> None:
+        self._endpoints: list[tuple[str, str]] = []  # (url, host) in the order to try them
+        for url in (endpoint, *fallbacks):
+            parts = urlsplit(check_endpoint(url))
+            if (f"{parts.scheme}://{parts.netloc}/", parts.netloc) not in self._endpoints:
+                self._endpoints.append((f"{parts.scheme}://{parts.netloc}/", parts.netloc))
+        self.url, self.host = self._endpoints[0]
         self.region = region
         self.credentials = credentials
         self.timeout = (connect_timeout, read_timeout)
@@ -175,15 +190,33 @@ class KeyClient:
         # The lean keep-alive pool (kmsfs/transport.py) unless a session was given or a proxy is
         # configured: requests costs ~0.8 ms of Python per call, on the path of every open.
         # (A transport adapter mounted on the session later, as tests do, takes precedence.)
-        self._pool = transport.ConnectionPool(self.url) if session is None and transport.usable() else None
+        lean = session is None and transport.usable()
+        self._pools = {url: transport.ConnectionPool(url) if lean else None for url, _ in self._endpoints}
+        self._pool = self._pools[self.url]
 
     # -- transport --------------------------------------------------------------------------------
     def call(self, operation: str, payload: dict[str, Any],
              caller: dict[str, Any] | None = None) -> dict[str, Any]:
-        """POST one KMS operation and return the decoded JSON reply."""
+        """POST one KMS operation and return the decoded JSON reply (failing over, see the module doc)."""
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        current = (self.url, self.host)
+        order = [current] + [e for e in self._endpoints if e != current]
+        for attempt, (url, host) in enumerate(order):
+            try:
+                reply = self._call_one(url, host, operation, body, caller)
+            except KeyServiceUnavailable:
+                if attempt == len(order) - 1:
+                    raise
+                continue
+            if attempt:
+                self.url, self.host, self._pool = url, host, self._pools[url]  # stay on the one that answered
+            return reply
+        raise AssertionError("unreachable")
+
+    def _call_one(self, url: str, host: str, operation: str, body: bytes,
+                  caller: dict[str, Any] | None) -> dict[str, Any]:
         headers = {
-            "Host": self.host,
+            "Host": host,
             "Content-Type": CONTENT_TYPE,
             "X-Amz-Target": TARGET_PREFIX + operation,
         }
@@ -195,21 +228,22 @@ class KeyClient:
         except Exception as exc:  # noqa: BLE001 - botocore's refresh: any failure means "no answer"
             raise KeyServiceUnavailable(f"credentials could not be refreshed: {exc}") from exc
         headers.update(sign_request(
-            method="POST", url=self.url, headers=headers, body=body,
+            method="POST", url=url, headers=headers, body=body,
             access_key_id=access_key_id, secret_access_key=secret,
             region=self.region, session_token=token,
         ))
+        pool = self._pools[url]
         try:
-            post = (self._pool.post if self._pool is not None
-                    and self.session.get_adapter(self.url) is self._adapter else self.session.post)
-            resp = post(self.url, data=body, headers=headers, timeout=self.timeout, verify=self.verify)
+            post = (pool.post if pool is not None
+                    and self.session.get_adapter(url) is self._adapter else self.session.post)
+            resp = post(url, data=body, headers=headers, timeout=self.timeout, verify=self.verify)
         except requests.RequestException as exc:
             if _tls_failure(exc):
                 trusted = self.verify if isinstance(self.verify, str) else "the system CAs"
                 raise KeyServiceUnavailable(
-                    f"the TLS certificate of {self.url} is not trusted by {trusted}: {_tls_reason(exc)} "
+                    f"the TLS certificate of {url} is not trusted by {trusted}: {_tls_reason(exc)} "
                     "(wrong endpoint, or pass the service's CA with --ca-bundle)") from exc
-            raise KeyServiceUnavailable(f"key service at {self.url} unreachable: {exc}") from exc
+            raise KeyServiceUnavailable(f"key service at {url} unreachable: {exc}") from exc
         if resp.status_code >= 500:
             code = _error_code(resp)
             raise KeyServiceUnavailable(f"key service error {resp.status_code} {code}".strip())
@@ -269,8 +303,9 @@ class KeyClient:
         return meta
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
+        for pool in self._pools.values():
+            if pool is not None:
+                pool.close()
         self.session.close()
 
 

@@ -12,6 +12,8 @@ peak RSS, prints one table with kmsfs/gocryptfs and kmsfs/passthrough ratios and
 Everything it mounted or started is unmounted and stopped on the way out, also on failure.
 
 ``--quick`` uses small sizes and one repetition (the test suite runs it; it never installs).
+``--kms-only --workers N`` measures the key service alone, served by N worker processes
+(``keyservice serve --workers N``; docs/OPERATIONS.md compares 1 and 2 on this 2-core machine).
 Run as root: dropping the page cache needs it (``sync; echo 3 > /proc/sys/vm/drop_caches``).
 """
 
@@ -203,12 +205,13 @@ class Env:
                     proc.wait(5)
 
 
-def start_keyservice(env: Env) -> None:
+def start_keyservice(env: Env, workers: int = 1) -> None:
     data, creds = env.run_dir / "keyservice", env.run_dir / "creds.json"
     port = free_port()
     log = open(env.run_dir / "keyservice.log", "w")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen([PY, "-m", "keyservice", "serve", "--dev", "--data-dir", str(data),
-                             "--listen", f"127.0.0.1:{port}", "--credentials-out", str(creds)],
+                             "--listen", f"127.0.0.1:{port}", "--credentials-out", str(creds),
+                             "--workers", str(workers)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=env.run_dir)
     env.procs.append(proc)
     env.kms_pid = proc.pid
@@ -436,6 +439,24 @@ def _kms_worker(creds: dict[str, Any], operation: str, payload: dict[str, Any], 
     for w in workers:
         w.join()
     out.put((lat, errors))
+
+
+def _cpu_split(env: Env) -> tuple[float, float]:
+    """CPU seconds used so far by the key service (its process and its workers) and by the load
+    generators this script ran and reaped (wrk)."""
+    import resource
+
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [env.kms_pid]
+    with contextlib.suppress(OSError):
+        pids += [int(p) for p in Path(f"/proc/{env.kms_pid}/task/{env.kms_pid}/children").read_text().split()]
+    service = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            service += (int(fields[11]) + int(fields[12])) / tick
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return service, children.ru_utime + children.ru_stime
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -686,6 +707,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree-only", action="store_true",
                    help="only the tree workloads (untar, find/ls, cat, rm): e.g. encrypted against "
                         "plaintext names, --targets kmsfs,kmsfs-plain")
+    p.add_argument("--kms-only", action="store_true",
+                   help="measure the key service alone (Decrypt and GenerateDataKey), no file systems")
+    p.add_argument("--workers", type=int, default=1, help="keyservice serve --workers N (default 1)")
+    p.add_argument("--seconds", type=float, default=10.0, help="--kms-only: seconds per operation")
     p.add_argument("--key-pool", type=int, default=None, metavar="N",
                    help="kmsfs mount --key-pool N (default: kmsfs's own default, off; 32 measures "
                         "the pool with its claims)")
@@ -697,6 +722,18 @@ def main(argv: list[str] | None = None) -> int:
     with run_directory(args.run_dir, args.keep) as run_dir:
         env = Env(run_dir, kmsfs_opts=[] if args.key_pool is None else [f"--key-pool={args.key_pool}"])
         try:
+            if args.kms_only:
+                start_keyservice(env, args.workers)
+                before, started = _cpu_split(env), time.monotonic()
+                kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=args.seconds,
+                               clients=16, processes=4, run_dir=env.run_dir)
+                elapsed = time.monotonic() - started
+                after = _cpu_split(env)
+                # Where the CPU went during both loads, in cores (2.0 = both cores of this machine).
+                kms["keyservice_cpu_cores"] = round((after[0] - before[0]) / elapsed, 2)
+                kms["load_generator_cpu_cores"] = round((after[1] - before[1]) / elapsed, 2)
+                print(json.dumps({"workers": args.workers, **kms}, indent=2))
+                return 0
             result = bench(args, env)
         finally:
             env.close()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what kmsfs needs on a Debian machine, idempotently: libfuse3 and libfuse2, a fusermount
 # (from `fuse` or `fuse3`, whichever is there: they conflict, so never force one over the other),
-# Python's venv, and a .venv with the project and its test tools. Run as root.
+# Python's venv, Chromium (the console's browser tests), and a .venv with the project and its test
+# tools. Run as root.
 #
 # Run it (./scripts/setup.sh), or source it (source scripts/setup.sh, as demo.sh and test.sh do):
 # sourcing also puts .venv/bin on PATH and defines `say`. Either way the work happens in a
@@ -37,7 +38,14 @@ fi
 if ! command -v fusermount >/dev/null 2>&1 && ! command -v fusermount3 >/dev/null 2>&1; then
     packages+=(fuse3)
 fi
+# Debian's Chromium for the web console's browser tests (driven by Playwright's Python package with
+# executable_path=/usr/bin/chromium; `playwright install` is never run: it downloads a browser).
+[ -x /usr/bin/chromium ] || packages+=(chromium)
 command -v git >/dev/null 2>&1 || packages+=(git)
+# PostgreSQL 15 for the tests of the key service's PostgreSQL store (the tests start their own server).
+if [ ! -x /usr/lib/postgresql/15/bin/initdb ] && ! command -v initdb >/dev/null 2>&1; then
+    packages+=(postgresql-15)
+fi
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then packages+=(python3-venv); fi
 if [ ${#packages[@]} -gt 0 ]; then apt_install "${packages[@]}"; fi
@@ -54,7 +62,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
     say "creating .venv with kmsfs and its test tools"
     [ -x .venv/bin/python ] || python3 -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -e '.[test,postgres]'
     echo "$want" > "$stamp"
 fi
 )

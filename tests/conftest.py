@@ -156,3 +156,25 @@ def keyservice_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevKeyS
 def kms(keyservice_dev: DevKeyService) -> Any:
     """A boto3 KMS client signed with the dev admin credentials."""
     return keyservice_dev.boto3_client()
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One real PostgreSQL 15 server for the whole session (tests/pg_server.py), stopped at the end.
+
+    Skipped only where PostgreSQL or psycopg is truly not installed, and then loudly: setup.sh
+    installs both, so CI never skips.
+    """
+    from tests.pg_server import running_server
+
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_server: Any) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()

@@ -34,7 +34,7 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +49,7 @@ from keyservice.audit.records import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_CHECKPOINT_SECONDS,
     GENESIS_HASH,
+    MAIN_CHAIN,
     audit_path,
     encode_line,
     format_time,
@@ -124,9 +125,12 @@ class AuditLog:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
         now: Any = None,
+        chain: str = MAIN_CHAIN,
+        mirror: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.path = audit_path(data_dir)
+        self.chain = chain
+        self.path = audit_path(data_dir, chain)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.path.parent, 0o700)
         self._signer = signer
@@ -148,6 +152,11 @@ class AuditLog:
         self._epoch = 0  # bumped when unsynced lines are cut back after a failed fsync
         self._durable_end = complete
         self._durable_tail = replace(self._tail)
+        # With a store on PostgreSQL every durable line is also copied, in order, into its
+        # append-only table before the request is answered (audit/pgmirror.py); None otherwise.
+        self._mirror = mirror
+        self._unshipped: list[tuple[int, bytes]] = []  # (file end after the line, line)
+        self._shipped_end = complete
         self._first_unsealed: datetime | None = None
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
@@ -177,6 +186,8 @@ class AuditLog:
             raise
         self._end += len(data)
         self._tail.prev_hash = line_hash(line)
+        if self._mirror is not None:
+            self._unshipped.append((self._end, line))
         return line
 
     def _commit(self, end: int, epoch: int) -> None:
@@ -184,21 +195,36 @@ class AuditLog:
         with self._sync_lock:
             if self._epoch != epoch:
                 raise OSError("the audit record was rolled back after a failed fsync")
-            if self._durable_end >= end:
-                return  # another request's fsync covered this record
-            with self._lock:
-                target, snapshot = self._end, replace(self._tail)
-            try:
-                os.fsync(self._fd)
-            except OSError:
+            if self._durable_end < end:  # else another request's fsync covered this record
                 with self._lock:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(self._fd, self._durable_end)
-                    self._end = self._durable_end
-                    self._tail = replace(self._durable_tail)
-                    self._epoch += 1
-                raise
-            self._durable_end, self._durable_tail = target, snapshot
+                    target, snapshot = self._end, replace(self._tail)
+                try:
+                    os.fsync(self._fd)
+                except OSError:
+                    with self._lock:
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(self._fd, self._durable_end)
+                        self._end = self._durable_end
+                        self._tail = replace(self._durable_tail)
+                        self._unshipped = [(e, line) for e, line in self._unshipped if e <= self._durable_end]
+                        self._epoch += 1
+                    raise
+                self._durable_end, self._durable_tail = target, snapshot
+            if self._mirror is not None and self._shipped_end < end:
+                self._ship()
+
+    def _ship(self) -> None:
+        """Copy every durable line not yet mirrored; caller holds ``_sync_lock``. A failure fails the
+        requests waiting on those lines (fail closed); the next commit tries them again."""
+        assert self._mirror is not None
+        with self._lock:
+            batch = [(e, line) for e, line in self._unshipped if e <= self._durable_end]
+        if not batch:
+            return
+        self._mirror([line for _, line in batch])
+        with self._lock:
+            del self._unshipped[: len(batch)]
+            self._shipped_end = batch[-1][0]
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Write one record and wait until it is durable; raise KMSInternalException if it cannot be."""
@@ -254,7 +280,7 @@ class AuditLog:
         """Mirror a durable checkpoint in the head file; the head only ever moves forward."""
         with self._head_lock:
             if seq > self._head_seq:
-                _write_head(self.data_dir, line)
+                _write_head(self.data_dir, line, self.chain)
                 self._head_seq = seq
 
     def _seal(self, *, recovered: bool = False) -> None:
@@ -297,6 +323,6 @@ class AuditLog:
                 self._fd = -1
 
 
-def _write_head(data_dir: Path, checkpoint_line: bytes) -> None:
-    """Atomically replace audit-head.json with the newest checkpoint line."""
-    write_atomic(head_path(data_dir), checkpoint_line + b"\n")
+def _write_head(data_dir: Path, checkpoint_line: bytes, chain: str = MAIN_CHAIN) -> None:
+    """Atomically replace the chain's head file (audit-head.json for ``main``) with its newest checkpoint."""
+    write_atomic(head_path(data_dir, chain), checkpoint_line + b"\n")

@@ -9,7 +9,9 @@ blobs: the service builds them only from the fields of ``build_record``.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
+import re
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,13 +57,43 @@ FIELDS = (
 )
 
 
-def audit_path(data_dir: Path) -> Path:
-    return Path(data_dir) / AUDIT_DIR / AUDIT_FILE
+# The chain of a single-process service; ``serve --workers N`` writes one chain per worker
+# (``<node>:w<i>``), each in its own directory under audit/ (docs/AUDIT.md, "Several writers").
+MAIN_CHAIN = "main"
+_CHAIN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+_CHAIN_SEGMENT = "0000000001.log"
 
 
-def head_path(data_dir: Path) -> Path:
-    """Where the newest checkpoint is kept, outside the log directory."""
-    return Path(data_dir) / HEAD_FILE
+def check_chain_id(chain: str) -> str:
+    if not _CHAIN_ID.match(chain) or chain in (".", ".."):
+        raise ValueError(f"invalid audit chain id {chain[:100]!r} (1-100 of A-Z a-z 0-9 . _ : -)")
+    return chain
+
+
+def audit_path(data_dir: Path, chain: str = MAIN_CHAIN) -> Path:
+    if chain == MAIN_CHAIN:
+        return Path(data_dir) / AUDIT_DIR / AUDIT_FILE
+    return Path(data_dir) / AUDIT_DIR / check_chain_id(chain) / _CHAIN_SEGMENT
+
+
+def head_path(data_dir: Path, chain: str = MAIN_CHAIN) -> Path:
+    """Where the newest checkpoint of ``chain`` is kept, outside the log directory."""
+    if chain == MAIN_CHAIN:
+        return Path(data_dir) / HEAD_FILE
+    return Path(data_dir) / f"audit-head.{check_chain_id(chain)}.json"
+
+
+def chains(data_dir: Path) -> list[str]:
+    """Every chain with a log in ``data_dir``: ``main`` (if its log exists), then the others by name."""
+    audit_dir = Path(data_dir) / AUDIT_DIR
+    found = [MAIN_CHAIN] if (audit_dir / AUDIT_FILE).exists() else []
+    if audit_dir.is_dir():
+        found += sorted(
+            p.name
+            for p in audit_dir.iterdir()
+            if p.is_dir() and _CHAIN_ID.match(p.name) and p.name != MAIN_CHAIN
+        )
+    return found
 
 
 def format_time(when: datetime) -> str:
@@ -151,10 +183,19 @@ def read_lines(path: Path) -> Iterator[bytes]:
 
 
 def read_records(data_dir: Path, unparsable: list[int] | None = None) -> Iterator[dict[str, Any]]:
-    """Every well-formed request record in order (checkpoints skipped). Lines that are not a JSON
-    object are skipped too, and their 1-based line numbers appended to ``unparsable`` if given
+    """Every well-formed request record of every chain, merged by time (each chain is in time
+    order already; checkpoints skipped). Lines that are not a JSON object are skipped too, and
+    their 1-based line numbers (in their chain's log) appended to ``unparsable`` if given
     (``audit list`` reports them; ``audit verify`` says what they break)."""
-    for number, line in enumerate(read_lines(audit_path(data_dir)), 1):
+    streams = [_chain_records(data_dir, chain, unparsable) for chain in chains(data_dir)]
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    yield from heapq.merge(*streams, key=lambda record: str(record.get("time", "")))
+
+
+def _chain_records(data_dir: Path, chain: str, unparsable: list[int] | None) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(read_lines(audit_path(data_dir, chain)), 1):
         try:
             record = json.loads(line)
         except ValueError:

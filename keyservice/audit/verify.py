@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +23,7 @@ from keyservice.audit.records import (
     DEFAULT_CHECKPOINT_SECONDS,
     GENESIS_HASH,
     HEAD_FILE,
+    MAIN_CHAIN,
     audit_path,
     head_path,
     is_checkpoint,
@@ -73,10 +74,13 @@ def verify(
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
     now: datetime | None = None,
+    chain: str = MAIN_CHAIN,
+    lines: Iterable[bytes] | None = None,
 ) -> VerifyReport:
-    """Check the chain, every checkpoint's signature and spacing, and the head file.
+    """Check one chain (``main`` unless named), every checkpoint's signature and spacing, and its head file.
 
-    Stops at the first bad line: everything after it is untrustworthy anyway.
+    Stops at the first bad line: everything after it is untrustworthy anyway. ``lines``: check
+    these (a chain read from the PostgreSQL table) instead of the file; there is no head file then.
     """
     report = VerifyReport(fingerprint=key_fingerprint(public_key))
     prev = GENESIS_HASH
@@ -91,7 +95,8 @@ def verify(
         return report
 
     number = 0
-    for number, line in enumerate(read_lines(audit_path(data_dir)), start=1):
+    source = read_lines(audit_path(data_dir, chain)) if lines is None else lines
+    for number, line in enumerate(source, start=1):
         try:
             record = json.loads(line)
         except ValueError:
@@ -135,7 +140,7 @@ def verify(
     report.unsealed = since_checkpoint
     if since_checkpoint > checkpoint_every:
         return fail(number, f"missing checkpoint: the last {since_checkpoint} records are not sealed")
-    head = _read_head(data_dir)
+    head = _read_head(data_dir, chain) if lines is None else None
     if head is not None:
         if not _check_signature(head, public_key):
             report.problems.append(f"{HEAD_FILE}: bad signature")
@@ -145,7 +150,7 @@ def verify(
                 f"(it ends at checkpoint #{(last_checkpoint or {}).get('seq', 0)}, line {number})")
         elif head.get("seq") == last_checkpoint.get("seq") and head != last_checkpoint:
             report.problems.append(f"{HEAD_FILE}: differs from checkpoint #{head.get('seq')} in the log")
-    elif report.checkpoints:
+    elif report.checkpoints and lines is None:
         report.problems.append(f"{HEAD_FILE} is missing although the log has checkpoints")
     if since_checkpoint:
         moment = now or datetime.now(UTC)
@@ -155,9 +160,9 @@ def verify(
     return report
 
 
-def _read_head(data_dir: Path) -> dict[str, Any] | None:
+def _read_head(data_dir: Path, chain: str) -> dict[str, Any] | None:
     try:
-        head = json.loads(head_path(data_dir).read_bytes())
+        head = json.loads(head_path(data_dir, chain).read_bytes())
     except FileNotFoundError:
         return None
     except ValueError:

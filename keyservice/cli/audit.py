@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from keyservice.audit import digest as audit_digest
+from keyservice.audit import pgmirror as audit_pgmirror
+from keyservice.audit import records as audit_records
 from keyservice.audit import review as audit_review
 from keyservice.audit import signing as audit_signing
 from keyservice.audit import verify as audit_verify
 from keyservice.audit.records import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_SECONDS, audit_path
 from keyservice.cli.common import CliError
+from keyservice.store import engine
 
 # Exit status of list/files when some log lines could not be parsed (the output is incomplete).
 EXIT_UNPARSABLE = 3
@@ -55,7 +60,7 @@ def _readable_log(data_dir: Path) -> None:
     """CliError unless ``data_dir`` is a keyservice data directory with an audit log."""
     if not data_dir.is_dir():
         raise CliError(f"{data_dir}: no such data directory")
-    if not audit_path(data_dir).is_file():
+    if not audit_records.chains(data_dir):
         raise CliError(f"{data_dir} has no audit log ({audit_path(data_dir)}): not a keyservice data "
                        "directory, or never served")
 
@@ -100,24 +105,65 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"keyservice: cannot check: cannot load the audit public key {key_path}: {error}",
               file=sys.stderr)
         return 2
-    report = audit_verify.verify(
-        data_dir,
-        public_key,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_seconds=args.checkpoint_seconds,
-    )
-    pinned = "pinned" if args.public_key else f"from {key_path}; compare with your own copy"
-    print(f"signing key fingerprint {report.fingerprint} ({pinned})")
-    print(f"{report.records} records, {report.checkpoints} checkpoints, {report.unsealed} not yet sealed")
-    for note in report.notes:
-        print(f"note: {note}")
-    if report.ok:
-        print("OK: the audit log is intact")
-        return 0
-    print(f"TAMPERED: {report.problems[0]}", file=sys.stderr)
-    for problem in report.problems[1:]:
-        print(f"also: {problem}", file=sys.stderr)
-    return 1
+    chains = audit_records.chains(data_dir) or [audit_records.MAIN_CHAIN]
+    failed = False
+    for chain in chains:
+        report = audit_verify.verify(
+            data_dir,
+            public_key,
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_seconds=args.checkpoint_seconds,
+            chain=chain,
+        )
+        label = "" if chains == [audit_records.MAIN_CHAIN] else f"chain {chain}: "
+        if chain == chains[0]:
+            pinned = "pinned" if args.public_key else f"from {key_path}; compare with your own copy"
+            print(f"signing key fingerprint {report.fingerprint} ({pinned})")
+        print(
+            f"{label}{report.records} records, {report.checkpoints} checkpoints, "
+            f"{report.unsealed} not yet sealed"
+        )
+        for note in report.notes:
+            print(f"{label}note: {note}")
+        if report.ok:
+            print(f"{label}OK: the audit log is intact")
+            continue
+        failed = True
+        print(f"{label}TAMPERED: {report.problems[0]}", file=sys.stderr)
+        for problem in report.problems[1:]:
+            print(f"{label}also: {problem}", file=sys.stderr)
+    failed = _verify_table(data_dir, public_key, args) or failed
+    count, problems = audit_digest.verify_digests(data_dir, public_key)
+    if count:
+        for problem in problems:
+            print(f"TAMPERED: {problem}", file=sys.stderr)
+        if not problems:
+            print(f"digests: {count}, every chain they name is intact")
+        failed = failed or bool(problems)
+    return 1 if failed else 0
+
+
+def _verify_table(data_dir: Path, public_key: Any, args: argparse.Namespace) -> bool:
+    """With the store on PostgreSQL: check every chain of every node in ``audit_records`` too
+    (hash chain and signed checkpoints; True if one is tampered)."""
+    url = args.store or engine.recorded_url(data_dir)
+    if not url:
+        return False
+    try:
+        chains = audit_pgmirror.table_chains(url)
+    except Exception as error:  # noqa: BLE001 - any driver error is one line for the operator
+        print(f"cannot read the audit table: {str(error).strip()[:200]}")
+        return True
+    failed = False
+    for chain, lines in sorted(chains.items()):
+        report = audit_verify.verify(
+            data_dir, public_key, checkpoint_every=args.checkpoint_every,
+            checkpoint_seconds=args.checkpoint_seconds, lines=lines,
+        )  # fmt: skip
+        state = "OK" if report.ok else f"TAMPERED: {report.problems[0]}"
+        print(f"table chain {chain}: {report.records} records, {report.checkpoints} checkpoints: {state}")
+        failed = failed or not report.ok
+    return failed
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -155,6 +201,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     verify = commands.add_parser("verify", help="check the hash chain, signed checkpoints and head")
     verify.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
     verify.add_argument("--public-key", help="pinned PEM public key (default: DATA_DIR/audit-signing.pub)")
+    verify.add_argument(
+        "--store",
+        default=os.environ.get(engine.STORE_ENV) or None,
+        metavar="URL",
+        help="also verify every chain in this PostgreSQL store's audit table (default: the data dir's)",
+    )
     verify.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
                         help=f"records per checkpoint the server used (default {DEFAULT_CHECKPOINT_EVERY})")
     verify.add_argument("--checkpoint-seconds", type=float, default=DEFAULT_CHECKPOINT_SECONDS,

@@ -16,6 +16,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,18 +25,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from keyservice import bootstrap
+from keyservice import bootstrap, workers
+from keyservice.audit import digest as audit_digest
+from keyservice.audit import signing as audit_signing
+from keyservice.audit.pgmirror import AuditMirrorError
+from keyservice.audit.records import MAIN_CHAIN
 from keyservice.cli import audit as cli_audit
+from keyservice.cli import backup as cli_backup
 from keyservice.cli import principal as cli_principal
 from keyservice.cli import startup
 from keyservice.cli.common import CliError, OneLineParser, root_source
 from keyservice.clock import FileOffsetClock, SystemClock
+from keyservice.console.app import build_console
 from keyservice.files import write_atomic
 from keyservice.http import tls
 from keyservice.http.api import KmsApp
-from keyservice.http.server import Server
+from keyservice.http.server import Server, bind_socket, endpoint_url
 from keyservice.scheduler import DEFAULT_INTERVAL, Scheduler
-from keyservice.store import rootkey
+from keyservice.store import engine, rootkey
 
 DEFAULT_LISTEN = "127.0.0.1:8600"
 DEFAULT_REGION = "us-east-1"
@@ -110,7 +117,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     with startup.undo_on_failure(*created):
         root_key = rootkey.create_root_config(data_dir, source)
         creds = bootstrap.initialize(
-            data_dir, root_key, region=args.region, account_id=args.account_id or _new_account_id()
+            data_dir,
+            root_key,
+            region=args.region,
+            account_id=args.account_id or _new_account_id(),
+            store_url=args.store,
         )
         ca_bundle = None
         if not args.no_tls:
@@ -200,77 +211,168 @@ def _serve(args: argparse.Namespace, ready: Callable[[str, Path], None] | None) 
             for close in reversed(closers):
                 close()
             raise
-    service, app, scheduler, server, creds, ca_bundle, tls_cert = started
-    endpoint = server.endpoint
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    serving, running, creds, ca_bundle, tls_cert, region = started
+    endpoint = serving.endpoint
     if args.dev:
         sys.stderr.write(DEV_WARNING.format(root=data_dir / rootkey.DEV_KEY_NAME))
     _warn_endpoint_mismatch(data_dir, endpoint, host, tls_cert, ca_bundle)
     if creds is not None and args.credentials_out:
-        _write_credentials(Path(args.credentials_out), creds, endpoint, service.region, ca_bundle)
+        _write_credentials(Path(args.credentials_out), creds, endpoint, region, ca_bundle)
     if args.pid_file:
         Path(args.pid_file).write_text(f"{os.getpid()}\n")
-    _announce(args, ready, data_dir, endpoint, service.region, creds, ca_bundle)
-    scheduler.start()
+    _announce(args, ready, data_dir, endpoint, region, creds, ca_bundle)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        if running is not None:  # one process: opened before announcing, so a failure says why
+            return running.serve()
+        # --workers N: the parent (holding the data-dir lock) only supervises its workers.
+        return workers.supervise(args.workers, serving.run)
     finally:
-        server.stop()
-        app.close()  # the last audit commits, before the log's final checkpoint
-        scheduler.stop()
-        service.close()  # seals the audit log with a final checkpoint
+        for close in reversed(closers):
+            close()
         if args.pid_file:
             Path(args.pid_file).unlink(missing_ok=True)
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    return 0
 
 
 def _start(args: argparse.Namespace, data_dir: Path, host: str, port: int,
            closers: list[Callable[[], object]]) -> tuple[Any, ...]:
-    """Open the store and the audit log, bind the server; each opened part is added to
-    ``closers`` at once, so a failure further on closes it again."""
+    """Unseal the root key, check the store, bind the socket; with one process also open the store
+    and the audit log. Each opened part is added to ``closers`` at once, so a failure further on
+    closes it again. With ``--workers N`` the workers open their own after the fork."""
+    if args.workers < 1:
+        raise CliError("--workers must be at least 1")
     if not args.dev:
         root_key = rootkey.load_root_key(data_dir, root_source(args, confirm=False))
         creds = None
     elif (data_dir / rootkey.ROOT_CONFIG_NAME).exists():
         root_key = rootkey.load_root_key(data_dir, rootkey.RootKeySource.dev())
-        creds = bootstrap.admin_credentials(data_dir, root_key)
+        creds = bootstrap.admin_credentials(data_dir, root_key, args.store)
     else:
         root_key = rootkey.create_root_config(data_dir, rootkey.RootKeySource.dev())
         creds = bootstrap.initialize(
-            data_dir, root_key, region=args.region or DEFAULT_REGION, account_id=_new_account_id()
+            data_dir,
+            root_key,
+            region=args.region or DEFAULT_REGION,
+            account_id=_new_account_id(),
+            store_url=args.store,
         )
     tls_cert, tls_key, ca_bundle = _tls_setup(args, data_dir, host)
-    # The service's clock may be shifted for tests (--clock-offset-file); SigV4 always checks real time.
-    service_clock = FileOffsetClock(args.clock_offset_file) if args.clock_offset_file else SystemClock()
-    service = bootstrap.open_service(
-        data_dir,
-        root_key,
-        clock=service_clock,
-        region=args.region,
-        max_keys=args.max_keys,
-        allow_pkcs1_import=args.allow_pkcs1_import,
-    )
-    closers.append(service.close)
-    del root_key
-    metrics = {"/metrics": service.metrics_text}
-    app = KmsApp(service, SystemClock(), max_body=args.max_body, extra_routes=metrics, threads=args.threads)
-    closers.append(app.close)
-    scheduler = Scheduler(service, interval=args.scheduler_interval)
+    region = bootstrap.check_store(data_dir, root_key, args.store, region=args.region)
     try:
-        server = Server(app, host, port, tls_cert=tls_cert, tls_key=tls_key)
-    except OSError as exc:  # taken since check_listen, or a certificate that cannot be read
-        if exc.filename:
-            raise CliError(f"cannot start: {exc.filename}: {exc.strerror}") from None
+        sock = bind_socket(host, port)
+    except OSError as exc:  # taken since check_listen
         raise startup.listen_error(host, port, exc) from None
-    return service, app, scheduler, server, creds, ca_bundle, tls_cert
+    closers.append(sock.close)
+    serving = _Serving(args, data_dir, root_key, sock, tls_cert, tls_key)
+    del root_key
+    running = None
+    if args.workers == 1:
+        running = serving.open(None)
+        closers.append(running.close)
+    return serving, running, creds, ca_bundle, tls_cert, region
+
+
+class _Serving:
+    """What a serving process needs, made before any fork: the unsealed root key and the bound
+    socket. ``open(index)`` builds the whole server (index None) or worker ``index`` of N."""
+
+    def __init__(self, args: argparse.Namespace, data_dir: Path, root_key: bytes, sock: socket.socket,
+                 tls_cert: Path | None, tls_key: Path | None) -> None:
+        self.args, self.data_dir, self.sock = args, data_dir, sock
+        self._root_key = root_key
+        self.tls_cert, self.tls_key = tls_cert, tls_key
+        host = args.listen[0]
+        self.endpoint = endpoint_url("https" if tls_cert else "http", host, sock.getsockname()[1])
+
+    def run(self, index: int) -> int:
+        """A worker's life: open, serve until SIGTERM, close (``workers.supervise`` forks it)."""
+        return self.open(index).serve()
+
+    def open(self, index: int | None) -> _Running:
+        args = self.args
+        # Unique per node (it names the node's chains in a shared audit table): by default the
+        # host name and the port, so two nodes on one host differ too.
+        node = args.node_id or f"{socket.gethostname()}-{self.sock.getsockname()[1]}"
+        chain = MAIN_CHAIN if index is None else workers.chain_id(node, index)
+        # The service's clock may be shifted for tests (--clock-offset-file); SigV4 always checks real time.
+        service_clock = FileOffsetClock(args.clock_offset_file) if args.clock_offset_file else SystemClock()
+        running = _Running()
+        try:
+            service = bootstrap.open_service(
+                self.data_dir,
+                self._root_key,
+                clock=service_clock,
+                region=args.region,
+                max_keys=args.max_keys,
+                allow_pkcs1_import=args.allow_pkcs1_import,
+                store_url=args.store,
+                audit_chain=chain,
+                audit_table_chain=f"{node}:main" if index is None else chain,
+            )
+            running.closers.append(service.close)  # seals the audit log with a final checkpoint
+            routes: dict[str, Any] = {"/metrics": service.metrics_text}
+            if index is not None:
+                share = workers.MetricsShare(self.data_dir, index, args.workers, service.metrics)
+                routes["/metrics"] = lambda: service.metrics_text(share.summed())
+                share.start()
+                running.closers.append(share.stop)
+            mounts = {} if args.no_console else {"/console/": build_console(service, self.data_dir)}
+            app = KmsApp(
+                service, SystemClock(), max_body=args.max_body, extra_routes=routes, threads=args.threads,
+                mounts=mounts,
+            )
+            running.closers.append(app.close)  # the last audit commits, before the final checkpoint
+            # With several workers of one node, the first runs the scheduler (its transitions are
+            # conditional, so a second run anywhere else would be harmless, only wasted) and writes
+            # the signed digest over every chain's head (audit/digest.py).
+            if not index:
+                signer = audit_signing.load_or_create(self.data_dir, self._root_key)
+                running.digests = audit_digest.DigestWriter(self.data_dir, signer, now=service_clock.now)
+                running.scheduler = Scheduler(service, interval=args.scheduler_interval)
+            running.server = Server(app, "", 0, tls_cert=self.tls_cert, tls_key=self.tls_key, sock=self.sock)
+        except BaseException:
+            running.close()
+            raise
+        return running
+
+
+class _Running:
+    """One serving process's parts; ``serve`` runs them until SIGTERM/SIGINT, then closes them."""
+
+    def __init__(self) -> None:
+        self.closers: list[Callable[[], object]] = []
+        self.server: Server | None = None
+        self.scheduler: Scheduler | None = None
+        self.digests: audit_digest.DigestWriter | None = None
+
+    def serve(self) -> int:
+        def stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        assert self.server is not None
+        if self.scheduler is not None:
+            self.scheduler.start()
+        if self.digests is not None:
+            self.digests.start()
+        try:
+            self.server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.server.stop()
+            if self.scheduler is not None:
+                self.scheduler.stop()
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        while self.closers:
+            self.closers.pop()()
+        if self.digests is not None:
+            self.digests.stop()  # a last digest, over the final checkpoints
+            self.digests = None
 
 
 def _warn_endpoint_mismatch(data_dir: Path, endpoint: str, host: str, tls_cert: Path | None,
@@ -378,6 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve plain HTTP (loopback addresses only; for tests and debugging) (default off)",
     )
+    _store_option(serve)
+    serve.add_argument(
+        "--workers", type=int, default=1,
+        help="worker processes sharing the listening socket, one core each (default 1)",
+    )
+    serve.add_argument(
+        "--node-id", metavar="NAME",
+        help="this node's name in its audit chain ids, unique per node (default: HOSTNAME-PORT)",
+    )
+    serve.add_argument("--no-console", action="store_true",
+                       help="do not serve the web console at /console/ (default: served)")
     serve.add_argument("--threads", type=int, default=8,
                        help="worker threads for key management requests (default 8)")
     serve.add_argument("--max-body", type=int, default=256 * 1024,
@@ -409,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--data-dir", required=True, help="the new store's directory, created (required)")
     _root_key_options(init, creating=True)
+    _store_option(init)
     init.add_argument("--region", default=DEFAULT_REGION,
                       help=f"the store's region (default {DEFAULT_REGION})")
     init.add_argument("--account-id", help="12-digit account id (default: random)")
@@ -439,8 +553,19 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init)
 
     cli_audit.register(sub)
+    cli_backup.register(sub)
     cli_principal.register(sub)
     return parser
+
+
+def _store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=os.environ.get(engine.STORE_ENV) or None,
+        metavar="URL",
+        help=f"postgresql://... database holding the store (default ${engine.STORE_ENV}; else the URL "
+        "`init` recorded in the data dir; else SQLite in the data dir)",
+    )
 
 
 def _root_key_options(parser: argparse.ArgumentParser, creating: bool = False) -> None:
@@ -471,7 +596,7 @@ def _run(func: Callable[[], int]) -> int:
     try:
         return int(func())
     except (CliError, rootkey.RootKeyError, bootstrap.RegionMismatchError, bootstrap.NotInitializedError,
-            bootstrap.AlreadyInitializedError) as error:
+            bootstrap.AlreadyInitializedError, engine.StoreUrlError, AuditMirrorError) as error:
         print(f"keyservice: {error}", file=sys.stderr)
     except ValueError as error:  # bootstrap's checks of --region / --account-id
         print(f"keyservice: {error}", file=sys.stderr)

@@ -68,6 +68,7 @@ _CLAIMED_KEY = re.compile(r"Credential=([A-Za-z0-9]+)/")
 
 ASGIReceive = Callable[[], Any]
 ASGISend = Callable[[dict[str, Any]], Any]
+ASGIApp = Callable[[dict[str, Any], ASGIReceive, ASGISend], Any]
 
 
 @dataclass(frozen=True)
@@ -170,11 +171,15 @@ class KmsApp:
         max_body: int = MAX_BODY_BYTES,
         extra_routes: dict[str, Callable[[], tuple[str, str]]] | None = None,
         threads: int = 8,
+        mounts: dict[str, ASGIApp] | None = None,
     ) -> None:
         self.service = service
         self.clock = clock
         self.max_body = max_body
         self.extra_routes = {"/healthz": lambda: ("text/plain; charset=utf-8", "ok\n")} | (extra_routes or {})
+        # Other ASGI apps served on this listener under a path prefix ending in "/" (the web
+        # console at /console/); they get the request untouched, body unread.
+        self.mounts = dict(mounts or {})
         self._threads = threads
         self._pool: ThreadPoolExecutor | None = None
         self._committer: AsyncCommitter | None = None
@@ -262,6 +267,11 @@ class KmsApp:
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] != "http":
             return  # no lifespan or websocket support; the server runs with lifespan="off"
+        path = scope.get("path") or "/"
+        for prefix, mounted in self.mounts.items():
+            if path.startswith(prefix) or path == prefix[:-1]:
+                await mounted(scope, receive, send)
+                return
         body, too_large = await self._read_body(scope, receive)
         client = scope.get("client")
         request = HttpRequest(

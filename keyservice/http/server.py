@@ -77,7 +77,8 @@ def _tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket (bound before serving; ``serve --workers`` shares one among its workers)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -85,6 +86,11 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock
+
+
+def endpoint_url(scheme: str, host: str, port: int) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}"
 
 
 class _Uvicorn(uvicorn.Server):
@@ -121,10 +127,11 @@ class Server:
     """One listening server; ``port`` is known after construction."""
 
     def __init__(self, app: Any, host: str, port: int, *,
-                 tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
+                 tls_cert: Path | None = None, tls_key: Path | None = None,
+                 sock: socket.socket | None = None) -> None:
         if tls_cert is not None and tls_key is None:
             raise ValueError("--tls-cert needs --tls-key")
-        self._socket = _bind(host, port)
+        self._socket = sock if sock is not None else bind_socket(host, port)
         config = uvicorn.Config(
             app,
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
@@ -149,8 +156,7 @@ class Server:
 
     @property
     def endpoint(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return endpoint_url(self.scheme, self.host, self.port)
 
     def serve_forever(self) -> None:
         """Serve until ``stop`` or SIGINT/SIGTERM (uvicorn handles both and re-raises them after)."""

@@ -34,7 +34,7 @@ def ensure(service: KeyService, alias_name: str) -> AliasRecord | None:
     description = DEFAULT_KEYS.get(alias_name)
     if description is None:
         return None
-    with service.lock:
+    with service.store.transaction():
         existing = service.store.get_alias(alias_name)
         if existing is not None:
             return existing

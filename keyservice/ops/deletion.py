@@ -66,8 +66,8 @@ def cancel_key_deletion(service: KeyService, params: dict[str, Any], info: Audit
 
 
 def reap(service: KeyService, key: KeyRecord, now: datetime) -> bool:
-    """Destroy ``key`` if its deletion is (still) due; audit it as ``DeleteKey``. Holds the lock."""
-    with service.lock:
+    """Destroy ``key`` if its deletion is (still) due; audit it as ``DeleteKey``. One store transaction."""
+    with service.store.transaction():
         if not service.store.destroy_key(key.key_id, now):
             return False
     service.audit_event(

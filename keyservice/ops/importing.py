@@ -246,7 +246,7 @@ def delete_imported_key_material(
 def expire(service: KeyService, key_id: str, now: datetime) -> bool:
     """Delete the material of ``key_id`` if its ValidTo has passed; audit it as
     ``DeleteExpiredKeyMaterial`` (the name CloudTrail uses). True if material was deleted."""
-    with service.lock:
+    with service.store.transaction():
         key = service.store.get_key(key_id)
         if key is None or not lifecycle.material_expired(key, now):
             return False

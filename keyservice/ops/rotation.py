@@ -28,7 +28,8 @@ MAX_ON_DEMAND_ROTATIONS = 10
 
 
 def rotate(service: KeyService, key: KeyRecord, rotation_type: str, now: datetime) -> int:
-    """Append a new version with fresh material; returns its number. Caller holds ``service.lock``."""
+    """Append a new version with fresh material; returns its number. Caller runs it inside
+    ``service.store.transaction()``."""
     latest = service.store.latest_key_version(key.key_id)
     number = (latest.version if latest else 0) + 1
     service.store.add_key_version(service.fresh_version(key.key_id, number, now, rotation_type))

@@ -24,6 +24,10 @@ from keyservice.store.model import (
 )
 
 
+class LeaseLostError(RuntimeError):
+    """The scheduler's lease passed to another node: the transition was rolled back."""
+
+
 def material_aad(key_id: str, version: int) -> bytes:
     """AAD sealing one key version's material: binds it to its key id and version."""
     return f"keyservice/key-material/v1\x00{key_id}\x00{version}".encode()
@@ -48,6 +52,14 @@ class Store(Protocol):
     """What the service needs from persistence. All methods are thread-safe."""
 
     def one_read_check(self) -> AbstractContextManager[None]: ...
+    # One read-modify-write: every store call of this thread inside joins one transaction that
+    # commits when the block ends (rolls back if it raises); nested blocks join the outer one.
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def in_transaction(self) -> bool: ...
+    # The scheduler's lease (docs/STORE.md): the fencing token if ``holder`` now holds it, else None;
+    # inside ``fenced(holder, token)`` every transaction of this thread first re-checks it.
+    def acquire_scheduler_lease(self, holder: str, seconds: float) -> int | None: ...
+    def fenced(self, holder: str, token: int) -> AbstractContextManager[None]: ...
     def get_meta(self, name: str) -> str | None: ...
     def set_meta(self, name: str, value: str) -> None: ...
 

@@ -54,6 +54,9 @@ from keyservice.store.sqlite_schema import (
 class SQLiteStore(AccessTables):
     """The embedded default store: one SQLite file in WAL mode, a connection per thread."""
 
+    # What a constraint violation raises on this engine (the PostgreSQL store names its own).
+    _integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         if not self.path.exists():
@@ -105,7 +108,19 @@ class SQLiteStore(AccessTables):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write: its own ``BEGIN IMMEDIATE`` transaction, or inside ``transaction()`` a
+        savepoint of it (a failed write then undoes only itself, as it would on its own)."""
         conn = self._conn()
+        if getattr(self._local, "depth", 0):
+            conn.execute("SAVEPOINT store_write")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK TO store_write")
+                conn.execute("RELEASE store_write")
+                raise
+            conn.execute("RELEASE store_write")
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -117,6 +132,42 @@ class SQLiteStore(AccessTables):
         finally:
             with self._all_lock:
                 self._writes += 1
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run a whole read-modify-write (one state-changing request, a scheduler transition) as one
+        transaction: every store call on this thread inside the block joins it, lookups bypass the
+        memo, and it commits when the block ends (rolls back if it raises). Nested blocks join
+        the outer one. On SQLite this is ``BEGIN IMMEDIATE``, which also serialises the writers
+        of several worker processes sharing the file."""
+        local = self._local
+        if getattr(local, "depth", 0):
+            local.depth += 1
+            try:
+                yield
+            finally:
+                local.depth -= 1
+            return
+        with self._write():
+            local.depth = 1
+            try:
+                yield
+            finally:
+                local.depth = 0
+
+    def acquire_scheduler_lease(self, holder: str, seconds: float) -> int | None:
+        """One SQLite file serves one node, whose first worker alone runs the scheduler: it always
+        holds the lease (token 1)."""
+        return 1
+
+    @contextmanager
+    def fenced(self, holder: str, token: int) -> Iterator[None]:
+        """Nothing to re-check on SQLite (see ``acquire_scheduler_lease``)."""
+        yield
+
+    def in_transaction(self) -> bool:
+        """Is this thread inside ``transaction()``?"""
+        return bool(getattr(self._local, "depth", 0))
 
     @contextmanager
     def one_read_check(self) -> Iterator[None]:
@@ -134,9 +185,12 @@ class SQLiteStore(AccessTables):
         finally:
             local.pinned = False
 
-    def _memo_for_thread(self) -> dict[tuple[Any, ...], Any]:
-        """This thread's memo, emptied first if anything may have been committed since it was filled."""
+    def _memo_for_thread(self) -> dict[tuple[Any, ...], Any] | None:
+        """This thread's memo, emptied first if anything may have been committed since it was filled;
+        None inside ``transaction()`` (lookups there must see the transaction's own writes)."""
         local = self._local
+        if getattr(local, "depth", 0):
+            return None
         if getattr(local, "pinned", False) and local.generation[1] == self._writes:
             return local.memo
         generation = (self._conn().execute("PRAGMA data_version").fetchone()[0], self._writes)
@@ -186,13 +240,7 @@ class SQLiteStore(AccessTables):
         enforcing the customer-key quota (service-managed keys do not count, SPEC K13)."""
         with self._write() as conn:
             if key.key_manager == MANAGER_CUSTOMER:
-                (count,) = conn.execute(
-                    "SELECT COUNT(*) FROM keys WHERE key_manager = ?", (MANAGER_CUSTOMER,)
-                ).fetchone()
-                if count >= max_customer_keys:
-                    raise LimitExceededException(
-                        f"The request would exceed the quota of {max_customer_keys} customer managed keys."
-                    )
+                self._take_quota(conn, max_customer_keys)
             conn.execute(
                 "INSERT INTO keys(key_id, arn, account_id, region, description, state, origin, key_manager,"
                 " key_usage, key_spec, creation_date, deletion_date, valid_to, policy, tags,"
@@ -235,8 +283,19 @@ class SQLiteStore(AccessTables):
                             to_text(alias.last_updated_date),
                         ),  # fmt: skip
                     )
-                except sqlite3.IntegrityError:
+                except self._integrity_errors:
                     raise AlreadyExistsException(f"An alias named {alias.name} already exists") from None
+
+    @staticmethod
+    def _take_quota(conn: Any, max_customer_keys: int) -> None:
+        """Refuse a customer key past the quota. A COUNT is exact here: ``BEGIN IMMEDIATE`` holds
+        the only write lock of the file until the insert commits."""
+        sql = "SELECT COUNT(*) FROM keys WHERE key_manager = ?"
+        (count,) = conn.execute(sql, (MANAGER_CUSTOMER,)).fetchone()
+        if count >= max_customer_keys:
+            raise LimitExceededException(
+                f"The request would exceed the quota of {max_customer_keys} customer managed keys."
+            )
 
     @memo
     def get_key(self, key_id: str) -> KeyRecord | None:
@@ -328,11 +387,18 @@ class SQLiteStore(AccessTables):
         that won the race is never undone. True if the key was destroyed.
         """
         with self._write() as conn:
-            cur = conn.execute(
-                "DELETE FROM keys WHERE key_id = ? AND state = ? AND deletion_date <= ?",
+            row = conn.execute(
+                "DELETE FROM keys WHERE key_id = ? AND state = ? AND deletion_date <= ?"
+                " RETURNING key_manager",
                 (key_id, PENDING_DELETION, to_text(now)),
-            )
-            return cur.rowcount == 1
+            ).fetchone()
+            if row is not None and row[0] == MANAGER_CUSTOMER:
+                self._release_quota(conn)
+            return row is not None
+
+    @staticmethod
+    def _release_quota(conn: Any) -> None:
+        """A customer key was destroyed (nothing to do here: the quota is a COUNT on SQLite)."""
 
     # ----------------------------------------------------------------- key versions
 
@@ -430,7 +496,7 @@ class SQLiteStore(AccessTables):
                         to_text(alias.last_updated_date),
                     ),
                 )
-        except sqlite3.IntegrityError:
+        except self._integrity_errors:
             if self.get_alias(alias.name) is not None:
                 raise AlreadyExistsException(f"An alias with the name {alias.name} already exists") from None
             raise NotFoundException(f"Key '{alias.target_key_id}' does not exist") from None

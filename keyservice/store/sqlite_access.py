@@ -34,6 +34,7 @@ from keyservice.store.sqlite_schema import (
 class AccessTables:
     """Credentials, principals, identity policies and grants (see ``SQLiteStore``)."""
 
+    _integrity_errors: tuple[type[Exception], ...]
     if TYPE_CHECKING:
         _write: Callable[[], AbstractContextManager[sqlite3.Connection]]
         _one: Callable[[str, tuple[object, ...]], sqlite3.Row | None]
@@ -56,7 +57,7 @@ class AccessTables:
                         int(cred.enabled),
                     ),
                 )
-        except sqlite3.IntegrityError:
+        except self._integrity_errors:
             raise AlreadyExistsException(f"Access key {cred.access_key_id} already exists") from None
 
     @memo
@@ -87,7 +88,7 @@ class AccessTables:
                     "INSERT INTO principals(arn, name, account_id, creation_date) VALUES (?, ?, ?, ?)",
                     (principal.arn, principal.name, principal.account_id, to_text(principal.creation_date)),
                 )
-        except sqlite3.IntegrityError:
+        except self._integrity_errors:
             raise AlreadyExistsException(f"Principal {principal.name} already exists") from None
 
     @memo
@@ -122,7 +123,7 @@ class AccessTables:
                     " ON CONFLICT(principal_arn, name) DO UPDATE SET document = excluded.document",
                     (record.principal_arn, record.name, record.document),
                 )
-        except sqlite3.IntegrityError:
+        except self._integrity_errors:
             raise NotFoundException(f"Principal {record.principal_arn} does not exist") from None
 
     def delete_identity_policy(self, principal_arn: str, name: str) -> bool:

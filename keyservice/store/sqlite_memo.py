@@ -30,6 +30,8 @@ def memo(method: _F) -> _F:
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         memo = self._memo_for_thread()
+        if memo is None:  # inside a transaction: read through
+            return method(self, *args, **kwargs)
         key = (name, args, tuple(sorted(kwargs.items())))
         try:
             value = memo[key]

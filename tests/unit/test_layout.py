@@ -134,7 +134,8 @@ def test_cycle_detection_works() -> None:
 
 
 LOWER = ("keyservice.store", "keyservice.audit", "keyservice.authz")
-UPPER = ("keyservice.http", "keyservice.cli", "keyservice.ops", "keyservice.service", "keyservice.bootstrap")
+UPPER = ("keyservice.http", "keyservice.cli", "keyservice.ops", "keyservice.service", "keyservice.bootstrap",
+         "keyservice.console")
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if _in(m, *LOWER)))
@@ -165,3 +166,25 @@ def test_package_inits_import_nothing() -> None:
     for module, path in MODULES.items():
         if path.name == "__init__.py" and module != "kmsfs":
             assert GRAPH[module] == set(), f"{module}/__init__.py imports {GRAPH[module]}"
+
+
+# The console translates browser requests into service calls: it never touches the store, an
+# operation, authorization or the audit writer directly, and the HTTP layer does not know it (it is
+# handed in as a mount). Audit reads go through the review/verify readers.
+CONSOLE_MAY_IMPORT = (
+    "keyservice.console", "keyservice.errors", "keyservice.context", "keyservice.audit.review",
+    "keyservice.audit.verify", "keyservice.audit.signing", "keyservice.audit.records",
+    "keyservice.audit.commit",
+)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _in(m, "keyservice.console")))
+def test_the_console_uses_only_the_service_facade_and_the_audit_readers(module: str) -> None:
+    other = sorted(t for t in GRAPH[module] if not _in(t, *CONSOLE_MAY_IMPORT))
+    assert other == [], f"{module} imports {other}"
+
+
+def test_the_console_is_wired_only_by_the_cli() -> None:
+    users = sorted(m for m in MODULES if not _in(m, "keyservice.console")
+                   and any(_in(t, "keyservice.console") for t in GRAPH[m]))  # fmt: skip
+    assert users == ["keyservice.cli.main"]

@@ -1,4 +1,8 @@
-"""SQLiteStore: records round-trip, quota and uniqueness are atomic, threads are safe, files private."""
+"""The stores: records round-trip, quota and uniqueness are atomic, threads are safe, files private.
+
+Every test taking ``store`` runs on both engines: SQLite and a real PostgreSQL (tests/pg_server.py);
+those taking ``sqlite_store`` check what only SQLite has (pragmas, the file, outside connections).
+"""
 
 from __future__ import annotations
 
@@ -45,13 +49,26 @@ def make_key(key_id: str | None = None, *, manager: str = "CUSTOMER") -> tuple[K
 
 
 @pytest.fixture
-def store(tmp_path: Path):
+def sqlite_store(tmp_path: Path):
     s = SQLiteStore(tmp_path / "ks.db")
     yield s
     s.close()
 
 
-def test_schema_and_pragmas(store: SQLiteStore, tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "ks.db")
+    else:
+        from keyservice.store.postgres import PostgresStore
+
+        s = PostgresStore(request.getfixturevalue("pg_url"), watch=True)
+    yield s
+    s.close()
+
+
+def test_schema_and_pragmas(sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+    store = sqlite_store
     assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
     conn = store._conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -96,7 +113,7 @@ def test_versions(store: SQLiteStore) -> None:
     assert store.get_key_version(key.key_id, 1) == v1
     assert store.latest_key_version(key.key_id) == v2
     assert store.get_key_version(key.key_id, 3) is None
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(store._integrity_errors):
         store.add_key_version(v2)
 
 
@@ -231,8 +248,9 @@ def test_closed_store_refuses(tmp_path: Path) -> None:
         s.get_meta("x")
 
 
-def test_memoised_lookups_see_every_commit(store: SQLiteStore, tmp_path: Path) -> None:
+def test_memoised_lookups_see_every_commit(sqlite_store: SQLiteStore, tmp_path: Path) -> None:
     """The per-thread memo never serves a value older than the last commit, from any connection."""
+    store = sqlite_store
     key, version = make_key()
     store.create_key(key, version, max_customer_keys=10)
     first = store.get_key(key.key_id)
@@ -259,7 +277,10 @@ def test_memoised_lookups_see_every_commit(store: SQLiteStore, tmp_path: Path) -
     assert store.latest_key_version(key.key_id) == version
 
 
-def test_one_read_check_per_request_still_sees_its_own_writes(store: SQLiteStore, tmp_path: Path) -> None:
+def test_one_read_check_per_request_still_sees_its_own_writes(
+    sqlite_store: SQLiteStore, tmp_path: Path
+) -> None:
+    store = sqlite_store
     key, version = make_key()
     store.create_key(key, version, max_customer_keys=10)
     other = sqlite3.connect(tmp_path / "ks.db", isolation_level=None)
@@ -274,3 +295,71 @@ def test_one_read_check_per_request_still_sees_its_own_writes(store: SQLiteStore
     with store.one_read_check():
         assert store.get_key(key.key_id).description == "outside"
     other.close()
+
+
+def test_transaction_commits_as_one_and_sees_its_own_writes(store: SQLiteStore) -> None:
+    key, v = make_key()
+    store.create_key(key, v, max_customer_keys=10)
+    with store.transaction():
+        mine = store.get_key(key.key_id)
+        mine.description = "in the transaction"
+        store.update_key(mine)
+        assert store.get_key(key.key_id).description == "in the transaction"
+        with pytest.raises(AlreadyExistsException):  # a failed write undoes only itself
+            store.add_credential(CredentialRecord("AKIAB", "arn:aws:iam::1:root", "1", b"s", T0))
+            store.add_credential(CredentialRecord("AKIAB", "arn:aws:iam::1:root", "1", b"s", T0))
+    assert store.get_key(key.key_id).description == "in the transaction"
+    assert store.get_credential("AKIAB") is not None
+    with pytest.raises(RuntimeError), store.transaction():
+        mine = store.get_key(key.key_id)
+        mine.description = "rolled back"
+        store.update_key(mine)
+        raise RuntimeError("the handler failed")
+    assert store.get_key(key.key_id).description == "in the transaction"
+
+
+def test_destroyed_customer_key_frees_its_quota(store: SQLiteStore) -> None:
+    key, v = make_key()
+    store.create_key(key, v, max_customer_keys=1)
+    key.state = "PendingDeletion"
+    key.deletion_date = T0
+    store.update_key(key)
+    assert store.destroy_key(key.key_id, T0 + timedelta(seconds=1))
+    assert not store.destroy_key(key.key_id, T0 + timedelta(seconds=1))
+    store.create_key(*make_key(), max_customer_keys=1)
+    with pytest.raises(LimitExceededException):
+        store.create_key(*make_key(), max_customer_keys=1)
+
+
+def test_the_scheduler_lease_is_held_by_one_node_and_fences_the_last(pg_url: str) -> None:
+    """Two nodes on one database: one holds the lease; when it lapses the other takes it with a new
+    token, and a transition of the old holder inside ``fenced`` is refused and rolled back."""
+    from keyservice.store.base import LeaseLostError
+    from keyservice.store.postgres import PostgresStore
+
+    first, second = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        key, v = make_key()
+        first.create_key(key, v, max_customer_keys=10)
+        token = first.acquire_scheduler_lease("first", 0.5)
+        assert token is not None
+        assert first.acquire_scheduler_lease("first", 0.5) == token  # renewed, same token
+        assert second.acquire_scheduler_lease("second", 0.5) is None
+        with first.fenced("first", token), first.transaction():
+            mine = first.get_key(key.key_id)
+            mine.description = "while holding the lease"
+            first.update_key(mine)
+        import time
+
+        time.sleep(0.7)
+        taken = second.acquire_scheduler_lease("second", 30)
+        assert taken is not None and taken > token
+        with pytest.raises(LeaseLostError), first.fenced("first", token), first.transaction():
+            mine = first.get_key(key.key_id)
+            mine.description = "after losing it"
+            first.update_key(mine)
+        assert second.get_key(key.key_id).description == "while holding the lease"
+        assert first.acquire_scheduler_lease("first", 30) is None
+    finally:
+        first.close()
+        second.close()

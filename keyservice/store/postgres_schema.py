@@ -1,0 +1,157 @@
+"""The PostgreSQL schema and its migrations (docs/STORE.md, "PostgreSQL").
+
+The tables and columns are SQLite schema 3's, so one set of SQL statements and one set of row
+converters (``sqlite_schema``) serve both engines: timestamps are ISO 8601 UTC text with
+microseconds (they sort as text, as on SQLite), sealed values ``BYTEA``. Every text column
+compares bytewise (``COLLATE "C"``) so listings page in the same order as SQLite's.
+
+Added for several nodes: ``generation`` (one row, bumped by every write transaction; what the
+caches of every node compare against), ``counters`` (the customer-key quota as a locked
+counter), ``nodes`` (each serving process's lease and the generation it has applied), and
+``scheduler_lease`` (which node runs the scheduler, until when, and the fencing token), and
+``audit_records``, the append-only copy of every node's audit chains (``audit/pgmirror.py``).
+
+``SCHEMA_VERSION`` is what a database is migrated to on open; ``MIGRATIONS[n]`` takes it from
+n to n + 1 inside one transaction.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# The bytewise-compared text type of every text column.
+_T = 'TEXT COLLATE "C"'
+
+SCHEMA_V1 = f"""
+CREATE TABLE meta (
+    name  {_T} PRIMARY KEY,
+    value {_T} NOT NULL
+);
+CREATE TABLE keys (
+    key_id               {_T} PRIMARY KEY,
+    arn                  {_T} NOT NULL UNIQUE,
+    account_id           {_T} NOT NULL,
+    region               {_T} NOT NULL,
+    description          {_T} NOT NULL,
+    state                {_T} NOT NULL,
+    origin               {_T} NOT NULL,
+    key_manager          {_T} NOT NULL,
+    key_usage            {_T} NOT NULL,
+    key_spec             {_T} NOT NULL,
+    creation_date        {_T} NOT NULL,
+    deletion_date        {_T},
+    valid_to             {_T},
+    policy               {_T},
+    tags                 {_T} NOT NULL DEFAULT '[]',
+    rotation_enabled     INTEGER NOT NULL DEFAULT 0,
+    rotation_period_days INTEGER,
+    next_rotation_date   {_T},
+    expiration_model     {_T},
+    material_id          {_T}
+);
+CREATE INDEX keys_by_next_rotation ON keys(next_rotation_date) WHERE rotation_enabled = 1;
+CREATE INDEX keys_by_deletion_date ON keys(deletion_date) WHERE deletion_date IS NOT NULL;
+CREATE TABLE key_versions (
+    key_id          {_T} NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    version         INTEGER NOT NULL,
+    creation_date   {_T} NOT NULL,
+    sealed_material BYTEA NOT NULL,
+    rotation_type   {_T},
+    PRIMARY KEY (key_id, version)
+);
+CREATE TABLE import_parameters (
+    token_id           {_T} PRIMARY KEY,
+    key_id             {_T} NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    wrapping_algorithm {_T} NOT NULL,
+    wrapping_key_spec  {_T} NOT NULL,
+    sealed_private_key BYTEA NOT NULL,
+    creation_date      {_T} NOT NULL,
+    valid_to           {_T} NOT NULL
+);
+CREATE INDEX import_parameters_by_key ON import_parameters(key_id);
+CREATE TABLE aliases (
+    name              {_T} PRIMARY KEY,
+    target_key_id     {_T} NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    creation_date     {_T} NOT NULL,
+    last_updated_date {_T} NOT NULL
+);
+CREATE INDEX aliases_by_target ON aliases(target_key_id);
+CREATE TABLE credentials (
+    access_key_id {_T} PRIMARY KEY,
+    principal_arn {_T} NOT NULL,
+    account_id    {_T} NOT NULL,
+    sealed_secret BYTEA NOT NULL,
+    creation_date {_T} NOT NULL,
+    enabled       INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX credentials_by_principal ON credentials(principal_arn);
+CREATE TABLE principals (
+    arn           {_T} PRIMARY KEY,
+    name          {_T} NOT NULL UNIQUE,
+    account_id    {_T} NOT NULL,
+    creation_date {_T} NOT NULL
+);
+CREATE TABLE identity_policies (
+    principal_arn {_T} NOT NULL REFERENCES principals(arn) ON DELETE CASCADE,
+    name          {_T} NOT NULL,
+    document      {_T} NOT NULL,
+    PRIMARY KEY (principal_arn, name)
+);
+CREATE TABLE grants (
+    grant_id           {_T} PRIMARY KEY,
+    key_id             {_T} NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    grantee            {_T} NOT NULL,
+    retiring_principal {_T},
+    operations         {_T} NOT NULL,
+    constraints        {_T},
+    name               {_T},
+    issuing_account    {_T} NOT NULL,
+    creation_date      {_T} NOT NULL
+);
+CREATE INDEX grants_by_key ON grants(key_id, grantee);
+CREATE INDEX grants_by_retiring_principal ON grants(retiring_principal);
+CREATE TABLE generation (
+    one   BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+    value BIGINT NOT NULL
+);
+INSERT INTO generation(one, value) VALUES (TRUE, 0);
+CREATE TABLE counters (
+    name  {_T} PRIMARY KEY,
+    value BIGINT NOT NULL CHECK (value >= 0)
+);
+INSERT INTO counters(name, value) VALUES ('customer_keys', 0);
+CREATE TABLE nodes (
+    node_id            {_T} PRIMARY KEY,
+    label              {_T} NOT NULL,
+    applied_generation BIGINT NOT NULL,
+    started            TIMESTAMPTZ NOT NULL DEFAULT now(),
+    lease_until        TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE scheduler_lease (
+    one         BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+    holder      {_T},
+    fence       BIGINT NOT NULL,
+    lease_until TIMESTAMPTZ NOT NULL
+);
+INSERT INTO scheduler_lease(one, holder, fence, lease_until) VALUES (TRUE, NULL, 0, '-infinity');
+CREATE TABLE audit_records (
+    chain_id {_T} NOT NULL,
+    seq      BIGINT NOT NULL CHECK (seq >= 1),
+    line     BYTEA NOT NULL,
+    written  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (chain_id, seq)
+);
+CREATE FUNCTION audit_records_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_records is append-only: % refused', TG_OP;
+END
+$$;
+CREATE TRIGGER audit_records_no_update_delete BEFORE UPDATE OR DELETE ON audit_records
+    FOR EACH ROW EXECUTE FUNCTION audit_records_append_only();
+CREATE TRIGGER audit_records_no_truncate BEFORE TRUNCATE ON audit_records
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_records_append_only();
+REVOKE UPDATE, DELETE, TRUNCATE ON audit_records FROM PUBLIC;
+"""
+
+# MIGRATIONS[n] takes a database from schema version n to n + 1 (none yet).
+MIGRATIONS: dict[int, tuple[str, ...]] = {}
