@@ -84,9 +84,8 @@ def test_no_plaintext_name_or_target_in_backing(m: M) -> None:
     for name in NAMES:
         (top / name).write_bytes(b"contents of a file")
         (sub / name).mkdir()
-    # A directory: a file create would send the name to the key service's audit, which (before
-    # branch hostile's lone-surrogate escaping) answers 500 for a non-UTF-8 path.
-    os.mkdir(os.fsencode(top) + b"/" + BYTES_NAME)
+    with open(os.fsencode(top) + b"/" + BYTES_NAME, "wb") as f:  # audited as \xNN escapes
+        f.write(b"bytes")
     for name, target in targets.items():
         os.symlink(target, top / name)
     os.link(top / "hello.txt", sub / "hard-link-name")
@@ -260,8 +259,11 @@ def test_audit_records_plaintext_paths(m: M, keyservice_dev: Any) -> None:
     (m.path / "audited-dir").mkdir()
     (m.path / "audited-dir" / "audited-file").write_text("x")
     (m.path / "audited-dir" / "audited-file").read_text()
+    with open(os.fsencode(m.path) + b"/audited-dir/" + BYTES_NAME, "wb") as f:
+        f.write(b"not UTF-8")
     paths = [(r.get("caller") or {}).get("path") for r in keyservice_dev.audit_records()]
     assert "/audited-dir/audited-file" in paths
+    assert "/audited-dir/latin1-\\xe9\\xff-bytes" in paths  # bytes that are not UTF-8: escaped
 
 
 def test_plaintext_names_option_keeps_the_old_layout(keyservice_dev: Any, tmp_path: Path, kms: Any) -> None:
