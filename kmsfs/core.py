@@ -48,7 +48,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,10 +305,25 @@ class KmsfsCore:
             self.utimens_fd(fd, times)
 
     # -- namespace (directory descriptor + one name) ----------------------------------------------
-    def mkdir_at(self, dir_fd: int, name: str, mode: int, caller: Caller | None = None) -> None:
+    def mkdir_at(self, dir_fd: int, name: str, mode: int, caller: Caller | None = None,
+                 fill: Callable[[int], None] | None = None) -> None:
+        """``fill(new directory fd)`` runs before owner and mode are applied (writes the
+        directory id of a name-encrypting cipherdir: the new directory may be read-only)."""
         if os.fstat(dir_fd).st_mode & stat.S_ISGID:
             mode |= stat.S_ISGID  # a setgid directory's subdirectories inherit the bit
         os.mkdir(name, 0o700, dir_fd=dir_fd)
+        if fill is not None:
+            try:
+                new_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=dir_fd)
+                try:
+                    fill(new_fd)
+                finally:
+                    os.close(new_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.rmdir(name, dir_fd=dir_fd)
+                raise
         self._own(dir_fd, name, caller)  # before chmod: exact modes, also with set-id bits
         chmod_at(dir_fd, name, mode & 0o7777)
 

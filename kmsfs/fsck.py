@@ -26,6 +26,8 @@ from kmsfs.encfile import EncryptedFile
 from kmsfs.format import FORMAT_V1, FORMAT_V3, HEADER_XATTR, CorruptHeader, parse_header
 from kmsfs.headers import NO_XATTRS, in_file_copy, restore_xattr
 from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
+from kmsfs.names import NameCipher, is_reserved
+from kmsfs.namewalk import walk_names
 from kmsfs.progress import Progress
 from kmsfs.toolcaller import plaintext_path, tool_caller
 
@@ -57,10 +59,12 @@ class FsckReport:
     pending: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     temporaries: list[str] = field(default_factory=list)
+    bad_names: list[tuple[str, str]] = field(default_factory=list)  # (backing path, why)
+    orphan_names: list[str] = field(default_factory=list)  # long-name side entries left by a crash
 
     @property
     def clean(self) -> bool:
-        return not self.damaged
+        return not self.damaged and not self.bad_names
 
 
 def _header_sources(fd: int, check: FileCheck) -> bytes | None:
@@ -141,13 +145,22 @@ def check_file(path: str, client: KeyClient, repair: bool = False, name: str | N
         os.close(fd)
 
 
-def fsck(cipherdir: str, client: KeyClient, progress: bool = True, repair: bool = False) -> FsckReport:
+def fsck(cipherdir: str, client: KeyClient, progress: bool = True,
+         names: NameCipher | None = None, repair: bool = False) -> FsckReport:
+    """``names``: the name cipher of a name-encrypting cipherdir (every name is checked, and the
+    audit records plaintext paths); files whose name fails are reported, not opened."""
     report = FsckReport()
     paths = list(backing_files(cipherdir))
-    bar = Progress(len(paths), "fsck") if progress else None
     root = os.path.realpath(cipherdir)
+    plain: dict[str, str] | None = None
+    if names is not None:
+        walked = walk_names(cipherdir, names)
+        report.bad_names, report.orphan_names = walked.bad, walked.orphans
+        plain = walked.plain
+        paths = [p for p in paths if p in plain and not is_reserved(os.path.basename(p))]
+    bar = Progress(len(paths), "fsck") if progress else None
     for path in paths:
-        rel = plaintext_path(root, path)
+        rel = plaintext_path(root, path) if plain is None else plain[path]
         try:
             check = check_file(path, client, repair, rel)
         except KeyServiceUnavailable:

@@ -18,6 +18,8 @@ from kmsfs.backing import backing_files
 from kmsfs.format import CorruptHeader, Header, parse_header
 from kmsfs.headers import get_xattr, in_file_copy, update_copy
 from kmsfs.keyclient import KeyClient, KeyServiceError
+from kmsfs.names import NameCipher
+from kmsfs.namewalk import walk_names
 from kmsfs.progress import Progress
 from kmsfs.toolcaller import plaintext_path, tool_caller
 
@@ -75,16 +77,22 @@ def rewrap_file(path: str, client: KeyClient, destination: str | None, name: str
 
 
 def rewrap(cipherdir: str, client: KeyClient, destination: str | None,
-           progress: bool = True) -> RewrapReport:
+           progress: bool = True, names: NameCipher | None = None) -> RewrapReport:
+    """``names``: the name cipher of a name-encrypting cipherdir (bookkeeping entries are skipped,
+    the audit records plaintext paths; entries whose name fails are left to fsck)."""
     report = RewrapReport()
     root = os.path.realpath(cipherdir)
     target = destination or "newest-version"
     done, journal = _journal(root, target)
     paths = list(backing_files(root))
+    plain: dict[str, str] | None = None
+    if names is not None:
+        plain = walk_names(root, names).plain
+        paths = [p for p in paths if p in plain]
     bar = Progress(len(paths), "rewrap") if progress else None
     try:
         for path in paths:
-            rel = plaintext_path(root, path)
+            rel = plaintext_path(root, path) if plain is None else plain[path]
             if rel in done:
                 report.skipped += 1
             else:

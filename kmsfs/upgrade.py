@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 
 from kmsfs.backing import leftover_temporaries
 from kmsfs.cipher import BlockCipher
-from kmsfs.config import RESERVED_PREFIX
+from kmsfs.config import RESERVED_PREFIX, Config, ConfigError
 from kmsfs.core import TEMP_PREFIX
 from kmsfs.encfile import EncryptedFile
 from kmsfs.format import FORMAT_V3, Header
 from kmsfs.headers import read_header, write_new
 from kmsfs.holes import all_zero
 from kmsfs.keyclient import KeyClient, KeyServiceError
+from kmsfs.names import is_reserved
 from kmsfs.progress import Progress
 
 _CHUNK = 1 << 20  # plaintext bytes copied per step
@@ -63,8 +64,14 @@ def is_mounted(cipherdir: str) -> bool:
 
 
 def inodes(cipherdir: str) -> list[list[str]]:
-    """Every regular backing file's names, grouped by inode (hard links together), sorted."""
+    """Every regular backing file's names, grouped by inode (hard links together), sorted. In a
+    name-encrypting cipherdir the name bookkeeping files (directory ids, long-name side entries,
+    long symlink targets) carry no header and are left alone."""
     root = os.path.realpath(cipherdir)
+    try:
+        encrypted = Config.load(cipherdir).encrypted_names
+    except ConfigError:
+        encrypted = False
     groups: dict[tuple[int, int], list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         if dirpath == root:
@@ -72,7 +79,7 @@ def inodes(cipherdir: str) -> list[list[str]]:
             filenames = [f for f in filenames if not f.startswith(RESERVED_PREFIX)]
         dirnames.sort()
         for name in sorted(filenames):
-            if name.startswith(TEMP_PREFIX):
+            if name.startswith(TEMP_PREFIX) or (encrypted and is_reserved(name)):
                 continue
             path = os.path.join(dirpath, name)
             st = os.lstat(path)

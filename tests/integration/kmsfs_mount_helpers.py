@@ -98,7 +98,12 @@ def mounted(cipherdir: Path, mountpoint: Path, credentials: Path, *extra: str) -
 
 
 def backing_files(cipherdir: Path) -> list[Path]:
-    return [p for p in cipherdir.rglob("*") if p.is_file() and not p.name.startswith(".kmsfs")]
+    """Regular backing files with a kmsfs header: not the cipherdir's own files, nor the directory
+    ids and long-name side entries of encrypted names."""
+    from kmsfs.names import is_reserved
+
+    return [p for p in cipherdir.rglob("*") if p.is_file() and not p.name.startswith(".kmsfs")
+            and not is_reserved(p.name)]
 
 
 def daemon_pid(cipherdir: Path, mountpoint: Path) -> int:
@@ -160,3 +165,10 @@ def data_offset(backing: Path) -> int:
         return _data_offset(fd)
     finally:
         os.close(fd)
+
+
+def backing_path(cipherdir: Path, plain: str, credentials: Path | str) -> Path:
+    """The backing path of ``/plain/path`` in a name-encrypting cipherdir (``kmsfs path encrypt``,
+    through the key service; its parent directories must exist)."""
+    proc = kmsfs("path", "encrypt", cipherdir, plain, "--credentials", credentials)
+    return Path(proc.stdout.strip())

@@ -35,8 +35,9 @@ def m(keyservice_dev: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     tmp = tmp_path_factory.mktemp("attacks")
     key = keyservice_dev.boto3_client().create_key(Description="attacks")["KeyMetadata"]
     cipherdir = tmp / "cipher"
+    # Plaintext names: these attacks address backing files by name (names: test_kmsfs_names.py).
     kmsfs("init", cipherdir, "--endpoint", keyservice_dev.endpoint, "--key", key["KeyId"],
-          "--credentials", keyservice_dev.credentials_file)
+          "--credentials", keyservice_dev.credentials_file, "--plaintext-names")
     with mounted(cipherdir, tmp / "mnt", keyservice_dev.credentials_file) as path:
         yield M(cipherdir, path, keyservice_dev.credentials_file)
 

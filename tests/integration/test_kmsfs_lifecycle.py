@@ -44,6 +44,11 @@ def _init(service: Any, tmp: Path, description: str = "lifecycle") -> tuple[Path
     return cipherdir, key["Arn"]
 
 
+def _backing(cipherdir: Path, plain: str, creds: Any) -> Path:
+    """The backing file of a path inside a name-encrypting cipherdir (``kmsfs path encrypt``)."""
+    return Path(kmsfs("path", "encrypt", cipherdir, plain, "--credentials", creds).stdout.strip())
+
+
 def _drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("1")
@@ -114,14 +119,15 @@ def test_fsck_info_and_rewrap(keyservice_dev: Any, tmp_path: Path) -> None:
             pytest.skip("key service has no ReEncrypt yet")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "5 re-wrapped" in proc.stdout and "rewrap [" in proc.stderr or "rewrap:" in proc.stderr
+        backing = {i: _backing(cipherdir, f"/f{i}.bin", creds) for i in range(5)}  # names encrypted
         for i in range(5):  # contents untouched, readable through the mount (safe while mounted)
-            h = fmt.parse_header(os.getxattr(cipherdir / f"f{i}.bin", fmt.HEADER_XATTR))
+            h = fmt.parse_header(os.getxattr(backing[i], fmt.HEADER_XATTR))
             assert h.key_arn == other["Arn"]
         _drop_caches()
         assert len((m / "f4.bin").read_bytes()) == 20000
         assert not (cipherdir / ".kmsfs.rewrap").exists()
-        with open(cipherdir / "f3.bin", "r+b") as f:
-            f.seek(data_offset(cipherdir / "f3.bin") + 4124 + 3)
+        with open(backing[3], "r+b") as f:
+            f.seek(data_offset(backing[3]) + 4124 + 3)
             f.write(b"\xff")
         proc = kmsfs("fsck", cipherdir, "--credentials", creds, check=False)
         assert proc.returncode == 1 and "DAMAGED /f3.bin: block 1" in proc.stdout
