@@ -11,7 +11,9 @@ non-zero.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -24,20 +26,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from kmsfs import mount_helper, mountlock
-from kmsfs.config import CONFIG_NAME, Config, ConfigError
+from kmsfs.config import CONFIG_NAME, NAMES_AES_SIV, NAMES_CONFIG_VERSION, Config, ConfigError
 from kmsfs.core import DEFAULT_REVALIDATE_AFTER
 from kmsfs.format import (
     FILE_ID_SIZE,
-    HEADER_XATTR,
     RESIZE_XATTR,
     CorruptHeader,
     encryption_context,
-    parse_header,
-    plain_size,
 )
 from kmsfs.keyclient import (
     CA_BUNDLE_ENV,
@@ -50,6 +49,10 @@ from kmsfs.keyclient import (
     load_credentials,
 )
 from kmsfs.keypool import DEFAULT_SIZE as DEFAULT_KEY_POOL
+from kmsfs.names import DIRID_FILE, NAME_KEY_SIZE, NameCipher
+
+if TYPE_CHECKING:
+    from kmsfs.fsck import FsckReport
 
 MOUNT_TIMEOUT = 30.0
 # Bound on one key service request (connect and read): new opens fail with EIO after at most this.
@@ -147,17 +150,74 @@ def cmd_init(args: argparse.Namespace) -> int:
     if meta.get("Enabled") is False or meta.get("KeyState", "Enabled") != "Enabled":
         raise CliError(f"key {args.key!r} is not enabled (state {meta.get('KeyState')})")
     arn = str(meta.get("Arn") or meta.get("KeyId"))
+    config = Config(endpoint=endpoint, region=region, key_id=args.key, key_arn=arn)
+    name_key = None
+    if not args.plaintext_names:
+        config, name_key = _new_name_key(endpoint, region, creds, config)
     try:
         for directory in to_create:
             directory.mkdir()
-        path = Config(endpoint=endpoint, region=region, key_id=args.key, key_arn=arn).save(cipherdir)
+        if name_key is not None:
+            _write_root_dir_id(cipherdir, name_key)
+        path = config.save(cipherdir)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            (cipherdir / DIRID_FILE).unlink()
         for directory in reversed(to_create):
             with contextlib.suppress(OSError):
                 directory.rmdir()
         raise CliError(f"cannot initialise {cipherdir}: {exc.strerror or exc}") from None
-    print(f"initialised {cipherdir} with key {arn} (config {path})")
+    names = "plaintext names" if name_key is None else "encrypted names"
+    print(f"initialised {cipherdir} with key {arn}, {names} (config {path})")
+    _note_xattr_support(cipherdir)
     return 0
+
+
+def _new_name_key(endpoint: str, region: str, creds: Credentials, config: Config
+                  ) -> tuple[Config, NameCipher]:
+    """A name key for a new cipherdir: GenerateDataKey with an encryption context naming its
+    purpose and a fresh cipherdir id; only the wrapped key is kept (in the config)."""
+    cipherdir_id = secrets.token_hex(16)
+    config = dataclasses.replace(config, version=NAMES_CONFIG_VERSION, names=NAMES_AES_SIV,
+                                 cipherdir_id=cipherdir_id)
+    client = KeyClient(endpoint, region, creds)
+    try:
+        key, blob, _ = client.generate_data_key(
+            config.key_arn, config.name_key_context(),
+            {"tool": "kmsfs init", "process": "kmsfs", "op": "names", "pid": os.getpid(),
+             "uid": os.getuid(), "path": "/"})
+    except KeyServiceError as exc:
+        raise CliError(f"the key service refused a name key for {config.key_arn}: {exc} "
+                       "(--plaintext-names makes a cipherdir without one)") from None
+    except KeyServiceUnavailable as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        client.close()
+    if len(key) != NAME_KEY_SIZE:
+        raise CliError("the key service returned a name key of the wrong size")
+    return (dataclasses.replace(config, name_key=base64.b64encode(blob).decode("ascii")),
+            NameCipher(key))
+
+
+def _write_root_dir_id(cipherdir: Path, cipher: NameCipher) -> None:
+    """The root's ``kmsfs.dirid`` (replaced on ``init --force``: old names become unreadable)."""
+    target = cipherdir / DIRID_FILE
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
+    try:
+        os.write(fd, cipher.dirid_file(cipher.new_dir_id()))
+    finally:
+        os.close(fd)
+
+
+def _note_xattr_support(cipherdir: Path) -> None:
+    """Say so when the cipherdir's filesystem keeps no user xattrs (vfat, exfat, some NFS/FUSE)."""
+    from kmsfs.headers import xattrs_supported
+
+    if not xattrs_supported(str(cipherdir)):
+        print(f"note: the filesystem of {cipherdir} does not keep user xattrs; kmsfs will use the "
+              "header copies inside the files only (format 3 needs nothing else)")
 
 
 def _endpoint_for(cipherdir: str, config: Config, creds: Credentials, override: str | None,
@@ -275,7 +335,8 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
             os.write(ready_fd, b"R")
             os.close(ready_fd)
 
-    ops = KmsfsOperations(InodeFs(core), mountpoint, on_ready=ready)
+    ops = KmsfsOperations(InodeFs(core, _name_strategy(config, client, core, args)), mountpoint,
+                          on_ready=ready)
     fsname = os.path.realpath(cipherdir).replace("\\", "\\\\").replace(",", "\\,")
     options = [f"fsname={fsname}", "subtype=kmsfs", "default_permissions"]
     if allow_other:
@@ -286,6 +347,21 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
     finally:
         if pool is not None:
             pool.close()
+
+
+def _name_strategy(config: Config, client: KeyClient, core: Any, args: argparse.Namespace) -> Any:
+    """Plaintext names, or the name key unwrapped now (audited as the mount, ``op: names``)."""
+    from kmsfs.namekey import NameKey, NameKeyError
+    from kmsfs.namespace import EncryptedNames, PlainNames
+
+    if not config.encrypted_names:
+        return PlainNames()
+    try:
+        key = NameKey(client, config, args.revalidate_after)
+    except NameKeyError as exc:
+        raise CliError(f"cannot mount: {exc}") from None
+    logging.getLogger("kmsfs").info("encrypted names (cipherdir id %s)", config.cipherdir_id)
+    return EncryptedNames(key, core.root_fd)
 
 
 def _setup_logging(log_file: str | None, verbose: bool) -> None:
@@ -461,13 +537,16 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     """Verify every header and block; exit 1 if anything is damaged."""
     from kmsfs.fsck import fsck
 
-    _, client = _tool_client(args.cipherdir, args)
+    config, client = _tool_client(args.cipherdir, args)
     try:
-        report = fsck(args.cipherdir, client, progress=not args.quiet)
+        names = _tool_names(config, client, "fsck", "/")
+        report = fsck(args.cipherdir, client, progress=not args.quiet, names=names,
+                      repair=getattr(args, "repair", False))
     except KeyServiceUnavailable as exc:
         raise CliError(f"fsck stopped: {exc}") from None
     finally:
         client.close()
+    _print_name_problems(report)
     for rel, problems in sorted(report.damaged.items()):
         for problem in problems:
             print(f"DAMAGED {rel}: {problem}")
@@ -475,16 +554,111 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         print(f"PENDING {rel}: interrupted size change, completed at its next open")
     for rel in report.temporaries:
         print(f"LEFTOVER {rel}: temporary file of an interrupted create (safe to delete)")
+    _print_backup_notes(report)
     state = "clean" if report.clean else f"{len(report.damaged)} damaged file(s)"
+    if report.bad_names:
+        state += f", {len(report.bad_names)} undecryptable name(s)"
     print(f"fsck: {report.files} files, {report.blocks} blocks checked: {state}")
     return 0 if report.clean else 1
+
+
+def _print_backup_notes(report: FsckReport) -> None:
+    """fsck's findings that do not make a file unreadable: missing xattrs, old formats, repairs."""
+    for rel, notes in sorted(report.notes.items()):
+        for note in notes:
+            print(f"NOTE {rel}: {note}")
+    for rel in report.repaired:
+        print(f"REPAIRED {rel}: header xattr restored from the in-file copy")
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Convert format-1/2 files to format 3 (in-file header copy); exit 1 if any file failed."""
+    from kmsfs.upgrade import UpgradeRefused, upgrade
+
+    _, client = _tool_client(args.cipherdir, args)
+    try:
+        report = upgrade(args.cipherdir, client, progress=not args.quiet)
+    except UpgradeRefused as exc:
+        raise CliError(str(exc)) from None
+    except KeyServiceUnavailable as exc:
+        raise CliError(f"upgrade stopped (rerun to continue): {exc}") from None
+    finally:
+        client.close()
+    for rel, reason in sorted(report.failed.items()):
+        print(f"FAILED {rel}: {reason}")
+    print(f"upgrade: {report.upgraded} file(s) converted to format 3, {report.current} already current, "
+          f"{len(report.failed)} failed")
+    return 1 if report.failed else 0
+
+
+def _add_backup_commands(sub: Any) -> None:
+    """``kmsfs upgrade`` and ``kmsfs fsck --repair`` (issue 13: backups that work)."""
+    sub.choices["fsck"].add_argument(
+        "--repair", action="store_true",
+        help="restore missing header xattrs from the in-file copies (after verifying each file)")
+    s = sub.add_parser("upgrade", help="convert old-format (1, 2) files to format 3 (unmounted)")
+    s.add_argument("cipherdir")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default off)")
+    s.add_argument(
+        "--ca-bundle", metavar="PEM",
+        help="CA certificates to verify the key service's TLS certificate with, as for fsck "
+             "(default: the credentials' ca_bundle, else the system store)")
+    s.set_defaults(func=cmd_upgrade)
+
+
+def _tool_names(config: Config, client: KeyClient, tool: str, path: str) -> NameCipher | None:
+    """The name cipher of a name-encrypting cipherdir, unwrapped for ``kmsfs <tool>`` (audited
+    with ``path``, a path inside the filesystem); None for plaintext names."""
+    from kmsfs.namekey import NameKeyError, unwrap_name_key
+    from kmsfs.toolcaller import tool_caller
+
+    if not config.encrypted_names:
+        return None
+    try:
+        return unwrap_name_key(client, config, {**tool_caller(tool, path), "op": "names"})
+    except NameKeyError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _print_name_problems(report: Any) -> None:
+    for path, why in report.bad_names:
+        print(f"BADNAME {path}: {why}")
+    for path in report.orphan_names:
+        print(f"ORPHAN {path}: long-name side entry without its entry (left by a crash; safe to delete)")
+
+
+def cmd_path(args: argparse.Namespace) -> int:
+    """``kmsfs path encrypt|decrypt CIPHERDIR PATH``: one path through the name key (audited)."""
+    from kmsfs.names import BadName
+    from kmsfs.namewalk import decrypt_path, encrypt_path
+
+    config, client = _tool_client(args.cipherdir, args)
+    try:
+        if not config.encrypted_names:
+            raise CliError(f"{args.cipherdir} keeps plaintext names: the backing path is the path")
+        audited = args.path if args.path_command == "encrypt" else "/"
+        cipher = _tool_names(config, client, "path", audited)
+    finally:
+        client.close()
+    assert cipher is not None
+    try:
+        if args.path_command == "encrypt":
+            print(encrypt_path(args.cipherdir, cipher, args.path))
+        else:
+            print(decrypt_path(args.cipherdir, cipher, args.path))
+    except BadName:
+        raise CliError(f"{args.path}: a name on the way fails authentication (edited, moved, or "
+                       "not of this cipherdir)") from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return 0
 
 
 def cmd_rewrap(args: argparse.Namespace) -> int:
     """Re-wrap every data key (ReEncrypt) under the newest key version or ``--to-key``."""
     from kmsfs.rewrap import rewrap
 
-    _, client = _tool_client(args.cipherdir, args)
+    config, client = _tool_client(args.cipherdir, args)
     _note_mounted(args.cipherdir)
     destination = args.to_key
     if destination:
@@ -496,7 +670,8 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         except KeyServiceUnavailable as exc:
             raise CliError(str(exc)) from None
     try:
-        report = rewrap(args.cipherdir, client, destination, progress=not args.quiet)
+        names = _tool_names(config, client, "rewrap", "/")
+        report = rewrap(args.cipherdir, client, destination, progress=not args.quiet, names=names)
     except KeyServiceUnavailable as exc:
         raise CliError(f"rewrap interrupted (rerun to resume): {exc}") from None
     finally:
@@ -538,8 +713,7 @@ def cmd_config_set_endpoint(args: argparse.Namespace) -> int:
     if arn != config.key_arn:
         raise CliError(f"the key service at {url} answers for {arn}, not the cipherdir's key "
                        f"{config.key_arn}: not the same service; nothing changed")
-    path = Config(endpoint=url, region=config.region, key_id=config.key_id, key_arn=config.key_arn,
-                  version=config.version).save(cipherdir)
+    path = dataclasses.replace(config, endpoint=url).save(cipherdir)
     print(f"{path}: endpoint {config.endpoint} -> {url}")
     if creds.endpoint and _origin(creds.endpoint) != _origin(url):
         print(f"kmsfs: note: {creds.source or 'the credentials'} still name {creds.endpoint}: update "
@@ -568,23 +742,29 @@ def _key_arn_at(client: KeyClient, config: Config) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     """Show the header of a backing file, or of the file behind a mount path (no secrets)."""
     from kmsfs.backing import backing_path_of
+    from kmsfs.headers import plain_size_at, read_header
 
-    path = backing_path_of(args.path)
+    path, plaintext = _info_paths(args, backing_path_of)
     try:
-        header = parse_header(os.getxattr(path, HEADER_XATTR))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            header = read_header(fd, restore=False)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise CliError(f"{path}: no kmsfs header ({exc.strerror})") from None
     except CorruptHeader as exc:
         raise CliError(f"{path}: corrupt header: {exc}") from None
     info = {
-        "path": path, "format_version": header.version, "block_size": header.block_size,
+        "path": path, **({"plaintext_path": plaintext} if plaintext else {}),
+        "format_version": header.version, "block_size": header.block_size,
         "file_id": header.file_id.hex(), "key_arn": header.key_arn,
         "wrapped_key_bytes": len(header.wrapped_key),
         "wrapped_key_sha256": hashlib.sha256(header.wrapped_key).hexdigest(),
         "key_version": _blob_key_version(header.wrapped_key),
         "encryption_context": header.encryption_context(),
         "backing_size": os.path.getsize(path),
-        "plaintext_size": plain_size(os.path.getsize(path), header.block_size),
+        "plaintext_size": plain_size_at(path, os.stat(path)),
     }
     try:
         info["size_change_pending"] = bool(os.getxattr(path, RESIZE_XATTR))
@@ -592,6 +772,58 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["size_change_pending"] = False
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _cipherdir_of(path: str) -> str | None:
+    """The cipherdir holding the backing path ``path`` (the nearest parent with a config)."""
+    probe = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.isfile(os.path.join(probe, CONFIG_NAME)):
+            return probe
+        if probe == os.path.dirname(probe):
+            return None
+        probe = os.path.dirname(probe)
+
+
+def _info_paths(args: argparse.Namespace, backing_path_of: Callable[[str], str]) -> tuple[str, str | None]:
+    """(backing path, plaintext path or None) for ``kmsfs info PATH`` in a name-encrypting
+    cipherdir. A mount path: the backing file is the one with the same inode number (the mount
+    shows backing inode numbers; no key needed). A backing path: its name is decrypted through
+    the key service (audited), when credentials are at hand; otherwise it is left out."""
+    from kmsfs.names import BadName
+    from kmsfs.namewalk import decrypt_path, find_inode
+
+    mapped = backing_path_of(args.path)
+    cipherdir = _cipherdir_of(mapped)
+    if cipherdir is None:
+        return mapped, None
+    try:
+        config = Config.load(cipherdir)
+    except ConfigError:
+        return mapped, None
+    if not config.encrypted_names:
+        return mapped, None
+    root = os.path.realpath(cipherdir)
+    if os.path.realpath(mapped) != os.path.realpath(args.path):  # a path inside a mount
+        plain = "/" + os.path.relpath(os.path.realpath(mapped), root)
+        found = find_inode(root, os.lstat(args.path).st_ino)
+        if found is None:
+            raise CliError(f"{args.path}: no backing file with its inode number in {cipherdir}")
+        return found, "/" if plain == "/." else plain
+    try:
+        config, client = _build(cipherdir, args, quiet=True)
+        try:
+            cipher = _tool_names(config, client, "info", "/")
+        finally:
+            client.close()
+    except CliError as exc:
+        print(f"kmsfs: note: no plaintext path ({exc})", file=sys.stderr)
+        return mapped, None
+    assert cipher is not None
+    try:
+        return mapped, decrypt_path(cipherdir, cipher, os.path.realpath(mapped))
+    except BadName:
+        return mapped, "(name fails authentication)"
 
 
 def _blob_key_version(blob: bytes) -> str | None:
@@ -645,6 +877,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_REGION})")
     s.add_argument("--force", action="store_true",
                    help="replace an existing configuration / accept a non-empty directory (default off)")
+    s.add_argument("--plaintext-names", action="store_true",
+                   help="keep file names and symlink targets in clear in the backing directory "
+                        "(the layout before encrypted names; default: names encrypted under a name "
+                        "key from the key service)")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("mount", help="mount a cipherdir")
@@ -701,6 +937,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.set_defaults(func=cmd_info)
 
+    _add_backup_commands(sub)
+    path_parser = sub.add_parser("path", help="map a path inside the filesystem to its backing path "
+                                 "and back (name-encrypting cipherdirs; through the key service)")
+    path_sub = path_parser.add_subparsers(dest="path_command", required=True)
+    path_parsers = []
+    for verb, what in (("encrypt", "/plain/path inside the filesystem"),
+                       ("decrypt", "backing path (absolute, or relative to CIPHERDIR)")):
+        sp = path_sub.add_parser(verb, help=f"print the {'backing' if verb == 'encrypt' else 'plaintext'}"
+                                 " path of a " + what)
+        sp.add_argument("cipherdir")
+        sp.add_argument("path", help=what)
+        sp.add_argument("--endpoint", metavar="URL", help="key service URL for this run (default: "
+                        "the cipherdir's record)")
+        sp.set_defaults(func=cmd_path)
+        path_parsers.append(sp)
+
     config = sub.add_parser("config", help="change a cipherdir's configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     s = config_sub.add_parser("set-endpoint", help="record that the key service moved (checks that "
@@ -710,8 +962,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_config_set_endpoint)
 
     _add_credential_options(sub.choices["init"], sub.choices["mount"], sub.choices["fsck"],
-                            sub.choices["rewrap"], s)
-    for name in ("mount", "fsck", "rewrap"):
+                            sub.choices["rewrap"], sub.choices["upgrade"], s, sub.choices["info"],
+                            *path_parsers)
+    for name in ("mount", "fsck", "rewrap", "upgrade"):
         sub.choices[name].add_argument(
             "--endpoint", metavar="URL",
             help="key service URL for this run, overriding the cipherdir's record (default: the "

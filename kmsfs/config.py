@@ -1,11 +1,20 @@
 """The cipherdir configuration, ``CIPHERDIR/.kmsfs.json``: where the key service is and which key.
 
-Nothing here is secret (no credentials, no key material), so it can live beside the ciphertext.
-Names starting with ``.kmsfs`` in the cipherdir root are reserved and hidden from the mount.
+Nothing here is secret (no credentials, no key material: the name key is stored *wrapped* by
+the key service), so it can live beside the ciphertext. Names starting with ``.kmsfs`` in the
+cipherdir root are reserved and hidden from the mount.
+
+Versions: 1 = plaintext names (the original layout; ``init --plaintext-names`` still writes it, so
+older kmsfs releases keep mounting such cipherdirs). 2 = encrypted names: adds ``names``
+("aes-siv"), ``cipherdir_id`` (32 hex digits, part of the name key's encryption context) and
+``name_key`` (the wrapped name key, base64). A release that only knows version 1 refuses a
+version 2 cipherdir instead of showing its encrypted names as garbage.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -13,7 +22,10 @@ from pathlib import Path
 
 CONFIG_NAME = ".kmsfs.json"
 RESERVED_PREFIX = ".kmsfs"
-CONFIG_VERSION = 1
+CONFIG_VERSION = 1  # plaintext names
+NAMES_CONFIG_VERSION = 2  # encrypted names
+NAMES_PLAINTEXT = "plaintext"
+NAMES_AES_SIV = "aes-siv"
 
 
 class ConfigError(Exception):
@@ -27,11 +39,30 @@ class Config:
     key_id: str
     key_arn: str
     version: int = CONFIG_VERSION
+    names: str = NAMES_PLAINTEXT
+    cipherdir_id: str = ""
+    name_key: str = ""  # base64 of the wrapped name key (CiphertextBlob)
+
+    @property
+    def encrypted_names(self) -> bool:
+        return self.names == NAMES_AES_SIV
+
+    @property
+    def wrapped_name_key(self) -> bytes:
+        return base64.b64decode(self.name_key)
+
+    def name_key_context(self) -> dict[str, str]:
+        """The encryption context the name key is wrapped under (docs/FORMAT.md)."""
+        return {"kmsfs:purpose": "names", "kmsfs:cipherdir": self.cipherdir_id}
 
     def save(self, cipherdir: str | os.PathLike[str]) -> Path:
         path = Path(cipherdir) / CONFIG_NAME
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        data = asdict(self)
+        if not self.encrypted_names:  # version 1: exactly the original layout
+            for key in ("names", "cipherdir_id", "name_key"):
+                del data[key]
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
         return path
 
@@ -45,10 +76,24 @@ class Config:
                               "run 'kmsfs init' first") from None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from exc
-        if not isinstance(data, dict) or data.get("version") != CONFIG_VERSION:
+        version = data.get("version") if isinstance(data, dict) else None
+        if version not in (CONFIG_VERSION, NAMES_CONFIG_VERSION):
             raise ConfigError(f"{path}: unsupported configuration version")
         try:
-            return cls(endpoint=str(data["endpoint"]), region=str(data["region"]),
-                       key_id=str(data["key_id"]), key_arn=str(data["key_arn"]))
+            config = cls(endpoint=str(data["endpoint"]), region=str(data["region"]),
+                         key_id=str(data["key_id"]), key_arn=str(data["key_arn"]), version=version)
+            if version == NAMES_CONFIG_VERSION:
+                config = cls(**{**asdict(config), "names": str(data["names"]),
+                                "cipherdir_id": str(data["cipherdir_id"]),
+                                "name_key": str(data["name_key"])})
         except KeyError as exc:
             raise ConfigError(f"{path}: missing field {exc}") from None
+        if version == NAMES_CONFIG_VERSION:
+            if config.names != NAMES_AES_SIV:
+                raise ConfigError(f"{path}: unknown name encryption {config.names!r}")
+            try:
+                bytes.fromhex(config.cipherdir_id)
+                config.wrapped_name_key  # noqa: B018 - validates the base64
+            except (ValueError, binascii.Error):
+                raise ConfigError(f"{path}: damaged name key or cipherdir id") from None
+        return config

@@ -48,7 +48,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,20 +69,17 @@ from kmsfs.config import RESERVED_PREFIX, Config
 from kmsfs.encfile import EncryptedFile
 from kmsfs.format import (
     DATA_KEY_SIZE,
-    DEFAULT_BLOCK_SIZE,
     FILE_ID_SIZE,
     FORMAT_VERSION,
-    HEADER_XATTR,
     CorruptHeader,
     Header,
     encryption_context,
-    pack_header,
-    parse_header,
-    plain_size,
 )
+from kmsfs.headers import empty, plain_size_of, read_header, replace_empty, write_new
 from kmsfs.holes import supports_sparse
 from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
 from kmsfs.keypool import DataKeyPool, PooledKey
+from kmsfs.nolinks import link_or_rename
 from kmsfs.rwlock import SharedLock
 
 log = logging.getLogger("kmsfs")
@@ -205,14 +202,14 @@ class KmsfsCore:
 
         The most frequent request (several per created file: the kernel re-asks after every
         write), so the dict is built in one literal rather than by a loop of ``getattr``."""
-        return attributes(os.fstat(fd))
+        return attributes(os.fstat(fd), fd)
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
         handle = self._handles.get(fh) if fh else None
         if handle:
-            return attributes(os.fstat(handle.fd))
-        with self._at(path) as (dir_fd, name):
-            return attributes(lstat_at(dir_fd, name))
+            return attributes(os.fstat(handle.fd), handle.fd)
+        with self._pinned(path) as fd:
+            return attributes(os.fstat(fd), fd)
 
     def readdir_fd(self, fd: int) -> list[str]:
         """The names in the directory ``fd`` (reserved names of the cipherdir's root left out)."""
@@ -308,10 +305,25 @@ class KmsfsCore:
             self.utimens_fd(fd, times)
 
     # -- namespace (directory descriptor + one name) ----------------------------------------------
-    def mkdir_at(self, dir_fd: int, name: str, mode: int, caller: Caller | None = None) -> None:
+    def mkdir_at(self, dir_fd: int, name: str, mode: int, caller: Caller | None = None,
+                 fill: Callable[[int], None] | None = None) -> None:
+        """``fill(new directory fd)`` runs before owner and mode are applied (writes the
+        directory id of a name-encrypting cipherdir: the new directory may be read-only)."""
         if os.fstat(dir_fd).st_mode & stat.S_ISGID:
             mode |= stat.S_ISGID  # a setgid directory's subdirectories inherit the bit
         os.mkdir(name, 0o700, dir_fd=dir_fd)
+        if fill is not None:
+            try:
+                new_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=dir_fd)
+                try:
+                    fill(new_fd)
+                finally:
+                    os.close(new_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.rmdir(name, dir_fd=dir_fd)
+                raise
         self._own(dir_fd, name, caller)  # before chmod: exact modes, also with set-id bits
         chmod_at(dir_fd, name, mode & 0o7777)
 
@@ -481,13 +493,13 @@ class KmsfsCore:
                                  wrapped_key=pooled.wrapped_key, version=FORMAT_VERSION), pooled.key
         fd, temp = _open_unnamed(dir_fd)
         try:
-            os.setxattr(fd, HEADER_XATTR, pack_header(header))
+            write_new(fd, header, key)  # xattr and in-file copy (kmsfs.headers)
             self._own(dir_fd, name, caller, fd)  # before chmod: chown clears set-id bits
             os.fchmod(fd, mode & 0o7777)
             if temp is None:
                 _link_fd(fd, dir_fd, name)
             else:
-                os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                link_or_rename(temp, name, dir_fd)  # (a rename where hard links are refused)
         except BaseException:
             os.close(fd)
             raise
@@ -638,12 +650,12 @@ class KmsfsCore:
     def _rekey_if_planted(self, handle: _Handle, caller: Caller | None) -> None:
         """First write into an empty file we did not create: fresh file id and data key."""
         inode = handle.inode
-        if inode.fresh or os.fstat(handle.fd).st_size != 0:
+        if inode.fresh or handle.efile.size() != 0:
             return
         header, key = self._new_key(handle.path, caller)
         fcntl.flock(handle.fd, fcntl.LOCK_EX)  # excludes a concurrent ``kmsfs rewrap``
         try:
-            os.setxattr(handle.fd, HEADER_XATTR, pack_header(header))
+            replace_empty(handle.fd, header, key)
         finally:
             fcntl.flock(handle.fd, fcntl.LOCK_UN)
         cipher = BlockCipher(key)
@@ -762,8 +774,7 @@ class KmsfsCore:
                     self.release(path, fh)
                 return
         if length == 0 and inode is None:
-            os.ftruncate(fd, 0)  # no plaintext needed to empty a file
-            _clear_marker(fd)
+            empty(fd)  # no plaintext needed to empty a file (a format-3 file keeps its prefix)
             return
         header = _read_header(fd)
         fh = self._register_copy(fd, path, header, self._unwrap(header, caller))
@@ -811,12 +822,13 @@ def _dtype(entry: os.DirEntry[str]) -> str:
 _DTYPE_MODE = {"lnk": stat.S_IFLNK, "dir": stat.S_IFDIR, "reg": stat.S_IFREG}
 
 
-def attributes(st: os.stat_result) -> dict[str, int]:
-    """A backing stat as the mount shows it: the plaintext size for regular files."""
+def attributes(st: os.stat_result, fd: int) -> dict[str, int]:
+    """A backing stat as the mount shows it: the plaintext size for regular files (which needs
+    the file's data offset, read through ``fd``: an open or an ``O_PATH`` descriptor of it)."""
     mode = st.st_mode
     return {"st_mode": mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
             "st_gid": st.st_gid,
-            "st_size": plain_size(st.st_size, DEFAULT_BLOCK_SIZE) if stat.S_ISREG(mode) else st.st_size,
+            "st_size": plain_size_of(st, fd) if stat.S_ISREG(mode) else st.st_size,
             "st_blocks": st.st_blocks, "st_rdev": st.st_rdev, "st_atime": st.st_atime_ns,
             "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
 
@@ -868,16 +880,6 @@ def _unlink_quietly(dir_fd: int, name: str) -> None:
         pass
 
 
-def _clear_marker(fd: int) -> None:
-    from kmsfs.format import RESIZE_XATTR
-
-    try:
-        os.removexattr(fd, RESIZE_XATTR)
-    except OSError as exc:
-        if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
-            raise
-
-
 def _prefetch(fd: int) -> None:
     """Start reading the first blocks from disk while the key service unwraps the key.
 
@@ -892,10 +894,4 @@ def _prefetch(fd: int) -> None:
 
 
 def _read_header(fd: int) -> Header:
-    try:
-        raw = os.getxattr(fd, HEADER_XATTR)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-            raise CorruptHeader("backing file has no kmsfs header") from None
-        raise
-    return parse_header(raw)
+    return read_header(fd)  # the xattr, checked against (or replaced by) the in-file copy

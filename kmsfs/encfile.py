@@ -15,8 +15,15 @@ Format version 2 (new files):
   authenticated *size-change marker* xattr and removes it when done; after a crash ``recover``
   settles the file at one of the two sizes, so a crash never leaves a file unreadable.
 
-Format version 1 (read and written for files that have it): no final flag, no holes (growth
-writes encrypted zeros), a trailing fragment of ≤ 28 bytes (a torn append) is ignored.
+Format version 3 (new files): version 2's blocks, after an in-file prefix (``kmsfs.infile``)
+holding a copy of the header and a sealed *state record* that replaces two things version 2 kept
+outside the data: the size-change marker, and which blocks are holes. A gap left by growth is
+recorded as a *hole run* before the size grows over it; an all-zero stored block reads as zeros
+only if the record lists it, so holes survive copies that write them as zeros (rsync without -S,
+tar) and a written block overwritten with zeros is still EIO. ``SEEK_HOLE`` is not consulted.
+
+Format version 1 (read; writes refused unless the file is emptied first, see ``V1ReadOnly``): no
+final flag, no holes, a trailing fragment of ≤ 28 bytes (a torn append) is ignored.
 
 Locking is the caller's job: one EncryptedFile must not be used by two threads at once, and all
 handles of one inode must share one lock (core.py does this).
@@ -29,12 +36,15 @@ import os
 
 from cryptography.exceptions import InvalidTag
 
+from kmsfs import infile
 from kmsfs.cipher import BlockCipher, IntegrityError
+from kmsfs.filestate import FileState, shared
 from kmsfs.format import (
     BLOCK_OVERHEAD,
     DEFAULT_BLOCK_SIZE,
     FORMAT_V1,
-    FORMAT_VERSION,
+    FORMAT_V2,
+    FORMAT_V3,
     RESIZE_XATTR,
     CorruptHeader,
     backing_size,
@@ -57,38 +67,61 @@ _PREFETCH_AHEAD = 8 << 20
 _IOV_BLOCKS = 500
 
 
+class V1ReadOnly(OSError):
+    """A write to a non-empty format-1 file: v1 cannot authenticate its size (a file cut at a block
+    boundary reads shorter without error), so kmsfs no longer extends that format. ``kmsfs
+    upgrade`` converts such files; emptying one (O_TRUNC) gives it a fresh version-3 key."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EROFS, "format version 1 file is read-only; run kmsfs upgrade")
+
+
 class EncryptedFile:
     """Read/write/truncate an encrypted file at plaintext offsets."""
 
     def __init__(self, fd: int, key: bytes | BlockCipher, file_id: bytes,
-                 block_size: int = DEFAULT_BLOCK_SIZE, version: int = FORMAT_VERSION,
-                 sparse: bool = True) -> None:
+                 block_size: int = DEFAULT_BLOCK_SIZE, version: int = FORMAT_V2,
+                 sparse: bool = True, legacy_writes: bool = False) -> None:
+        """``version`` defaults to 2 for plain test files; a version-3 file must already have its
+        prefix (``kmsfs.headers.write_new``), whose state is loaded here. ``legacy_writes`` lets
+        tests build version-1 files (the mount and the tools never set it)."""
         self.fd = fd
+        self._legacy_writes = legacy_writes
         self.cipher = key if isinstance(key, BlockCipher) else BlockCipher(key)
-        self.file_id = file_id
         self.block_size = block_size
-        self.version = version
-        self._v2 = version != FORMAT_V1
         self._sparse_ok = sparse
-        self.sparse = sparse and self._v2
         self._stored = block_size + BLOCK_OVERHEAD
-        self._aad_prefix = block_aad_prefix(file_id, version)
         self._prefetched_to = 0  # backing offset up to which _prefetch has asked for read-ahead
+        self._set_format(file_id, version)
+
+    def _set_format(self, file_id: bytes, version: int) -> None:
+        self.file_id, self.version = file_id, version
+        self._aad_prefix = block_aad_prefix(file_id, version)
+        self._v2 = version != FORMAT_V1
+        self._v3 = version >= FORMAT_V3
+        self.sparse = self._sparse_ok and self._v2 and not self._v3  # v2's SEEK_HOLE holes
+        self._fs: FileState | None = shared(self.fd, self.cipher, file_id) if self._v3 else None
+        self._base = self._fs.data_offset if self._fs else 0  # where block 0 starts
 
     def rekey(self, cipher: BlockCipher, file_id: bytes, version: int) -> None:
-        """Switch to a new data key / file id (only valid while the backing file is empty)."""
-        self.cipher, self.file_id, self.version = cipher, file_id, version
-        self._aad_prefix = block_aad_prefix(file_id, version)
-        self._v2 = version != FORMAT_V1
-        self.sparse = self._sparse_ok and self._v2
+        """Switch to a new data key / file id (only valid while the backing file is empty and,
+        for version 3, after ``headers.replace_empty`` wrote its new prefix)."""
+        self.cipher = cipher
+        self._set_format(file_id, version)
+
+    @property
+    def data_offset(self) -> int:
+        """Where block 0 starts in the backing file (after a version-3 prefix; else 0)."""
+        return self._base
 
     # -- sizes -----------------------------------------------------------------------------------
     def size(self) -> int:
         """Plaintext size, derived from the backing file length."""
-        return plain_size(os.fstat(self.fd).st_size, self.block_size)
+        return plain_size(max(0, os.fstat(self.fd).st_size - self._base), self.block_size)
 
     def _sizes(self) -> tuple[int, int]:
-        backing = os.fstat(self.fd).st_size
+        """(backing length after the prefix, plaintext size)."""
+        backing = max(0, os.fstat(self.fd).st_size - self._base)
         return backing, plain_size(backing, self.block_size)
 
     def _final(self, size: int) -> int:
@@ -124,12 +157,18 @@ class EncryptedFile:
         except IntegrityError:
             pass
         if all_zero(stored):
-            offset = block_offset(block_no, self.block_size)
-            if self._v2 and not final and overlaps_hole(self.fd, offset, len(stored)):
+            if not final and self._hole(block_no, len(stored)):
                 return bytes(len(stored) - BLOCK_OVERHEAD)
             what = "is zeroed (not a hole)" if self._v2 and not final else "is zeroed"
             raise IntegrityError(f"block {block_no} {what}", block=block_no)
         raise IntegrityError(f"block {block_no} failed authentication", block=block_no)
+
+    def _hole(self, block_no: int, stored_len: int) -> bool:
+        """Whether a non-final all-zero block is a hole: recorded as never written (v3), or
+        overlapping a hole the backing filesystem reports (v2)."""
+        if self._fs is not None:
+            return infile.in_runs(self._fs.runs, block_no)
+        return self._v2 and overlaps_hole(self.fd, block_offset(block_no, self.block_size), stored_len)
 
     def _read_block(self, block_no: int, size: int) -> bytes:
         """Plaintext of one existing block (``size`` is the current plaintext size)."""
@@ -137,7 +176,8 @@ class EncryptedFile:
         want = min(self.block_size, size - start)
         if want <= 0:
             return b""
-        stored = os.pread(self.fd, want + BLOCK_OVERHEAD, block_offset(block_no, self.block_size))
+        stored = os.pread(self.fd, want + BLOCK_OVERHEAD,
+                          self._base + block_offset(block_no, self.block_size))
         if len(stored) != want + BLOCK_OVERHEAD:
             raise IntegrityError(f"block {block_no} is short", block=block_no)
         return self._open_block(block_no, stored, block_no == self._final(size))
@@ -172,13 +212,13 @@ class EncryptedFile:
         if len(blocks) == 1:
             ((block_no, plain),) = blocks.items()
             _pwrite_all(self.fd, self.cipher.seal(plain, aad(block_no, block_no == final_block)),
-                        block_offset(block_no, bs))
+                        self._base + block_offset(block_no, bs))
             return
         order = sorted(blocks)
         if order[-1] - order[0] == len(order) - 1 and len(order) <= _IOV_BLOCKS:  # one run
             _pwrite_all(self.fd, self.cipher.seal_iov([blocks[b] for b in order],
                                                       self._aads(order[0], len(order), final_block)),
-                        block_offset(order[0], bs))
+                        self._base + block_offset(order[0], bs))
             return
         start = 0
         for i in range(1, len(order) + 1):
@@ -187,7 +227,7 @@ class EncryptedFile:
             run = order[start:i]
             iov = self.cipher.seal_iov([blocks[b] for b in run],
                                        [aad(b, b == final_block) for b in run])
-            _pwrite_all(self.fd, iov, block_offset(run[0], bs))
+            _pwrite_all(self.fd, iov, self._base + block_offset(run[0], bs))
             start = i
 
     def _is_hole_block(self, block_no: int) -> bool:
@@ -219,13 +259,20 @@ class EncryptedFile:
             blocks[after] = bytes(bs)
 
     # -- size-change marker (version 2) ----------------------------------------------------------
-    def _set_marker(self, preferred: int, fallback: int) -> None:
+    def _set_marker(self, preferred: int, fallback: int, runs: list[infile.Run] | None = None) -> None:
+        """Record a size change about to start; version 3 also records ``runs`` (the new gap)."""
+        if self._fs is not None:
+            self._fs.save(self.fd, (preferred, fallback), self._fs.runs if runs is None else runs)
+            return
         if not self._v2:
             return
         seal = self.cipher.seal(b"", marker_aad(self.file_id, preferred, fallback))
         os.setxattr(self.fd, RESIZE_XATTR, pack_marker_sizes(preferred, fallback) + seal)
 
-    def _clear_marker(self) -> None:
+    def _clear_marker(self, runs: list[infile.Run] | None = None) -> None:
+        if self._fs is not None:
+            self._fs.save(self.fd, None, self._fs.runs if runs is None else runs)
+            return
         if not self._v2:
             return
         try:
@@ -236,6 +283,8 @@ class EncryptedFile:
 
     def pending_marker(self) -> tuple[int, int] | None:
         """The authenticated (preferred, fallback) sizes of an interrupted size change, if any."""
+        if self._fs is not None:
+            return self._fs.state.marker
         try:
             raw = os.getxattr(self.fd, RESIZE_XATTR)
         except OSError as exc:
@@ -257,7 +306,8 @@ class EncryptedFile:
         preferred, fallback = pending
         for target, other in ((preferred, fallback), (fallback, preferred)):
             if self._settle(target, other):
-                self._clear_marker()
+                final = self._final(target)
+                self._clear_marker(self._runs_after({final}, final) if self._fs else None)
                 return target
         raise IntegrityError("interrupted size change cannot be recovered", block=self._final(preferred))
 
@@ -265,7 +315,7 @@ class EncryptedFile:
         """Plaintext (``want`` bytes, zero padded) of a block in any state a crash can leave."""
         bs = self.block_size
         offset = block_offset(block_no, bs)
-        raw = os.pread(self.fd, self._stored, offset)
+        raw = os.pread(self.fd, self._stored, self._base + offset)
         lengths = [want]
         if self._final(other) == block_no:
             lengths.append(other - block_no * bs)
@@ -277,15 +327,14 @@ class EncryptedFile:
                 except IntegrityError:
                     continue
                 return (plain + bytes(want))[:want]
-        if not raw or (all_zero(raw) and (len(raw) < self._stored
-                                          or overlaps_hole(self.fd, offset, len(raw)))):
+        if not raw or (all_zero(raw) and (len(raw) < self._stored or self._hole(block_no, len(raw)))):
             return bytes(want)
         return None
 
     def _settle(self, target: int, other: int) -> bool:
         bs = self.block_size
         if target == 0:
-            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.fd, self._base)
             return True
         final_block, final_len = self._final(target), target - self._final(target) * bs
         content = self._salvage(final_block, final_len, other)
@@ -300,12 +349,15 @@ class EncryptedFile:
             blocks[other_final] = old
         if other_final < final_block:  # the gap follows the same rule as in _grow
             gap = range(other_final + 1, final_block)
-            if not self.sparse:
+            if self._fs is not None:
+                if gap and not infile.covering(self._fs.runs, gap.start, gap.stop):
+                    self._fill_zeros(gap)  # recorded before the crash, or filled then: fill again
+            elif not self.sparse:
                 self._fill_zeros(gap)
             elif len(gap) == 1:  # a one-block hole could not be told from a zeroed block
                 blocks[gap[0]] = bytes(bs)
         self._write_runs(blocks, final_block)
-        os.ftruncate(self.fd, backing_size(target, bs))
+        os.ftruncate(self.fd, self._base + backing_size(target, bs))
         return True
 
     # -- plaintext API ----------------------------------------------------------------------------
@@ -338,11 +390,15 @@ class EncryptedFile:
             self._check_tail(backing, size)
         stored_len = backing_size(min(size, (last + 1) * bs), bs) - block_offset(first, bs)
         if stored_len >= _PREFETCH_MIN:
-            self._prefetch(block_offset(first, bs) + stored_len)
-        raw = memoryview(os.pread(self.fd, stored_len, block_offset(first, bs)))
+            self._prefetch(self._base + block_offset(first, bs) + stored_len)
+        raw = memoryview(os.pread(self.fd, stored_len, self._base + block_offset(first, bs)))
         if len(raw) != stored_len:
             raise IntegrityError(f"block {first + len(raw) // self._stored} is short",
                                  block=first + len(raw) // self._stored)
+        if (self._fs is not None and self._fs.runs and last != final_block
+                and infile.covering(self._fs.runs, first, last + 1) and all_zero(raw)):
+            out[:end - offset] = bytes(end - offset)  # wholly inside a recorded hole run
+            return end - offset
         open_into = self.cipher.open_into
         stored = self._stored
         pos = dst = 0
@@ -386,6 +442,8 @@ class EncryptedFile:
         if not data:
             return 0
         backing, size = self._sizes()
+        if not self._v2 and size > 0 and not self._legacy_writes:
+            raise V1ReadOnly()
         if not self._v2 and offset > size:
             self.truncate(offset)
             backing, size = self._sizes()
@@ -418,32 +476,72 @@ class EncryptedFile:
         if 0 <= old_final < first and new_final != old_final:  # old last block becomes non-final
             old = self._read_block(old_final, size)
             blocks[old_final] = old + bytes(bs - len(old))
+        runs: list[infile.Run] | None = None
+        fill: range | None = None
         if new_size > size:
             gap = range(old_final + 1, first)
-            if not self.sparse:
+            if self._fs is not None:
+                runs, fill = self._gap_runs(old_final, first)
+            elif not self.sparse:
                 self._fill_zeros(gap)
             elif len(gap) == 1:
                 blocks[gap[0]] = bytes(bs)
         self._keep_hole_runs_long(blocks, first, last, new_final)
         if new_size == size:
             self._write_runs(blocks, new_final)
+            if self._fs is not None and self._fs.runs and infile.touches(self._fs.runs, first, last + 1):
+                self._fs.save(self.fd, None, self._runs_after(blocks, new_final))  # holes filled
             return len(data)
-        self._set_marker(size, new_size)  # an interrupted append settles at the old size
-        saved = os.pread(self.fd, self._stored, block_offset(old_final, bs)) if old_final >= 0 else b""
+        self._set_marker(size, new_size, runs)  # an interrupted append settles at the old size
+        saved = (os.pread(self.fd, self._stored, self._base + block_offset(old_final, bs))
+                 if old_final >= 0 else b"")
         try:
+            if fill is not None:
+                self._fill_zeros(fill)
             self._write_runs(blocks, new_final)
         except OSError:
             self._undo_growth(backing, old_final, saved)
             raise
-        self._clear_marker()
+        self._clear_marker(self._runs_after(blocks, new_final) if self._fs is not None else None)
         return len(data)
+
+    # -- hole runs (version 3) -------------------------------------------------------------------
+    def _gap_runs(self, old_final: int, stop: int) -> tuple[list[infile.Run], range | None]:
+        """The runs once blocks old_final+1 .. stop-1 become a gap, and the gap to fill with
+        encrypted zeros instead if the record has no room for another run."""
+        assert self._fs is not None
+        runs = infile.clip(self._fs.runs, max(old_final, 0))
+        if old_final + 1 >= stop:
+            return runs, None
+        grown = infile.add_run(runs, old_final + 1, stop)
+        if len(grown) <= infile.MAX_RUNS:
+            return grown, None
+        return runs, range(old_final + 1, stop)
+
+    def _runs_after(self, written: dict[int, bytes | memoryview] | set[int], final: int) -> list[infile.Run]:
+        """The current runs without the blocks just written and without anything from ``final``
+        on; a split that leaves too many runs fills the smallest with encrypted zeros first."""
+        assert self._fs is not None
+        runs = infile.clip(self._fs.runs, max(final, 0))
+        if runs:
+            order = sorted(written)
+            start = 0
+            for i in range(1, len(order) + 1):
+                if i == len(order) or order[i] != order[i - 1] + 1:
+                    runs = infile.remove_blocks(runs, order[start], order[i - 1] + 1)
+                    start = i
+        while len(runs) > infile.MAX_RUNS:
+            smallest = min(runs, key=lambda run: run[1] - run[0])
+            self._fill_zeros(range(*smallest))
+            runs.remove(smallest)
+        return runs
 
     def _undo_growth(self, backing: int, old_final: int, saved: bytes) -> None:
         """After a failed extending write (ENOSPC...): put the old last block and length back."""
         try:
             if saved:
-                _pwrite_all(self.fd, saved, block_offset(old_final, self.block_size))
-            os.ftruncate(self.fd, backing)
+                _pwrite_all(self.fd, saved, self._base + block_offset(old_final, self.block_size))
+            os.ftruncate(self.fd, self._base + backing)
             self._clear_marker()
         except OSError:
             pass  # the marker stays; recover() settles the file at its next open
@@ -456,28 +554,32 @@ class EncryptedFile:
             self._write_runs({b: bytes(bs) for b in range(start, stop)}, -1)
 
     def truncate(self, length: int) -> None:
-        """Set the plaintext size; growing leaves holes (v2) or writes encrypted zeros (v1)."""
+        """Set the plaintext size; growing leaves holes (v2 real ones, v3 recorded ones)."""
         if length < 0:
             raise ValueError("negative length")
         backing, size = self._sizes()
-        bs = self.block_size
         if length == size:
-            if not self._v2 and backing != backing_size(size, bs):
-                os.ftruncate(self.fd, backing_size(size, bs))  # drop a torn v1 fragment
             return
+        if not self._v2 and length > 0 and not self._legacy_writes:
+            raise V1ReadOnly()
         if length > size:
             self._check_tail(backing, size)
-        self._set_marker(length, size)  # an interrupted truncate settles at the new size
+        runs: list[infile.Run] | None = None
+        fill: range | None = None
+        if self._fs is not None and length > size:
+            runs, fill = self._gap_runs(self._final(size), self._final(length))
+        self._set_marker(length, size, runs)  # an interrupted truncate settles at the new size
         if length < size:
             self._shrink(length, size)
         else:
-            self._grow(length, size)
-        self._clear_marker()
+            self._grow(length, size, fill)
+        final = self._final(length)
+        self._clear_marker(self._runs_after({final}, final) if self._fs is not None else None)
 
     def _shrink(self, length: int, size: int) -> None:
         bs = self.block_size
         if length == 0:
-            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.fd, self._base)
             return
         block_no = self._final(length)
         keep = length - block_no * bs
@@ -486,12 +588,14 @@ class EncryptedFile:
         # crash in between leaves states recover() knows how to settle.
         blocks = {block_no: plain}
         self._keep_hole_runs_long(blocks, block_no, block_no, block_no)
-        os.ftruncate(self.fd, block_offset(block_no, bs) + min(bs, size - block_no * bs)
+        os.ftruncate(self.fd, self._base + block_offset(block_no, bs) + min(bs, size - block_no * bs)
                      + BLOCK_OVERHEAD)
         self._write_runs(blocks, block_no)
-        os.ftruncate(self.fd, backing_size(length, bs))
+        os.ftruncate(self.fd, self._base + backing_size(length, bs))
 
-    def _grow(self, length: int, size: int) -> None:
+    def _grow(self, length: int, size: int, fill: range | None = None) -> None:
+        """Version 3 fills the gap only when ``fill`` says so (no room in the record); version 2
+        on a filesystem without holes always."""
         bs = self.block_size
         old_final, new_final = self._final(size), self._final(length)
         blocks: dict[int, bytes | memoryview] = {}
@@ -503,15 +607,15 @@ class EncryptedFile:
                 old = self._read_block(old_final, size)
                 blocks[old_final] = old + bytes(bs - len(old))
             gap = range(old_final + 1, new_final)
-            if not self.sparse:
+            if (self._fs is None and not self.sparse) or fill is not None:
                 if old_final >= 0:
                     self._write_runs({old_final: blocks.pop(old_final)}, new_final)
                 self._fill_zeros(gap)
-            elif len(gap) == 1:
+            elif self._fs is None and len(gap) == 1:
                 blocks[gap[0]] = bytes(bs)
             blocks[new_final] = bytes(length - new_final * bs)
         self._write_runs(blocks, new_final)
-        os.ftruncate(self.fd, backing_size(length, bs))
+        os.ftruncate(self.fd, self._base + backing_size(length, bs))
 
     # -- verification (fsck) ---------------------------------------------------------------------
     def verify(self) -> list[tuple[int, str]]:
@@ -522,11 +626,20 @@ class EncryptedFile:
             self._check_tail(backing, size)
         except IntegrityError as exc:
             damaged.append((exc.block or 0, str(exc)))
-        for block_no in range(self._final(size) + 1):
+        chunk = 256 * self.block_size
+        buf = memoryview(bytearray(chunk))
+        for start in range(0, size, chunk):  # whole chunks at read speed; a bad one block by block
             try:
-                self._read_block(block_no, size)
-            except IntegrityError as exc:
-                damaged.append((block_no, str(exc)))
+                self.read_into(start, buf)
+                continue
+            except IntegrityError:
+                pass
+            for block_no in range(start // self.block_size,
+                                  -(-min(start + chunk, size) // self.block_size)):
+                try:
+                    self._read_block(block_no, size)
+                except IntegrityError as exc:
+                    damaged.append((block_no, str(exc)))
         return damaged
 
 

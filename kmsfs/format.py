@@ -13,6 +13,8 @@ position or another file fails authentication. Since format version 2 the AAD al
 *final* flag (STREAM-like): only the last block of a file is sealed as final, which authenticates
 the plaintext size (a file cut at a block boundary, or with blocks appended, fails). The data
 key lives, wrapped by the key service, in the header (extended attribute ``user.kmsfs.header``).
+Since format version 3 the backing file also starts with a copy of that header and a state
+record (``kmsfs.infile``), so copies that drop xattrs still decrypt; blocks start after it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ HEADER_XATTR = "user.kmsfs.header"
 MAGIC = b"KMSFS\x00"
 FORMAT_V1 = 1
 FORMAT_V2 = 2
+FORMAT_V3 = 3  # version 2's blocks after an in-file prefix: header copy and state record
 # The version new files are written in; readers accept READABLE_VERSIONS.
-FORMAT_VERSION = FORMAT_V2
-READABLE_VERSIONS = frozenset({FORMAT_V1, FORMAT_V2})
+FORMAT_VERSION = FORMAT_V3
+READABLE_VERSIONS = frozenset({FORMAT_V1, FORMAT_V2, FORMAT_V3})
 DEFAULT_BLOCK_SIZE = 4096
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -36,7 +39,7 @@ DATA_KEY_SIZE = 32
 MAX_KEY_ARN = 2048
 MAX_WRAPPED_KEY = 6144
 MAX_HEADER_SIZE = 8192
-# Block sizes versions 1 and 2 accept. The field exists so a later version can vary it; the
+# Block sizes versions 1 to 3 accept. The field exists so a later version can vary it; the
 # FUSE layer derives plaintext sizes from backing sizes without reading headers, so it is fixed.
 _VALID_BLOCK_SIZES = frozenset({DEFAULT_BLOCK_SIZE})
 

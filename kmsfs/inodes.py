@@ -13,8 +13,10 @@ Lookup counts are kept as the kernel counts them (each reply that returns an ent
 lookup) and ``forget`` drops the node and closes its descriptor when the count reaches zero, so
 the daemon holds one descriptor per inode the kernel remembers, and no more.
 
-Nodes also remember the name they were last seen under and their parent, only to name the file
-in the audit record and in log lines (``path_of``); no access is ever made by that name.
+Nodes also remember the (plaintext) name they were last seen under and their parent, only to
+name the file in the audit record and in log lines (``path_of``); no access is ever made by that
+name. What a name is called in the backing directory is the business of the name strategy
+(kmsfs/namespace.py: plaintext, or encrypted names); this layer only ever sees plaintext names.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kmsfs.backing_at import RENAME_EXCHANGE, pin
-from kmsfs.config import RESERVED_PREFIX
 from kmsfs.core import Caller, KmsfsCore, attributes
+from kmsfs.namespace import EncryptedNames, PlainNames
 
 ROOT_INODE = 1  # FUSE_ROOT_ID
 _MAX_DEPTH = 4096  # path_of gives up beyond this (a path cannot be longer than PATH_MAX anyway)
@@ -42,13 +44,15 @@ class Node:
     nlookup: int
     parent: Node | None
     name: str
+    dir_id: bytes | None = None  # a directory's id (encrypted names), read once
 
 
 class InodeFs:
     """Inode-numbered operations over a ``KmsfsCore``; raises what the core raises."""
 
-    def __init__(self, core: KmsfsCore) -> None:
+    def __init__(self, core: KmsfsCore, names: PlainNames | EncryptedNames | None = None) -> None:
         self.core = core
+        self.names = names if names is not None else PlainNames()
         self._lock = threading.Lock()
         root_fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=core.root_fd)
         st = os.fstat(root_fd)
@@ -83,17 +87,20 @@ class InodeFs:
         """Reserved names in the root do not exist in the mount; "." and ".." are never asked."""
         if "/" in name or name in (".", "..", ""):
             raise OSError(errno.EINVAL, "bad name", name)
-        if parent is self.root and name.startswith(RESERVED_PREFIX):
+        if self.names.reserved(parent is self.root, name):
             raise FileNotFoundError(errno.ENOENT, "reserved name", name)
 
     def _remember(self, fd: int, parent: Node, name: str) -> tuple[Node, dict[str, int]]:
         """Count one lookup of the object ``fd`` pins (the call takes ownership of ``fd``)."""
         try:
             st = os.fstat(fd)
+            attrs = attributes(st, fd)  # through our own descriptor, still open here
         except BaseException:
             os.close(fd)
             raise
         ident = (st.st_dev, st.st_ino)
+        if stat.S_ISLNK(st.st_mode) and self.names.encrypted:
+            attrs["st_size"] = self.names.symlink_size(fd, st.st_size)
         with self._lock:
             node = self._by_ident.get(ident)
             if node is None:
@@ -107,12 +114,13 @@ class InodeFs:
             node.nlookup += 1
         if fd >= 0:
             os.close(fd)  # the node already holds a descriptor of this inode
-        return node, attributes(st)
+        return node, attrs
 
     def lookup(self, parent_ino: int, name: str) -> tuple[Node, dict[str, int]]:
         parent = self.node(parent_ino)
         self._check_name(parent, name)
-        return self._remember(pin(parent.fd, name), parent, name)
+        fd, _ = self.names.find(parent, name)
+        return self._remember(fd, parent, name)
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped ``count`` lookups; at zero the node and its descriptor go."""
@@ -140,8 +148,13 @@ class InodeFs:
     # -- attributes -------------------------------------------------------------------------------
     def getattr(self, ino: int, fh: int | None = None) -> dict[str, int]:
         if fh:
-            return attributes(os.fstat(self.core.handle_fd(fh)))
-        return self.core.stat_fd(self.node(ino).fd)
+            fd = self.core.handle_fd(fh)
+            return attributes(os.fstat(fd), fd)
+        node = self.node(ino)
+        attrs = self.core.stat_fd(node.fd)
+        if self.names.encrypted and stat.S_ISLNK(attrs["st_mode"]):
+            attrs["st_size"] = self.names.symlink_size(node.fd, attrs["st_size"])
+        return attrs
 
     def setattr(self, ino: int, changes: dict[str, Any], fh: int | None = None,
                 caller: Caller | None = None) -> dict[str, int]:
@@ -162,74 +175,90 @@ class InodeFs:
         return self.getattr(ino, fh)
 
     def readlink(self, ino: int) -> str:
-        return self.core.readlink_fd(self.node(ino).fd)
+        node = self.node(ino)
+        if not self.names.encrypted:
+            return self.core.readlink_fd(node.fd)
+        return self.names.target_in(node.fd)
 
     def statfs(self, ino: int) -> dict[str, int]:
         return self.core.statfs_fd(self.node(ino).fd)
 
     # -- namespace --------------------------------------------------------------------------------
-    def _made(self, parent: Node, name: str) -> tuple[Node, dict[str, int]]:
-        return self._remember(pin(parent.fd, name), parent, name)
+    def _made(self, parent: Node, backing: str, name: str) -> tuple[Node, dict[str, int]]:
+        return self._remember(pin(parent.fd, backing), parent, name)
 
     def mknod(self, parent_ino: int, name: str, mode: int, rdev: int,
               caller: Caller | None = None) -> tuple[Node, dict[str, int]]:
         parent = self.node(parent_ino)
         self._check_name(parent, name)
-        if stat.S_ISREG(mode):
-            fh = self.core.create_at(parent.fd, name, self.path_of(parent, name), mode, caller,
-                                     os.O_RDWR | os.O_EXCL)
-            try:
-                return self._remember(self._pin_handle(fh), parent, name)
-            finally:
-                self.core.release(None, fh)
-        self.core.mknod_at(parent.fd, name, mode, rdev, caller)
-        return self._made(parent, name)
+        with self.names.new_entry(parent, name) as backing:
+            if stat.S_ISREG(mode):
+                fh = self.core.create_at(parent.fd, backing, self.path_of(parent, name), mode, caller,
+                                         os.O_RDWR | os.O_EXCL)
+                try:
+                    return self._remember(self._pin_handle(fh), parent, name)
+                finally:
+                    self.core.release(None, fh)
+            self.core.mknod_at(parent.fd, backing, mode, rdev, caller)
+            return self._made(parent, backing, name)
 
     def mkdir(self, parent_ino: int, name: str, mode: int,
               caller: Caller | None = None) -> tuple[Node, dict[str, int]]:
         parent = self.node(parent_ino)
         self._check_name(parent, name)
-        self.core.mkdir_at(parent.fd, name, mode, caller)
-        return self._made(parent, name)
+        with self.names.new_entry(parent, name) as backing:
+            fill = self.names.fill_dir if self.names.encrypted else None
+            self.core.mkdir_at(parent.fd, backing, mode, caller, fill)
+            return self._made(parent, backing, name)
 
     def symlink(self, target: str, parent_ino: int, name: str,
                 caller: Caller | None = None) -> tuple[Node, dict[str, int]]:
         parent = self.node(parent_ino)
         self._check_name(parent, name)
-        self.core.symlink_at(parent.fd, name, target, caller)
-        return self._made(parent, name)
+        stored = self.names.target_out(target)
+        with self.names.new_entry(parent, name) as backing:
+            self.core.symlink_at(parent.fd, backing, stored, caller)
+            return self._made(parent, backing, name)
 
     def link(self, ino: int, parent_ino: int, name: str) -> tuple[Node, dict[str, int]]:
         """A new name for the node: the reply is the same node, with the new link count."""
         node, parent = self.node(ino), self.node(parent_ino)
         self._check_name(parent, name)
-        self.core.link_fd(node.fd, parent.fd, name)
-        return self._remember(os.dup(node.fd), parent, name)
+        with self.names.new_entry(parent, name) as backing:
+            self.core.link_fd(node.fd, parent.fd, backing)
+            return self._remember(os.dup(node.fd), parent, name)
 
     def unlink(self, parent_ino: int, name: str) -> None:
         parent = self.node(parent_ino)
         self._check_name(parent, name)
-        os.unlink(name, dir_fd=parent.fd)
+        with self.names.old_entry(parent, name) as backing:
+            os.unlink(backing, dir_fd=parent.fd)
 
     def rmdir(self, parent_ino: int, name: str) -> None:
         parent = self.node(parent_ino)
         self._check_name(parent, name)
-        os.rmdir(name, dir_fd=parent.fd)
+        with self.names.old_entry(parent, name) as backing:
+            self.names.rmdir(parent, backing)
 
     def rename(self, parent_ino: int, name: str, new_parent_ino: int, new_name: str,
                flags: int = 0) -> None:
         parent, new_parent = self.node(parent_ino), self.node(new_parent_ino)
         self._check_name(parent, name)
         self._check_name(new_parent, new_name)
-        self.core.rename_at(parent.fd, name, new_parent.fd, new_name, flags)
-        self._renamed(new_parent, new_name)
+        # Side entries of long names: the new one exists before the rename, the old one goes
+        # after it, only if its entry is gone (RENAME_EXCHANGE keeps both names where they are).
+        with self.names.new_entry(new_parent, new_name) as new_backing, \
+                self.names.old_entry(parent, name) as backing, \
+                self.names.replacing(new_parent, new_backing, flags):
+            self.core.rename_at(parent.fd, backing, new_parent.fd, new_backing, flags)
+        self._renamed(new_parent, new_backing, new_name)
         if flags & RENAME_EXCHANGE:  # the other one moved too
-            self._renamed(parent, name)
+            self._renamed(parent, backing, name)
 
-    def _renamed(self, parent: Node, name: str) -> None:
+    def _renamed(self, parent: Node, backing: str, name: str) -> None:
         """Keep the audit name of a known node current after a rename (best effort)."""
         try:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
         except OSError:
             return
         with self._lock:
@@ -260,7 +289,9 @@ class InodeFs:
         """A new (or, without O_EXCL, existing) file, opened: (node, attributes, handle)."""
         parent = self.node(parent_ino)
         self._check_name(parent, name)
-        fh = self.core.create_at(parent.fd, name, self.path_of(parent, name), mode, caller, flags)
+        with self.names.new_entry(parent, name) as backing:
+            fh = self.core.create_at(parent.fd, backing, self.path_of(parent, name), mode, caller,
+                                     flags)
         try:
             node, attrs = self._remember(self._pin_handle(fh), parent, name)
         except BaseException:
@@ -274,7 +305,8 @@ class InodeFs:
 
     def opendir(self, ino: int) -> int:
         """A directory handle: the listing is read once here and served by offset from it."""
-        entries = self.core.scan_fd(self.node(ino).fd)
+        node = self.node(ino)
+        entries = self.names.listing(node, self.core.scan_fd(node.fd), self.path_of(node))
         with self._lock:
             dh = self._next_dir
             self._next_dir += 1

@@ -222,7 +222,8 @@ class KeyClient:
         }
         if caller:
             # ensure_ascii keeps any path representable as an HTTP header value.
-            headers[CALLER_HEADER] = json.dumps(caller, separators=(",", ":"), sort_keys=True)
+            headers[CALLER_HEADER] = json.dumps({k: _audit_text(v) for k, v in caller.items()},
+                                                separators=(",", ":"), sort_keys=True)
         try:
             access_key_id, secret, token = self.credentials.current()
         except Exception as exc:  # noqa: BLE001 - botocore's refresh: any failure means "no answer"
@@ -343,3 +344,20 @@ def _error_code(resp: requests.Response | transport.Response) -> str:
     if not code:
         code = resp.headers.get("x-amzn-ErrorType", "").split(":")[0]
     return code.rsplit("#", 1)[-1]
+
+
+def _audit_text(value: Any) -> Any:
+    """A path with bytes that are not UTF-8 (os.fsdecode keeps them as lone surrogates, which the
+    service refuses as JSON) goes to the audit with those bytes as ``\\xNN`` escapes."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape" if _escapes_only(value) else "backslashreplace"
+                            ).decode("utf-8", "backslashreplace")
+    return value
+
+
+def _escapes_only(value: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in value)

@@ -15,8 +15,11 @@ import os
 from dataclasses import dataclass, field
 
 from kmsfs.backing import backing_files
-from kmsfs.format import HEADER_XATTR, CorruptHeader, Header, pack_header, parse_header
+from kmsfs.format import CorruptHeader, Header, parse_header
+from kmsfs.headers import get_xattr, in_file_copy, update_copy
 from kmsfs.keyclient import KeyClient, KeyServiceError
+from kmsfs.names import NameCipher
+from kmsfs.namewalk import walk_names
 from kmsfs.progress import Progress
 from kmsfs.toolcaller import plaintext_path, tool_caller
 
@@ -52,32 +55,44 @@ def _journal(cipherdir: str, target: str) -> tuple[set[str], int]:
 def rewrap_file(path: str, client: KeyClient, destination: str | None, name: str | None = None) -> str:
     """Re-wrap one file's key; returns the new key ARN. Raises on any failure. ``name`` is the
     path inside the filesystem, which the key service audits (default: the backing path)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        header = parse_header(os.getxattr(fd, HEADER_XATTR))
+        # The xattr is the primary. If it differs from the in-file copy, a rewrap was interrupted
+        # between the two writes (or someone tampered): rewrapping from the xattr and writing
+        # both settles the former; the latter stays unreadable (the file id binds the blocks).
+        raw = get_xattr(fd) or in_file_copy(fd)
+        if raw is None:
+            raise CorruptHeader("backing file has no kmsfs header")
+        header = parse_header(raw)
         blob, arn = client.re_encrypt(header.wrapped_key, header.encryption_context(),
                                       destination or header.key_arn,
                                       tool_caller("rewrap", name or path))
         new = Header(file_id=header.file_id, key_arn=arn, wrapped_key=blob,
                      block_size=header.block_size, version=header.version)
-        os.setxattr(fd, HEADER_XATTR, pack_header(new), os.XATTR_REPLACE)
+        update_copy(fd, new)  # the in-file copy (format 3), then the xattr
         return arn
     finally:
         os.close(fd)  # also releases the flock
 
 
 def rewrap(cipherdir: str, client: KeyClient, destination: str | None,
-           progress: bool = True) -> RewrapReport:
+           progress: bool = True, names: NameCipher | None = None) -> RewrapReport:
+    """``names``: the name cipher of a name-encrypting cipherdir (bookkeeping entries are skipped,
+    the audit records plaintext paths; entries whose name fails are left to fsck)."""
     report = RewrapReport()
     root = os.path.realpath(cipherdir)
     target = destination or "newest-version"
     done, journal = _journal(root, target)
     paths = list(backing_files(root))
+    plain: dict[str, str] | None = None
+    if names is not None:
+        plain = walk_names(root, names).plain
+        paths = [p for p in paths if p in plain]
     bar = Progress(len(paths), "rewrap") if progress else None
     try:
         for path in paths:
-            rel = plaintext_path(root, path)
+            rel = plaintext_path(root, path) if plain is None else plain[path]
             if rel in done:
                 report.skipped += 1
             else:

@@ -39,7 +39,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-TARGETS = ("bare", "passthrough", "gocryptfs", "kmsfs")
+TARGETS = ("bare", "passthrough", "gocryptfs", "kmsfs", "kmsfs-plain")  # kmsfs-plain: --plaintext-names
 
 
 @dataclass(frozen=True)
@@ -234,12 +234,13 @@ def start_keyservice(env: Env, workers: int = 1) -> None:
     say(f"keyservice at {info['endpoint']} (pid {proc.pid}), key {env.key_id}")
 
 
-def mount_kmsfs(env: Env, name: str = "kmsfs") -> Path:
+def mount_kmsfs(env: Env, name: str = "kmsfs", plaintext_names: bool = False) -> Path:
     cipher, mnt = env.run_dir / f"{name}.cipher", env.run_dir / name
     mnt.mkdir(exist_ok=True)
     if not (cipher / ".kmsfs.json").exists():
         cipher.mkdir(exist_ok=True)
-        run([PY, "-m", "kmsfs", "init", str(cipher), "--key", "alias/bench", "--credentials", str(env.creds)])
+        run([PY, "-m", "kmsfs", "init", str(cipher), "--key", "alias/bench", "--credentials", str(env.creds),
+             *(["--plaintext-names"] if plaintext_names else [])])
     run([PY, "-m", "kmsfs", "mount", str(cipher), str(mnt), "--credentials", str(env.creds),
          *env.kmsfs_opts])
     env.mounts[name] = mnt
@@ -597,12 +598,13 @@ def fmt(value: float | None) -> str:
 
 
 def render(result: dict[str, Any]) -> str:
-    cols = ["workload", "unit", *TARGETS, "kmsfs/gocryptfs", "kmsfs/passthrough", "target"]
+    cols = ["workload", "unit", *TARGETS, "kmsfs/gocryptfs", "kmsfs/passthrough", "kmsfs/plain", "target"]
     lines = [cols]
     for row in result["rows"]:
         v = row["values"]
         lines.append([row["label"], row["unit"], *(fmt(v.get(t)) for t in TARGETS),
-                      fmt(row.get("ratio_gocryptfs")), fmt(row.get("ratio_passthrough")), row["target"]])
+                      fmt(row.get("ratio_gocryptfs")), fmt(row.get("ratio_passthrough")),
+                      fmt(row.get("ratio_plain")), row["target"]])
     widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
     out = []
     for n, line in enumerate(lines):
@@ -625,7 +627,8 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
     start_keyservice(env)
     tarball, nfiles = quick_tarball(env.run_dir) if args.quick else make_tarball(env.run_dir)
     say(f"tree: {nfiles} files in {tarball.name}")
-    mounters = {"kmsfs": mount_kmsfs, "passthrough": mount_passthrough, "gocryptfs": mount_gocryptfs}
+    mounters = {"kmsfs": mount_kmsfs, "passthrough": mount_passthrough, "gocryptfs": mount_gocryptfs,
+                "kmsfs-plain": lambda env: mount_kmsfs(env, "kmsfs-plain", plaintext_names=True)}
     mnts: dict[str, Path] = {}
     for t in targets:
         if t == "bare":
@@ -638,9 +641,11 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
     for rep in range(sizes.reps):
         for t in targets:
             mnt = mnts[t]
-            got = {"seq_write": seq_write(mnt, sizes.seq_mib), "seq_read": seq_read(mnt, sizes.seq_mib)}
-            (mnt / "seq.bin").unlink()
-            if tools["fio"]:
+            got = {}
+            if not args.tree_only:
+                got = {"seq_write": seq_write(mnt, sizes.seq_mib), "seq_read": seq_read(mnt, sizes.seq_mib)}
+                (mnt / "seq.bin").unlink()
+            if tools["fio"] and not args.tree_only:
                 got["rand_iops"] = rand_iops(mnt, sizes.fio_mib, sizes.fio_seconds)
             got.update(tree_workloads(mnt, tarball, nfiles, check_diff=(rep == 0)))
             for k, v in got.items():
@@ -655,13 +660,16 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
                      "higher_is_better": r.higher_is_better, "target": r.target, "values": values,
                      "samples": samples[r.key],
                      "ratio_gocryptfs": ratio(values.get("kmsfs"), values.get("gocryptfs")),
-                     "ratio_passthrough": ratio(values.get("kmsfs"), values.get("passthrough"))})
-    say("key service alone: Decrypt and GenerateDataKey, 16 concurrent clients")
-    kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=sizes.kms_seconds, clients=16,
-                   processes=4, run_dir=env.run_dir)
-    kms["kms_serial_p50"] = serial_decrypt_ms(env.creds, env.key_id)
-    say("kmsfs peak RSS")
-    kms["kmsfs_rss"] = kmsfs_peak_rss(env, sizes.rss_mib)
+                     "ratio_passthrough": ratio(values.get("kmsfs"), values.get("passthrough")),
+                     "ratio_plain": ratio(values.get("kmsfs"), values.get("kmsfs-plain"))})
+    kms: dict[str, Any] = {}
+    if not args.tree_only:
+        say("key service alone: Decrypt and GenerateDataKey, 16 concurrent clients")
+        kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=sizes.kms_seconds,
+                       clients=16, processes=4, run_dir=env.run_dir)
+        kms["kms_serial_p50"] = serial_decrypt_ms(env.creds, env.key_id)
+        say("kmsfs peak RSS")
+        kms["kmsfs_rss"] = kmsfs_peak_rss(env, sizes.rss_mib)
     for r in KMS_ROWS:
         rows.append({"key": r.key, "label": r.label.format(**subst), "unit": r.unit,
                      "higher_is_better": r.higher_is_better, "target": r.target,
@@ -693,8 +701,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="parent of the run directory (a new kmsfs-bench-* inside it; default /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the run directory")
     p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
-    p.add_argument("--targets", default=",".join(TARGETS),
-                   help="comma-separated subset of " + ",".join(TARGETS))
+    p.add_argument("--targets", default=",".join(TARGETS[:4]),
+                   help="comma-separated subset of " + ",".join(TARGETS) + " (default: all but "
+                        "kmsfs-plain, a kmsfs cipherdir made with --plaintext-names)")
+    p.add_argument("--tree-only", action="store_true",
+                   help="only the tree workloads (untar, find/ls, cat, rm): e.g. encrypted against "
+                        "plaintext names, --targets kmsfs,kmsfs-plain")
     p.add_argument("--kms-only", action="store_true",
                    help="measure the key service alone (Decrypt and GenerateDataKey), no file systems")
     p.add_argument("--workers", type=int, default=1, help="keyservice serve --workers N (default 1)")

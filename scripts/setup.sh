@@ -46,6 +46,12 @@ command -v git >/dev/null 2>&1 || packages+=(git)
 if [ ! -x /usr/lib/postgresql/15/bin/initdb ] && ! command -v initdb >/dev/null 2>&1; then
     packages+=(postgresql-15)
 fi
+# The backup tests copy cipherdirs with rsync and build a vfat image (a filesystem without xattrs).
+command -v rsync >/dev/null 2>&1 || packages+=(rsync)
+command -v mkfs.vfat >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.vfat ] || packages+=(dosfstools)
+# Kernels without vfat (containers, minimal VMs) get exFAT through FUSE for the same test.
+[ -x /usr/sbin/mount.exfat-fuse ] || packages+=(exfat-fuse)
+[ -x /usr/sbin/mkfs.exfat ] || packages+=(exfatprogs)
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then packages+=(python3-venv); fi
 if [ ${#packages[@]} -gt 0 ]; then apt_install "${packages[@]}"; fi

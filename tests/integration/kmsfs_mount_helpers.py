@@ -98,7 +98,12 @@ def mounted(cipherdir: Path, mountpoint: Path, credentials: Path, *extra: str) -
 
 
 def backing_files(cipherdir: Path) -> list[Path]:
-    return [p for p in cipherdir.rglob("*") if p.is_file() and not p.name.startswith(".kmsfs")]
+    """Regular backing files with a kmsfs header: not the cipherdir's own files, nor the directory
+    ids and long-name side entries of encrypted names."""
+    from kmsfs.names import is_reserved
+
+    return [p for p in cipherdir.rglob("*") if p.is_file() and not p.name.startswith(".kmsfs")
+            and not is_reserved(p.name)]
 
 
 def daemon_pid(cipherdir: Path, mountpoint: Path) -> int:
@@ -149,3 +154,21 @@ def wait_pool_full(service: Any, cipherdir: Path, mountpoint: Path, size: int = 
 
     wait_for_records(service.audit_records, pooled)
     return pid
+
+
+def data_offset(backing: Path) -> int:
+    """Where block 0 starts in a backing file: after the format-3 prefix (0 for versions 1/2)."""
+    from kmsfs.headers import data_offset as _data_offset
+
+    fd = os.open(backing, os.O_RDONLY)
+    try:
+        return _data_offset(fd)
+    finally:
+        os.close(fd)
+
+
+def backing_path(cipherdir: Path, plain: str, credentials: Path | str) -> Path:
+    """The backing path of ``/plain/path`` in a name-encrypting cipherdir (``kmsfs path encrypt``,
+    through the key service; its parent directories must exist)."""
+    proc = kmsfs("path", "encrypt", cipherdir, plain, "--credentials", credentials)
+    return Path(proc.stdout.strip())

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from kmsfs import format as fmt
+from kmsfs import headers
 from tests.integration.kmsfs_mount_helpers import kmsfs, mounted, requires_fuse
 
 pytestmark = [pytest.mark.integration, requires_fuse]
@@ -34,8 +35,9 @@ def m(keyservice_dev: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     tmp = tmp_path_factory.mktemp("attacks")
     key = keyservice_dev.boto3_client().create_key(Description="attacks")["KeyMetadata"]
     cipherdir = tmp / "cipher"
+    # Plaintext names: these attacks address backing files by name (names: test_kmsfs_names.py).
     kmsfs("init", cipherdir, "--endpoint", keyservice_dev.endpoint, "--key", key["KeyId"],
-          "--credentials", keyservice_dev.credentials_file)
+          "--credentials", keyservice_dev.credentials_file, "--plaintext-names")
     with mounted(cipherdir, tmp / "mnt", keyservice_dev.credentials_file) as path:
         yield M(cipherdir, path, keyservice_dev.credentials_file)
 
@@ -57,6 +59,15 @@ def _eio(path: Path, offset: int = 0, length: int = 1 << 20) -> None:
         os.close(fd)
 
 
+def _d(backing: Path) -> int:
+    """Where block 0 starts in a backing file (after the format-3 prefix)."""
+    fd = os.open(backing, os.O_RDONLY)
+    try:
+        return headers.data_offset(fd)
+    finally:
+        os.close(fd)
+
+
 def _make(m: M, name: str, n: int) -> bytes:
     data = os.urandom(n)
     (m.path / name).write_bytes(data)
@@ -66,10 +77,11 @@ def _make(m: M, name: str, n: int) -> bytes:
 def test_flipped_bit_anywhere(m: M) -> None:
     for pos in (0, 11, 12, 500, S - 17, S - 1):  # nonce, ciphertext, tag
         data = _make(m, "flip.bin", 2 * BS)
+        d = _d(m.cipherdir / "flip.bin")
         with open(m.cipherdir / "flip.bin", "r+b") as f:
-            f.seek(pos)
+            f.seek(d + pos)
             b = f.read(1)
-            f.seek(pos)
+            f.seek(d + pos)
             f.write(bytes([b[0] ^ 0x80]))
         _eio(m.path / "flip.bin", 0, BS)
         assert os.pread(os.open(m.path / "flip.bin", os.O_RDONLY), BS, BS) == data[BS:]
@@ -79,8 +91,9 @@ def test_flipped_bit_anywhere(m: M) -> None:
 def test_block_swapped_within_file(m: M) -> None:
     _make(m, "swap.bin", 3 * BS)
     backing = m.cipherdir / "swap.bin"
+    d = _d(backing)
     raw = backing.read_bytes()
-    backing.write_bytes(raw[S:2 * S] + raw[:S] + raw[2 * S:])
+    backing.write_bytes(raw[:d] + raw[d + S:d + 2 * S] + raw[d:d + S] + raw[d + 2 * S:])
     _eio(m.path / "swap.bin", 0, BS)
     _eio(m.path / "swap.bin", BS, BS)
 
@@ -88,16 +101,18 @@ def test_block_swapped_within_file(m: M) -> None:
 def test_block_copied_from_another_file(m: M) -> None:
     _make(m, "victim.bin", 2 * BS)
     _make(m, "donor.bin", 2 * BS)
+    d = _d(m.cipherdir / "donor.bin")
     raw = (m.cipherdir / "donor.bin").read_bytes()
     with open(m.cipherdir / "victim.bin", "r+b") as f:
-        f.write(raw[:S])
+        f.seek(_d(m.cipherdir / "victim.bin"))
+        f.write(raw[d:d + S])
     _eio(m.path / "victim.bin", 0, BS)
 
 
 def test_zeroed_block_is_not_a_hole(m: M) -> None:
     _make(m, "zero.bin", 3 * BS)
     with open(m.cipherdir / "zero.bin", "r+b") as f:
-        f.seek(S)
+        f.seek(_d(m.cipherdir / "zero.bin") + S)
         f.write(bytes(S))
     _eio(m.path / "zero.bin", BS, BS)
     assert "block 1 is zeroed (not a hole)" in m.log()
@@ -115,7 +130,7 @@ def test_real_holes_read_as_zeros(m: M) -> None:
 
 def test_truncation_at_block_boundary(m: M) -> None:
     _make(m, "cut.bin", 4 * BS)
-    os.truncate(m.cipherdir / "cut.bin", 3 * S)
+    os.truncate(m.cipherdir / "cut.bin", _d(m.cipherdir / "cut.bin") + 3 * S)
     assert (m.path / "cut.bin").stat().st_size == 3 * BS
     _eio(m.path / "cut.bin", 2 * BS, BS)  # the new last block was never sealed as final
 
@@ -132,9 +147,14 @@ def test_junk_appended(m: M, junk: int) -> None:
 def test_header_copied_from_another_file(m: M) -> None:
     _make(m, "h1.bin", 100)
     _make(m, "h2.bin", 100)
-    os.setxattr(m.cipherdir / "h1.bin", fmt.HEADER_XATTR,
-                os.getxattr(m.cipherdir / "h2.bin", fmt.HEADER_XATTR))
-    _eio(m.path / "h1.bin")  # blocks are bound to h1's file id; h2's header has another
+    fd = os.open(m.cipherdir / "h1.bin", os.O_RDWR)
+    try:  # both places (the xattr alone differs from the in-file copy: test_kmsfs_backup.py)
+        headers.update_copy(fd, fmt.parse_header(os.getxattr(m.cipherdir / "h2.bin", fmt.HEADER_XATTR)))
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:  # h1's state record and blocks carry h1's file id
+        (m.path / "h1.bin").read_bytes()
+    assert info.value.errno == errno.EIO
 
 
 def test_header_for_another_file_id_is_refused_by_the_service(m: M) -> None:
@@ -142,7 +162,11 @@ def test_header_for_another_file_id_is_refused_by_the_service(m: M) -> None:
     raw = os.getxattr(m.cipherdir / "ctx.bin", fmt.HEADER_XATTR)
     h = fmt.parse_header(raw)
     forged = fmt.Header(file_id=os.urandom(16), key_arn=h.key_arn, wrapped_key=h.wrapped_key)
-    os.setxattr(m.cipherdir / "ctx.bin", fmt.HEADER_XATTR, fmt.pack_header(forged))
+    fd = os.open(m.cipherdir / "ctx.bin", os.O_RDWR)
+    try:
+        headers.update_copy(fd, forged)  # xattr and in-file copy agree: the service must refuse
+    finally:
+        os.close(fd)
     with pytest.raises(OSError) as info:
         (m.path / "ctx.bin").read_bytes()
     assert info.value.errno in (errno.EIO, errno.EACCES)
@@ -153,8 +177,10 @@ def test_header_for_another_file_id_is_refused_by_the_service(m: M) -> None:
 def test_bad_header(m: M, header: bytes | None) -> None:
     name = f"badh{len(header or b'')}.bin"
     _make(m, name, 100)
-    if header is None:
+    if header is None:  # no xattr and no in-file copy (a missing xattr alone: the copy serves)
         os.removexattr(m.cipherdir / name, fmt.HEADER_XATTR)
+        with open(m.cipherdir / name, "r+b") as f:
+            f.write(bytes(16))
     else:
         os.setxattr(m.cipherdir / name, fmt.HEADER_XATTR, header)
     with pytest.raises(OSError) as info:
@@ -167,7 +193,8 @@ def test_header_only_planted_file_gets_a_fresh_key(m: M) -> None:
     _make(m, "genuine.bin", 5000)
     genuine = fmt.parse_header(os.getxattr(m.cipherdir / "genuine.bin", fmt.HEADER_XATTR))
     planted = m.cipherdir / "planted.bin"
-    planted.write_bytes(b"")
+    genuine_raw = (m.cipherdir / "genuine.bin").read_bytes()
+    planted.write_bytes(genuine_raw[:_d(m.cipherdir / "genuine.bin")])  # its prefix: an empty file
     os.setxattr(planted, fmt.HEADER_XATTR, os.getxattr(m.cipherdir / "genuine.bin", fmt.HEADER_XATTR))
     assert (m.path / "planted.bin").read_bytes() == b""
     (m.path / "planted.bin").write_bytes(b"new secret contents")
@@ -207,6 +234,7 @@ def test_whole_file_swap_between_names_is_not_detected(m: M) -> None:
 def test_nonces_unique_under_concurrent_rewrites(m: M) -> None:
     path = m.path / "nonce.bin"
     path.write_bytes(bytes(4 * BS))
+    d = _d(m.cipherdir / "nonce.bin")
     seen: list[bytes] = []
     lock = threading.Lock()
 
@@ -218,7 +246,7 @@ def test_nonces_unique_under_concurrent_rewrites(m: M) -> None:
                 backing = os.open(m.cipherdir / "nonce.bin", os.O_RDONLY)
                 try:
                     with lock:
-                        seen.append(os.pread(backing, 12, (j % 4) * S))
+                        seen.append(os.pread(backing, 12, d + (j % 4) * S))
                 finally:
                     os.close(backing)
         finally:
@@ -230,7 +258,7 @@ def test_nonces_unique_under_concurrent_rewrites(m: M) -> None:
     for t in threads:
         t.join()
     raw = (m.cipherdir / "nonce.bin").read_bytes()
-    nonces = [raw[b * S:b * S + 12] for b in range(4)]
+    nonces = [raw[d + b * S:d + b * S + 12] for b in range(4)]
     assert len(set(nonces)) == 4
     assert len(set(seen)) > 0.9 * len(seen)  # distinct writes produce distinct nonces
 

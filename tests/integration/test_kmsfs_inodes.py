@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.kmsfs_mount_helpers import daemon_pid, kmsfs, mounted, requires_fuse
+from tests.integration.kmsfs_mount_helpers import backing_path, daemon_pid, kmsfs, mounted, requires_fuse
 from tests.integration.test_kmsfs_posix import _as_nobody
 
 pytestmark = [pytest.mark.integration, requires_fuse]
@@ -30,8 +30,8 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
 class M:
-    def __init__(self, cipherdir: Path, path: Path) -> None:
-        self.cipherdir, self.path = cipherdir, path
+    def __init__(self, cipherdir: Path, path: Path, creds: Path | None = None) -> None:
+        self.cipherdir, self.path, self.creds = cipherdir, path, creds
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def m(keyservice_dev: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         creds = keyservice_dev.credentials_file
         with mounted(tmp / "cipher", public / "mnt", creds, "--allow-other") as path:
             os.chmod(path, 0o777)
-            yield M(tmp / "cipher", path)
+            yield M(tmp / "cipher", path, creds)
     finally:
         if not os.path.ismount(public / "mnt"):
             shutil.rmtree(public, ignore_errors=True)
@@ -220,7 +220,8 @@ def test_posix_acls_are_refused(m: M) -> None:
     with pytest.raises(OSError) as info:
         os.setxattr(p, "system.posix_acl_access", acl)
     assert info.value.errno == errno.EOPNOTSUPP
-    assert not [n for n in os.listxattr(m.cipherdir / "acl") if "posix_acl" in n]
+    backing = backing_path(m.cipherdir, "/acl", m.creds)  # names are encrypted
+    assert not [n for n in os.listxattr(backing) if "posix_acl" in n]
     if shutil.which("setfacl"):
         proc = subprocess.run(["setfacl", "-m", "u:65534:r", str(p)], capture_output=True, text=True)
         assert proc.returncode != 0 and "not supported" in proc.stderr.lower()

@@ -21,6 +21,7 @@ from keyservice.audit.review import is_create
 from kmsfs import format as fmt
 from tests.integration.kmsfs_mount_helpers import (
     daemon_pid,
+    data_offset,
     force_unmount,
     is_mounted,
     kmsfs,
@@ -41,6 +42,11 @@ def _init(service: Any, tmp: Path, description: str = "lifecycle") -> tuple[Path
     kmsfs("init", cipherdir, "--endpoint", service.endpoint, "--key", key["KeyId"],
           "--credentials", service.credentials_file)
     return cipherdir, key["Arn"]
+
+
+def _backing(cipherdir: Path, plain: str, creds: Any) -> Path:
+    """The backing file of a path inside a name-encrypting cipherdir (``kmsfs path encrypt``)."""
+    return Path(kmsfs("path", "encrypt", cipherdir, plain, "--credentials", creds).stdout.strip())
 
 
 def _drop_caches() -> None:
@@ -101,7 +107,7 @@ def test_fsck_info_and_rewrap(keyservice_dev: Any, tmp_path: Path) -> None:
         for i in range(5):
             (m / f"f{i}.bin").write_bytes(os.urandom(i * 5000))
         info = json.loads(kmsfs("info", m / "f2.bin").stdout)
-        assert info["format_version"] == 2 and info["key_arn"] == arn
+        assert info["format_version"] == 3 and info["key_arn"] == arn
         assert info["plaintext_size"] == 10000 and "data_key" not in json.dumps(info)
         proc = kmsfs("fsck", cipherdir, "--credentials", creds)
         assert "5 files" in proc.stdout and "clean" in proc.stdout
@@ -113,14 +119,15 @@ def test_fsck_info_and_rewrap(keyservice_dev: Any, tmp_path: Path) -> None:
             pytest.skip("key service has no ReEncrypt yet")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "5 re-wrapped" in proc.stdout and "rewrap [" in proc.stderr or "rewrap:" in proc.stderr
+        backing = {i: _backing(cipherdir, f"/f{i}.bin", creds) for i in range(5)}  # names encrypted
         for i in range(5):  # contents untouched, readable through the mount (safe while mounted)
-            h = fmt.parse_header(os.getxattr(cipherdir / f"f{i}.bin", fmt.HEADER_XATTR))
+            h = fmt.parse_header(os.getxattr(backing[i], fmt.HEADER_XATTR))
             assert h.key_arn == other["Arn"]
         _drop_caches()
         assert len((m / "f4.bin").read_bytes()) == 20000
         assert not (cipherdir / ".kmsfs.rewrap").exists()
-        with open(cipherdir / "f3.bin", "r+b") as f:
-            f.seek(4124 + 3)
+        with open(backing[3], "r+b") as f:
+            f.seek(data_offset(backing[3]) + 4124 + 3)
             f.write(b"\xff")
         proc = kmsfs("fsck", cipherdir, "--credentials", creds, check=False)
         assert proc.returncode == 1 and "DAMAGED /f3.bin: block 1" in proc.stdout
@@ -274,12 +281,28 @@ def test_frozen_v1_cipherdir_mounts_and_reads(tmp_path: Path) -> None:
         with mounted(cipherdir, tmp_path / "mnt", creds) as m:
             for rel, entry in manifest["files"].items():
                 assert (m / rel).read_bytes() == bytes.fromhex(entry["plaintext_hex"]), rel
-            (m / "hello.txt").write_bytes(b"rewritten")  # O_TRUNC + write: a fresh v2 key
-            (m / "new.txt").write_bytes(b"v2")
+            with pytest.raises(OSError) as info:  # v1 cannot authenticate its size: read-only
+                with open(m / "dir/full.bin", "ab") as f:
+                    f.write(b"more")
+            assert info.value.errno == errno.EROFS
+            (m / "hello.txt").write_bytes(b"rewritten")  # O_TRUNC + write: a fresh v3 key
+            (m / "new.txt").write_bytes(b"v3")
             assert (m / "hello.txt").read_bytes() == b"rewritten"
         assert fmt.parse_header(os.getxattr(cipherdir / "dir/full.bin", fmt.HEADER_XATTR)).version == 1
-        assert fmt.parse_header(os.getxattr(cipherdir / "new.txt", fmt.HEADER_XATTR)).version == 2
-        assert kmsfs("fsck", cipherdir, "--credentials", creds).returncode == 0
+        assert fmt.parse_header(os.getxattr(cipherdir / "hello.txt", fmt.HEADER_XATTR)).version == 3
+        assert fmt.parse_header(os.getxattr(cipherdir / "new.txt", fmt.HEADER_XATTR)).version == 3
+        out = kmsfs("fsck", cipherdir, "--credentials", creds)
+        assert out.returncode == 0
+        assert "NOTE /dir/full.bin: format version 1: not protected against truncation" in out.stdout
+        out = kmsfs("upgrade", cipherdir, "--credentials", creds, "-q").stdout
+        assert "upgrade: 3 file(s) converted to format 3, 2 already current, 0 failed" in out, out
+        assert "NOTE" not in kmsfs("fsck", cipherdir, "--credentials", creds, "-q").stdout
+        with mounted(cipherdir, tmp_path / "mnt", creds) as m:
+            for rel, entry in manifest["files"].items():
+                if rel != "hello.txt":
+                    assert (m / rel).read_bytes() == bytes.fromhex(entry["plaintext_hex"]), rel
+            with open(m / "dir/full.bin", "ab") as f:  # upgraded: writable again
+                f.write(b"more")
     finally:
         stop_dev_service(service)
 

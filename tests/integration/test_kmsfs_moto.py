@@ -19,7 +19,14 @@ import pytest
 import requests
 
 from kmsfs import format as fmt
-from tests.integration.kmsfs_mount_helpers import backing_files, force_unmount, kmsfs, mounted, requires_fuse
+from tests.integration.kmsfs_mount_helpers import (
+    backing_files,
+    data_offset,
+    force_unmount,
+    kmsfs,
+    mounted,
+    requires_fuse,
+)
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 boto3 = pytest.importorskip("boto3")
@@ -95,8 +102,11 @@ def test_init_mount_write_read_against_moto(moto: dict[str, str], moto_key: str,
         assert (mnt / "dir" / "data.bin").read_bytes() == expected
         assert os.stat(mnt / "dir" / "data.bin").st_size == len(expected)
 
-    backing = cipherdir / "dir" / "data.bin"
-    assert backing.stat().st_size == fmt.backing_size(len(expected))
+    # Names are encrypted (a name key from moto): the backing file is found through it.
+    found = kmsfs("path", "encrypt", cipherdir, "/dir/data.bin", "--credentials", creds)
+    backing = Path(found.stdout.strip())
+    assert backing.parent.parent == cipherdir and "data.bin" not in str(backing)
+    assert backing.stat().st_size == data_offset(backing) + fmt.backing_size(len(expected))
     header = fmt.parse_header(os.getxattr(backing, fmt.HEADER_XATTR))
     assert header.key_arn == moto_key
     for path in backing_files(cipherdir):

@@ -24,6 +24,8 @@ from kmsfs import format as fmt
 from tests.conftest import run_keyservice
 from tests.integration.kmsfs_mount_helpers import (
     backing_files,
+    backing_path,
+    data_offset,
     force_unmount,
     kmsfs,
     mounted,
@@ -37,8 +39,13 @@ MARKER = b"kmsfs-plaintext-marker-0123456789"
 
 
 class Mount:
-    def __init__(self, cipherdir: Path, path: Path, key_arn: str) -> None:
-        self.cipherdir, self.path, self.key_arn = cipherdir, path, key_arn
+    def __init__(self, cipherdir: Path, path: Path, key_arn: str, creds: Path | None = None) -> None:
+        self.cipherdir, self.path, self.key_arn, self.creds = cipherdir, path, key_arn, creds
+
+    def backing(self, plain: str) -> Path:
+        """The backing file of ``/plain`` (names are encrypted: found through the name key)."""
+        assert self.creds is not None
+        return backing_path(self.cipherdir, plain, self.creds)
 
 
 def _init(service: Any, tmp: Path, description: str) -> tuple[Path, str]:
@@ -62,7 +69,7 @@ def mnt(keyservice_dev: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     tmp = tmp_path_factory.mktemp("kmsfs")
     cipherdir, arn = _init(keyservice_dev, tmp, "kmsfs mount tests")
     with mounted(cipherdir, tmp / "mnt", keyservice_dev.credentials_file) as path:
-        yield Mount(cipherdir, path, arn)
+        yield Mount(cipherdir, path, arn, keyservice_dev.credentials_file)
 
 
 def test_mount_hides_config_and_log(mnt: Mount) -> None:
@@ -198,9 +205,9 @@ def test_git_inside_mount(mnt: Mount) -> None:
 def test_backing_files_are_ciphertext_with_header(mnt: Mount) -> None:
     (mnt.path / "secret.txt").write_bytes(MARKER * 300)
     (mnt.path / "empty").write_bytes(b"")
-    backing = mnt.cipherdir / "secret.txt"
-    assert backing.stat().st_size == fmt.backing_size(len(MARKER) * 300)
-    assert (mnt.cipherdir / "empty").stat().st_size == 0
+    backing = mnt.backing("/secret.txt")
+    assert backing.stat().st_size == data_offset(backing) + fmt.backing_size(len(MARKER) * 300)
+    assert mnt.backing("/empty").stat().st_size == data_offset(backing)  # the prefix alone
     ids = set()
     files = backing_files(mnt.cipherdir)
     assert len(files) >= 2
@@ -220,8 +227,8 @@ def _hardlinked(files: list[Path]) -> int:
 def test_flipped_byte_reads_as_eio(mnt: Mount) -> None:
     data = os.urandom(4 * 4096)
     (mnt.path / "tamper.bin").write_bytes(data)
-    backing = mnt.cipherdir / "tamper.bin"
-    pos = fmt.block_offset(2) + 40
+    backing = mnt.backing("/tamper.bin")
+    pos = data_offset(backing) + fmt.block_offset(2) + 40
     with open(backing, "r+b") as f:
         f.seek(pos)
         byte = f.read(1)
@@ -292,8 +299,9 @@ def test_open_is_audited_with_caller(mnt: Mount, keyservice_dev: Any) -> None:
 
 
 def _file_id(mnt: Mount, name: str) -> str:
-    raw = os.getxattr(mnt.cipherdir / name.lstrip("/"), fmt.HEADER_XATTR)
-    return fmt.parse_header(raw).file_id.hex()
+    # Through the mount: kmsfs info finds the backing file by inode number, without the name key
+    # (a `kmsfs path encrypt` would add an audited Decrypt for this path).
+    return str(json.loads(kmsfs("info", mnt.path / name.lstrip("/")).stdout)["file_id"])
 
 
 def _audit(service: Any, path: str) -> list[dict[str, Any]]:

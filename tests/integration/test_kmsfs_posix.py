@@ -17,15 +17,15 @@ from typing import Any
 import pytest
 
 from kmsfs import format as fmt
-from tests.integration.kmsfs_mount_helpers import kmsfs, mounted, requires_fuse
+from tests.integration.kmsfs_mount_helpers import backing_path, data_offset, kmsfs, mounted, requires_fuse
 
 pytestmark = [pytest.mark.integration, requires_fuse]
 BS = fmt.DEFAULT_BLOCK_SIZE
 
 
 class M:
-    def __init__(self, cipherdir: Path, path: Path) -> None:
-        self.cipherdir, self.path = cipherdir, path
+    def __init__(self, cipherdir: Path, path: Path, creds: Path | None = None) -> None:
+        self.cipherdir, self.path, self.creds = cipherdir, path, creds
 
 
 def _init(service: Any, cipherdir: Path) -> None:
@@ -45,7 +45,7 @@ def m(keyservice_dev: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         with mounted(tmp / "cipher", public / "mnt", keyservice_dev.credentials_file,
                      "--allow-other") as path:
             os.chmod(path, 0o755)
-            yield M(tmp / "cipher", path)
+            yield M(tmp / "cipher", path, keyservice_dev.credentials_file)
     finally:
         if not os.path.ismount(public / "mnt"):  # never recurse into a live mount
             shutil.rmtree(public, ignore_errors=True)
@@ -110,8 +110,8 @@ def test_files_beyond_4_gib_stay_sparse(m: M) -> None:
         f.seek(4 * 2**30 + 5)
         f.write(b"middle")
     assert p.stat().st_size == size + 0
-    backing = m.cipherdir / "big"
-    assert backing.stat().st_size == fmt.backing_size(size)
+    backing = backing_path(m.cipherdir, "/big", m.creds)  # names are encrypted
+    assert backing.stat().st_size == data_offset(backing) + fmt.backing_size(size)
     assert backing.stat().st_blocks * 512 < 1 << 20  # sparse on disk
     with open(p, "rb") as f:
         assert f.read(4) == b"head"
@@ -282,7 +282,7 @@ def test_user_xattrs_pass_through(m: M) -> None:
     assert os.getxattr(p, "user.two") == b"2" * 1000
     os.removexattr(p, "user.one")
     assert os.listxattr(p) == ["user.two"]
-    assert fmt.HEADER_XATTR in os.listxattr(m.cipherdir / "xa")
+    assert fmt.HEADER_XATTR in os.listxattr(backing_path(m.cipherdir, "/xa", m.creds))
 
 
 def _as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:

@@ -43,8 +43,10 @@ class M:
 def m(keyservice_dev: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[M]:
     tmp = tmp_path_factory.mktemp("swap")
     key = keyservice_dev.boto3_client().create_key(Description="swap")["KeyMetadata"]
+    # Plaintext names: the attacker's outside tree mirrors backing names one to one (with
+    # encrypted names a swapped-in tree would also need authentic directory ids and names).
     kmsfs("init", tmp / "cipher", "--endpoint", keyservice_dev.endpoint, "--key", key["KeyId"],
-          "--credentials", keyservice_dev.credentials_file)
+          "--credentials", keyservice_dev.credentials_file, "--plaintext-names")
     outside = tmp / "outside"
     with mounted(tmp / "cipher", tmp / "mnt", keyservice_dev.credentials_file) as path:
         yield M(tmp / "cipher", path, outside)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from kmsfs import format as fmt
+from kmsfs import headers
 from kmsfs.config import Config
 from kmsfs.core import UTIME_NOW, UTIME_OMIT, KmsfsCore
 from kmsfs.keyclient import KeyServiceError
@@ -154,6 +155,13 @@ def test_header_of_another_file_is_refused(core: KmsfsCore) -> None:
     hdr_b = fmt.parse_header(os.getxattr(os.path.join(core.root, "b"), fmt.HEADER_XATTR))
     forged = fmt.Header(file_id=hdr_b.file_id, key_arn=ARN, wrapped_key=hdr_a.wrapped_key)
     os.setxattr(os.path.join(core.root, "b"), fmt.HEADER_XATTR, fmt.pack_header(forged))
+    with pytest.raises(fmt.CorruptHeader):  # the xattr alone: it differs from the in-file copy
+        core.open("/b", os.O_RDONLY, caller("/b"))
+    fd = os.open(os.path.join(core.root, "b"), os.O_RDWR)
+    try:
+        headers.update_copy(fd, forged)  # both places: the service refuses the unwrap
+    finally:
+        os.close(fd)
     with pytest.raises(KeyServiceError):
         core.open("/b", os.O_RDONLY, caller("/b"))
 
@@ -241,7 +249,7 @@ def test_create_never_leaves_a_file_without_header(core: KmsfsCore, tmp_path: Pa
     core.client.disabled = False  # type: ignore[attr-defined]
     fh = core.create("/ok", 0o4755, caller("/ok"))
     backing = tmp_path / "cipher" / "ok"
-    assert fmt.parse_header(os.getxattr(backing, fmt.HEADER_XATTR)).version == 2
+    assert fmt.parse_header(os.getxattr(backing, fmt.HEADER_XATTR)).version == 3
     assert backing.stat().st_mode & 0o7777 == 0o4755
     core.release("/ok", fh)
     with pytest.raises(FileExistsError):
@@ -262,7 +270,7 @@ def test_interrupted_size_change_is_recovered_by_a_read_only_open(
     handle = core._handles[fh]  # noqa: SLF001 - simulating the crash point
     handle.efile._set_marker(preferred, fallback)  # noqa: SLF001
     if preferred == 0:
-        os.ftruncate(handle.fd, 0)  # the truncate happened, the marker was not cleared yet
+        os.ftruncate(handle.fd, handle.efile.data_offset)  # the truncate happened, not the clear
     core.release("/m.bin", fh)
     fh = core.open("/m.bin", flags, caller("/m.bin"))
     size = core.getattr("/m.bin", fh)["st_size"]

@@ -8,25 +8,33 @@ import pytest
 from kmsfs import format as fmt
 from kmsfs.cipher import IntegrityError
 from kmsfs.encfile import EncryptedFile
+from kmsfs.headers import write_new
 
 KEY = bytes(range(32))
 FILE_ID = bytes.fromhex("00112233445566778899aabbccddeeff")
 BS = fmt.DEFAULT_BLOCK_SIZE
 
 
-@pytest.fixture(params=[(2, True), (2, False), (1, False)], ids=["v2-sparse", "v2-dense", "v1"])
+HEADER = fmt.Header(file_id=FILE_ID, key_arn="arn:aws:kms:us-east-1:111122223333:key/k",
+                    wrapped_key=b"w" * 150, version=fmt.FORMAT_V3)
+
+
+@pytest.fixture(params=[(3, False), (2, True), (2, False), (1, False)],
+                ids=["v3", "v2-sparse", "v2-dense", "v1"])
 def ef(tmp_path, request):
     version, sparse = request.param
     fd = os.open(tmp_path / "backing", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        yield EncryptedFile(fd, KEY, FILE_ID, version=version, sparse=sparse)
+        if version == 3:
+            write_new(fd, HEADER, KEY)
+        yield EncryptedFile(fd, KEY, FILE_ID, version=version, sparse=sparse, legacy_writes=version == 1)
     finally:
         os.close(fd)
 
 
 def check(ef, ref):
     assert ef.size() == len(ref)
-    assert os.fstat(ef.fd).st_size == fmt.backing_size(len(ref))
+    assert os.fstat(ef.fd).st_size == ef.data_offset + fmt.backing_size(len(ref))
     assert ef.read(0, len(ref) + 100) == bytes(ref)
 
 
@@ -74,7 +82,7 @@ def test_truncate_up_writes_encrypted_zeros(ef):
     ef.truncate(3 * BS + 5)
     check(ef, bytearray(b"abc" + bytes(3 * BS + 2)))
     raw = os.pread(ef.fd, 10 * BS, 0)
-    if not ef.sparse:  # v1 and v2 without holes: every block is ciphertext
+    if not ef.sparse and ef.version < 3:  # v1 and v2 without holes: every block is ciphertext
         assert bytes(BS) not in raw
 
 
@@ -90,7 +98,7 @@ def test_truncate_down_mid_block(ef):
 def test_tamper_only_that_block_fails(ef):
     data = os.urandom(4 * BS)
     ef.write(0, data)
-    pos = fmt.block_offset(2) + 100
+    pos = ef.data_offset + fmt.block_offset(2) + 100
     b = os.pread(ef.fd, 1, pos)
     os.pwrite(ef.fd, bytes([b[0] ^ 1]), pos)
     assert ef.read(0, 2 * BS) == data[:2 * BS]
@@ -104,9 +112,9 @@ def test_tamper_only_that_block_fails(ef):
 
 def test_swapped_blocks_fail(ef):
     ef.write(0, os.urandom(2 * BS))
-    s = fmt.stored_block_size()
-    b0, b1 = os.pread(ef.fd, s, 0), os.pread(ef.fd, s, s)
-    os.pwrite(ef.fd, b1 + b0, 0)
+    s, o = fmt.stored_block_size(), ef.data_offset
+    b0, b1 = os.pread(ef.fd, s, o), os.pread(ef.fd, s, o + s)
+    os.pwrite(ef.fd, b1 + b0, o)
     with pytest.raises(IntegrityError):
         ef.read(0, 1)
     with pytest.raises(IntegrityError):
@@ -117,9 +125,9 @@ def test_block_from_other_file_fails(ef, tmp_path):
     ef.write(0, b"secret" * 100)
     fd2 = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        other = EncryptedFile(fd2, KEY, bytes(16))  # same key, different file id
+        other = EncryptedFile(fd2, KEY, bytes(16), version=2)  # same key, different file id
         other.write(0, b"x" * 600)
-        os.pwrite(ef.fd, os.pread(fd2, 1000, 0), 0)
+        os.pwrite(ef.fd, os.pread(fd2, 600 + 28, 0), ef.data_offset)
     finally:
         os.close(fd2)
     with pytest.raises(IntegrityError):

@@ -3,6 +3,7 @@ nonce uniqueness, and the frozen version-1 fixture still decrypting."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -227,8 +228,13 @@ def test_frozen_v1_files_decrypt_with_their_data_keys(tmp_path: Path) -> None:
                                version=header.version)
             plain = bytes.fromhex(entry["plaintext_hex"])
             assert ef.read(0, 1 << 20) == plain and ef.verify() == []
-            ef.write(len(plain), b"more")  # v1 files keep being written as v1
-            assert ef.read(0, 1 << 20) == plain + b"more"
+            if plain:  # v1 cannot authenticate its size: no more writes (issue 12, item 5)
+                with pytest.raises(OSError) as info:
+                    ef.write(len(plain), b"more")
+                assert info.value.errno == errno.EROFS
+                with pytest.raises(OSError):
+                    ef.truncate(1)
+                assert ef.read(0, 1 << 20) == plain
         finally:
             os.close(fd)
 

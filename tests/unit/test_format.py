@@ -16,7 +16,7 @@ def make_header(**kw):
     return Header(**values)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_pack_known_bytes(version):
     raw = fmt.pack_header(make_header(version=version))
     expected = (b"KMSFS\x00" + version.to_bytes(2, "big") + b"\x00\x00\x10\x00" + FILE_ID
@@ -35,7 +35,7 @@ def test_roundtrip():
     lambda r: b"",
     lambda r: r[:10],
     lambda r: b"XMSFS\x00" + r[6:],
-    lambda r: r[:6] + b"\x00\x03" + r[8:],            # unknown version
+    lambda r: r[:6] + b"\x00\x04" + r[8:],            # unknown version
     lambda r: r[:6] + b"\x00\x00" + r[8:],            # version 0
     lambda r: r[:8] + b"\x00\x00\x20\x00" + r[12:],    # block size 8192 not in v1
     lambda r: r + b"\x00",                             # trailing garbage
@@ -91,15 +91,15 @@ def test_block_math():
     assert fmt.block_count(0) == 0 and fmt.block_count(1) == 1 and fmt.block_count(4097) == 2
 
 
-def test_new_files_are_version_2():
-    assert fmt.FORMAT_VERSION == 2 and make_header().version == 2
-    assert fmt.READABLE_VERSIONS == {1, 2}
+def test_new_files_are_version_3():
+    assert fmt.FORMAT_VERSION == 3 and make_header().version == 3
+    assert fmt.READABLE_VERSIONS == {1, 2, 3}
 
 
 def test_aad_v2_layout():
-    aad = fmt.block_aad(FILE_ID, 7)
+    aad = fmt.block_aad(FILE_ID, 7, version=2)
     assert aad == b"KMSFS\x00" + b"\x00\x02" + FILE_ID + (7).to_bytes(8, "big") + b"\x00"
-    assert fmt.block_aad(FILE_ID, 7, final=True) == aad[:-1] + b"\x01"
+    assert fmt.block_aad(FILE_ID, 7, version=2, final=True) == aad[:-1] + b"\x01"
     assert len(aad) == fmt.AAD_V2_SIZE == 33
 
 

@@ -11,9 +11,10 @@ import pytest
 from test_core import ARN, FakeKeyService
 
 from kmsfs import format as fmt
+from kmsfs import headers
 from kmsfs.config import Config
 from kmsfs.core import KmsfsCore
-from kmsfs.fsck import fsck
+from kmsfs.fsck import XATTR_DIFFERS, XATTR_MISSING, fsck
 from kmsfs.keyclient import KeyServiceUnavailable
 from kmsfs.progress import Progress
 from kmsfs.rewrap import JOURNAL, rewrap
@@ -68,13 +69,34 @@ def test_fsck_reports_damage_and_pending(populated: tuple[Path, RewrappingServic
     root, service = populated
     assert fsck(str(root), service, progress=False).clean  # type: ignore[arg-type]
     with open(root / "f3", "r+b") as f:
-        f.seek(fmt.block_offset(1) + 50)
+        f.seek(headers.data_offset(f.fileno()) + fmt.block_offset(1) + 50)
         f.write(b"\x00\x01")
-    os.removexattr(root / "f4", fmt.HEADER_XATTR)
+    os.removexattr(root / "f4", fmt.HEADER_XATTR)  # a copy that dropped xattrs: the in-file copy serves
+    os.setxattr(root / "f5", fmt.HEADER_XATTR, os.getxattr(root / "f1", fmt.HEADER_XATTR))  # swapped
     report = fsck(str(root), service, progress=False)  # type: ignore[arg-type]
     assert not report.clean and report.files == 6
     assert report.damaged["/f3"] == ["block 1 failed authentication"]
-    assert report.damaged["/f4"][0].startswith("header:")
+    assert "/f4" not in report.damaged and report.notes["/f4"] == [XATTR_MISSING]
+    assert report.damaged["/f5"] == [XATTR_DIFFERS]
+    assert fmt.HEADER_XATTR not in os.listxattr(root / "f4")  # fsck alone never writes
+    report = fsck(str(root), service, progress=False, repair=True)  # type: ignore[arg-type]
+    assert report.repaired == ["/f4"] and "/f4" not in report.notes
+    with open(root / "f4", "rb") as f:
+        assert os.getxattr(root / "f4", fmt.HEADER_XATTR) == headers.in_file_copy(f.fileno())
+    assert report.damaged["/f5"] == [XATTR_DIFFERS]  # differing pairs are never "repaired"
+    assert "kmsfs-fsck-repair" in {call[2]["process"] for call in service.calls if call[0] == "Decrypt"}
+
+
+def test_rewrap_rewrites_the_in_file_copy_too(populated: tuple[Path, RewrappingService]) -> None:
+    root, service = populated
+    rewrap(str(root), service, "arn:new", progress=False)  # type: ignore[arg-type]
+    for i in range(6):
+        fd = os.open(root / f"f{i}", os.O_RDONLY)
+        try:
+            assert headers.in_file_copy(fd) == os.getxattr(root / f"f{i}", fmt.HEADER_XATTR)
+            assert headers.read_header(fd).key_arn == "arn:new"
+        finally:
+            os.close(fd)
 
 
 def test_progress_line_for_non_terminals() -> None:
