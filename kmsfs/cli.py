@@ -595,7 +595,8 @@ def _add_backup_commands(sub: Any) -> None:
     """``kmsfs upgrade`` and ``kmsfs fsck --repair`` (issue 13: backups that work)."""
     sub.choices["fsck"].add_argument(
         "--repair", action="store_true",
-        help="restore missing header xattrs from the in-file copies (after verifying each file)")
+        help="restore missing header xattrs from the in-file copies, after verifying each file "
+             "(default off: report only)")
     s = sub.add_parser("upgrade", help="convert old-format (1, 2) files to format 3 (unmounted)")
     s.add_argument("cipherdir")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default off)")
