@@ -57,12 +57,15 @@ cat "$work/plain/hello.txt"
 wc -l "$work/plain/docs/numbers.txt"
 ls -la "$work/plain"
 
-say "on disk: ciphertext only, with the wrapped data key in an xattr header"
+say "on disk: ciphertext only (names too), with the wrapped data key in an xattr header and in the file"
 ls -la "$work/cipher"
 if grep -rq "attack at dawn" "$work/cipher"; then echo "PLAINTEXT FOUND ON DISK" >&2; exit 1; fi
 echo "grep for 'attack at dawn' in $work/cipher: not found (good)"
-od -A d -t x1 "$work/cipher/hello.txt" | head -3
-python3 - "$work/cipher/hello.txt" <<'PY'
+if find "$work/cipher" -name 'hello*' | grep -q .; then echo "PLAINTEXT NAME FOUND ON DISK" >&2; exit 1; fi
+backing=$(kmsfs path encrypt "$work/cipher" /hello.txt --credentials "$creds")
+echo "/hello.txt is stored as $backing (kmsfs path encrypt, through the key service)"
+od -A d -t x1 "$backing" | head -3
+python3 - "$backing" <<'PY'
 import os, sys
 for name in os.listxattr(sys.argv[1]):
     value = os.getxattr(sys.argv[1], name)
