@@ -98,6 +98,16 @@ def _write_new(dir_fd: int, name: str, data: bytes, mode: int = 0o444) -> None:
     os.close(fd)
 
 
+_CACHE_MAX = 1 << 16
+
+
+def _remember(cache: dict, key: object, value: object) -> None:  # type: ignore[type-arg]
+    """Bounded memo: emptied when full (the entries are cheap to recompute)."""
+    if len(cache) >= _CACHE_MAX and key not in cache:
+        cache.clear()
+    cache[key] = value
+
+
 class PlainNames:
     """Backing names are the names (cipherdirs made with ``--plaintext-names`` or before names)."""
 
@@ -155,6 +165,14 @@ class EncryptedNames:
         st = os.fstat(root_fd)
         self._root_ident = (st.st_dev, st.st_ino)
         self._long = threading.RLock()  # long-name side entries: write/check/remove as one step
+        # Directory ids by (device, inode, ctime): a directory the kernel forgot (and so a node the
+        # inode layer dropped) is not read and authenticated again while it is unchanged; a new
+        # directory on a reused inode number has another ctime, so it never meets a stale id.
+        self._dir_ids: dict[tuple[int, int, int], bytes] = {}
+        # (directory id, plaintext name) -> (backing name, encoded long name or None). Encryption
+        # is deterministic, so an entry can never be stale; listings fill it, so the lookups that
+        # follow a listing (ls -l, find) do not encrypt each name again.
+        self._encoded: dict[tuple[bytes, str], tuple[str, str | None]] = {}
         self._logged: set[tuple[tuple[int, int], str]] = set()
         self._log_lock = threading.Lock()
 
@@ -170,6 +188,12 @@ class EncryptedNames:
         """The node's directory id (read once, then cached on the node)."""
         if node.dir_id is not None:
             return node.dir_id
+        st = os.fstat(node.fd)
+        stamp = (st.st_dev, st.st_ino, st.st_ctime_ns)
+        known = self._dir_ids.get(stamp)
+        if known is not None:
+            node.dir_id = known
+            return known
         cipher = self._cipher()
         try:
             data = _read_small(node.fd, DIRID_FILE, DIRID_FILE_SIZE)
@@ -183,6 +207,7 @@ class EncryptedNames:
         except BadName:
             self._bad(node.ident, DIRID_FILE, "directory id fails authentication")
             raise OSError(errno.EIO, "directory id fails authentication") from None
+        _remember(self._dir_ids, stamp, node.dir_id)
         return node.dir_id
 
     def _lazy_dir_id(self, dir_fd: int, cipher: NameCipher) -> bytes:
@@ -256,10 +281,17 @@ class EncryptedNames:
 
     # -- names ------------------------------------------------------------------------------------
     def _encode(self, parent: DirNode, name: str) -> tuple[str, str | None]:
+        cipher = self._cipher()  # first: a revoked name key refuses even what is cached
+        dir_id = self.dir_id(parent)
+        known = self._encoded.get((dir_id, name))
+        if known is not None:
+            return known
         try:
-            return self._cipher().backing_name(self.dir_id(parent), os.fsencode(name))
+            encoded = cipher.backing_name(dir_id, os.fsencode(name))
         except ValueError:  # longer than NAME_MAX: the kernel checks first, the core does too
             raise OSError(errno.ENAMETOOLONG, "name too long", name) from None
+        _remember(self._encoded, (dir_id, name), encoded)
+        return encoded
 
     def backing(self, parent: DirNode, name: str) -> str:
         return self._encode(parent, name)[0]
@@ -349,7 +381,9 @@ class EncryptedNames:
             except BadName:
                 self._bad(node.ident, backing, f"name in {where} fails authentication")
                 continue
-            out.append((os.fsdecode(plain), ino, mode))
+            name = os.fsdecode(plain)
+            _remember(self._encoded, (dir_id, name), (backing, side.decode("ascii") if side else None))
+            out.append((name, ino, mode))
         return out
 
     # -- symlink targets --------------------------------------------------------------------------
