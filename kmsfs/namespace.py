@@ -98,6 +98,25 @@ def _write_new(dir_fd: int, name: str, data: bytes, mode: int = 0o444) -> None:
     os.close(fd)
 
 
+@contextlib.contextmanager
+def _dir_id_set_aside(dfd: int, tolerate: type[OSError]) -> Iterator[None]:
+    """Take the directory ``dfd``'s id file out for the body (an rmdir of it, or a rename onto it:
+    the id alone would make either fail with ENOTEMPTY), and put the same id back if the body
+    fails; a failure to put it back that is a ``tolerate`` is ignored (the body's error wins)."""
+    try:
+        saved: bytes | None = _read_small(dfd, DIRID_FILE, DIRID_FILE_SIZE)
+        os.unlink(DIRID_FILE, dir_fd=dfd)
+    except FileNotFoundError:
+        saved = None
+    try:
+        yield
+    except BaseException:
+        if saved is not None:
+            with contextlib.suppress(tolerate):
+                _write_new(dfd, DIRID_FILE, saved)
+        raise
+
+
 _CACHE_MAX = 1 << 16
 
 
@@ -236,18 +255,8 @@ class EncryptedNames:
         """Remove the id, then the directory; put the same id back if the rmdir fails."""
         dfd = os.open(backing, _DIR_PIN, dir_fd=parent.fd)
         try:
-            try:
-                saved: bytes | None = _read_small(dfd, DIRID_FILE, DIRID_FILE_SIZE)
-                os.unlink(DIRID_FILE, dir_fd=dfd)
-            except FileNotFoundError:
-                saved = None
-            try:
+            with _dir_id_set_aside(dfd, FileExistsError):
                 os.rmdir(backing, dir_fd=parent.fd)
-            except BaseException:
-                if saved is not None:
-                    with contextlib.suppress(FileExistsError):
-                        _write_new(dfd, DIRID_FILE, saved)
-                raise
         finally:
             os.close(dfd)
 
@@ -264,18 +273,8 @@ class EncryptedNames:
             yield
             return
         try:
-            try:
-                saved: bytes | None = _read_small(dfd, DIRID_FILE, DIRID_FILE_SIZE)
-                os.unlink(DIRID_FILE, dir_fd=dfd)
-            except FileNotFoundError:
-                saved = None
-            try:
+            with _dir_id_set_aside(dfd, OSError):
                 yield
-            except BaseException:
-                if saved is not None:
-                    with contextlib.suppress(OSError):
-                        _write_new(dfd, DIRID_FILE, saved)
-                raise
         finally:
             os.close(dfd)
 
