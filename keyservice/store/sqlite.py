@@ -273,16 +273,7 @@ class SQLiteStore(AccessTables):
                 self._insert_version(conn, first_version)
             if alias is not None:
                 try:
-                    conn.execute(
-                        "INSERT INTO aliases(name, target_key_id, creation_date, last_updated_date)"
-                        " VALUES (?, ?, ?, ?)",
-                        (
-                            alias.name,
-                            alias.target_key_id,
-                            to_text(alias.creation_date),
-                            to_text(alias.last_updated_date),
-                        ),  # fmt: skip
-                    )
+                    self._insert_alias(conn, alias)
                 except self._integrity_errors:
                     raise AlreadyExistsException(f"An alias named {alias.name} already exists") from None
 
@@ -483,19 +474,17 @@ class SQLiteStore(AccessTables):
 
     # ----------------------------------------------------------------- aliases
 
+    @staticmethod
+    def _insert_alias(conn: sqlite3.Connection, alias: AliasRecord) -> None:
+        conn.execute(
+            "INSERT INTO aliases(name, target_key_id, creation_date, last_updated_date) VALUES (?, ?, ?, ?)",
+            (alias.name, alias.target_key_id, to_text(alias.creation_date), to_text(alias.last_updated_date)),
+        )
+
     def create_alias(self, alias: AliasRecord) -> None:
         try:
             with self._write() as conn:
-                conn.execute(
-                    "INSERT INTO aliases(name, target_key_id, creation_date, last_updated_date)"
-                    " VALUES (?, ?, ?, ?)",
-                    (
-                        alias.name,
-                        alias.target_key_id,
-                        to_text(alias.creation_date),
-                        to_text(alias.last_updated_date),
-                    ),
-                )
+                self._insert_alias(conn, alias)
         except self._integrity_errors:
             if self.get_alias(alias.name) is not None:
                 raise AlreadyExistsException(f"An alias with the name {alias.name} already exists") from None
