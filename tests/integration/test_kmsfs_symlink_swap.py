@@ -9,6 +9,15 @@ before (names, types, modes, owners, sizes, contents, xattrs, mtimes and atimes:
 listing would move the atime, which is set older than the mtime so that relatime updates it):
 nothing outside was read, listed or changed. Each operation either fails or acts inside the
 cipherdir. The snapshot itself reads with O_NOATIME.
+
+The planted symlink is *relative* (``../outside/a`` from the cipherdir) and the mount point is
+one level deeper than the cipherdir (``m/mnt``): the daemon resolving a backing path would land
+in the outside tree, but a process on the mount that meets the planted symlink (the kernel
+shows it once its entry for the swapped name expires and it looks the name up again) lands in
+``m/outside``, which does not exist. A symlink in the backing store shows in the mount as a
+symlink (docs/SECURITY.md); what the test proves is that the daemon never follows one. Each
+depth runs twice: with the kernel's entries warm (it acts on nodes it holds) and with the
+dentry cache dropped after the swap, so that every name is looked up again while swapped.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ def m(keyservice_dev: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     kmsfs("init", tmp / "cipher", "--endpoint", keyservice_dev.endpoint, "--key", key["KeyId"],
           "--credentials", keyservice_dev.credentials_file, "--plaintext-names")
     outside = tmp / "outside"
-    with mounted(tmp / "cipher", tmp / "mnt", keyservice_dev.credentials_file) as path:
+    with mounted(tmp / "cipher", tmp / "m" / "mnt", keyservice_dev.credentials_file) as path:
         yield M(tmp / "cipher", path, outside)
 
 
@@ -164,12 +173,15 @@ def _operations(mnt: Path) -> dict[str, Callable[[], object]]:
 
 
 def _swap(cipherdir: Path, outside: Path, depth: int) -> Callable[[], None]:
-    """Replace backing ``a``, ``a/b`` or ``a/b/c`` by a symlink to its outside twin; returns undo."""
+    """Replace backing ``a``, ``a/b`` or ``a/b/c`` by a relative symlink to its outside twin
+    (``../../outside/a/b`` for ``a/b``); returns undo."""
     rel = Path(*DEEP[:depth])
     backing = cipherdir / rel
     aside = cipherdir / f"aside-{depth}"
     os.rename(backing, aside)
-    os.symlink(outside / rel, backing)
+    target = Path(*[".."] * depth, outside.relative_to(cipherdir.parent), rel)
+    assert (backing.parent / target).resolve() == (outside / rel).resolve()
+    os.symlink(target, backing)
 
     def undo() -> None:
         os.unlink(backing)
@@ -178,8 +190,14 @@ def _swap(cipherdir: Path, outside: Path, depth: int) -> Callable[[], None]:
     return undo
 
 
+def _drop_dentries() -> None:
+    """Make the kernel forget cached names (and so look them up again through the daemon)."""
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+
+
+@pytest.mark.parametrize("cache", ["warm", "dropped"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_swapped_backing_directory_never_reaches_outside(m: M, depth: int) -> None:
+def test_swapped_backing_directory_never_reaches_outside(m: M, depth: int, cache: str) -> None:
     results: dict[str, str] = {}
     escaped: dict[str, object] = {}
     for name, operation in _operations(m.path).items():
@@ -192,6 +210,8 @@ def test_swapped_backing_directory_never_reaches_outside(m: M, depth: int) -> No
             os.lstat(path)
         undo = _swap(m.cipherdir, m.outside, depth)
         try:
+            if cache == "dropped":
+                _drop_dentries()
             operation()
             results[name] = "ok"
         except OSError as exc:
