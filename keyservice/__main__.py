@@ -1,5 +1,5 @@
 """``python -m keyservice`` runs the CLI."""
 
-from keyservice.cli.main import main
+from keyservice.cli.entry import main
 
 raise SystemExit(main())

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from keyservice.audit import index as audit_index
 from keyservice.audit import segments
@@ -51,6 +51,7 @@ PROCESSES = {"build": ["make", "cc1", "ld"], "alice": ["vim", "cat", "less"], "b
              "carol": ["libreoffice", "cp"], "mallory": ["tar", "cp", "scp"]}
 FILES = 50000
 _BENCH_SIGNER = Ed25519PrivateKey.generate()  # signs the synthesized log and the records appended later
+SIGNER_FILE = "bench-signer.key"  # a cached log's throwaway signing key (raw 32 bytes; benchmark only)
 
 
 class Clock:
@@ -127,6 +128,40 @@ def synthesize(data_dir: Path, count: int, seed: int = 7) -> dict[str, Any]:
             "disabled": (T0 + STEP * disable_at, T0 + STEP * enable_at)}
 
 
+def cached_log(cache: Path, count: int, data_dir: Path) -> dict[str, Any]:
+    """Synthesize into ``cache/<count>`` once, then give each run its own copy in ``data_dir``:
+    sealed segments hard-linked (never written again), the open one and the other files copied.
+    Synthesizing 10 M records takes about 20 minutes; the questions and the index do not change it."""
+    global _BENCH_SIGNER
+    home = cache / str(count)
+    facts_file = home / "facts.json"
+    if not facts_file.exists():
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+        facts = synthesize(home / "data", count)
+        (home / SIGNER_FILE).write_bytes(_BENCH_SIGNER.private_bytes(Encoding.Raw, PrivateFormat.Raw,
+                                                                     NoEncryption()))
+        facts_file.write_text(json.dumps(facts, default=lambda t: t.isoformat()))
+    _BENCH_SIGNER = Ed25519PrivateKey.from_private_bytes((home / SIGNER_FILE).read_bytes())
+    facts = json.loads(facts_file.read_text())
+    for name in ("first", "last"):
+        facts[name] = datetime.fromisoformat(facts[name])
+    facts["disabled"] = tuple(datetime.fromisoformat(t) for t in facts["disabled"])
+    source = home / "data"
+    for path in sorted(source.rglob("*")):
+        target = data_dir / path.relative_to(source)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        chain_segments = segments.segments(source, path.parent.name) if path.suffix == ".log" else []
+        if chain_segments and path != chain_segments[-1][1]:
+            target.hardlink_to(path)
+        else:
+            shutil.copy2(path, target)
+    return facts
+
+
 def log_bytes(data_dir: Path) -> int:
     return sum(p.stat().st_size for chain in segments.chains(data_dir)
                for _n, p in segments.segments(data_dir, chain))
@@ -160,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audit", type=int, required=True, metavar="N", help="records to synthesize")
     p.add_argument("--run-dir", default="/var/tmp", help="parent of the data directory")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--cache", metavar="DIR",
+                   help="synthesize the log once into DIR/N, reuse it later (default: anew each run)")
     p.add_argument("--scan", action="store_true", help="also time one question by a full scan (slow)")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
@@ -170,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
         say(f"synthesizing {args.audit} records in {data_dir} ...")
-        facts = synthesize(data_dir, args.audit)
+        facts = (cached_log(Path(args.cache), args.audit, data_dir) if args.cache
+                 else synthesize(data_dir, args.audit))
         size = log_bytes(data_dir)
         result["synthesis_records_per_s"] = args.audit / facts["seconds"]
         result["log_bytes"] = size

@@ -32,8 +32,9 @@ from keyservice.audit.prune import prune_record
 from keyservice.audit.records import is_checkpoint, is_intent, line_hash, parse_line
 
 INDEX_FILE = "index.sqlite"
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 _BATCH = 20000
+SEQ_BITS = 40  # a row's id is chain << SEQ_BITS | seq: contiguity is then a count and a few seeks
 FILE_ID_CONTEXT = "kmsfs:file-id"
 
 _SCHEMA = """
@@ -49,7 +50,7 @@ CREATE TABLE IF NOT EXISTS chain_lines (chain INTEGER PRIMARY KEY, lines INTEGER
 CREATE TABLE IF NOT EXISTS damaged (chain INTEGER NOT NULL, line INTEGER NOT NULL);  -- not a JSON object
 CREATE TABLE IF NOT EXISTS strings (id INTEGER PRIMARY KEY, s TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS rec (
-    id INTEGER PRIMARY KEY, chain INTEGER NOT NULL, seq INTEGER NOT NULL,
+    id INTEGER PRIMARY KEY,  -- chains.id << 40 | seq (the record's ordinal in its chain)
     seg INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL,
     t INTEGER NOT NULL,  -- ms since the epoch
     op INTEGER, outcome INTEGER NOT NULL, principal INTEGER, akid INTEGER, key INTEGER, kver INTEGER,
@@ -74,7 +75,6 @@ CREATE TABLE IF NOT EXISTS key_principals (
 
 # Secondary indexes, created after a bulk load (faster than maintaining them row by row).
 _INDEXES = """
-CREATE UNIQUE INDEX IF NOT EXISTS rec_seq ON rec (chain, seq);
 CREATE INDEX IF NOT EXISTS rec_t ON rec (t);
 CREATE INDEX IF NOT EXISTS rec_op ON rec (op, t);
 CREATE INDEX IF NOT EXISTS rec_error ON rec (t) WHERE outcome = 1;
@@ -92,6 +92,14 @@ CREATE INDEX IF NOT EXISTS rec_rid ON rec (rid);
 
 class IndexMismatch(Exception):
     """The index does not describe the log (edited, stale after a rollback, or for another log)."""
+
+
+class IndexOutdated(IndexMismatch):
+    """The index was written by another version of this module: rebuild it."""
+
+
+def row_id(chain_id: int, seq: int) -> int:
+    return chain_id << SEQ_BITS | seq
 
 
 def index_path(data_dir: Path) -> Path:
@@ -117,15 +125,24 @@ def connect(data_dir: Path, *, create: bool = True) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=60, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # a cache: a lost tail is re-indexed from the log
-    conn.execute("PRAGMA cache_size=-262144")  # up to 256 MiB, allocated as pages are read
+    _tune(conn)
     conn.executescript(_SCHEMA)
     version = conn.execute("SELECT v FROM meta WHERE k='version'").fetchone()
     if version is None:
         conn.execute("INSERT INTO meta VALUES ('version', ?)", (str(INDEX_VERSION),))
     elif version[0] != str(INDEX_VERSION):
-        raise IndexMismatch(f"index format {version[0]}, expected {INDEX_VERSION}: "
+        conn.close()
+        raise IndexOutdated(f"index format {version[0]}, expected {INDEX_VERSION}: "
                             "run `keyservice audit reindex`")
     return conn
+
+
+def _tune(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA cache_size=-262144")  # up to 256 MiB, allocated as pages are read
+    # Pages read through a memory map, not one pread each: at 10 M records the index is ~2 GB
+    # and a question or a catch-up touches pages all over it (address space only, not memory).
+    conn.execute("PRAGMA mmap_size=68719476736")
+    conn.execute("PRAGMA temp_store=MEMORY")
 
 
 @dataclass
@@ -208,7 +225,7 @@ class _Writer:
         self.activity: dict[tuple[int, int, int], list[int]] = {}
         self.keys: dict[tuple[int, int, int, int], list[int]] = {}
 
-    def add(self, chain_id: int, seq: int, segment: int, offset: int, length: int, r: dict[str, Any]) -> None:
+    def add(self, rid: int, segment: int, offset: int, length: int, r: dict[str, Any]) -> None:
         # The hot loop of indexing (tens of thousands of records a second): plain dict look-ups.
         strings = self._strings
         if strings is None:
@@ -245,7 +262,7 @@ class _Writer:
         user_id = None if user is None else ids.get(user) or sid(user)
         proc = None if process is None else ids.get(process) or sid(process)
         fid_id = None if fid is None else ids.get(fid) or sid(fid)
-        self.rows.append((chain_id, seq, segment, offset, length, t, op, error, principal, akid, key, kver,
+        self.rows.append((rid, segment, offset, length, t, op, error, principal, akid, key, kver,
                           path_id, user_id, uid, proc, fid_id, request_number(get("request_id"))))
         if path_id is not None:
             who = user_id if user_id is not None else sid(f"uid={uid}" if uid is not None else "-")
@@ -276,8 +293,8 @@ class _Writer:
 
     def flush(self) -> None:
         self.conn.executemany(
-            "INSERT INTO rec (chain, seq, seg, off, len, t, op, outcome, principal, akid, key, kver, path,"
-            " user, uid, proc, fid, rid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", self.rows)
+            "INSERT INTO rec (id, seg, off, len, t, op, outcome, principal, akid, key, kver, path,"
+            " user, uid, proc, fid, rid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", self.rows)
         self.conn.executemany(
             "INSERT INTO activity VALUES (?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
             " opens = opens + excluded.opens, created = created + excluded.created,"
@@ -361,6 +378,7 @@ def _update_chain(data_dir: Path, conn: sqlite3.Connection, chain: str, limit: i
         if files and segment < files[0][0]:
             segment, offset = files[0][0], 0
         seq, added, last = position.seq, 0, None
+        base = row_id(position.id, 0)
         counted = conn.execute("SELECT lines FROM chain_lines WHERE chain = ?", (position.id,)).fetchone()
         number = counted[0] if counted else 0  # lines read so far, checkpoints and damaged ones included
         for line in segments.read_chain(data_dir, chain, segment=segment, offset=offset):
@@ -379,7 +397,7 @@ def _update_chain(data_dir: Path, conn: sqlite3.Connection, chain: str, limit: i
                 continue  # the write-ahead line of a state change: its outcome record is indexed
             seq += 1
             added += 1
-            writer.add(position.id, seq, line.segment, line.offset, len(line.data), record)
+            writer.add(base | seq, line.segment, line.offset, len(line.data), record)
             if len(writer.rows) >= _BATCH:
                 writer.flush()
                 _save_position(conn, position.id, seq, line, number)
@@ -425,7 +443,7 @@ def reindex(data_dir: Path) -> int:
     try:
         conn.execute("PRAGMA journal_mode=OFF")
         conn.execute("PRAGMA synchronous=OFF")
-        conn.execute("PRAGMA cache_size=-262144")
+        _tune(conn)
         conn.executescript(_SCHEMA)
         conn.execute("INSERT INTO meta VALUES ('version', ?)", (str(INDEX_VERSION),))
         added = update(data_dir, conn=conn)
@@ -458,8 +476,15 @@ def open_checked(data_dir: Path) -> sqlite3.Connection:
 def coverage(data_dir: Path, conn: sqlite3.Connection) -> None:
     """Raise ``IndexMismatch`` unless, for every chain, the index holds rows for exactly the
     sequence numbers ``first_seq..seq`` and its last indexed line is, byte for byte, in the log.
-    (Lines the writer appended after ``update`` ran are newer than the question: not a mismatch.)"""
+    (Lines the writer appended after ``update`` ran are newer than the question: not a mismatch.)
+
+    Cheap at any size: a row's id is ``chain << 40 | seq``, so the rows are exactly those ids iff
+    every chain's lowest and highest id are its first and last, no id lies outside the chains'
+    ranges (a few B-tree seeks), and the table holds as many rows as the ranges have numbers (one
+    ``count(*)``, which SQLite answers from the leaf pages of its narrowest index, not row by row)."""
     positions = _positions(conn)
+    expected_rows = 0
+    ranges: list[tuple[int, int]] = []
     for chain in segments.chains(data_dir):
         position = positions.pop(chain, None)
         files = segments.segments(data_dir, chain)
@@ -472,30 +497,77 @@ def coverage(data_dir: Path, conn: sqlite3.Connection) -> None:
             raise IndexMismatch(f"chain {chain}: records up to {pruned} were pruned after they were "
                                 f"indexed (`keyservice audit prune` rebuilds the index; run "
                                 f"`keyservice audit reindex`)")
-        count, low, high = conn.execute(
-            "SELECT count(*), min(seq), max(seq) FROM rec WHERE chain = ?", (position.id,)).fetchone()
-        expected = position.seq - position.first_seq + 1
-        if count != expected or (count and (low != position.first_seq or high != position.seq)):
-            raise IndexMismatch(f"chain {chain}: the index holds {count} records, "
-                                f"{position.first_seq}..{position.seq} expected (rows removed or added)")
+        low, high = row_id(position.id, 0), row_id(position.id + 1, 0)
+        first = conn.execute("SELECT min(id) FROM rec WHERE id >= ? AND id < ?", (low, high)).fetchone()[0]
+        last = conn.execute("SELECT max(id) FROM rec WHERE id >= ? AND id < ?", (low, high)).fetchone()[0]
+        count = position.seq - position.first_seq + 1
+        if count < 0 or (count and (first, last) != (low | position.first_seq, low | position.seq)) or (
+                not count and first is not None):
+            raise IndexMismatch(f"chain {chain}: the index's rows do not run from {position.first_seq} to "
+                                f"{position.seq} (rows removed, added or renumbered)")
+        expected_rows += count
+        ranges.append((low, high))
         _check_position(data_dir, position)
     if positions:
         raise IndexMismatch(f"the index names chains the log does not have: {', '.join(sorted(positions))}")
+    ranges.sort()
+    gaps = ["id < 0"] + [f"(id >= {high} AND id < {low})"
+                         for (_l, high), (low, _h) in zip(ranges, ranges[1:], strict=False)]
+    gaps.append(f"id >= {ranges[-1][1]}" if ranges else "1")
+    gaps.append(f"id < {ranges[0][0]}" if ranges else "1")
+    for gap in gaps:  # each a seek in the table's B-tree
+        if conn.execute(f"SELECT 1 FROM rec WHERE {gap} LIMIT 1").fetchone():
+            raise IndexMismatch("the index holds rows of no chain it knows (rows added)")
+    (rows,) = conn.execute("SELECT count(*) FROM rec").fetchone()
+    if rows != expected_rows:
+        raise IndexMismatch(f"the index holds {rows} records, {expected_rows} expected "
+                            "(rows removed or added)")
 
 
-def lines_at(data_dir: Path, rows: Iterator[tuple[str, int, int, int]]) -> Iterator[bytes]:
-    """The log lines at (chain, segment, offset, length), read with one open file per segment."""
-    handles: dict[tuple[str, int], Any] = {}
+def lines(data_dir: Path, conn: sqlite3.Connection, where: str, params: list[Any]) -> Iterator[bytes]:
+    """The log lines of the rows of ``rec`` matching ``where``, in time order, read at the rows'
+    offsets (one descriptor per segment, one ``pread`` per line).
+
+    Raises ``IndexMismatch`` if a row does not point at a whole line of the log (the bytes before
+    and after it must be line ends), or if two rows point at the same line (a row of one record
+    moved onto another's would hide the first)."""
+    names = dict(conn.execute("SELECT id, name FROM chains"))
+    fds: dict[tuple[int, int], int] = {}
+    seen: set[tuple[int, int, int]] = set()
+    pread = os.pread
     try:
-        for chain, segment, offset, length in rows:
-            f = handles.get((chain, segment))
-            if f is None:
-                f = handles[(chain, segment)] = segments.segment_path(data_dir, chain, segment).open("rb")
-            f.seek(offset)
-            data = f.read(length)
-            if len(data) != length:
-                raise IndexMismatch(f"chain {chain}: segment {segment} is shorter than the index says")
-            yield data
+        for rid, segment, offset, length in conn.execute(
+                f"SELECT r.id, r.seg, r.off, r.len FROM rec r WHERE {where} ORDER BY r.t, r.id", params):
+            chain = rid >> SEQ_BITS
+            place = (chain, segment, offset)
+            if place in seen:
+                raise IndexMismatch(f"two rows of the index point at one line (segment {segment}, "
+                                    f"byte {offset})")
+            seen.add(place)
+            fd = fds.get((chain, segment))
+            if fd is None:
+                fd = fds[(chain, segment)] = _open_segment(data_dir, names, chain, segment)
+            if offset:
+                data = pread(fd, length + 2, offset - 1)
+                whole = len(data) == length + 2 and data[0] == 10 and data[-1] == 10
+            else:
+                data = b"\n" + pread(fd, length + 1, 0)
+                whole = len(data) == length + 2 and data[-1] == 10
+            if not whole or length <= 0:
+                raise IndexMismatch(f"a row of the index does not point at a line of the log (segment "
+                                    f"{segment}, byte {offset})")
+            yield data[1:-1]
     finally:
-        for f in handles.values():
-            f.close()
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _open_segment(data_dir: Path, names: dict[int, str], chain: int, segment: int) -> int:
+    name = names.get(chain)
+    if name is None:
+        raise IndexMismatch("a row of the index names no chain")
+    try:
+        return os.open(segments.segment_path(data_dir, name, segment), os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ValueError):
+        raise IndexMismatch(f"chain {name}: the index points into segment {segment}, "
+                            "not in the log") from None

@@ -14,6 +14,8 @@ comes from a full scan.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from keyservice.audit import index, review
-from keyservice.audit.records import parse_line, read_records
+from keyservice.audit.records import is_checkpoint, is_intent, parse_line, read_record_lines, read_records
 
 Warn = Callable[[str], None]
 _CRYPTO_OPS = ("Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
@@ -56,8 +58,8 @@ def open_index(data_dir: Path, warn: Warn) -> sqlite3.Connection | None:
     """The checked index, built on first use; None (after a warning) if it cannot be trusted."""
     try:
         return index.open_checked(data_dir)
-    except FileNotFoundError:
-        try:  # first use: build it (what `keyservice audit reindex` does)
+    except (FileNotFoundError, index.IndexOutdated):
+        try:  # first use, or written by an older version: build it (what `keyservice audit reindex` does)
             index.reindex(data_dir)
             return index.open_checked(data_dir)
         except (OSError, sqlite3.Error, index.IndexMismatch) as error:
@@ -126,16 +128,79 @@ class _Sql:
         return " AND ".join(self.where) or "1"
 
 
-def _records(
-    data_dir: Path, conn: sqlite3.Connection, sql: str, params: list[Any]
-) -> Iterator[dict[str, Any]]:
-    rows = conn.execute(
-        f"SELECT c.name, r.seg, r.off, r.len FROM rec r JOIN chains c ON c.id = r.chain WHERE {sql} "
-        f"ORDER BY r.t, r.id", params)
-    for line in index.lines_at(data_dir, iter(rows)):
-        record = parse_line(line)
-        if record is not None:
-            yield record
+Pair = tuple[bytes, dict[str, Any]]
+
+
+def _answer(data_dir: Path, conn: sqlite3.Connection, where: str, params: list[Any],
+            matches: Callable[[dict[str, Any]], bool], *, records: bool = True) -> list[Pair]:
+    """The records of the rows matching ``where``, each with its line, read from the log and
+    checked: every one must be a request record that matches the question (``matches``). A row
+    that points at anything else proves the index was edited: ``IndexMismatch``, and the caller
+    answers by a scan. The whole answer is read before any of it is given, so that a mismatch
+    found late cannot leave half an answer from the index in front of the scan's. Without
+    ``records`` only the lines are kept (each pair's record is ``{}``): a large ``--json``
+    answer then holds ~0.7 KB per record, not the ~4 KB of a decoded one."""
+    answer = []
+    with _no_cycle_collection():
+        for line in index.lines(data_dir, conn, where, params):
+            record = parse_line(line)
+            if record is None or is_checkpoint(record) or is_intent(record):
+                raise index.IndexMismatch("a row of the index points at a line that is not a request record")
+            if not matches(record):
+                raise index.IndexMismatch(f"a row of the index points at a record that does not match the "
+                                          f"question (request {record.get('request_id')})")
+            answer.append((line, record if records else _EMPTY))
+    return answer
+
+
+_EMPTY: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Python's cycle collector off while an answer is held: records are trees of dicts (no
+    cycles), and with 100,000 of them alive each collection walks them all again (measured: more
+    than half of a large answer's CPU time)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+def _mismatch(warn: Warn, error: Exception) -> None:
+    warn(f"the audit index does not match the log ({error}): answering by a full scan; "
+         f"run `keyservice audit reindex` to rebuild it")
+
+
+def query_lines(data_dir: Path, filters: Filters, *, warn: Warn, scan: bool = False,
+                unparsable: list[int] | None = None, records: bool = True) -> Iterator[Pair]:
+    """``query``'s records each with its line as written in the log (what ``--json`` prints);
+    without ``records``, the records may be left out (``{}``) where that saves work."""
+    matches = review.matcher(**filters.as_dict())
+    alias = filters.key is not None and (filters.key.startswith("alias/") or ":alias/" in filters.key)
+    conn = None if scan or alias else open_index(data_dir, warn)
+    if conn is not None:
+        try:
+            with conn:
+                sql = _Sql(conn)
+                sql.add(filters)
+                answer = _answer(data_dir, conn, sql.clause(), sql.params, matches, records=records)
+                damaged = index.damaged_lines(conn)
+        except (index.IndexMismatch, sqlite3.Error) as error:
+            _mismatch(warn, error)
+        else:
+            if unparsable is not None:
+                unparsable.extend(damaged)
+            yield from answer
+            return
+        finally:
+            conn.close()
+    for pair in read_record_lines(data_dir, unparsable):
+        if matches(pair[1]):
+            yield pair
 
 
 def query(data_dir: Path, filters: Filters, *, warn: Warn, scan: bool = False,
@@ -144,18 +209,8 @@ def query(data_dir: Path, filters: Filters, *, warn: Warn, scan: bool = False,
 
     ``unparsable`` receives the numbers of the log's lines that are not JSON objects (as
     ``review.query``'s)."""
-    alias = filters.key is not None and (filters.key.startswith("alias/") or ":alias/" in filters.key)
-    conn = None if scan or alias else open_index(data_dir, warn)
-    if conn is None:
-        yield from review.query(data_dir, **filters.as_dict(), unparsable=unparsable)
-        return
-    if unparsable is not None:
-        unparsable.extend(index.damaged_lines(conn))
-    with conn:
-        sql = _Sql(conn)
-        sql.add(filters)
-        candidates = _records(data_dir, conn, sql.clause(), sql.params)
-        yield from review.filter_records(candidates, **filters.as_dict())
+    for _line, record in query_lines(data_dir, filters, warn=warn, scan=scan, unparsable=unparsable):
+        yield record
 
 
 def key_timeline(data_dir: Path, key: str, *, since: datetime | None = None, until: datetime | None = None,
@@ -173,27 +228,38 @@ def key_timeline(data_dir: Path, key: str, *, since: datetime | None = None, unt
             else:
                 events.append(record)
         return {"events": events, "uses": uses}
-    with conn:
-        sql = _Sql(conn)
-        sql.add(filters)
-        keys = sql.any_of("key", sql.key_ids(key))
-        marks = ",".join("?" * len(_CRYPTO_OPS))
-        crypto = sql.ids(f"SELECT id FROM strings WHERE s IN ({marks})", *_CRYPTO_OPS)
-        ops = sql.ids(
-            f"SELECT DISTINCT op FROM key_principals WHERE {keys} AND NOT {sql.any_of('op', crypto)}")
-        # Two narrow lookups (refusals by the error index, management requests by operation), not
-        # a walk over every use of the key.
-        events_sql = (f"r.id IN (SELECT id FROM rec WHERE outcome = 1 AND +{keys} UNION "
-                      f"SELECT id FROM rec WHERE {sql.any_of('op', ops)} AND {keys}) AND {sql.clause()}")
-        events = list(review.filter_records(_records(data_dir, conn, events_sql, sql.params),
-                                            **filters.as_dict()))
-        if since is None and until is None:
-            total = conn.execute(f"SELECT sum(n - refused) FROM key_principals WHERE {keys} AND "
-                                 f"{sql.any_of('op', crypto)}").fetchone()[0] or 0
-        else:
-            total = conn.execute(f"SELECT count(*) FROM rec WHERE {sql.clause()} AND outcome = 0 AND "
-                                 f"{sql.any_of('op', crypto)}", sql.params).fetchone()[0]
-        return {"events": events, "uses": total}
+    try:
+        with conn:
+            sql = _Sql(conn)
+            sql.add(filters)
+            keys = sql.any_of("key", sql.key_ids(key))
+            marks = ",".join("?" * len(_CRYPTO_OPS))
+            crypto = sql.ids(f"SELECT id FROM strings WHERE s IN ({marks})", *_CRYPTO_OPS)
+            ops = sql.ids(
+                f"SELECT DISTINCT op FROM key_principals WHERE {keys} AND NOT {sql.any_of('op', crypto)}")
+            # Two narrow lookups (refusals by the error index, management requests by operation), not
+            # a walk over every use of the key.
+            events_sql = (f"r.id IN (SELECT id FROM rec WHERE outcome = 1 AND +{keys} UNION "
+                          f"SELECT id FROM rec WHERE {sql.any_of('op', ops)} AND {keys}) AND {sql.clause()}")
+            in_question = review.matcher(**filters.as_dict())
+
+            def matches(r: dict[str, Any]) -> bool:  # an event: not a successful cryptographic use
+                crypto_use = r.get("operation") in _CRYPTO_OPS and r.get("outcome") == "success"
+                return in_question(r) and not crypto_use
+
+            events = [r for _line, r in _answer(data_dir, conn, events_sql, sql.params, matches)]
+            if since is None and until is None:
+                total = conn.execute(f"SELECT sum(n - refused) FROM key_principals WHERE {keys} AND "
+                                     f"{sql.any_of('op', crypto)}").fetchone()[0] or 0
+            else:
+                total = conn.execute(f"SELECT count(*) FROM rec WHERE {sql.clause()} AND outcome = 0 AND "
+                                     f"{sql.any_of('op', crypto)}", sql.params).fetchone()[0]
+            return {"events": events, "uses": total}
+    except (index.IndexMismatch, sqlite3.Error) as error:
+        _mismatch(warn, error)
+        return key_timeline(data_dir, key, since=since, until=until, warn=warn, scan=True)
+    finally:
+        conn.close()
 
 
 def key_principals(data_dir: Path, key: str, *, warn: Warn, scan: bool = False) -> list[dict[str, Any]]:

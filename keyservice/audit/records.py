@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from keyservice.audit import segments
@@ -202,15 +203,23 @@ def read_lines(path: Path) -> Iterator[bytes]:
 
 
 _decode = json.JSONDecoder().decode
+_fast_decode = orjson.loads
 
 
 def parse_line(line: bytes) -> dict[str, Any] | None:
-    """The JSON object of a line, or None if it is not one."""
+    """The JSON object of a line, or None if it is not one.
+
+    orjson first (about 3x faster than ``json``: the index, the questions and ``verify`` decode
+    millions of lines), ``json`` for whatever orjson refuses (integers past 64 bits, NaN), so the
+    result is ``json``'s on every line."""
     try:
-        record = _decode(line.decode())
-    except ValueError:  # also UnicodeDecodeError
-        return None
-    return record if isinstance(record, dict) else None
+        record = _fast_decode(line)
+    except ValueError:  # orjson.JSONDecodeError is one
+        try:
+            record = _decode(line.decode())
+        except ValueError:  # also UnicodeDecodeError
+            return None
+    return record if record.__class__ is dict else None
 
 
 def is_intent(record: Mapping[str, Any]) -> bool:
@@ -225,6 +234,15 @@ def chain_records(
     skipped, and so, unless ``intents``, are the intent records that precede state changes. Lines
     that are not a JSON object are skipped too, and their 1-based line numbers (counted through the
     chain's segments) appended to ``unparsable`` if given."""
+    for _line, record in chain_record_lines(data_dir, chain, unparsable, intents):
+        yield record
+
+
+def chain_record_lines(
+    data_dir: Path, chain: str = segments.DEFAULT_CHAIN, unparsable: list[int] | None = None,
+    intents: bool = False,
+) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """``chain_records`` with each record's line, as written (what ``audit list --json`` prints)."""
     for number, line in enumerate(segments.read_chain(data_dir, chain), 1):
         record = parse_line(line.data)
         if record is None:
@@ -232,7 +250,7 @@ def chain_records(
                 unparsable.append(number)
             continue
         if not is_checkpoint(record) and (intents or not is_intent(record)):
-            yield record
+            yield line.data, record
 
 
 def read_records(
@@ -241,9 +259,17 @@ def read_records(
     """Every well-formed request record of every chain, merged by time (each chain in its order);
     ``unparsable`` and ``intents`` as in ``chain_records``. (``audit list`` reports the unparsable
     lines; ``audit verify`` says what they break.)"""
+    for _line, record in read_record_lines(data_dir, unparsable, intents=intents):
+        yield record
+
+
+def read_record_lines(
+    data_dir: Path, unparsable: list[int] | None = None, *, intents: bool = False
+) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """``read_records`` with each record's line."""
     chains = segments.chains(data_dir)
     if len(chains) == 1:
-        yield from chain_records(data_dir, chains[0], unparsable, intents)
+        yield from chain_record_lines(data_dir, chains[0], unparsable, intents)
         return
-    each = (chain_records(data_dir, c, unparsable, intents) for c in chains)
-    yield from heapq.merge(*each, key=lambda r: str(r.get("time", "")))
+    each = (chain_record_lines(data_dir, c, unparsable, intents) for c in chains)
+    yield from heapq.merge(*each, key=lambda pair: str(pair[1].get("time", "")))

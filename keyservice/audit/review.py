@@ -7,7 +7,7 @@ offline while the server runs.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -154,26 +154,69 @@ def filter_records(
     file_id: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The records matching every given filter (those of ``query``), in their order."""
-    for record in records:
+    matches = matcher(key=key, operation=operation, since=since, until=until, file=file, principal=principal,
+                      outcome=outcome, user=user, file_id=file_id)
+    return (record for record in records if matches(record))
+
+
+# A record's time as the service writes it: fixed width, UTC, so its text orders like the time.
+_RECORD_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def _ms_text(when: datetime) -> str:
+    """``when`` rounded up to the next whole millisecond, in the records' format: a record time
+    (whole ms) is >= ``when`` exactly when its text is >= this one, and likewise for <."""
+    micros = when.microsecond
+    if micros % 1000:
+        when += timedelta(microseconds=1000 - micros % 1000)
+    when = when.astimezone(UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def matcher(
+    *,
+    key: str | None = None,
+    operation: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    file: str | None = None,
+    principal: str | None = None,
+    outcome: str | None = None,
+    user: str | None = None,
+    file_id: str | None = None,
+) -> Callable[[Mapping[str, Any]], bool]:
+    """A test of one record against the filters of ``query`` (what the index's answers are
+    checked with, record by record, after they are read from the log)."""
+    since_text = _ms_text(since) if since is not None else None
+    until_text = _ms_text(until) if until is not None else None
+    operation_lower = operation.lower() if operation is not None else None
+    file_id_lower = file_id.lower() if file_id is not None else None
+
+    def in_period(record: Mapping[str, Any]) -> bool:
+        text = record.get("time")
+        if text.__class__ is str and _RECORD_TIME.fullmatch(text):  # type: ignore[arg-type]
+            return (since_text is None or text >= since_text) and (until_text is None or text < until_text)
+        when = _record_time(record)
+        return when is not None and (since is None or when >= since) and (until is None or when < until)
+
+    def matches(record: Mapping[str, Any]) -> bool:
         if key is not None and not _matches_key(record, key):
-            continue
-        if operation is not None and str(record.get("operation", "")).lower() != operation.lower():
-            continue
-        if since is not None or until is not None:
-            when = _record_time(record)
-            if when is None or (since is not None and when < since) or (until is not None and when >= until):
-                continue
+            return False
+        if operation_lower is not None and str(record.get("operation", "")).lower() != operation_lower:
+            return False
+        if (since is not None or until is not None) and not in_period(record):
+            return False
         if file is not None and not _matches_file(record, file):
-            continue
+            return False
         if principal is not None and principal not in (record.get("principal"), record.get("access_key_id")):
-            continue
+            return False
         if outcome is not None and record.get("outcome") != outcome:
-            continue
+            return False
         if user is not None and not _matches_user(record, user):
-            continue
-        if file_id is not None and file_id_of(record) != file_id.lower():
-            continue
-        yield record
+            return False
+        return file_id_lower is None or file_id_of(record) == file_id_lower
+
+    return matches
 
 
 def _matches_user(record: Mapping[str, Any], user: str) -> bool:

@@ -20,24 +20,38 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from keyservice.audit import digest as audit_digest
-from keyservice.audit import export as audit_export
 from keyservice.audit import index as audit_index
-from keyservice.audit import pgmirror as audit_pgmirror
-from keyservice.audit import prune as audit_prune
 from keyservice.audit import questions, segments
 from keyservice.audit import records as audit_records
 from keyservice.audit import review as audit_review
-from keyservice.audit import signing as audit_signing
-from keyservice.audit import verify as audit_verify
 from keyservice.audit.records import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_SECONDS, audit_path
 from keyservice.cli.common import CliError, root_source
-from keyservice.files import write_atomic
-from keyservice.store import engine, rootkey
+from keyservice.store import rootkey
+
+# verify, prune, export and the PostgreSQL table are imported by the commands that use them: a
+# question (list/files/key/principals) is one short process and loads only the index and readers.
 
 # Exit status of list/files when some log lines could not be parsed (the output is incomplete).
 EXIT_UNPARSABLE = 3
 VERIFY_STATE = "audit-verified.json"  # --since-last: outside the log directory
+STORE_ENV = "KEYSERVICE_STORE"  # store.engine.STORE_ENV, named here so a question does not load the store
+
+
+def run(func: Callable[[], int]) -> int:
+    """Run an audit command: an operator's mistake is one line on stderr and exit 1, never a
+    traceback (what ``cli.main`` does for every command; ``cli.entry`` runs audit commands alone)."""
+    try:
+        return int(func())
+    except (CliError, rootkey.RootKeyError, ValueError) as error:
+        print(f"keyservice: {error}", file=sys.stderr)
+    except OSError as error:
+        if isinstance(error, BrokenPipeError):
+            return 0
+        where = f": {error.filename}" if error.filename else ""
+        print(f"keyservice: {error.strerror or error}{where}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 1
 
 
 def _warn(message: str) -> None:
@@ -98,9 +112,27 @@ def cmd_list(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     _readable_log(data_dir)
     unparsable: list[int] = []
-    records = _query(args, unparsable)
-    _print(records, args.json, lambda rows: audit_review.format_table(rows, local=args.local))
+    if args.json:  # each record's line exactly as logged (the bytes the hash chain covers)
+        filters = questions.Filters(**_filters(args))  # type: ignore[arg-type]
+        pairs = questions.query_lines(data_dir, filters, warn=_warn, scan=args.scan, unparsable=unparsable,
+                                      records=False)
+        _write_lines(line for line, _record in pairs)
+    else:
+        print(audit_review.format_table(_query(args, unparsable), local=args.local), end="")
     return _report_unparsable(data_dir, unparsable)
+
+
+def _write_lines(lines: Iterable[bytes]) -> None:
+    out = sys.stdout.buffer
+    chunk: list[bytes] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) >= 4096:
+            out.write(b"\n".join(chunk) + b"\n")
+            chunk.clear()
+    if chunk:
+        out.write(b"\n".join(chunk) + b"\n")
+    out.flush()
 
 
 def cmd_files(args: argparse.Namespace) -> int:
@@ -178,6 +210,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from keyservice.audit import export as audit_export
+
     data_dir = Path(args.data_dir)
     if not (data_dir / "audit").is_dir():
         raise CliError(f"no audit log in {data_dir}")
@@ -198,6 +232,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from keyservice.audit import export as audit_export
+    from keyservice.audit import prune as audit_prune
+    from keyservice.audit import signing as audit_signing
+
     data_dir = Path(args.data_dir)
     if args.dev:
         root_key = rootkey.load_root_key(data_dir, rootkey.RootKeySource.dev())
@@ -236,6 +274,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from keyservice.audit import digest as audit_digest
+    from keyservice.audit import signing as audit_signing
+    from keyservice.audit import verify as audit_verify
+    from keyservice.files import write_atomic
+
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         print(f"keyservice: cannot check: {data_dir}: no such data directory", file=sys.stderr)
@@ -305,6 +348,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _verify_table(data_dir: Path, public_key: Any, args: argparse.Namespace) -> bool:
     """With the store on PostgreSQL: check every chain of every node in ``audit_records`` too
     (hash chain and signed checkpoints; True if one is tampered)."""
+    from keyservice.audit import pgmirror as audit_pgmirror
+    from keyservice.audit import verify as audit_verify
+    from keyservice.store import engine
+
     url = args.store or engine.recorded_url(data_dir)
     if not url:
         return False
@@ -411,7 +458,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     verify.add_argument("--public-key", help="pinned PEM public key (default: DATA_DIR/audit-signing.pub)")
     verify.add_argument(
         "--store",
-        default=os.environ.get(engine.STORE_ENV) or None,
+        default=os.environ.get(STORE_ENV) or None,
         metavar="URL",
         help="also verify every chain in this PostgreSQL store's audit table (default: the data dir's)",
     )
