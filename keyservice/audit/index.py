@@ -73,7 +73,9 @@ CREATE TABLE IF NOT EXISTS key_principals (
 ) WITHOUT ROWID;
 """
 
-# Secondary indexes, created after a bulk load (faster than maintaining them row by row).
+# Secondary indexes, created after a bulk load (faster than maintaining them row by row). The
+# process and the request id are kept in every row but have no B-tree: no question selects by
+# them, and the request id's, in random order, was the dearest to keep up (docs/AUDIT.md, "Index").
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS rec_t ON rec (t);
 CREATE INDEX IF NOT EXISTS rec_op ON rec (op, t);
@@ -84,9 +86,7 @@ CREATE INDEX IF NOT EXISTS rec_key ON rec (key, t);
 CREATE INDEX IF NOT EXISTS rec_path ON rec (path) WHERE path IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rec_user ON rec (user, t) WHERE user IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rec_uid ON rec (uid, t) WHERE uid IS NOT NULL;
-CREATE INDEX IF NOT EXISTS rec_proc ON rec (proc) WHERE proc IS NOT NULL;
 CREATE INDEX IF NOT EXISTS rec_fid ON rec (fid) WHERE fid IS NOT NULL;
-CREATE INDEX IF NOT EXISTS rec_rid ON rec (rid);
 """
 
 
@@ -168,11 +168,13 @@ def _positions(conn: sqlite3.Connection) -> dict[str, ChainPosition]:
 
 
 class _Strings:
-    """The ``strings`` table through a cache: text -> number."""
+    """The ``strings`` table through a cache: text -> number. Filled as texts are met (a catch-up
+    of a few thousand records meets a few hundred texts; loading the whole table, 100,000 texts at
+    10 M records, cost more than indexing them)."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.ids: dict[str, int] = {s: i for i, s in conn.execute("SELECT id, s FROM strings")}
+        self.ids: dict[str, int] = {}
 
     def id(self, text: object) -> int | None:
         if text is None:
@@ -181,7 +183,11 @@ class _Strings:
             text = str(text)
         found = self.ids.get(text)
         if found is None:
-            found = self.conn.execute("INSERT INTO strings (s) VALUES (?)", (text,)).lastrowid
+            row = self.conn.execute("SELECT id FROM strings WHERE s = ?", (text,)).fetchone()
+            if row is None:
+                found = self.conn.execute("INSERT INTO strings (s) VALUES (?)", (text,)).lastrowid
+            else:
+                found = row[0]
             assert found is not None
             self.ids[text] = found
         return found

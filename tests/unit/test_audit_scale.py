@@ -262,6 +262,37 @@ def test_an_edited_index_is_detected_and_the_answer_comes_from_a_scan(tmp_path: 
     assert not seen
 
 
+SEQ = "id % 1099511627776"  # a row's sequence number (its id is chain << 40 | seq)
+
+
+@pytest.mark.parametrize("edit", [
+    # a row of /docs/d0/f0.txt (request 0) moved to /docs/d1/f1.txt: the question about f1 would
+    # show a record of f0 if it were not checked against the question after it is read
+    "UPDATE rec SET path = (SELECT id FROM strings WHERE s = '/docs/d1/f1.txt') WHERE " + SEQ + " = 1",
+    # a row pointed at the record of another row of the same file (request 7 -> request 1): one
+    # of the two would be hidden
+    "UPDATE rec SET (seg, off, len) = (SELECT seg, off, len FROM rec WHERE " + SEQ + " = 2) WHERE "
+    + SEQ + " = 8",
+    # a row pointed into the middle of a line
+    "UPDATE rec SET off = off + 1, len = len - 2 WHERE " + SEQ + " = 2",
+    # a row pointed at a checkpoint line (the 10 records before it are alice's)
+    "UPDATE rec SET off = off + len + 1 WHERE " + SEQ + " = 10",
+])
+def test_a_row_pointing_at_the_wrong_line_is_detected(tmp_path: Path, edit: str) -> None:
+    sample(tmp_path)
+    audit_index.reindex(tmp_path)
+    question = questions.Filters(file="/docs/d1/f1.txt") if "strings" in edit else questions.Filters(user="alice")
+    honest = list(questions.query(tmp_path, question, warn=warnings()[1]))
+    with sqlite3.connect(audit_index.index_path(tmp_path)) as conn:
+        assert conn.execute(edit).rowcount == 1
+    seen, warn = warnings()
+    answer = list(questions.query(tmp_path, question, warn=warn))
+    assert len(seen) == 1 and "does not match the log" in seen[0], seen
+    assert answer == honest == list(review.query(tmp_path, **question.as_dict()))
+    lines = list(questions.query_lines(tmp_path, question, warn=warn, records=False))
+    assert [json.loads(line) for line, _record in lines] == honest
+
+
 def test_a_log_cut_below_the_index_is_detected(tmp_path: Path) -> None:
     sample(tmp_path)
     audit_index.reindex(tmp_path)
