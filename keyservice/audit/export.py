@@ -96,10 +96,13 @@ def export(
     follow: bool = False,
     poll: float = 0.5,
     stop: Callable[[], bool] = lambda: False,
+    batch: int = _BATCH,
 ) -> int:
     """Write the records after the cursor (and not older than ``since``) to ``out``; return how many.
 
-    ``out`` should be a file opened for appending (exactly-once with a cursor) or stdout."""
+    ``out`` should be a file opened for appending (exactly-once with a cursor), stdout, or a
+    ``syslog.SyslogOut`` (at least once); the cursor moves every ``batch`` records, after
+    ``out.flush()``."""
     cursor = Cursor.load(cursor_path) if cursor_path is not None else Cursor()
     seekable = _seekable(out)
     if seekable and cursor.output_size is not None:
@@ -119,7 +122,7 @@ def export(
                     pending += 1
                     wrote += 1
                 position.update(after)
-                if pending >= _BATCH:
+                if pending >= batch:
                     _commit(out, cursor, cursor_path, seekable)
                     pending = 0
         _commit(out, cursor, cursor_path, seekable)

@@ -218,7 +218,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     cursor = Path(args.cursor) if args.cursor else None
     since = audit_review.parse_time(args.since) if args.since else None
     try:
-        if args.output:
+        if args.syslog:
+            if args.output:
+                raise CliError("--syslog and --output exclude each other")
+            _export_syslog(args, data_dir, cursor, since)
+        elif args.output:
             with open(args.output, "ab") as out:
                 audit_export.export(data_dir, out, cursor_path=cursor, since=since, follow=args.follow)
         else:
@@ -229,6 +233,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _export_syslog(args: argparse.Namespace, data_dir: Path, cursor: Path | None, since: Any) -> None:
+    from keyservice.audit import export as audit_export
+    from keyservice.audit import syslog
+
+    out = syslog.SyslogOut(args.syslog, ca_file=Path(args.syslog_ca) if args.syslog_ca else None,
+                           cert_file=Path(args.syslog_cert) if args.syslog_cert else None,
+                           key_file=Path(args.syslog_key) if args.syslog_key else None)
+    try:
+        audit_export.export(data_dir, out, cursor_path=cursor, since=since, follow=args.follow,  # type: ignore[arg-type]
+                            batch=500)
+    finally:
+        out.close()
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -437,6 +455,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "(default: stdout, at least once)")
     export.add_argument("--follow", action="store_true",
                         help="keep exporting new records (default: stop at the end)")
+    export.add_argument("--syslog", metavar="URL",
+                        help="send RFC 5424 syslog over TLS to tcp+tls://HOST:PORT (default: JSON lines)")
+    export.add_argument("--syslog-ca", metavar="FILE",
+                        help="CA bundle of the receiver's certificate (default: the system's)")
+    export.add_argument("--syslog-cert", metavar="FILE",
+                        help="client certificate for --syslog (default: none)")
+    export.add_argument("--syslog-key", metavar="FILE", help="its private key (default: in --syslog-cert)")
     export.set_defaults(func=cmd_export)
     prune = commands.add_parser("prune", help="remove whole sealed segments older than a date")
     prune.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
