@@ -96,13 +96,14 @@ def export(
     follow: bool = False,
     poll: float = 0.5,
     stop: Callable[[], bool] = lambda: False,
-    batch: int = _BATCH,
+    batch: int | None = None,
 ) -> int:
     """Write the records after the cursor (and not older than ``since``) to ``out``; return how many.
 
     ``out`` should be a file opened for appending (exactly-once with a cursor), stdout, or a
     ``syslog.SyslogOut`` (at least once); the cursor moves every ``batch`` records, after
     ``out.flush()``."""
+    batch = batch or _BATCH
     cursor = Cursor.load(cursor_path) if cursor_path is not None else Cursor()
     seekable = _seekable(out)
     if seekable and cursor.output_size is not None:

@@ -530,9 +530,10 @@ def coverage(data_dir: Path, conn: sqlite3.Connection) -> None:
                             "(rows removed or added)")
 
 
-def lines(data_dir: Path, conn: sqlite3.Connection, where: str, params: list[Any]) -> Iterator[bytes]:
-    """The log lines of the rows of ``rec`` matching ``where``, in time order, read at the rows'
-    offsets (one descriptor per segment, one ``pread`` per line).
+def lines(data_dir: Path, conn: sqlite3.Connection, where: str, params: list[Any], *,
+          newest_first: bool = False, limit: int | None = None) -> Iterator[bytes]:
+    """The log lines of the rows of ``rec`` matching ``where``, in time order (or newest first,
+    at most ``limit``), read at the rows' offsets (one descriptor per segment, one ``pread`` per line).
 
     Raises ``IndexMismatch`` if a row does not point at a whole line of the log (the bytes before
     and after it must be line ends), or if two rows point at the same line (a row of one record
@@ -542,8 +543,10 @@ def lines(data_dir: Path, conn: sqlite3.Connection, where: str, params: list[Any
     seen: set[tuple[int, int, int]] = set()
     pread = os.pread
     try:
+        order = "r.t DESC, r.id DESC" if newest_first else "r.t, r.id"
+        tail = f" LIMIT {int(limit)}" if limit is not None else ""
         for rid, segment, offset, length in conn.execute(
-                f"SELECT r.id, r.seg, r.off, r.len FROM rec r WHERE {where} ORDER BY r.t, r.id", params):
+                f"SELECT r.id, r.seg, r.off, r.len FROM rec r WHERE {where} ORDER BY {order}{tail}", params):
             chain = rid >> SEQ_BITS
             place = (chain, segment, offset)
             if place in seen:

@@ -14,6 +14,7 @@ comes from a full scan.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import sqlite3
@@ -132,7 +133,8 @@ Pair = tuple[bytes, dict[str, Any]]
 
 
 def _answer(data_dir: Path, conn: sqlite3.Connection, where: str, params: list[Any],
-            matches: Callable[[dict[str, Any]], bool], *, records: bool = True) -> list[Pair]:
+            matches: Callable[[dict[str, Any]], bool], *, records: bool = True,
+            newest: int | None = None) -> list[Pair]:
     """The records of the rows matching ``where``, each with its line, read from the log and
     checked: every one must be a request record that matches the question (``matches``). A row
     that points at anything else proves the index was edited: ``IndexMismatch``, and the caller
@@ -142,7 +144,7 @@ def _answer(data_dir: Path, conn: sqlite3.Connection, where: str, params: list[A
     answer then holds ~0.7 KB per record, not the ~4 KB of a decoded one."""
     answer = []
     with _no_cycle_collection():
-        for line in index.lines(data_dir, conn, where, params):
+        for line in index.lines(data_dir, conn, where, params, newest_first=newest is not None, limit=newest):
             record = parse_line(line)
             if record is None or is_checkpoint(record) or is_intent(record):
                 raise index.IndexMismatch("a row of the index points at a line that is not a request record")
@@ -201,6 +203,26 @@ def query_lines(data_dir: Path, filters: Filters, *, warn: Warn, scan: bool = Fa
     for pair in read_record_lines(data_dir, unparsable):
         if matches(pair[1]):
             yield pair
+
+
+def newest(data_dir: Path, filters: Filters, limit: int, *, warn: Warn) -> list[dict[str, Any]]:
+    """The ``limit`` newest records matching ``filters``, newest first (the console's pages)."""
+    conn = open_index(data_dir, warn)
+    if conn is not None:
+        try:
+            with conn:
+                sql = _Sql(conn)
+                sql.add(filters)
+                matches = review.matcher(**filters.as_dict())
+                answer = _answer(data_dir, conn, sql.clause(), sql.params, matches, newest=limit)
+                return [record for _line, record in answer]
+        except (index.IndexMismatch, sqlite3.Error) as error:
+            _mismatch(warn, error)
+        finally:
+            conn.close()
+    kept: collections.deque[dict[str, Any]] = collections.deque(maxlen=limit)
+    kept.extend(review.query(data_dir, **filters.as_dict()))
+    return list(reversed(kept))
 
 
 def query(data_dir: Path, filters: Filters, *, warn: Warn, scan: bool = False,

@@ -1,16 +1,17 @@
 """Every read of the audit log the console makes, in one place.
 
-The pages call only this module, which calls ``keyservice.audit``'s review and verify functions.
-Today those scan the log (``review.query``); when the audit index lands, the call sites to switch
-are these functions, and the pages do not change. Read-only: nothing here writes the log.
+The pages call only this module, which asks ``keyservice.audit.questions`` (answers from the
+audit index, checked before and record by record after, or a scan when it cannot be trusted: the
+reason is logged) and calls ``verify``. Read-only: nothing here writes the log (the index, a
+cache beside it, is brought up to date before an answer).
 Permission to read (``kms:ReadAuditLog``) is checked by the caller through the service, first.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -19,8 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from keyservice.audit import review, signing, verify
+from keyservice.audit import questions, review, signing, verify
 from keyservice.audit.records import head_path
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
 MAX_PAGE = 200  # deepest page offered (PAGE_SIZE x MAX_PAGE newest records)
@@ -111,30 +114,33 @@ class Page:
     seconds: float
 
 
+def _warn(message: str) -> None:
+    log.warning("audit page: %s", message)
+
+
 def timeline(data_dir: Path, raw_filters: Mapping[str, str], page: int = 1) -> Page:
-    """Newest first, PAGE_SIZE a page: keeps only the newest ``page * PAGE_SIZE + 1`` matches."""
+    """Newest first, PAGE_SIZE a page: reads only the newest ``page * PAGE_SIZE + 1`` matches."""
     started = time.perf_counter()
     page = min(max(page, 1), MAX_PAGE)
     keep = page * PAGE_SIZE + 1
-    newest: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
-    newest.extend(review.query(data_dir, **_filters(raw_filters)))
-    ordered = list(reversed(newest))
+    ordered = questions.newest(data_dir, questions.Filters(**_filters(raw_filters)), keep, warn=_warn)
     rows = [_row(r) for r in ordered[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]]
     return Page(rows, page, len(ordered) > page * PAGE_SIZE, time.perf_counter() - started)
 
 
 def key_timeline(data_dir: Path, key_id: str) -> list[Row]:
     """A key's state changes and every refusal naming it, newest first (at most 500)."""
-    kept: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)
-    kept.extend(r for r in review.query(data_dir, key=key_id)
-                if r.get("outcome") == "error" or r.get("operation") in KEY_CHANGES
-                or str(r.get("principal")) == "keyservice")  # fmt: skip
+    events = questions.key_timeline(data_dir, key_id, warn=_warn)["events"]
+    kept = [r for r in events
+            if r.get("outcome") == "error" or r.get("operation") in KEY_CHANGES
+            or str(r.get("principal")) == "keyservice"][-500:]  # fmt: skip
     return [_row(r) for r in reversed(kept)]
 
 
 def files(data_dir: Path, prefix: str | None) -> list[dict[str, Any]]:
     """Who opened which file how often, through which key, last access (``review.files_summary``)."""
-    return review.files_summary(review.query(data_dir, file=prefix.strip() or None if prefix else None))
+    filters = questions.Filters(file=prefix.strip() or None if prefix else None)
+    return review.files_summary(questions.query(data_dir, filters, warn=_warn))
 
 
 def last_checkpoint(data_dir: Path) -> dict[str, Any] | None:

@@ -173,6 +173,7 @@ def test_package_inits_import_nothing() -> None:
 # handed in as a mount). Audit reads go through the review/verify readers.
 CONSOLE_MAY_IMPORT = (
     "keyservice.console", "keyservice.errors", "keyservice.context", "keyservice.audit.review",
+    "keyservice.audit.questions",
     "keyservice.audit.verify", "keyservice.audit.signing", "keyservice.audit.records",
     "keyservice.audit.commit",
 )
