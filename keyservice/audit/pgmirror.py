@@ -20,8 +20,57 @@ the service refuses to start. This module imports psycopg only when used.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
+
+from keyservice.audit.records import is_checkpoint, parse_line
+from keyservice.store.postgres_schema import AUDIT_COLUMNS
+
+_COLUMN_NAMES = ", ".join(AUDIT_COLUMNS)
+_COLUMN_MARKS = ", ".join(["%s"] * len(AUDIT_COLUMNS))
+_INT64 = 1 << 62
+
+
+def _text(value: object) -> str | None:
+    """A text column's value: PostgreSQL text cannot hold U+0000 (the line keeps it)."""
+    if value is None:
+        return None
+    text = value if value.__class__ is str else str(value)
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text  # type: ignore[union-attr]
+
+
+def _int(value: object) -> int | None:
+    return value if value.__class__ is int and -_INT64 < value < _INT64 else None  # type: ignore[operator,return-value]
+
+
+def audit_columns(line: bytes) -> tuple[Any, ...]:
+    """The question columns of one line (``postgres_schema.AUDIT_COLUMNS``), in that order: those
+    of a request record; only ``outcome = 'unindexed'`` for a line that is not a JSON object; all
+    None for checkpoints and intents."""
+    record = parse_line(line)
+    if record is None:
+        return (None, None, "unindexed", *([None] * (len(AUDIT_COLUMNS) - 3)))
+    outcome = record.get("outcome")
+    if is_checkpoint(record) or outcome not in ("success", "error"):
+        return (None,) * len(AUDIT_COLUMNS)
+    caller = record.get("caller")
+    caller = caller if caller.__class__ is dict else {}
+    context = record.get("encryption_context")
+    file_id = context.get("kmsfs:file-id") if context.__class__ is dict else None
+    when = record.get("time")
+    path = caller.get("path")
+    return (
+        when if when.__class__ is str and _RECORD_TIME.fullmatch(when) else None,  # type: ignore[arg-type]
+        _text(record.get("operation")), outcome, _text(record.get("principal")),
+        _text(record.get("access_key_id")), _text(record.get("key_id")), _int(record.get("key_version")),
+        _text(path) if path.__class__ is str else None, _text(caller.get("user")), _int(caller.get("uid")),
+        _text(caller.get("process")), _text(file_id) if file_id.__class__ is str else None,
+        _text(record.get("request_id")),
+    )
+
+
+_RECORD_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 
 
 class AuditMirrorError(OSError):
@@ -86,9 +135,10 @@ class PgMirror:
             with conn.transaction():
                 for offset, line in enumerate(lines):
                     row = conn.execute(
-                        "INSERT INTO audit_records(chain_id, seq, line) VALUES (%s, %s, %s)"
-                        " ON CONFLICT (chain_id, seq) DO NOTHING RETURNING seq",
-                        (self.chain_id, first + offset, line),
+                        f"INSERT INTO audit_records(chain_id, seq, line, {_COLUMN_NAMES}) "
+                        f"VALUES (%s, %s, %s, {_COLUMN_MARKS}) ON CONFLICT (chain_id, seq) DO NOTHING "
+                        "RETURNING seq",
+                        (self.chain_id, first + offset, line, *audit_columns(line)),
                     ).fetchone()
                     if row is None:  # already there: a retry of a commit whose reply was lost
                         (existing,) = conn.execute(

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from keyservice.audit import index, review
+from keyservice.audit import index, pgquestions, review
 from keyservice.audit.records import is_checkpoint, is_intent, parse_line, read_record_lines, read_records
 
 Warn = Callable[[str], None]
@@ -177,10 +177,30 @@ def _mismatch(warn: Warn, error: Exception) -> None:
          f"run `keyservice audit reindex` to rebuild it")
 
 
+def _from_table(store: str | None, scan: bool, warn: Warn, ask: Callable[[], Any]) -> Any:
+    """``ask()``'s answer from PostgreSQL's audit table (every node's chains), or None after a
+    warning when there is no table to ask or it cannot answer (then the local index does)."""
+    if store is None or scan:
+        return None
+    try:
+        return ask()
+    except index.IndexMismatch as error:
+        warn(f"the audit table does not match its lines ({error}): answering from this node's log")
+    except Exception as error:  # noqa: BLE001 - any driver error: say it in one line, answer locally
+        warn(f"cannot ask the audit table ({str(error).strip()[:200]}): answering from this node's log")
+    return None
+
+
 def query_lines(data_dir: Path, filters: Filters, *, warn: Warn, scan: bool = False,
-                unparsable: list[int] | None = None, records: bool = True) -> Iterator[Pair]:
+                unparsable: list[int] | None = None, records: bool = True,
+                store: str | None = None) -> Iterator[Pair]:
     """``query``'s records each with its line as written in the log (what ``--json`` prints);
-    without ``records``, the records may be left out (``{}``) where that saves work."""
+    without ``records``, the records may be left out (``{}``) where that saves work. With
+    ``store`` (a PostgreSQL URL) from the audit table, every node's chains."""
+    from_table = _from_table(store, scan, warn, lambda: pgquestions.query_lines(store, filters, unparsable))
+    if from_table is not None:
+        yield from from_table
+        return
     matches = review.matcher(**filters.as_dict())
     alias = filters.key is not None and (filters.key.startswith("alias/") or ":alias/" in filters.key)
     conn = None if scan or alias else open_index(data_dir, warn)
@@ -226,22 +246,26 @@ def newest(data_dir: Path, filters: Filters, limit: int, *, warn: Warn) -> list[
 
 
 def query(data_dir: Path, filters: Filters, *, warn: Warn, scan: bool = False,
-          unparsable: list[int] | None = None) -> Iterator[dict[str, Any]]:
+          unparsable: list[int] | None = None, store: str | None = None) -> Iterator[dict[str, Any]]:
     """The records matching ``filters``, oldest first: from the index, or a scan if it fails.
 
     ``unparsable`` receives the numbers of the log's lines that are not JSON objects (as
     ``review.query``'s)."""
-    for _line, record in query_lines(data_dir, filters, warn=warn, scan=scan, unparsable=unparsable):
+    for _line, record in query_lines(data_dir, filters, warn=warn, scan=scan, unparsable=unparsable,
+                                     store=store):
         yield record
 
 
 def key_timeline(data_dir: Path, key: str, *, since: datetime | None = None, until: datetime | None = None,
-                 warn: Warn, scan: bool = False) -> dict[str, Any]:
+                 warn: Warn, scan: bool = False, store: str | None = None) -> dict[str, Any]:
     """What happened to key K: every management request naming it and every refused request for
     it (e.g. opens refused while it was disabled), oldest first, and its successful crypto use in
     total. ``{"events": [...], "uses": n, "refused": n, "first": t, "last": t}``"""
-    conn = None if scan else open_index(data_dir, warn)
     filters = Filters(key=key, since=since, until=until)
+    from_table = _from_table(store, scan, warn, lambda: pgquestions.key_timeline(store, filters, _CRYPTO_OPS))
+    if from_table is not None:
+        return from_table  # type: ignore[no-any-return]
+    conn = None if scan else open_index(data_dir, warn)
     if conn is None:
         events, uses = [], 0
         for record in review.query(data_dir, **filters.as_dict()):
@@ -284,8 +308,12 @@ def key_timeline(data_dir: Path, key: str, *, since: datetime | None = None, unt
         conn.close()
 
 
-def key_principals(data_dir: Path, key: str, *, warn: Warn, scan: bool = False) -> list[dict[str, Any]]:
+def key_principals(data_dir: Path, key: str, *, warn: Warn, scan: bool = False,
+                   store: str | None = None) -> list[dict[str, Any]]:
     """Which principals used key K: per principal and access key, requests, refusals, first, last."""
+    from_table = _from_table(store, scan, warn, lambda: pgquestions.key_principals(store, Filters(key=key)))
+    if from_table is not None:
+        return from_table  # type: ignore[no-any-return]
     conn = None if scan else open_index(data_dir, warn)
     if conn is None:
         rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -327,11 +355,14 @@ class Top:
 
 
 def top(data_dir: Path, n: int, *, since: datetime | None = None, until: datetime | None = None,
-        warn: Warn, scan: bool = False) -> Top:
+        warn: Warn, scan: bool = False, store: str | None = None) -> Top:
     """The ``n`` files and users with the most kmsfs requests (opens + creates + refusals).
 
     From the index the period is widened to whole UTC hours (the summary's unit) and the answer
-    says so; a scan counts the exact period."""
+    says so; a scan (and the PostgreSQL table) counts the exact period."""
+    from_table = _from_table(store, scan, warn, lambda: pgquestions.top(store, n, since, until))
+    if from_table is not None:
+        return Top(_iso(_ms(since)), _iso(_ms(until)), from_table["path"], from_table["user"])
     conn = None if scan else open_index(data_dir, warn)
     if conn is None:
         files: dict[str, list[int]] = {}

@@ -103,9 +103,25 @@ def _report_unparsable(data_dir: Path, lines: list[int]) -> int:
     return EXIT_UNPARSABLE
 
 
+def _store(args: argparse.Namespace) -> str | None:
+    """The PostgreSQL store whose audit table answers (every node's chains): --store, else
+    $KEYSERVICE_STORE, else the URL `init` recorded in the data dir (``store.engine``'s file);
+    None on SQLite (the data dir's own index answers)."""
+    url = getattr(args, "store", None) or os.environ.get(STORE_ENV)
+    if url:
+        return str(url)
+    recorded = Path(args.data_dir) / "store.url"
+    if recorded.exists():
+        from keyservice.store import engine
+
+        return engine.recorded_url(Path(args.data_dir))
+    return None
+
+
 def _query(args: argparse.Namespace, unparsable: list[int]) -> Iterable[dict[str, Any]]:
     filters = questions.Filters(**_filters(args))  # type: ignore[arg-type]
-    return questions.query(Path(args.data_dir), filters, warn=_warn, scan=args.scan, unparsable=unparsable)
+    return questions.query(Path(args.data_dir), filters, warn=_warn, scan=args.scan, unparsable=unparsable,
+                           store=_store(args))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -115,7 +131,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:  # each record's line exactly as logged (the bytes the hash chain covers)
         filters = questions.Filters(**_filters(args))  # type: ignore[arg-type]
         pairs = questions.query_lines(data_dir, filters, warn=_warn, scan=args.scan, unparsable=unparsable,
-                                      records=False)
+                                      records=False, store=_store(args))
         _write_lines(line for line, _record in pairs)
     else:
         print(audit_review.format_table(_query(args, unparsable), local=args.local), end="")
@@ -149,7 +165,7 @@ def cmd_files(args: argparse.Namespace) -> int:
 def _top(args: argparse.Namespace) -> int:
     period = _filters(args)
     top = questions.top(Path(args.data_dir), args.top, since=period["since"], until=period["until"],  # type: ignore[arg-type]
-                        warn=_warn, scan=args.scan)
+                        warn=_warn, scan=args.scan, store=_store(args))
     if args.json:
         print(json.dumps(top.__dict__, sort_keys=True))
         return 0
@@ -168,7 +184,7 @@ def cmd_key(args: argparse.Namespace) -> int:
     until = audit_review.parse_time(args.until) if args.until else None
     _readable_log(Path(args.data_dir))
     timeline = questions.key_timeline(Path(args.data_dir), args.key_id, since=since, until=until,
-                                      warn=_warn, scan=args.scan)
+                                      warn=_warn, scan=args.scan, store=_store(args))
     if args.json:
         for event in timeline["events"]:
             print(json.dumps(event, sort_keys=True))
@@ -181,7 +197,8 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 def cmd_principals(args: argparse.Namespace) -> int:
     _readable_log(Path(args.data_dir))
-    rows = questions.key_principals(Path(args.data_dir), args.key_id, warn=_warn, scan=args.scan)
+    rows = questions.key_principals(Path(args.data_dir), args.key_id, warn=_warn, scan=args.scan,
+                                    store=_store(args))
     if args.json:
         for row in rows:
             print(json.dumps(row, sort_keys=True))
@@ -390,6 +407,13 @@ def _verify_table(data_dir: Path, public_key: Any, args: argparse.Namespace) -> 
     return failed
 
 
+def _store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", metavar="URL",
+                        help="ask this PostgreSQL store's audit table, every node's chains (default: "
+                             f"${STORE_ENV}, else the data dir's recorded store; on SQLite the data "
+                             "dir's index)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``audit`` command group to the top-level parser."""
     parser = sub.add_parser("audit", help="review and verify the audit log (works offline)")
@@ -423,6 +447,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                "and today/yesterday in it (default: UTC)")
         p.add_argument("--scan", action="store_true",
                        help="read the whole log instead of using the index (default: the index)")
+        _store_option(p)
         if name == "files":
             p.add_argument("--top", type=int, metavar="N", help="the N busiest files and users of the period "
                            "(counted in whole UTC hours) (default: the per-file table)")
@@ -436,6 +461,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         p.add_argument("--json", action="store_true", help="one JSON object per line (default: a table)")
         p.add_argument("--scan", action="store_true",
                        help="read the whole log instead of using the index (default: the index)")
+        _store_option(p)
         p.set_defaults(func=func)
     key.add_argument("--since", type=_time, help="same forms as for list (default: the beginning)")
     key.add_argument("--until", type=_time, help="same forms as for list (default: now)")

@@ -17,7 +17,7 @@ n to n + 1 inside one transaction.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The bytewise-compared text type of every text column.
 _T = 'TEXT COLLATE "C"'
@@ -153,5 +153,65 @@ CREATE TRIGGER audit_records_no_truncate BEFORE TRUNCATE ON audit_records
 REVOKE UPDATE, DELETE, TRUNCATE ON audit_records FROM PUBLIC;
 """
 
-# MIGRATIONS[n] takes a database from schema version n to n + 1 (none yet).
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+# Version 2: the audit questions' columns on audit_records (docs/AUDIT.md, "PostgreSQL"), filled
+# by the writer at insert (audit/pgmirror.py: ``audit_columns``) and, for the rows already there,
+# from their lines by this migration. ``outcome`` is 'success' or 'error' on request records,
+# NULL on checkpoints and intents, 'unindexed' on a line that is not a JSON object.
+AUDIT_COLUMNS = (
+    "t", "operation", "outcome", "principal", "access_key_id", "key_id", "key_version", "path",
+    "local_user", "uid", "process", "file_id", "request_id",
+)
+_AUDIT_JSON = """
+CREATE FUNCTION audit_line_jsonb(line BYTEA) RETURNS JSONB LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    -- jsonb cannot hold U+0000: a record naming it is indexed with U+FFFD there (the line keeps it)
+    RETURN replace(convert_from(line, 'UTF8'), '\\u0000', '\\ufffd')::jsonb;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END
+$$"""
+_AUDIT_BACKFILL = """
+UPDATE audit_records a SET
+    outcome = CASE WHEN j IS NULL OR jsonb_typeof(j) <> 'object' THEN 'unindexed'
+                   WHEN j->>'outcome' IN ('success', 'error') AND j->>'type' IS NULL THEN j->>'outcome' END,
+    t = CASE WHEN j->>'time' ~ '^\\d{4}-\\d\\d-\\d\\dT\\d\\d:\\d\\d:\\d\\d(\\.\\d+)?Z$'
+             THEN (j->>'time')::timestamptz END,
+    operation = j->>'operation', principal = j->>'principal', access_key_id = j->>'access_key_id',
+    key_id = j->>'key_id',
+    key_version = CASE WHEN j->>'key_version' ~ '^-?\\d{1,18}$' THEN (j->>'key_version')::bigint END,
+    path = CASE WHEN jsonb_typeof(j->'caller'->'path') = 'string' THEN j->'caller'->>'path' END,
+    local_user = j->'caller'->>'user',
+    uid = CASE WHEN j->'caller'->>'uid' ~ '^-?\\d{1,18}$' THEN (j->'caller'->>'uid')::bigint END,
+    process = j->'caller'->>'process',
+    file_id = CASE WHEN jsonb_typeof(j->'encryption_context'->'kmsfs:file-id') = 'string'
+                   THEN j->'encryption_context'->>'kmsfs:file-id' END,
+    request_id = j->>'request_id'
+FROM (SELECT chain_id, seq, audit_line_jsonb(line) AS j FROM audit_records) s
+WHERE a.chain_id = s.chain_id AND a.seq = s.seq"""
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        f"""ALTER TABLE audit_records
+            ADD COLUMN t TIMESTAMPTZ, ADD COLUMN operation {_T}, ADD COLUMN outcome {_T},
+            ADD COLUMN principal {_T}, ADD COLUMN access_key_id {_T}, ADD COLUMN key_id {_T},
+            ADD COLUMN key_version BIGINT, ADD COLUMN path {_T}, ADD COLUMN local_user {_T},
+            ADD COLUMN uid BIGINT, ADD COLUMN process {_T}, ADD COLUMN file_id {_T},
+            ADD COLUMN request_id {_T}""",
+        _AUDIT_JSON,
+        # The rows already there: the append-only trigger is set aside for this one UPDATE, in
+        # the migration's transaction (which only the schema's owner can run).
+        "ALTER TABLE audit_records DISABLE TRIGGER audit_records_no_update_delete",
+        _AUDIT_BACKFILL,
+        "ALTER TABLE audit_records ENABLE TRIGGER audit_records_no_update_delete",
+        "CREATE INDEX audit_records_t ON audit_records (t) WHERE outcome IN ('success', 'error')",
+        "CREATE INDEX audit_records_error ON audit_records (t) WHERE outcome = 'error'",
+        "CREATE INDEX audit_records_path ON audit_records (path) WHERE path IS NOT NULL",
+        "CREATE INDEX audit_records_user ON audit_records (local_user, t) WHERE local_user IS NOT NULL",
+        "CREATE INDEX audit_records_uid ON audit_records (uid, t) WHERE uid IS NOT NULL",
+        "CREATE INDEX audit_records_key ON audit_records (key_id, t) WHERE key_id IS NOT NULL",
+        "CREATE INDEX audit_records_principal ON audit_records (principal, t) WHERE principal IS NOT NULL",
+        "CREATE INDEX audit_records_akid ON audit_records (access_key_id, t) WHERE access_key_id IS NOT NULL",
+        "CREATE INDEX audit_records_operation ON audit_records (lower(operation), t)",
+        "CREATE INDEX audit_records_file_id ON audit_records (file_id) WHERE file_id IS NOT NULL",
+        "CREATE INDEX audit_records_unindexed ON audit_records (chain_id, seq) WHERE outcome = 'unindexed'",
+    ),
+}
