@@ -107,6 +107,11 @@ class PgMirror:
                 "SELECT count(*), coalesce(max(seq), 0) FROM audit_records WHERE chain_id = %s",
                 (self.chain_id,),
             ).fetchone()
+            # Lines pruned from the table (``prune_table``) were pruned from the local log too,
+            # whole segments: the local lines then begin after them.
+            (pruned,) = conn.execute(
+                "SELECT coalesce(max(through_seq), 0) FROM audit_prunes WHERE chain_id = %s", (self.chain_id,)
+            ).fetchone()
             last = None
             if count:
                 (last,) = conn.execute(
@@ -114,14 +119,16 @@ class PgMirror:
                 ).fetchone()
         except psycopg.Error as error:
             raise AuditMirrorError(f"cannot read audit_records: {error}") from None
-        if count != top or count > len(local) or (count and bytes(last) != local[count - 1]):
+        gap = bool(count) and top - pruned != count  # rows missing between the pruned ones and the top
+        if gap or count > len(local) or (count and bytes(last) != local[count - 1]):
             raise AuditMirrorError(
                 f"audit_records holds a different chain {self.chain_id!r} ({count} rows, "
                 f"{len(local)} local lines): another node uses this --node-id, or the local log was cut"
             )
-        self._next_seq = count + 1
+        self._next_seq = (top if count else pruned) + 1
         self.ship(local[count:])
         return len(local) - count
+
 
     def ship(self, lines: list[bytes]) -> None:
         """Insert ``lines`` as the next rows of the chain, in one transaction."""
@@ -159,6 +166,48 @@ class PgMirror:
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:
             self._conn.close()
+
+
+def prune_table(url: str, chain: str, record: dict[str, Any]) -> tuple[str, int] | None:
+    """Remove from the table the lines a signed prune record of the local ``chain`` removed from
+    the log: find the table's copy of that chain (``<node>:main`` for ``main``) by the hash of
+    the last pruned line, store the record in ``audit_prunes``, then delete the rows up to it
+    (the trigger allows no others), in one transaction. Returns (table chain, last seq pruned),
+    or None if the table holds no line with that hash (nothing to prune there)."""
+    import json
+
+    import psycopg
+
+    pattern = chain if ":" in chain else f"%:{chain}"
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn, conn.transaction():
+            found = conn.execute(
+                "SELECT chain_id, seq FROM audit_records WHERE (chain_id = %s OR chain_id LIKE %s) AND "
+                "sha256(line) = decode(%s, 'hex') ORDER BY chain_id, seq LIMIT 1",
+                (chain, pattern, str(record.get("last_hash"))),
+            ).fetchone()
+            if found is None:
+                return None
+            table_chain, through = found
+            conn.execute("INSERT INTO audit_prunes(chain_id, through_seq, record) VALUES (%s, %s, %s) "
+                         "ON CONFLICT DO NOTHING", (table_chain, through, json.dumps(record).encode()))
+            conn.execute("DELETE FROM audit_records WHERE chain_id = %s AND seq <= %s",
+                         (table_chain, through))
+    except psycopg.Error as error:
+        raise AuditMirrorError(f"cannot prune audit_records: {str(error).strip()}") from None
+    return table_chain, through
+
+
+def table_prunes(url: str) -> dict[str, dict[str, Any]]:
+    """Each table chain's newest prune record (``verify`` starts the chain there)."""
+    import json
+
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        rows = conn.execute("SELECT DISTINCT ON (chain_id) chain_id, record FROM audit_prunes "
+                            "ORDER BY chain_id, through_seq DESC").fetchall()
+    return {chain_id: json.loads(bytes(record)) for chain_id, record in rows}
 
 
 def table_chains(url: str) -> dict[str, list[bytes]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,12 +78,15 @@ def prune(
     exported: Mapping[str, Any] | None = None,
     force: bool = False,
     now: datetime | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> PruneResult:
     """Remove the chain's oldest sealed segments whose seal is older than ``before``.
 
     ``exported``: the chain's export position (``{"segment": N, "offset": B}``): segments before N,
     and N itself if B is its size, were exported completely. Without it, or with segments not
-    exported, raise ``PruneRefused`` unless ``force``.
+    exported, raise ``PruneRefused`` unless ``force``. ``on_record``: called with the signed
+    record after it is written and before any segment is removed (PostgreSQL mode removes the
+    table's copy of those lines there; if it raises, nothing is removed).
     """
     files = segments.segments(data_dir, chain)
     chosen: list[tuple[int, Path, dict[str, Any], bytes]] = []
@@ -122,6 +125,8 @@ def prune(
     # The record first: a crash between it and the removals leaves segments the record says are
     # gone; verify then starts after them (and ``prune`` again removes them).
     write_atomic(prune_path(data_dir, chain), json.dumps(record).encode() + b"\n")
+    if on_record is not None:
+        on_record(record)
     removed = []
     for _number, path, _seal, _line in chosen:
         os.unlink(path)

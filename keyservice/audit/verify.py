@@ -99,11 +99,17 @@ def _start_state(data_dir: Path, chain: str, public_key: Ed25519PublicKey, repor
         report.notes.append(f"{chain}: verified from checkpoint #{record.get('seq')} on (--since-last)")
         return _State(line_hash(line.data), int(record.get("records", 0)), record, line_hash(line.data),
                       int(since["segment"]))
-    pruned = prune_record(data_dir, chain)
+    return _pruned_state(prune_record(data_dir, chain), prune_path(data_dir, chain).name, chain, public_key,
+                         report)
+
+
+def _pruned_state(pruned: Mapping[str, Any] | None, source: str, chain: str, public_key: Ed25519PublicKey,
+                  report: VerifyReport) -> _State | str:
+    """The state after a signed prune record (the genesis without one)."""
     if pruned is None:
         return _State()
     if not _check_signature(pruned, public_key):
-        return f"{prune_path(data_dir, chain).name}: bad signature"
+        return f"{source}: bad signature"
     report.notes.append(
         f"{chain}: segments 1-{pruned.get('through_segment')} were pruned on {pruned.get('time')} "
         f"({pruned.get('records')} records, through checkpoint #{pruned.get('checkpoint_seq')}, "
@@ -124,6 +130,7 @@ def verify(
     since: Mapping[str, Mapping[str, Any]] | None = None,
     chain: str | None = None,
     lines: Iterable[bytes] | None = None,
+    pruned: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
     """Check every chain: the hash chain through its segments, every checkpoint's signature and
     spacing, the segment seals, a prune record if any, and the head file.
@@ -132,12 +139,13 @@ def verify(
     walk starts there. Stops at the first bad line of a chain: everything after it is untrustworthy.
     ``chain``: only that chain. ``lines``: check these lines of ``chain`` (a chain read from the
     PostgreSQL table, from its first line) instead of its segments; there is no head file then.
+    ``pruned``: with ``lines``, the signed prune record the first of them follows (the table's).
     """
     report = VerifyReport(fingerprint=key_fingerprint(public_key))
     names = [chain] if chain is not None else [segments.DEFAULT_CHAIN] if lines is not None else None
     for name in names or segments.chains(data_dir):
         _verify_chain(data_dir, name, public_key, report, checkpoint_every, checkpoint_seconds, now,
-                      (since or {}).get(name), lines)
+                      (since or {}).get(name), lines, pruned)
     return report
 
 
@@ -158,9 +166,13 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
     now: datetime | None,
     since: Mapping[str, Any] | None,
     lines: Iterable[bytes] | None = None,
+    pruned: Mapping[str, Any] | None = None,
 ) -> None:
     grace = timedelta(seconds=checkpoint_seconds * 2 + 5)
-    start = _start_state(data_dir, chain, public_key, report, since) if lines is None else _State()
+    if lines is None:
+        start = _start_state(data_dir, chain, public_key, report, since)
+    else:
+        start = _pruned_state(pruned, "the table's prune record", chain, public_key, report)
     if isinstance(start, str):
         report.problems.append(f"{chain}: {start}")
         return
@@ -171,7 +183,7 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
     at_line = 0
     files = [(n, p) for n, p in segments.segments(data_dir, chain) if n >= state.first_segment]
     if lines is not None:
-        files = [(1, Path(f"{chain} (given lines)"))]
+        files = [(state.first_segment, Path(f"{chain} (given lines)"))]
     skip_first = since is not None
 
     def fail(message: str) -> None:
@@ -197,7 +209,10 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
             where = f"{chain}/{path.name}" + (f" after byte {start_offset}" if start_offset else "")
             at_line = line_no
             if ended:
-                return fail("a line after the checkpoint that sealed this segment")
+                if lines is None:
+                    return fail("a line after the checkpoint that sealed this segment")
+                ended = False  # the table's copy of a chain runs on through its segments' seals
+                report.segments += 1
             record = parse_line(line.data)
             if record is None:
                 return fail("not a JSON object (damaged or tampered)")

@@ -285,10 +285,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise CliError(str(error)) from None
     removed = 0
+    store = _store(args)
     for chain in segments.chains(data_dir):
+        on_record = None
+        if store is not None:  # the table's copy of those lines goes first; if it fails, nothing goes
+            from keyservice.audit import pgmirror
+
+            def on_record(record: dict[str, Any], chain: str = chain, url: str = store) -> None:
+                pruned = pgmirror.prune_table(url, chain, record)
+                if pruned is not None:
+                    print(f"audit table chain {pruned[0]}: rows 1-{pruned[1]} removed")
         try:
             result = audit_prune.prune(data_dir, signer, audit_review.parse_time(args.before), chain=chain,
-                                       force=args.force,
+                                       force=args.force, on_record=on_record,
                                        exported=(exported or {}).get(chain) if exported is not None else None)
         except audit_prune.PruneRefused as error:
             raise CliError(f"chain {chain}: {error}") from None
@@ -392,6 +401,7 @@ def _verify_table(data_dir: Path, public_key: Any, args: argparse.Namespace) -> 
         return False
     try:
         chains = audit_pgmirror.table_chains(url)
+        prunes = audit_pgmirror.table_prunes(url)
     except Exception as error:  # noqa: BLE001 - any driver error is one line for the operator
         print(f"cannot read the audit table: {str(error).strip()[:200]}")
         return True
@@ -399,7 +409,7 @@ def _verify_table(data_dir: Path, public_key: Any, args: argparse.Namespace) -> 
     for chain, lines in sorted(chains.items()):
         report = audit_verify.verify(
             data_dir, public_key, checkpoint_every=args.checkpoint_every,
-            checkpoint_seconds=args.checkpoint_seconds, lines=lines,
+            checkpoint_seconds=args.checkpoint_seconds, lines=lines, pruned=prunes.get(chain),
         )  # fmt: skip
         state = "OK" if report.ok else f"TAMPERED: {report.problems[0]}"
         print(f"table chain {chain}: {report.records} records, {report.checkpoints} checkpoints: {state}")
@@ -493,6 +503,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     prune.add_argument("--data-dir", required=True, help="the key service's data directory (required)")
     prune.add_argument("--before", type=_time, required=True,
                        help="segments sealed before this time (required)")
+    _store_option(prune)
     prune.add_argument("--export-cursor", metavar="FILE",
                        help="the export cursor: only exported segments go (default: none)")
     prune.add_argument("--force", action="store_true",

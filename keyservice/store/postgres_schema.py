@@ -213,5 +213,28 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX audit_records_operation ON audit_records (lower(operation), t)",
         "CREATE INDEX audit_records_file_id ON audit_records (file_id) WHERE file_id IS NOT NULL",
         "CREATE INDEX audit_records_unindexed ON audit_records (chain_id, seq) WHERE outcome = 'unindexed'",
+        # Retention (``keyservice audit prune``): the signed prune record of a chain's oldest lines
+        # first, insert-only; only then may the rows it covers be deleted, and no others.
+        f"""CREATE TABLE audit_prunes (
+            chain_id    {_T} NOT NULL,
+            through_seq BIGINT NOT NULL CHECK (through_seq >= 1),
+            record      BYTEA NOT NULL,
+            written     TIMESTAMPTZ NOT NULL DEFAULT now(),
+            PRIMARY KEY (chain_id, through_seq)
+        )""",
+        """CREATE OR REPLACE FUNCTION audit_records_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_records' AND EXISTS (
+            SELECT 1 FROM audit_prunes p WHERE p.chain_id = OLD.chain_id AND p.through_seq >= OLD.seq) THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP;
+END
+$$""",
+        "CREATE TRIGGER audit_prunes_no_update_delete BEFORE UPDATE OR DELETE ON audit_prunes "
+        "FOR EACH ROW EXECUTE FUNCTION audit_records_append_only()",
+        "CREATE TRIGGER audit_prunes_no_truncate BEFORE TRUNCATE ON audit_prunes "
+        "FOR EACH STATEMENT EXECUTE FUNCTION audit_records_append_only()",
+        "REVOKE UPDATE, DELETE, TRUNCATE ON audit_prunes FROM PUBLIC",
     ),
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,50 @@ def test_cli_list_asks_the_table_with_store(url: str, tmp_path: Path) -> None:
                           timeout=60, check=False)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert len(done.stdout.splitlines()) == len(list(review.query(data, user="bob"))) == 11
+
+
+def test_prune_in_postgresql_mode_removes_the_rows_and_verify_proves_the_rest(url: str, tmp_path: Path) -> None:  # noqa: E501
+    import psycopg
+
+    from keyservice.audit import prune as audit_prune
+    from keyservice.audit import segments
+    from keyservice.audit.pgmirror import prune_table, table_chains, table_prunes
+    from keyservice.audit.verify import verify
+    from tests.unit.test_audit_scale import PUBLIC, SIGNER, T0
+
+    data = tmp_path / "data"
+    clock = Clock()
+    mirror = PgMirror(url, "n1:main")
+    mirror.resume([])
+    log = open_log(data, clock, segment_bytes=3000, mirror=mirror.ship)
+    write(log, clock, 40, step=timedelta(seconds=5))
+    log.close()
+    mirror.close()
+    assert len(segments.segments(data)) >= 5
+    assert verify(data, PUBLIC, checkpoint_every=10, lines=table_chains(url)["n1:main"]).ok
+    with psycopg.connect(url, autocommit=True) as conn:  # before any prune record: nothing can go
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            conn.execute("DELETE FROM audit_records WHERE seq = 1")
+    pruned: list[tuple[str, int] | None] = []
+    result = audit_prune.prune(data, SIGNER, T0 + timedelta(seconds=100), force=True,
+                               on_record=lambda record: pruned.append(prune_table(url, "main", record)))
+    assert result.removed and pruned and pruned[0] is not None
+    table_chain, through = pruned[0]
+    lines = table_chains(url)[table_chain]
+    assert lines == list(chain_lines(data))  # the table's copy starts where the log now starts
+    record = table_prunes(url)[table_chain]
+    checked = verify(data, PUBLIC, checkpoint_every=10, lines=lines, pruned=record)
+    assert checked.ok, checked.problems
+    assert checked.records + record["records"] == 40
+    assert not verify(data, PUBLIC, checkpoint_every=10, lines=lines).ok  # without the record: broken
+    with psycopg.connect(url, autocommit=True) as conn:  # rows after the prune record stay
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            conn.execute("DELETE FROM audit_records WHERE seq = %s", (through + 1,))
+    # The service restarts on the pruned log: the table is still a prefix-free copy of it.
+    again = PgMirror(url, "n1:main")
+    assert again.resume(list(chain_lines(data))) == 0
+    log = open_log(data, clock, segment_bytes=3000, mirror=again.ship)
+    write(log, clock, 3, start=100)
+    log.close()
+    again.close()
+    assert table_chains(url)[table_chain] == list(chain_lines(data))
