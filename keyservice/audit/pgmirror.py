@@ -20,6 +20,7 @@ the service refuses to start. This module imports psycopg only when used.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -139,15 +140,16 @@ class PgMirror:
         first = self._next_seq
         try:
             conn = self._connection()
-            with conn.transaction():
-                for offset, line in enumerate(lines):
-                    row = conn.execute(
-                        f"INSERT INTO audit_records(chain_id, seq, line, {_COLUMN_NAMES}) "
-                        f"VALUES (%s, %s, %s, {_COLUMN_MARKS}) ON CONFLICT (chain_id, seq) DO NOTHING "
-                        "RETURNING seq",
-                        (self.chain_id, first + offset, line, *audit_columns(line)),
-                    ).fetchone()
-                    if row is None:  # already there: a retry of a commit whose reply was lost
+            # One pipeline: the group commit's lines go out together, one round trip, not one each.
+            with conn.transaction(), conn.pipeline() if len(lines) > 1 else contextlib.nullcontext():
+                inserted = [conn.execute(
+                    f"INSERT INTO audit_records(chain_id, seq, line, {_COLUMN_NAMES}) "
+                    f"VALUES (%s, %s, %s, {_COLUMN_MARKS}) ON CONFLICT (chain_id, seq) DO NOTHING "
+                    "RETURNING seq",
+                    (self.chain_id, first + offset, line, *audit_columns(line)),
+                ) for offset, line in enumerate(lines)]
+                for offset, (line, cursor) in enumerate(zip(lines, inserted, strict=True)):
+                    if cursor.fetchone() is None:  # already there: a retry of a commit whose reply was lost
                         (existing,) = conn.execute(
                             "SELECT line FROM audit_records WHERE chain_id = %s AND seq = %s",
                             (self.chain_id, first + offset),
