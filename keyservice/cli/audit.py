@@ -37,23 +37,6 @@ VERIFY_STATE = "audit-verified.json"  # --since-last: outside the log directory
 STORE_ENV = "KEYSERVICE_STORE"  # store.engine.STORE_ENV, named here so a question does not load the store
 
 
-def run(func: Callable[[], int]) -> int:
-    """Run an audit command: an operator's mistake is one line on stderr and exit 1, never a
-    traceback (what ``cli.main`` does for every command; ``cli.entry`` runs audit commands alone)."""
-    try:
-        return int(func())
-    except (CliError, rootkey.RootKeyError, ValueError) as error:
-        print(f"keyservice: {error}", file=sys.stderr)
-    except OSError as error:
-        if isinstance(error, BrokenPipeError):
-            return 0
-        where = f": {error.filename}" if error.filename else ""
-        print(f"keyservice: {error.strerror or error}{where}", file=sys.stderr)
-    except KeyboardInterrupt:
-        return 130
-    return 1
-
-
 def _warn(message: str) -> None:
     print(f"keyservice: {message}", file=sys.stderr)
 

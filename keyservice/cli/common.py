@@ -10,6 +10,7 @@ import argparse
 import getpass
 import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from keyservice.store import rootkey
@@ -52,3 +53,20 @@ def root_source(args: argparse.Namespace, *, confirm: bool) -> rootkey.RootKeySo
     if confirm and getpass.getpass("Repeat root passphrase: ") != passphrase:
         raise CliError("the passphrases differ")
     return rootkey.RootKeySource.from_passphrase(passphrase)
+
+
+def run_command(func: Callable[[], int], errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a command: an operator's mistake (a ``CliError``, a bad root key, a bad value, one of
+    ``errors``, an OS error) is one line on stderr and exit 1, never a traceback."""
+    try:
+        return int(func())
+    except (CliError, rootkey.RootKeyError, ValueError, *errors) as error:
+        print(f"keyservice: {error}", file=sys.stderr)
+    except OSError as error:
+        if isinstance(error, BrokenPipeError):
+            return 0
+        where = f": {error.filename}" if error.filename else ""
+        print(f"keyservice: {error.strerror or error}{where}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 1

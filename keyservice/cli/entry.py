@@ -23,12 +23,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _audit(argv: list[str]) -> int:
     from keyservice.cli import audit as cli_audit
-    from keyservice.cli.common import OneLineParser
+    from keyservice.cli.common import OneLineParser, run_command
 
     parser = OneLineParser(prog="keyservice", description="the key service's audit commands")
     cli_audit.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return cli_audit.run(lambda: args.func(args))
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

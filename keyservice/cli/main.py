@@ -34,7 +34,7 @@ from keyservice.cli import audit as cli_audit
 from keyservice.cli import backup as cli_backup
 from keyservice.cli import principal as cli_principal
 from keyservice.cli import startup
-from keyservice.cli.common import CliError, OneLineParser, root_source
+from keyservice.cli.common import CliError, OneLineParser, root_source, run_command
 from keyservice.clock import FileOffsetClock, SystemClock
 from keyservice.console.app import build_console
 from keyservice.files import write_atomic
@@ -637,21 +637,9 @@ def _version() -> str:
 
 def _run(func: Callable[[], int]) -> int:
     """Run a command; an operator's mistake becomes one line on stderr and exit 1, never a traceback."""
-    try:
-        return int(func())
-    except (CliError, rootkey.RootKeyError, bootstrap.RegionMismatchError, bootstrap.NotInitializedError,
-            bootstrap.AlreadyInitializedError, engine.StoreUrlError, AuditMirrorError) as error:
-        print(f"keyservice: {error}", file=sys.stderr)
-    except ValueError as error:  # bootstrap's checks of --region / --account-id
-        print(f"keyservice: {error}", file=sys.stderr)
-    except OSError as error:
-        if isinstance(error, BrokenPipeError):
-            return 0
-        where = f": {error.filename}" if error.filename else ""
-        print(f"keyservice: {error.strerror or error}{where}", file=sys.stderr)
-    except KeyboardInterrupt:
-        return 130
-    return 1
+    # ValueError: also bootstrap's checks of --region / --account-id
+    return run_command(func, (bootstrap.RegionMismatchError, bootstrap.NotInitializedError,
+                              bootstrap.AlreadyInitializedError, engine.StoreUrlError, AuditMirrorError))
 
 
 def main(argv: list[str] | None = None) -> int:
