@@ -377,33 +377,29 @@ def top(data_dir: Path, n: int, *, since: datetime | None = None, until: datetim
     with conn:
         low = (_ms(since) // 3600000) if since is not None else None
         high = -(-_ms(until) // 3600000) if until is not None else None
-        # Whole UTC days inside the period from the daily summary, the hours at its edges from
-        # the hourly one: a few rows per file and user, not one per hour.
+        # Whole UTC days inside the period from the daily summary, the hours at its edges (and
+        # of the days not summed yet, the newest) from the hourly one: a few rows per file and
+        # user, not one per hour.
+        hourly = "SELECT path, user, opens, created, refused, last FROM activity WHERE hour >= ? AND hour < ?"
+        lowest, highest = -(1 << 62), 1 << 62
+        closed = index.closed_days(conn)
         first_day = -(-low // 24) if low is not None else None
-        end_day = high // 24 if high is not None else None
-        if first_day is not None and end_day is not None and first_day >= end_day:
-            first_day = end_day = None  # no whole day inside: hours only
-            parts = ["SELECT path, user, opens, created, refused, last FROM activity "
-                     "WHERE hour >= ? AND hour < ?"]
-            params: list[Any] = [low, high]
+        end_day = min(high // 24, closed) if high is not None else closed
+        parts: list[str] = []
+        params: list[Any] = []
+        if first_day is not None and first_day >= end_day:  # no whole summed day inside: hours only
+            parts.append(hourly)
+            params += [low, high if high is not None else highest]
         else:
-            day_where, params = ["1"], []
-            if first_day is not None:
-                day_where.append("day >= ?")
-                params.append(first_day)
-            if end_day is not None:
-                day_where.append("day < ?")
-                params.append(end_day)
-            parts = [f"SELECT path, user, opens, created, refused, last FROM activity_day "
-                     f"WHERE {' AND '.join(day_where)}"]
+            parts.append("SELECT path, user, opens, created, refused, last FROM activity_day "
+                         "WHERE day >= ? AND day < ?")
+            params += [first_day if first_day is not None else lowest, end_day]
             if first_day is not None and low is not None and low < first_day * 24:
-                parts.append("SELECT path, user, opens, created, refused, last FROM activity "
-                             "WHERE hour >= ? AND hour < ?")
+                parts.append(hourly)
                 params += [low, first_day * 24]
-            if end_day is not None and high is not None and end_day * 24 < high:
-                parts.append("SELECT path, user, opens, created, refused, last FROM activity "
-                             "WHERE hour >= ? AND hour < ?")
-                params += [end_day * 24, high]
+            if high is None or end_day * 24 < high:
+                parts.append(hourly)
+                params += [end_day * 24, high if high is not None else highest]
         union = " UNION ALL ".join(parts)
         result = Top(_iso(low * 3600000) if low is not None else None,
                      _iso(high * 3600000) if high is not None else None)
