@@ -349,8 +349,8 @@ def _close_days(conn: sqlite3.Connection, first: int, end: int) -> None:
     """Sum the hourly rows of days ``first..end-1`` (ended: a newer record exists) into
     ``activity_day``."""
     conn.execute(
-        "INSERT INTO activity_day SELECT hour / 24, path, user, sum(opens), sum(created), sum(refused), max(last) "
-        "FROM activity WHERE hour >= ? AND hour < ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 "
+        "INSERT INTO activity_day SELECT hour / 24, path, user, sum(opens), sum(created), sum(refused), "
+        "max(last) FROM activity WHERE hour >= ? AND hour < ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 "
         "ON CONFLICT DO UPDATE SET opens = opens + excluded.opens, created = created + excluded.created, "
         "refused = refused + excluded.refused, last = max(last, excluded.last)",
         (first * 24 if first else -(1 << 62), end * 24))
