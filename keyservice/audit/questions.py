@@ -377,37 +377,44 @@ def top(data_dir: Path, n: int, *, since: datetime | None = None, until: datetim
     with conn:
         low = (_ms(since) // 3600000) if since is not None else None
         high = -(-_ms(until) // 3600000) if until is not None else None
-        # Whole UTC days inside the period from the daily summary, the hours at its edges (and
-        # of the days not summed yet, the newest) from the hourly one: a few rows per file and
-        # user, not one per hour.
+        # Whole UTC days inside the period from the daily summary, the hours at its edges and the
+        # hours not summed yet (the newest) from the hourly one: a few rows per file and user, not
+        # one per hour. A day's row holds the hours before ``closed`` only.
         hourly = "SELECT path, user, opens, created, refused, last FROM activity WHERE hour >= ? AND hour < ?"
+        daily = ("SELECT path, user, opens, created, refused, last FROM activity_day "
+                 "WHERE day >= ? AND day < ?")
         lowest, highest = -(1 << 62), 1 << 62
-        closed = index.closed_days(conn)
-        first_day = -(-low // 24) if low is not None else None
-        end_day = min(high // 24, closed) if high is not None else closed
+        closed = index.closed_hours(conn)
+        start, stop = (low if low is not None else lowest), (high if high is not None else highest)
+        first_day = -(-start // 24)
+        # whole days inside the period whose every hour is summed, plus the day of ``closed`` if
+        # the period covers its summed hours from midnight
+        end_day = min(stop // 24, closed // 24 + (1 if closed % 24 and stop >= closed else 0))
         parts: list[str] = []
         params: list[Any] = []
-        if first_day is not None and first_day >= end_day:  # no whole summed day inside: hours only
+        if first_day >= end_day:  # no usable day inside: hours only
             parts.append(hourly)
-            params += [low, high if high is not None else highest]
+            params += [start, stop]
         else:
-            parts.append("SELECT path, user, opens, created, refused, last FROM activity_day "
-                         "WHERE day >= ? AND day < ?")
-            params += [first_day if first_day is not None else lowest, end_day]
-            if first_day is not None and low is not None and low < first_day * 24:
+            parts.append(daily)
+            params += [first_day, end_day]
+            if start < first_day * 24:
                 parts.append(hourly)
-                params += [low, first_day * 24]
-            if high is None or end_day * 24 < high:
+                params += [start, first_day * 24]
+            after = min(end_day * 24, closed) if end_day * 24 > closed else end_day * 24
+            if after < stop:
                 parts.append(hourly)
-                params += [end_day * 24, high if high is not None else highest]
+                params += [after, stop]
         union = " UNION ALL ".join(parts)
         result = Top(_iso(low * 3600000) if low is not None else None,
                      _iso(high * 3600000) if high is not None else None)
         for column, name, target in (("path", "path", result.files), ("user", "user", result.users)):
+            # Names looked up for the n rows kept only, not for every group.
             for text, opens, created, refused, last in conn.execute(
-                f"SELECT s.s, sum(a.opens), sum(a.created), sum(a.refused), max(a.last) FROM ({union}) a "
-                f"JOIN strings s ON s.id = a.{column} GROUP BY a.{column} "
-                f"ORDER BY sum(a.opens + a.created + a.refused) DESC LIMIT ?", [*params, n]
+                f"SELECT s.s, g.o, g.c, g.r, g.l FROM (SELECT a.{column} AS k, sum(a.opens) AS o, "
+                f"sum(a.created) AS c, sum(a.refused) AS r, max(a.last) AS l FROM ({union}) a "
+                f"GROUP BY a.{column} ORDER BY o + c + r DESC LIMIT ?) g JOIN strings s ON s.id = g.k "
+                f"ORDER BY g.o + g.c + g.r DESC", [*params, n]
             ):
                 target.append({name: text, "opens": opens, "created": created, "refused": refused,
                                "total": opens + created + refused, "last": _iso(last)})

@@ -483,7 +483,8 @@ def test_head_of_another_chain_is_kept_apart(tmp_path: Path) -> None:
     (datetime(2026, 3, 1, 5, tzinfo=UTC), datetime(2026, 3, 1, 9, tzinfo=UTC)),  # inside one day
     (datetime(2026, 3, 1, 20, tzinfo=UTC), datetime(2026, 3, 3, 2, tzinfo=UTC)),  # hours, a day, hours
 ])
-def test_top_over_days_and_hours_counts_like_a_scan(tmp_path: Path, period: tuple) -> None:
+@pytest.mark.parametrize("catch_up", [False, True], ids=["reindex", "caught-up-in-steps"])
+def test_top_over_days_and_hours_counts_like_a_scan(tmp_path: Path, period: tuple, catch_up: bool) -> None:
     clock = Clock(datetime(2026, 3, 1, 0, 0, 30, tzinfo=UTC))
     log = AuditLog(tmp_path, signer=SIGNER, checkpoint_every=10, now=clock)
     for n in range(3 * 24 * 3):  # three records an hour for three days
@@ -493,8 +494,22 @@ def test_top_over_days_and_hours_counts_like_a_scan(tmp_path: Path, period: tupl
                              {"path": f"/p/f{(n * 7) % 11}", "uid": 1000 + n % 3, "user": user})
         log.append(build_record(when=clock.now, ctx=ctx, operation="Decrypt", key_arn=KEY, key_version=1))
         log.checkpoint()
+        if catch_up and n % 50 == 0:
+            audit_index.update(tmp_path) if audit_index.index_path(tmp_path).exists() else \
+                audit_index.reindex(tmp_path)
     log.close()
-    audit_index.reindex(tmp_path)
+    if catch_up:  # another chain's records, behind: hours already summed get them too
+        late = Clock(datetime(2026, 3, 1, 3, 0, 30, tzinfo=UTC))
+        other = AuditLog(tmp_path, signer=SIGNER, checkpoint_every=10, now=late, chain="n1:w1")
+        for n in range(30):
+            late.now += timedelta(hours=1)
+            ctx = RequestContext(f"late{n}", "127.0.0.1", ALICE, "kmsfs/test",
+                                 {"path": "/p/late", "user": "dave"})
+            other.append(build_record(when=late.now, ctx=ctx, operation="Decrypt", key_arn=KEY))
+        other.close()
+        audit_index.update(tmp_path)
+    else:
+        audit_index.reindex(tmp_path)
     since, until = period
     seen, warn = warnings()
     indexed = questions.top(tmp_path, 20, since=since, until=until, warn=warn)
