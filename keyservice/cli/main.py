@@ -513,7 +513,8 @@ def _announce(args: argparse.Namespace, ready: Callable[[str, Path], None] | Non
         if creds is not None:
             for name, value in env.items():
                 print(f"  export {name}={shlex.quote(value)}")
-            print(f"  aws --endpoint-url {endpoint} kms list-keys", flush=True)
+            if unix_url != endpoint:  # the AWS CLI cannot speak to a Unix socket
+                print(f"  aws --endpoint-url {endpoint} kms list-keys", flush=True)
         return
     log_file = Path(args.log).absolute() if args.log else data_dir.absolute() / startup.LOG_NAME
     env["KEYSERVICE_PID"] = str(os.getpid())
