@@ -139,7 +139,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     if (data_dir / rootkey.ROOT_CONFIG_NAME).exists():
         raise CliError(f"{data_dir} is already initialised")
     endpoint = args.endpoint or _endpoint_of(args.listen)
-    if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).hostname:
+    parts = urlsplit(endpoint)
+    if parts.scheme == "unix":  # kmsfs on this host, through serve --listen unix:PATH
+        if parts.netloc or not parts.path.startswith("/"):
+            raise CliError(f"--endpoint {endpoint!r} is not a unix:///ABSOLUTE/PATH URL")
+    elif parts.scheme not in ("http", "https") or not parts.hostname:
         raise CliError(f"--endpoint {endpoint!r} is not an https://HOST:PORT URL")
     created = [startup.first_missing(data_dir)]
     if args.root_key_file:
@@ -164,8 +168,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         (data_dir / ENDPOINT_RECORD).write_text(endpoint + "\n")
         if args.credentials_out:
             _write_credentials(Path(args.credentials_out), creds, endpoint, args.region, ca_bundle)
+    serves = f"unix:{parts.path}" if parts.scheme == "unix" else f"{args.listen[0]}:{args.listen[1]}"
     print(f"Initialised {data_dir} (region {args.region}); clients reach it at {endpoint} "
-          f"once it serves with --listen {args.listen[0]}:{args.listen[1]}.")
+          f"once it serves with --listen {serves}.")
     print("Admin credentials (shown once; keep them safe):")
     print(f"  access_key_id:     {creds.access_key_id}")
     print(f"  secret_access_key: {creds.secret_access_key}")
@@ -279,8 +284,7 @@ def _serve(args: argparse.Namespace, ready: Callable[[str, Path], None] | None) 
     endpoint = serving.endpoint
     if args.dev:
         sys.stderr.write(DEV_WARNING.format(root=data_dir / rootkey.DEV_KEY_NAME))
-    if args.listen is not None:
-        _warn_endpoint_mismatch(data_dir, endpoint, host, tls_cert, ca_bundle)
+    _warn_endpoint_mismatch(data_dir, endpoint, host, tls_cert, ca_bundle, serving.unix_url)
     if creds is not None and args.credentials_out:
         _write_credentials(Path(args.credentials_out), creds, endpoint, region, ca_bundle)
     if args.pid_file:
@@ -473,14 +477,23 @@ class _Running:
 
 
 def _warn_endpoint_mismatch(data_dir: Path, endpoint: str, host: str, tls_cert: Path | None,
-                            ca_bundle: Path | None) -> None:
+                            ca_bundle: Path | None, unix_url: str | None = None) -> None:
     """One warning line each when clients following ``init``'s credentials file, or checking the
     certificate, would not reach this server: it names the endpoint and the CA involved."""
     try:
         recorded = (data_dir / ENDPOINT_RECORD).read_text().strip()
     except OSError:
         recorded = ""
-    if recorded and urlsplit(recorded).port != urlsplit(endpoint).port:
+    socket_path = urlsplit(recorded).path
+    if recorded.startswith("unix:"):  # init --endpoint unix:///PATH: served if a listener is that socket
+        if unix_url is None or socket_path != urlsplit(unix_url).path:
+            sys.stderr.write(f"keyservice: warning: init recorded the endpoint {recorded} (in its "
+                             f"credentials file) but this server listens at {endpoint}: clients using "
+                             f"that file will not find it; serve with --listen unix:{socket_path}\n")
+    elif recorded and unix_url == endpoint:
+        sys.stderr.write(f"keyservice: warning: init recorded the endpoint {recorded} (in its credentials "
+                         f"file) but this server listens only at {endpoint}\n")
+    elif recorded and urlsplit(recorded).port != urlsplit(endpoint).port:
         sys.stderr.write(f"keyservice: warning: init recorded the endpoint {recorded} (in its credentials "
                          f"file) but this server listens at {endpoint}: clients using that file will not "
                          f"find it; serve with --listen matching it, or fix the file's \"endpoint\"\n")

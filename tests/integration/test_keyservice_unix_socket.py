@@ -13,6 +13,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import pwd
 import socket
 import stat
 import subprocess
@@ -55,6 +56,18 @@ def _other_group() -> int | None:
     return None
 
 
+def _other_user() -> int | None:
+    """A user other than ourselves to own the socket (needs root), or None."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("nobody", "daemon"):
+        try:
+            return pwd.getpwnam(name).pw_uid
+        except KeyError:
+            continue
+    return None
+
+
 def start_unix_service(base: Path, *extra: str, tcp: bool = True) -> tuple[DevKeyService, Path]:
     """``serve --dev`` on a Unix socket in ``base`` (and, with ``tcp``, plain HTTP on loopback)."""
     sock_path = base / "ks.sock"
@@ -88,8 +101,9 @@ def _wait_for(done: Any, timeout: float = 30) -> None:
 @pytest.fixture(scope="module")
 def unix_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevKeyService, Path]]:
     base = tmp_path_factory.mktemp("unix-ks")
-    group = _other_group()
+    group, user = _other_group(), _other_user()
     extra = ["--socket-mode", "0660"] + (["--socket-group", str(group)] if group is not None else [])
+    extra += ["--socket-owner", str(user)] if user is not None else []
     service, sock_path = start_unix_service(base, *extra)
     try:
         yield service, sock_path
@@ -122,8 +136,8 @@ def test_socket_has_the_configured_mode_and_group(unix_service: tuple[DevKeyServ
     info = os.lstat(sock_path)
     assert stat.S_ISSOCK(info.st_mode)
     assert stat.S_IMODE(info.st_mode) == 0o660
-    assert info.st_uid == os.geteuid()
-    group = _other_group()
+    user, group = _other_user(), _other_group()
+    assert info.st_uid == (user if user is not None else os.geteuid())
     assert info.st_gid == (group if group is not None else os.getegid())
 
 
@@ -247,6 +261,35 @@ def test_a_live_socket_is_refused_and_a_stale_one_replaced(tmp_path: Path) -> No
     finally:
         stop_dev_service(service)
     assert not path.exists()
+
+
+def test_init_records_a_unix_endpoint_and_serve_warns_when_it_is_not_served(tmp_path: Path) -> None:
+    data, creds, sock_path = tmp_path / "d", tmp_path / "c.json", tmp_path / "ks.sock"
+    made = run_keyservice("init", "--data-dir", str(data), "--root-key-file", str(tmp_path / "rk"),
+                          "--endpoint", f"unix://{sock_path}", "--credentials-out", str(creds))
+    assert made.returncode == 0, made.stderr
+    assert f"--listen unix:{sock_path}" in made.stdout
+    assert json.loads(creds.read_text())["endpoint"] == f"unix://{sock_path}"
+    bad = run_keyservice("init", "--data-dir", str(tmp_path / "d2"), "--root-key-file", str(tmp_path / "rk2"),
+                         "--endpoint", "unix://host/ks.sock")
+    assert bad.returncode == 1 and "unix:///ABSOLUTE/PATH" in bad.stderr, bad.stderr
+    log = tmp_path / "serve.log"
+    for listen, warned in ((f"127.0.0.1:{free_port()}", True), (f"unix:{sock_path}", False)):
+        text = _serve_until_listening(log, "--data-dir", str(data), "--root-key-file", str(tmp_path / "rk"),
+                                      "--listen", listen)
+        assert ("will not find it" in text) == warned, text
+
+
+def _serve_until_listening(log: Path, *args: str) -> str:
+    """Start ``keyservice serve ARGS``, stop it once it announced itself; its output."""
+    log.write_text("")
+    process = spawn_keyservice(log, "serve", *args)
+    try:
+        _wait_for(lambda: "keyservice listening on" in log.read_text() or process.poll() is not None)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    return log.read_text()
 
 
 def test_socket_options_without_a_unix_listener_are_a_usage_error(tmp_path: Path) -> None:
