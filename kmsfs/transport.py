@@ -16,18 +16,12 @@ configured in the environment (requests handles proxies); see ``usable``.
 A ``unix:///path`` endpoint is served over that Unix socket (``UnixConnection``): plain HTTP, no
 TLS and no TCP_NODELAY (neither applies), the requests otherwise identical.
 
-Each request leaves in one write (``OneWrite``): ``http.client`` writes the headers and the body
-separately, and each write wakes the server, which parses the headers and then waits for the
-body. Measured on a Unix socket under load, the second wake-up cost as much as the rest of the
-client's send path (docs/OPERATIONS.md).
-
 A request is never sent twice: a pooled connection that the server closed while idle is detected
 (readable socket) and dropped *before* it is used.
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -36,7 +30,6 @@ import socket
 import ssl
 import threading
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -71,7 +64,7 @@ class ConnectionPool:
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.https else 80)
-        self._idle: list[OneWrite] = []
+        self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._contexts: dict[str, ssl.SSLContext] = {}
 
@@ -87,7 +80,7 @@ class ConnectionPool:
                 self._contexts[cafile or ""] = ctx
         return ctx
 
-    def _connection(self, timeout: tuple[float, float], verify: str | bool) -> OneWrite:
+    def _connection(self, timeout: tuple[float, float], verify: str | bool) -> http.client.HTTPConnection:
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()
@@ -95,16 +88,17 @@ class ConnectionPool:
                     conn.sock.settimeout(timeout[1])
                     return conn
                 conn.close()
-        conn: OneWrite
+        conn: http.client.HTTPConnection
         if self.unix_path is not None:
             conn = UnixConnection(self.unix_path, timeout=timeout[0])
             conn.connect()
             conn.sock.settimeout(timeout[1])
             return conn
         if self.https:
-            conn = HTTPSConnection(self.host, self.port, timeout=timeout[0], context=self._context(verify))
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout[0],
+                                               context=self._context(verify))
         else:
-            conn = HTTPConnection(self.host, self.port, timeout=timeout[0])
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout[0])
         conn.connect()
         # http.client sends the headers and the body with two writes: with Nagle on, the body
         # waited for the ACK of the headers, which the server delays (up to 40 ms) while it waits
@@ -121,8 +115,7 @@ class ConnectionPool:
         except (OSError, http.client.HTTPException) as exc:
             raise requests.ConnectionError(f"cannot connect: {exc}") from exc
         try:
-            with conn.one_write():
-                conn.request("POST", path, body=data, headers=headers)
+            conn.request("POST", path, body=data, headers=headers)
             resp = conn.getresponse()
             content = resp.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -146,40 +139,7 @@ class ConnectionPool:
             conn.close()
 
 
-class OneWrite(http.client.HTTPConnection):
-    """An ``http.client`` connection whose request (headers and body) can leave in one write:
-    inside ``one_write()`` what ``request`` sends (through the public ``send``) is collected and
-    written with one ``sendall`` at the end."""
-
-    _held: list[bytes] | None = None
-
-    def send(self, data: Any) -> None:
-        if self._held is not None and isinstance(data, bytes | bytearray | memoryview):
-            self._held.append(bytes(data))
-            return
-        super().send(data)
-
-    @contextlib.contextmanager
-    def one_write(self) -> Iterator[None]:
-        self._held = []
-        try:
-            yield
-            held = b"".join(self._held)
-        finally:
-            self._held = None
-        if held:
-            super().send(held)
-
-
-class HTTPConnection(OneWrite):
-    """Plain HTTP over TCP (loopback only, keyclient.check_endpoint)."""
-
-
-class HTTPSConnection(OneWrite, http.client.HTTPSConnection):
-    """HTTPS; ``send`` goes through the TLS socket like any other write."""
-
-
-class UnixConnection(OneWrite):
+class UnixConnection(http.client.HTTPConnection):
     """``http.client`` over a Unix-domain socket (the key service's ``--listen unix:PATH``)."""
 
     def __init__(self, path: str, timeout: float) -> None:
