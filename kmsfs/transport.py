@@ -139,24 +139,6 @@ class ConnectionPool:
             conn.close()
 
 
-class UnixConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix-domain socket (the key service's ``--listen unix:PATH``)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.unix_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def _still_open(conn: http.client.HTTPConnection) -> bool:
     """An idle keep-alive socket is readable only if the server closed it (or sent junk)."""
     sock = conn.sock
@@ -175,3 +157,21 @@ def _certifi() -> str | None:
     except ImportError:
         return None
     return certifi.where()
+
+
+class UnixConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix-domain socket (the key service's ``--listen unix:PATH``)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
