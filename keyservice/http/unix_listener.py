@@ -8,10 +8,12 @@ request on it is SigV4-verified exactly as on TCP; the peer only adds to the aud
 
 Binding (``bind``): an existing path is removed only if it is a socket nobody listens on (a stale
 one left by a crash); a live socket or anything that is not a socket is refused, never unlinked.
-The socket is created under a umask of 0177 (so 0600 at birth), then given ``--socket-mode`` and
-``--socket-owner/--socket-group``, and only then listens: nobody can connect before its final
-mode and owner are in place. ``remove`` unlinks it at shutdown only if the path is still the
-socket this process bound (same device and inode).
+The socket file is born with ``--socket-mode`` (bound under the umask that leaves exactly those
+bits: Linux creates a socket file 0777 & ~umask), then gets ``--socket-owner/--socket-group``
+with ``lchown``, and only then listens: nobody can connect before its final mode and owner are in
+place, and no step follows a symlink someone could swap in for the new file (no ``chmod`` at
+all). ``remove`` unlinks it at shutdown only if the path is still the socket this process bound
+(same device and inode).
 
 The peer (``PeerProtocol``): read once per connection with ``getsockopt(SO_PEERCRED)``; the
 process's ``comm`` and executable are read from ``/proc/PID`` at the same moment (best effort: a
@@ -40,7 +42,6 @@ PEER_STATE_KEY = "keyservice.peer"
 # What a listener on a Unix socket is named in ``source_address`` and in URLs: unix:/abs/path.
 SOURCE_PREFIX = "unix:"
 DEFAULT_MODE = 0o600
-BIRTH_UMASK = 0o177
 MAX_COMM = 64
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -190,7 +191,7 @@ def bind(options: SocketOptions, backlog: int) -> tuple[socket.socket, tuple[int
     gid = _gid(options.group) if options.group is not None else -1
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        old_umask = os.umask(BIRTH_UMASK)
+        old_umask = os.umask(0o777 & ~options.mode)  # process-wide, but only for this one call
         try:
             sock.bind(str(path))
         finally:
@@ -200,10 +201,9 @@ def bind(options: SocketOptions, backlog: int) -> tuple[socket.socket, tuple[int
         try:
             if uid != -1 or gid != -1:
                 os.chown(path, uid, gid, follow_symlinks=False)
-            os.chmod(path, options.mode)
         except OSError as exc:
             _unlink_if(path, identity)
-            raise UnixListenError(f"cannot set the owner or mode of unix:{path}: "
+            raise UnixListenError(f"cannot set the owner of unix:{path}: "
                                   f"{exc.strerror or exc}") from None
         sock.listen(backlog)
         sock.set_inheritable(True)

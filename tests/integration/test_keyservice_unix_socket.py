@@ -14,9 +14,11 @@ import grp
 import json
 import os
 import pwd
+import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,6 +255,7 @@ def test_a_live_socket_is_refused_and_a_stale_one_replaced(tmp_path: Path) -> No
     service, sock_path = start_unix_service(tmp_path, tcp=False)
     try:
         assert sock_path == path
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600  # the default mode
         client = _client(service, sock_path)
         try:
             assert "Keys" in client.call("ListKeys", {})
@@ -346,3 +349,58 @@ def test_a_mount_over_the_unix_socket_is_audited_with_the_daemon_as_peer(
         assert record["peer"]["pid"] == pid, record  # the mount daemon itself connected
         assert record["peer"]["uid"] == os.geteuid()
         assert record["source_address"] == f"unix:{sock_path}"
+
+
+NOBODY_PROBE = """
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    sock.connect(sys.argv[1])
+except PermissionError:
+    print(json.dumps("EACCES"))
+    raise SystemExit
+sock.sendall(b"POST / HTTP/1.1\\r\\nHost: localhost\\r\\nX-Amz-Target: TrentService.ListKeys\\r\\n"
+             b"Content-Length: 2\\r\\n\\r\\n{}")
+data = b""
+while b"\\r\\n\\r\\n" not in data or len(data.split(b"\\r\\n\\r\\n", 1)[1]) < int(
+        data.lower().split(b"content-length: ", 1)[1].split(b"\\r\\n", 1)[0]):
+    data += sock.recv(65536)
+head, body = data.split(b"\\r\\n\\r\\n", 1)
+request_id = head.lower().split(b"x-amzn-requestid: ", 1)[1].split(b"\\r\\n", 1)[0].decode()
+print(json.dumps({"request_id": request_id, "body": json.loads(body)}))
+"""
+
+
+# The probe runs as another user, so with a Python that user may execute (not the venv's, under /root).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or _other_user() is None or not os.access(SYSTEM_PYTHON, os.X_OK),
+                    reason="needs root and /usr/bin/python3 to run a probe as another user")
+def test_another_local_user_is_kept_out_by_the_mode_and_named_in_the_audit_when_let_in() -> None:
+    """A local attacker as another user: with the default 0600 the kernel refuses the connection;
+    with the socket opened to everyone it connects, is refused like any unsigned client, and the
+    audit names its uid (the peer), which no header can fake."""
+    nobody = _other_user()
+    assert nobody is not None
+    base = Path(tempfile.mkdtemp(prefix="kmsfs-unix-"))  # /tmp/...: a directory others can traverse
+    try:
+        base.chmod(0o755)
+        service, sock_path = start_unix_service(base, tcp=False)
+        try:
+            def probe() -> Any:
+                return json.loads(subprocess.run(
+                    [SYSTEM_PYTHON, "-c", NOBODY_PROBE, str(sock_path)], capture_output=True, text=True,
+                    timeout=30, user=nobody, check=True,
+                ).stdout)  # fmt: skip
+
+            assert probe() == "EACCES"
+            sock_path.chmod(0o666)
+            answer = probe()
+            assert answer["body"]["__type"] == "MissingAuthenticationTokenException", answer
+            record = _record(service, answer["request_id"])
+            assert record["peer"]["uid"] == nobody and record["principal"] is None
+        finally:
+            stop_dev_service(service)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
