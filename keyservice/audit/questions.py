@@ -257,13 +257,17 @@ def query(data_dir: Path, filters: Filters, *, warn: Warn, scan: bool = False,
 
 
 def key_timeline(data_dir: Path, key: str, *, since: datetime | None = None, until: datetime | None = None,
-                 warn: Warn, scan: bool = False, store: str | None = None) -> dict[str, Any]:
+                 warn: Warn, scan: bool = False, store: str | None = None,
+                 newest: int | None = None) -> dict[str, Any]:
     """What happened to key K: every management request naming it and every refused request for
     it (e.g. opens refused while it was disabled), oldest first, and its successful crypto use in
-    total. ``{"events": [...], "uses": n, "refused": n, "first": t, "last": t}``"""
+    total. ``{"events": [...], "uses": n, "refused": n, "first": t, "last": t}``. ``newest``:
+    only the newest that many events (still oldest first)."""
     filters = Filters(key=key, since=since, until=until)
     from_table = _from_table(store, scan, warn, lambda: pgquestions.key_timeline(store, filters, _CRYPTO_OPS))
     if from_table is not None:
+        if newest is not None:
+            from_table["events"] = from_table["events"][-newest:]
         return from_table  # type: ignore[no-any-return]
     conn = None if scan else open_index(data_dir, warn)
     if conn is None:
@@ -273,7 +277,7 @@ def key_timeline(data_dir: Path, key: str, *, since: datetime | None = None, unt
                 uses += 1
             else:
                 events.append(record)
-        return {"events": events, "uses": uses}
+        return {"events": events[-newest:] if newest is not None else events, "uses": uses}
     try:
         with conn:
             sql = _Sql(conn)
@@ -285,15 +289,23 @@ def key_timeline(data_dir: Path, key: str, *, since: datetime | None = None, unt
                 f"SELECT DISTINCT op FROM key_principals WHERE {keys} AND NOT {sql.any_of('op', crypto)}")
             # Two narrow lookups (refusals by the error index, management requests by operation), not
             # a walk over every use of the key.
-            events_sql = (f"r.id IN (SELECT id FROM rec WHERE outcome = 1 AND +{keys} UNION "
-                          f"SELECT id FROM rec WHERE {sql.any_of('op', ops)} AND {keys}) AND {sql.clause()}")
+            # The period is checked on those rows only (``+``: no index for it), so that SQLite does
+            # not walk the key's every use in time order instead.
+            period = [f"+r.t {op} ?" for op, when in ((">=", since), ("<", until)) if when is not None]
+            period_params = [_ms(when) for when in (since, until) if when is not None]
+            # (The key, too, is only checked on the rows found: by the key's index SQLite would walk
+            # its every use.)
+            events = (f"r.id IN (SELECT id FROM rec WHERE outcome = 1 AND +{keys} UNION "
+                      f"SELECT id FROM rec WHERE {sql.any_of('op', ops)} AND +{keys})")
+            events_sql = " AND ".join([events, *period])
             in_question = review.matcher(**filters.as_dict())
 
             def matches(r: dict[str, Any]) -> bool:  # an event: not a successful cryptographic use
                 crypto_use = r.get("operation") in _CRYPTO_OPS and r.get("outcome") == "success"
                 return in_question(r) and not crypto_use
 
-            events = [r for _line, r in _answer(data_dir, conn, events_sql, sql.params, matches)]
+            answer = _answer(data_dir, conn, events_sql, period_params, matches, newest=newest)
+            events = [r for _line, r in (reversed(answer) if newest is not None else answer)]
             if since is None and until is None:
                 total = conn.execute(f"SELECT sum(n - refused) FROM key_principals WHERE {keys} AND "
                                      f"{sql.any_of('op', crypto)}").fetchone()[0] or 0
@@ -303,7 +315,7 @@ def key_timeline(data_dir: Path, key: str, *, since: datetime | None = None, unt
             return {"events": events, "uses": total}
     except (index.IndexMismatch, sqlite3.Error) as error:
         _mismatch(warn, error)
-        return key_timeline(data_dir, key, since=since, until=until, warn=warn, scan=True)
+        return key_timeline(data_dir, key, since=since, until=until, warn=warn, scan=True, newest=newest)
     finally:
         conn.close()
 

@@ -130,7 +130,7 @@ def timeline(data_dir: Path, raw_filters: Mapping[str, str], page: int = 1) -> P
 
 def key_timeline(data_dir: Path, key_id: str) -> list[Row]:
     """A key's state changes and every refusal naming it, newest first (at most 500)."""
-    events = questions.key_timeline(data_dir, key_id, warn=_warn)["events"]
+    events = questions.key_timeline(data_dir, key_id, warn=_warn, newest=500)["events"]
     kept = [r for r in events
             if r.get("outcome") == "error" or r.get("operation") in KEY_CHANGES
             or str(r.get("principal")) == "keyservice"][-500:]  # fmt: skip
