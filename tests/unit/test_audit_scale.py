@@ -537,3 +537,16 @@ def test_intent_records_are_not_indexed_and_not_answered(tmp_path: Path) -> None
     assert len(list(questions.query(tmp_path, questions.Filters(), warn=warn))) == 6
     assert questions.key_timeline(tmp_path, KEY, warn=warn)["events"] == answered
     assert not seen
+
+
+def test_an_index_of_an_older_format_is_rebuilt_on_first_use(tmp_path: Path) -> None:
+    sample(tmp_path)
+    audit_index.reindex(tmp_path)
+    with sqlite3.connect(audit_index.index_path(tmp_path)) as conn:
+        conn.execute("UPDATE meta SET v = '2' WHERE k = 'version'")
+    seen, warn = warnings()
+    answer = list(questions.query(tmp_path, questions.Filters(user="bob"), warn=warn))
+    assert not seen and answer == list(review.query(tmp_path, user="bob"))
+    with sqlite3.connect(audit_index.index_path(tmp_path)) as conn:
+        (version,) = conn.execute("SELECT v FROM meta WHERE k = 'version'").fetchone()
+    assert version == str(audit_index.INDEX_VERSION)
