@@ -119,8 +119,9 @@ def parse_blob(blob: bytes) -> ParsedBlob:
     if version != BLOB_VERSION or key_version == 0:
         raise InvalidCiphertextException(_UNDETAILED)
     blob = bytes(blob)
+    key_hex = key_bytes.hex()  # str(uuid.UUID(bytes=...)), without building the UUID
     return ParsedBlob(
-        key_id=str(uuid.UUID(bytes=key_bytes)),
+        key_id=f"{key_hex[:8]}-{key_hex[8:12]}-{key_hex[12:16]}-{key_hex[16:20]}-{key_hex[20:]}",
         key_version=key_version,
         nonce=nonce,
         ciphertext=blob[HEADER_LEN:],

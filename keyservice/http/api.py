@@ -21,8 +21,8 @@ import base64
 import binascii
 import json
 import logging
+import os
 import re
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -71,6 +71,17 @@ BLOB_FIELDS = frozenset(
 )
 
 _CLAIMED_KEY = re.compile(r"Credential=([A-Za-z0-9]+)/")
+# ``json.dumps(value, separators=(",", ":"))`` builds an encoder per call; one is enough.
+_REPLY_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID as text, like ``str(uuid.uuid4())`` at a third of its cost."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 ASGIReceive = Callable[[], Any]
 ASGISend = Callable[[dict[str, Any]], Any]
@@ -223,7 +234,7 @@ class KmsApp:
     def respond(self, request: HttpRequest) -> HttpReply:
         """Answer one request. Every request but ``GET /healthz`` (and the other ``extra_routes``)
         gets exactly one audit record, however malformed it is; refusals are AWS errors (4xx)."""
-        request_id = str(uuid.uuid4())
+        request_id = new_request_id()
         if request.method == "GET" and request.path in self.extra_routes:
             content_type, text = self.extra_routes[request.path]()
             return HttpReply(200, content_type, text.encode("utf-8"), request_id)
@@ -267,7 +278,7 @@ class KmsApp:
     async def refuse_malformed(self, status: int, remote_addr: str) -> HttpReply:
         """Answer and audit what the HTTP parser refused before the request reached ``respond``:
         431 (request line and headers over ``server.MAX_HEADER_BYTES``) or 400 (not HTTP)."""
-        request_id = str(uuid.uuid4())
+        request_id = new_request_id()
         ctx = RequestContext(request_id=request_id, source_address=remote_addr)
         if status == 431:
             error: errors.KMSError = errors.RequestHeaderFieldsTooLargeException(
@@ -333,7 +344,7 @@ class KmsApp:
         except Exception:
             log.exception("internal error in %s (request %s)", operation, request_id)
             raise errors.KMSInternalException("The request failed because of an internal error.") from None
-        body_out = json.dumps(_encode(result), separators=(",", ":")).encode("utf-8")
+        body_out = _REPLY_ENCODER.encode(_encode(result)).encode("utf-8")
         return HttpReply(200, CONTENT_TYPE, body_out, request_id)
 
     @staticmethod
