@@ -12,6 +12,7 @@ lock (``service.READ_ONLY_OPERATIONS``: crypto and reads) therefore run directly
 loop; their audit record is written there and made durable by ``audit.AsyncCommitter`` (group
 commit on one thread), and the reply leaves only after that. Everything else (key management:
 SQLite writes, imports) runs on a thread pool and commits its audit record the blocking way.
+``KmsApp.dispatch`` is the same routing without ASGI, for the server's direct path (issue 19).
 """
 
 from __future__ import annotations
