@@ -193,3 +193,47 @@ def test_refused_request_on_the_direct_path_is_an_aws_error_with_its_record(
     [again] = conn.replies(1)
     assert again.status == 200
 
+
+
+def test_many_pipelined_requests_unread_then_read(
+    target: tuple[DevKeyService, AuditTail], conn: Connection
+) -> None:
+    """200 requests sent before reading any reply (flow control on both paths): all answered, in order."""
+    service, tail = target
+    sizes = [1 + n % 32 for n in range(200)]
+    conn.send(b"".join(_signed(service, "GenerateRandom", {"NumberOfBytes": n}) for n in sizes))
+    replies = conn.replies(len(sizes))
+    assert [r.status for r in replies] == [200] * len(sizes)
+    assert [len(base64.b64decode(json.loads(r.body)["Plaintext"])) for r in replies] == sizes
+    assert len({r.request_id for r in replies}) == len(sizes)
+    for reply in replies[:: 40]:
+        _one_record(tail, reply, "GenerateRandom")
+
+
+def test_client_gone_before_its_answer(target: tuple[DevKeyService, AuditTail]) -> None:
+    """A client that hangs up while its request waits for the audit fsync costs nothing but its
+    answer: the request is still recorded, and the server goes on serving."""
+    service, tail = target
+    tail.refresh()
+    known = set(tail.by_id)
+    for _ in range(20):
+        gone = Connection(_port(service))
+        gone.send(_signed(service, "GenerateRandom", {"NumberOfBytes": 2}))
+        gone.close()
+    again = Connection(_port(service))
+    try:
+        again.send(_signed(service, "GenerateRandom", {"NumberOfBytes": 3}))
+        [reply] = again.replies(1)
+        assert reply.status == 200
+        _one_record(tail, reply, "GenerateRandom")
+    finally:
+        again.close()
+    deadline = time.monotonic() + 10
+    while True:
+        tail.refresh()
+        new = [rs for rid, rs in tail.by_id.items() if rid not in known]
+        if len(new) >= 20 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(new) == 20, f"{len(new)} of the 20 abandoned requests were recorded"
+    assert all(r["operation"] == "GenerateRandom" for records in new for r in records)
