@@ -36,6 +36,7 @@ from keyservice.audit.commit import AsyncCommitter, deferred_commits
 from keyservice.clock import Clock
 from keyservice.context import Principal, RequestContext
 from keyservice.http.sigv4 import verify_request
+from keyservice.http.unix_listener import Peer, scope_peer
 from keyservice.service import READ_ONLY_OPERATIONS
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class HttpRequest:
     body: bytes
     remote_addr: str
     too_large: bool = False  # the body exceeded the limit (and was drained, not kept)
+    peer: Peer | None = None  # the connecting process, on the Unix-socket listener only
 
 
 @dataclass(frozen=True)
@@ -188,9 +190,10 @@ def _context(request: HttpRequest, request_id: str) -> RequestContext:
     """What the audit record can say about any request before its signature is checked."""
     return RequestContext(
         request_id=request_id,
-        source_address=request.remote_addr,
+        source_address=request.peer.source_address if request.peer else request.remote_addr,
         user_agent=request.headers.get("user-agent", "")[:256],
         caller=_parse_caller(request.headers.get(CALLER_HEADER)),
+        peer=request.peer.audit_fields() if request.peer else None,
     )
 
 
@@ -276,11 +279,13 @@ class KmsApp:
         )
         raise error
 
-    async def refuse_malformed(self, status: int, remote_addr: str) -> HttpReply:
+    async def refuse_malformed(self, status: int, remote_addr: str, peer: Peer | None = None) -> HttpReply:
         """Answer and audit what the HTTP parser refused before the request reached ``respond``:
         431 (request line and headers over ``server.MAX_HEADER_BYTES``) or 400 (not HTTP)."""
         request_id = new_request_id()
-        ctx = RequestContext(request_id=request_id, source_address=remote_addr)
+        ctx = RequestContext(request_id=request_id,
+                             source_address=peer.source_address if peer else remote_addr,
+                             peer=peer.audit_fields() if peer else None)
         if status == 431:
             error: errors.KMSError = errors.RequestHeaderFieldsTooLargeException(
                 "The request line and headers are too large."
@@ -328,6 +333,7 @@ class KmsApp:
             principal=principal,
             user_agent=ctx.user_agent,
             caller=ctx.caller,
+            peer=ctx.peer,
         )
         if not operation:
             error = errors.UnknownOperationException(f"Unknown X-Amz-Target '{target[:100]}'.")
@@ -372,6 +378,7 @@ class KmsApp:
             body=body,
             remote_addr=client[0] if client else "",
             too_large=too_large,
+            peer=scope_peer(scope),
         )
         target = request.headers.get("x-amz-target", "")
         # The operations the service runs without its lock (reads and crypto) run on the event
@@ -391,15 +398,16 @@ class KmsApp:
         await send({"type": "http.response.body", "body": reply.body})
 
     def dispatch(self, raw_headers: list[tuple[bytes, bytes]], body: bytes, remote_addr: str,
-                 on_reply: Callable[[HttpReply], None]) -> None:
+                 on_reply: Callable[[HttpReply], None], peer: Peer | None = None) -> None:
         """Answer a ``POST /`` whose whole body has arrived, without ASGI (``server``'s direct
         path): ``on_reply`` gets the reply once its audit records are durable, from a callback on
         the event loop, or at once if it has none. The same routing and the same durability rule
         as ``__call__``; it spares the request an ASGI cycle, a task and two coroutines per message.
-        ``raw_headers``: (lower-case name, value) pairs as the parser gave them."""
+        ``raw_headers``: (lower-case name, value) pairs as the parser gave them; ``peer``: the
+        Unix-socket peer (None on TCP)."""
         request = HttpRequest(
             method="POST", path="/", query="", headers=asgi_headers(raw_headers), body=body,
-            remote_addr=remote_addr,
+            remote_addr=remote_addr, peer=peer,
         )
         target = request.headers.get("x-amz-target", "")
         loop = asyncio.get_running_loop()
