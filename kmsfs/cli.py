@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from kmsfs import mount_helper, mountlock
-from kmsfs.config import CONFIG_NAME, NAMES_AES_SIV, NAMES_CONFIG_VERSION, Config, ConfigError
+from kmsfs.config import (
+    CONFIG_NAME,
+    DIRKEYS_CONFIG_VERSION,
+    NAMES_AES_SIV,
+    NAMES_CONFIG_VERSION,
+    Config,
+    ConfigError,
+)
 from kmsfs.core import DEFAULT_REVALIDATE_AFTER
 from kmsfs.format import (
     FILE_ID_SIZE,
@@ -57,6 +64,8 @@ if TYPE_CHECKING:
 MOUNT_TIMEOUT = 30.0
 # Bound on one key service request (connect and read): new opens fail with EIO after at most this.
 DEFAULT_KMS_TIMEOUT = 5.0
+DEFAULT_DIRECTORY_KEY_TTL = 300.0
+DEFAULT_REPORT_DEADLINE = 10.0
 LOG_NAME = ".kmsfs.log"
 
 
@@ -137,6 +146,9 @@ def cmd_init(args: argparse.Namespace) -> int:
                        f"{creds.source or 'the credentials'}: one key service, one endpoint; fix "
                        "the credentials (its \"endpoint\") or drop --endpoint")
     region = args.region or creds.region or DEFAULT_REGION
+    if args.directory_keys and args.plaintext_names:
+        raise CliError("--directory-keys needs encrypted names (each directory's key is bound to its "
+                       "directory id): drop --plaintext-names")
     to_create = _check_init_target(cipherdir, args.force)
     client = KeyClient(endpoint, region, creds)
     try:
@@ -154,6 +166,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     name_key = None
     if not args.plaintext_names:
         config, name_key = _new_name_key(endpoint, region, creds, config)
+    if args.directory_keys:
+        config = dataclasses.replace(config, version=DIRKEYS_CONFIG_VERSION, directory_keys=True,
+                                     open_reports=_probe_reports(endpoint, region, creds, config))
     try:
         for directory in to_create:
             directory.mkdir()
@@ -168,7 +183,13 @@ def cmd_init(args: argparse.Namespace) -> int:
                 directory.rmdir()
         raise CliError(f"cannot initialise {cipherdir}: {exc.strerror or exc}") from None
     names = "plaintext names" if name_key is None else "encrypted names"
+    if config.directory_keys:
+        names += ", directory keys"
     print(f"initialised {cipherdir} with key {arn}, {names} (config {path})")
+    if config.directory_keys and not config.open_reports:
+        print("note: the key service does not take open reports (KmsfsReportAccess: AWS KMS, moto and "
+              "other KMS services lack this kmsfs extension); with directory keys its audit will then "
+              "show one Decrypt per directory-key unwrap only, not every open and create")
     _note_xattr_support(cipherdir)
     return 0
 
@@ -197,6 +218,23 @@ def _new_name_key(endpoint: str, region: str, creds: Credentials, config: Config
         raise CliError("the key service returned a name key of the wrong size")
     return (dataclasses.replace(config, name_key=base64.b64encode(blob).decode("ascii")),
             NameCipher(key))
+
+
+def _probe_reports(endpoint: str, region: str, creds: Credentials, config: Config) -> bool:
+    """Does the key service take open reports (an empty KmsfsReportAccess with the key)?"""
+    client = KeyClient(endpoint, region, creds)
+    try:
+        client.report_access(config.key_arn, config.cipherdir_id, [])
+    except KeyServiceError as exc:
+        if exc.is_access_denied:
+            raise CliError(f"the key service refused open reports for {config.key_arn}: {exc} (the "
+                           "credentials must be allowed kms:Decrypt on the key)") from None
+        return False  # UnknownOperationException and the like: no extension
+    except KeyServiceUnavailable:
+        return False  # it answered DescribeKey just now: a 5xx or odd reply means no extension
+    finally:
+        client.close()
+    return True
 
 
 def _write_root_dir_id(cipherdir: Path, cipher: NameCipher) -> None:
@@ -315,7 +353,8 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
 
     config, client = _build(cipherdir, args, args.kms_timeout, quiet=True)
     pool = None
-    if args.key_pool:
+    dirkeys, reporter = _directory_keys(config, client, args)
+    if args.key_pool and dirkeys is None:
         from kmsfs.keypool import DataKeyPool
 
         # Keys older than the revalidation interval are discarded: revocation reaches creates
@@ -324,7 +363,8 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
         pool = DataKeyPool(client.generate_data_key, client.decrypt, config.key_arn, args.key_pool,
                            max(1.0, args.revalidate_after))
         pool.start()
-    core = KmsfsCore(cipherdir, config, client, revalidate_after=args.revalidate_after, key_pool=pool)
+    core = KmsfsCore(cipherdir, config, client, revalidate_after=args.revalidate_after, key_pool=pool,
+                     dirkeys=dirkeys, reporter=reporter)
     logging.getLogger("kmsfs").info("FUSE binding %s", BINDING)
     logging.getLogger("kmsfs").info("revalidate open keys after %.1f s; key service timeout %.1f s; "
                                     "sparse files %s", args.revalidate_after, args.kms_timeout,
@@ -347,6 +387,30 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
     finally:
         if pool is not None:
             pool.close()
+        if reporter is not None:
+            reporter.close()
+
+
+def _directory_keys(config: Config, client: KeyClient, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Directory-key mode's key cache and open reporter (None, None for other cipherdirs)."""
+    if not config.directory_keys:
+        return None, None
+    from kmsfs.dirkeys import DirectoryKeys
+    from kmsfs.reports import OpenReporter
+
+    ttl = getattr(args, "directory_key_ttl", DEFAULT_DIRECTORY_KEY_TTL)
+    deadline = getattr(args, "report_deadline", DEFAULT_REPORT_DEADLINE)
+    dirkeys = DirectoryKeys(client, config.key_arn, config.cipherdir_id, ttl)
+    reporter = None
+    if config.open_reports:
+        reporter = OpenReporter(lambda arn, batch: client.report_access(arn, config.cipherdir_id, batch),
+                                deadline=deadline, on_refused=dirkeys.drop)
+        reporter.start()
+    logging.getLogger("kmsfs").info(
+        "directory keys: cached for at most %g s; open reports %s", ttl,
+        f"on (fail closed after {deadline:g} s)" if reporter else "off (the service lacks them: "
+        "audit is per directory-key unwrap only)")
+    return dirkeys, reporter
 
 
 def _name_strategy(config: Config, client: KeyClient, core: Any, args: argparse.Namespace) -> Any:
@@ -882,6 +946,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep file names and symlink targets in clear in the backing directory "
                         "(the layout before encrypted names; default: names encrypted under a name "
                         "key from the key service)")
+    s.add_argument("--directory-keys", action="store_true",
+                   help="wrap each file's data key locally under a per-directory key from the key "
+                        "service, cached by the mount (no round trip per open or create; opens are "
+                        "reported to the service in batches; docs/SECURITY.md says what is weaker). "
+                        "Default off: every open and create asks the service")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("mount", help="mount a cipherdir")
@@ -914,6 +983,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "every create asks the service for its key itself; 32 suits a distant key "
                         "service). Each pooled create is audited with its path by a claim Decrypt "
                         "sent just after it (kmsfs/keypool.py)")
+    s.add_argument("--directory-key-ttl", type=_seconds(1.0, 3600.0), default=DEFAULT_DIRECTORY_KEY_TTL,
+                   metavar="SECONDS",
+                   help="directory-key cipherdirs: use an unwrapped directory key for at most this "
+                        f"long, then unwrap it again (default {DEFAULT_DIRECTORY_KEY_TTL:g}, at most "
+                        "3600): the bound on revocation in that mode")
+    s.add_argument("--report-deadline", type=_seconds(1.0, 600.0), default=DEFAULT_REPORT_DEADLINE,
+                   metavar="SECONDS",
+                   help="directory-key cipherdirs: refuse new opens and creates (EACCES) while an "
+                        f"open report is undelivered for longer than this (default "
+                        f"{DEFAULT_REPORT_DEADLINE:g}, at most 600)")
     s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount")
