@@ -41,8 +41,10 @@ from kmsfs.config import (
 from kmsfs.core import DEFAULT_REVALIDATE_AFTER
 from kmsfs.format import (
     FILE_ID_SIZE,
+    FORMAT_V4,
     RESIZE_XATTR,
     CorruptHeader,
+    directory_context,
     encryption_context,
 )
 from kmsfs.keyclient import (
@@ -828,6 +830,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         "wrapped_key_sha256": hashlib.sha256(header.wrapped_key).hexdigest(),
         "key_version": _blob_key_version(header.wrapped_key),
         "encryption_context": header.encryption_context(),
+    }
+    if header.version == FORMAT_V4:  # the data key is wrapped locally, under a directory key
+        inner = header.directory_wrapped
+        cipherdir = _cipherdir_of(path)
+        info["key_version"] = _blob_key_version(inner.wrapped_dir_key)
+        info["directory_id"] = inner.dir_id.hex()
+        info["encryption_context"] = directory_context(
+            Config.load(cipherdir).cipherdir_id if cipherdir else "?", inner.dir_id)
+    info |= {
         "backing_size": os.path.getsize(path),
         "plaintext_size": plain_size_at(path, os.stat(path)),
     }

@@ -315,3 +315,39 @@ def tool_file_key(client: KeyClient, cipherdir_id: str, header: Header, caller: 
     if len(key) != DATA_KEY_SIZE:
         raise CorruptHeader("unwrapped directory key has the wrong size")
     return open_file_key(BlockCipher(key), header)
+
+
+def rewrap_dirkey_files(root: str, client: KeyClient, destination: str | None,
+                        cipherdir_id: str) -> list[tuple[str, str]]:
+    """``kmsfs rewrap`` of every ``kmsfs.dirkey`` under ``root``: ReEncrypt under ``destination``
+    (or the key's newest version), same context; each file replaced atomically (a temporary and
+    a rename). Returns (backing path, problem) for those that failed."""
+    failed: list[tuple[str, str]] = []
+    for directory, _, files in os.walk(root):
+        if DIRKEY_FILE not in files:
+            continue
+        path = os.path.join(directory, DIRKEY_FILE)
+        rel = "/" + os.path.relpath(path, root)
+        try:
+            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                stored = _read_dirkey(dfd)
+                if stored is None:
+                    continue
+                blob, arn = client.re_encrypt(stored.wrapped, directory_context(cipherdir_id, stored.dir_id),
+                                              destination or stored.key_arn,
+                                              {"tool": "kmsfs rewrap", "op": "directory-key", "path": rel})
+                temp = f".kmsfs-tmp-{os.urandom(8).hex()}"
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o444, dir_fd=dfd)
+                try:
+                    os.write(fd, pack_dirkey_file(DirKeyFile(stored.dir_id, arn, blob)))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(temp, DIRKEY_FILE, src_dir_fd=dfd, dst_dir_fd=dfd)
+            finally:
+                os.close(dfd)
+        except (OSError, CorruptHeader, KeyServiceError) as exc:
+            failed.append((rel, str(exc)))
+    return failed

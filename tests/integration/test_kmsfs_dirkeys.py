@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from kmsfs import format as fmt
+from kmsfs.dirkeys import parse_dirkey_file
 from kmsfs.names import DIRKEY_FILE
 from tests.conftest import start_dev_service, stop_dev_service, wait_healthy
 from tests.integration.kmsfs_mount_helpers import (
@@ -290,12 +291,32 @@ def test_frozen_v4_cipherdir_reads(tmp_path: Path) -> None:
     shutil.copytree(data / "cipherdir", cipherdir)  # git keeps no xattrs: in-file copies only
     service = start_dev_service(base)
     try:
+        config = json.loads((cipherdir / ".kmsfs.json").read_text())
+        assert config["version"] == 3 and config["directory_keys"] is True
+        config["endpoint"] = service.endpoint  # (the fixture's service listened elsewhere)
+        (cipherdir / ".kmsfs.json").write_text(json.dumps(config))
         with mounted(cipherdir, tmp_path / "mnt", service.credentials_file) as m:
             for name, text in manifest["files"].items():
                 assert (m / name).read_text() == text
             (m / "dir" / "later.txt").write_text("written after freezing")
             assert (m / "dir" / "later.txt").read_text() == "written after freezing"
-        proc = kmsfs("fsck", cipherdir, "--credentials", service.credentials_file)
+        creds = service.credentials_file
+        proc = kmsfs("fsck", cipherdir, "--credentials", creds)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        hello = backing_path(cipherdir, "/hello.txt", creds)
+        info = json.loads(kmsfs("info", str(hello), "--credentials", creds).stdout)
+        assert info["format_version"] == 4 and info["encryption_context"]["kmsfs:purpose"] == "directory"
+        # rewrap: every file's directory-key blob and every kmsfs.dirkey, under a new key
+        other = service.boto3_client().create_key(Description="rewrap target")["KeyMetadata"]["Arn"]
+        kmsfs("rewrap", cipherdir, "--to-key", other, "--quiet", "--credentials", creds)
+        assert fmt.parse_header(os.getxattr(hello, fmt.HEADER_XATTR)).key_arn == other
+        dirkey = parse_dirkey_file((cipherdir / DIRKEY_FILE).read_bytes())
+        assert dirkey.key_arn == other
+        with mounted(cipherdir, tmp_path / "mnt", creds) as m:
+            for name, text in manifest["files"].items():
+                assert (m / name).read_text() == text
+            (m / "new.txt").write_text("under the new key")
+        assert fmt.parse_header(os.getxattr(backing_path(cipherdir, "/new.txt", creds),
+                                            fmt.HEADER_XATTR)).key_arn == other
     finally:
         stop_dev_service(service)
