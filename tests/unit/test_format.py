@@ -92,8 +92,9 @@ def test_block_math():
 
 
 def test_new_files_are_version_3():
+    """(Directory-key cipherdirs write version 4: tests/unit/test_format_v4.py.)"""
     assert fmt.FORMAT_VERSION == 3 and make_header().version == 3
-    assert fmt.READABLE_VERSIONS == {1, 2, 3}
+    assert fmt.READABLE_VERSIONS == {1, 2, 3, 4}
 
 
 def test_aad_v2_layout():
