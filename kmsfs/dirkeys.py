@@ -13,8 +13,9 @@ first directory) changes nothing in it, and an open needs only the key of the di
 was *created* in (docs/FORMAT.md, "Version 4").
 
 Revocation: an unwrapped directory key is used for at most ``ttl`` seconds, then unwrapped again
-(Decrypt); a refused Decrypt drops it, and ``drop(key_arn)`` drops every directory key under a
-master key at once (the open reporter calls it when the service refuses a report for that key).
+(Decrypt). ``drop(key_arn)`` forgets every directory key under a master key at once: called when
+the service refuses an unwrap (Decrypt or GenerateDataKey) and by the open reporter when it
+refuses a report for that key.
 
 ``kmsfs.dirkey`` (all integers big-endian; docs/FORMAT.md has the table)::
 
@@ -184,7 +185,12 @@ class DirectoryKeys:
     def _unwrap(self, dir_id: bytes, key_arn: str, wrapped: bytes, caller: dict[str, Any] | None) -> _Entry:
         context = directory_context(self.cipherdir_id, dir_id)
         self.unwraps += 1
-        key = self.client.decrypt(wrapped, context, _dir_caller(caller, "directory-key"), key_id=key_arn)
+        try:
+            key = self.client.decrypt(wrapped, context, _dir_caller(caller, "directory-key"), key_id=key_arn)
+        except KeyServiceError as exc:
+            if exc.is_access_denied:  # revoked: no other directory key of that key is used either
+                self.drop(key_arn)
+            raise
         if len(key) != DATA_KEY_SIZE:
             raise CorruptHeader("unwrapped directory key has the wrong size")
         return _Entry(BlockCipher(key), dir_id, key_arn, wrapped, self._clock())
@@ -228,8 +234,8 @@ class DirectoryKeys:
             if entry is not None:
                 return entry
             stored = _read_dirkey(dir_fd)
-            if stored is None:
-                entry = self._create(dir_fd, dir_id, caller)
+            if stored is None or stored == _TORN:
+                entry = self._create(dir_fd, dir_id, caller, replace=stored == _TORN)
             else:
                 if stored.dir_id != dir_id:
                     raise CorruptHeader(f"{DIRKEY_FILE} belongs to another directory")
@@ -237,12 +243,20 @@ class DirectoryKeys:
             self._keep(entry, own_dir=True)
             return entry
 
-    def _create(self, dir_fd: int, dir_id: bytes, caller: dict[str, Any] | None) -> _Entry:
+    def _create(self, dir_fd: int, dir_id: bytes, caller: dict[str, Any] | None,
+                replace: bool = False) -> _Entry:
         """The directory's first key: GenerateDataKey, then ``kmsfs.dirkey`` written crash-safely
-        (a complete temporary file linked under the name; EEXIST: another writer won, use its)."""
+        (a complete temporary file linked under the name; EEXIST: another writer won, use its).
+        ``replace``: the existing one is empty (a crash before its data reached the disk)."""
         self.unwraps += 1
-        key, blob, arn = self.client.generate_data_key(
-            self.key_arn, directory_context(self.cipherdir_id, dir_id), _dir_caller(caller, "directory-key"))
+        try:
+            key, blob, arn = self.client.generate_data_key(
+                self.key_arn, directory_context(self.cipherdir_id, dir_id),
+                _dir_caller(caller, "directory-key"))
+        except KeyServiceError as exc:
+            if exc.is_access_denied:
+                self.drop()
+            raise
         if len(key) != DATA_KEY_SIZE:
             raise CorruptHeader("key service returned a directory key of the wrong size")
         data = pack_dirkey_file(DirKeyFile(dir_id, arn, blob))
@@ -251,11 +265,14 @@ class DirectoryKeys:
                      dir_fd=dir_fd)
         try:
             try:
-                os.write(fd, data)
-                os.fsync(fd)
+                os.write(fd, data)  # not fsynced (a cost per directory): see _read_dirkey on a torn one
             finally:
                 os.close(fd)
-            os.link(temp, DIRKEY_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            if replace:  # (the mount holds the cipherdir's lock and _fetch: no other writer)
+                os.rename(temp, DIRKEY_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                log.warning("replaced an empty %s (a crash before it reached the disk)", DIRKEY_FILE)
+            else:
+                os.link(temp, DIRKEY_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         except FileExistsError:
             stored = _read_dirkey(dir_fd)
             if stored is None or stored.dir_id != dir_id:
@@ -282,8 +299,15 @@ class DirectoryKeys:
         return open_file_key(entry.cipher, header)
 
 
+# What _read_dirkey returns for an empty kmsfs.dirkey: its data was not yet on disk when the
+# machine stopped (it is written without fsync). Nothing can have been wrapped under a key that was
+# never kept (every file carries its own copy of its directory key), so a new one replaces it.
+_TORN = DirKeyFile(bytes(DIR_ID_SIZE), "-", b"-")
+
+
 def _read_dirkey(dir_fd: int) -> DirKeyFile | None:
-    """The directory's ``kmsfs.dirkey`` (never through a symlink), None if it has none."""
+    """The directory's ``kmsfs.dirkey`` (never through a symlink), None if it has none, ``_TORN``
+    if it is empty."""
     try:
         fd = os.open(DIRKEY_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -296,7 +320,7 @@ def _read_dirkey(dir_fd: int) -> DirKeyFile | None:
         data = os.read(fd, DIRKEY_MAX + 1)
     finally:
         os.close(fd)
-    return parse_dirkey_file(data)
+    return _TORN if not data else parse_dirkey_file(data)
 
 
 def _dir_caller(caller: dict[str, Any] | None, op: str) -> dict[str, Any]:
@@ -332,7 +356,7 @@ def rewrap_dirkey_files(root: str, client: KeyClient, destination: str | None,
             dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 stored = _read_dirkey(dfd)
-                if stored is None:
+                if stored is None or stored == _TORN:
                     continue
                 blob, arn = client.re_encrypt(stored.wrapped, directory_context(cipherdir_id, stored.dir_id),
                                               destination or stored.key_arn,

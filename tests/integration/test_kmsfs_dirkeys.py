@@ -14,7 +14,9 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ from kmsfs.names import DIRKEY_FILE
 from tests.conftest import start_dev_service, stop_dev_service, wait_healthy
 from tests.integration.kmsfs_mount_helpers import (
     backing_path,
+    daemon_pid,
+    force_unmount,
     kmsfs,
     kmsfs_init,
     mounted,
@@ -130,6 +134,57 @@ def test_rename_across_directories_and_rmdir_keep_files_readable(keyservice_dev:
         new = _requests(_mine(keyservice_dev, arn))[start:]
         unwraps = [r["operation"] for r in new if r["operation"] != "KmsfsReportAccess"]
         assert unwraps == ["Decrypt", "Decrypt"]  # src's key (moved.txt) and dst's
+
+
+def test_kill_9_during_creates_and_cross_directory_renames(keyservice_dev: Any, tmp_path: Path) -> None:
+    """A rename to another directory is only the backing rename (the header names its first
+    directory's key and is not rewritten), and a directory's first create writes kmsfs.dirkey
+    as a temporary linked into place: a kill -9 at any point leaves every file readable, every
+    directory usable, and fsck clean."""
+    cipherdir, _ = _init(keyservice_dev, tmp_path)
+    creds = keyservice_dev.credentials_file
+    mnt = tmp_path / "mnt"
+    workload = r'''
+import os, sys
+m = sys.argv[1]
+for d in range(4):
+    os.makedirs(os.path.join(m, f"d{d}"), exist_ok=True)
+print("ready", flush=True)
+i = int(sys.argv[2]) * 100000
+while True:
+    i += 1
+    src = os.path.join(m, f"d{i % 4}", f"f{i}")
+    with open(src, "w") as f:
+        f.write(f"f{i}" * 50)
+    os.rename(src, os.path.join(m, f"d{(i + 1) % 4}", f"f{i}"))
+    if i % 5 == 0:
+        os.makedirs(os.path.join(m, f"d{i % 4}", f"sub{i}"))
+        with open(os.path.join(m, f"d{i % 4}", f"sub{i}", "x"), "w") as f:
+            f.write("x")
+'''
+    for round_no in range(2):
+        with mounted(cipherdir, mnt, creds):
+            pid = daemon_pid(cipherdir, mnt)
+            proc = subprocess.Popen([sys.executable, "-c", workload, str(mnt), str(round_no)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            time.sleep(0.5 + 0.4 * round_no)
+            os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            force_unmount(mnt)
+    with mounted(cipherdir, mnt, creds) as m:
+        seen = 0
+        for path in m.rglob("*"):
+            if path.is_file():
+                expected = "x" if path.name == "x" else path.name * 50
+                assert path.read_text() == expected
+                seen += 1
+        assert seen > 4
+        for d in range(4):  # every directory still takes new files
+            (m / f"d{d}" / "after").write_text("after")
+    proc = kmsfs("fsck", cipherdir, "--credentials", creds, check=False)
+    assert proc.returncode == 0, proc.stdout
+    assert "DAMAGED" not in proc.stdout
 
 
 def _restart(service: Any) -> None:

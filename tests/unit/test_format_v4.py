@@ -4,6 +4,8 @@ the ``kmsfs.dirkey`` file, pinned by exact bytes; and the open reporter's queue 
 from __future__ import annotations
 
 import errno
+import hashlib
+import os
 import threading
 import time
 from typing import Any
@@ -173,3 +175,47 @@ def test_fail_closed_after_the_deadline_and_nothing_lost() -> None:
         assert (report["Path"], report["Operation"]) == ("/a", "create")
     finally:
         reporter.close()
+
+
+# -- kmsfs.dirkey on disk (the key service's part is a stand-in that hands out keys like it does;
+# the real one is used in test_kmsfs_dirkeys.py) -------------------------------------------------
+class KeyIssuer:
+    def __init__(self) -> None:
+        self.generated = 0
+
+    def generate_data_key(self, arn: str, context: dict[str, str], caller: Any) -> tuple[bytes, bytes, str]:
+        self.generated += 1
+        blob = b"blob-%d" % self.generated
+        return self.decrypt(blob, context, caller), blob, arn
+
+    @staticmethod
+    def decrypt(blob: bytes, context: dict[str, str], caller: Any, key_id: str | None = None) -> bytes:
+        return hashlib.sha256(blob).digest()  # each blob its own key
+
+
+def test_a_directory_key_file_is_written_once_and_an_empty_one_replaced(tmp_path: Any) -> None:
+    from kmsfs.dirkeys import DirectoryKeys
+    from kmsfs.names import DIRKEY_FILE
+
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        issuer = KeyIssuer()
+        keys = DirectoryKeys(issuer, ARN, "ab" * 16)  # type: ignore[arg-type]
+        header, key = keys.new_file_key(fd, DIR_ID)
+        assert parse_dirkey_file((tmp_path / DIRKEY_FILE).read_bytes()) == DirKeyFile(DIR_ID, ARN, b"blob-1")
+        assert keys.file_key(header) == key and issuer.generated == 1
+        keys.new_file_key(fd, DIR_ID)  # cached: no request
+        assert issuer.generated == 1
+        (tmp_path / DIRKEY_FILE).write_bytes(b"")  # power lost before its data reached the disk
+        keys.drop()
+        keys.new_file_key(fd, DIR_ID)
+        assert issuer.generated == 2
+        assert parse_dirkey_file((tmp_path / DIRKEY_FILE).read_bytes()).wrapped == b"blob-2"
+        assert keys.file_key(header) == key  # the old file carries its own directory key
+        (tmp_path / DIRKEY_FILE).write_bytes(pack_dirkey_file(DirKeyFile(bytes(16), ARN, b"x")))
+        keys.drop()
+        with pytest.raises(fmt.CorruptHeader):  # another directory's key file
+            keys.new_file_key(fd, DIR_ID)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [DIRKEY_FILE]  # no temporaries left
+    finally:
+        os.close(fd)
