@@ -17,7 +17,8 @@ Audit: besides the request's own record (``caller.keyservice`` counts the report
 batch), one record per reported access, operation ``KmsfsReportedOpen`` (or ``...Create`` /
 ``...Truncate``), with the reporting principal, the master key, the directory's context, and in
 ``caller`` the mount's path, uid, user, gid, pid, process, the time of the access (``accessed_at``)
-and ``"reported_by": "mount"``, ``"authorized_by": "directory-key"``.
+and ``"reported_by": "mount"``, ``"authorized_by": "directory-key"``. The batch's records are made
+durable together (one fsync) before the reply, like every record.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from keyservice import errors
+from keyservice.audit.commit import deferred_commits, not_recorded, pending_tickets
 from keyservice.audit.records import build_record, format_time
 from keyservice.context import RequestContext
 from keyservice.params import AuditInfo, get_str
@@ -116,15 +118,28 @@ def report_access(service: KeyService, params: dict[str, Any], info: AuditInfo) 
     batch = str(uuid.uuid4())
     info.extra = {"reports": len(reports), "report_batch": batch}
     principal = info.principal
-    for report in reports:
-        kind = report.pop("operation")
-        caller = {**report, "reported_by": "mount", "authorized_by": "directory-key", "report_batch": batch}
-        ctx = RequestContext(request_id=str(uuid.uuid4()), source_address=info.source_address,
-                             principal=principal, user_agent="kmsfs-report", caller=caller)
-        service.audit_log.append(build_record(
-            when=now, ctx=ctx, operation=_KINDS[kind], key_arn=key.arn,
-            encryption_context=directory_context(cipherdir, report["directory_id"]),
-        ))
+    outer = pending_tickets()
+    # Written first, made durable together: one fsync for the batch, not one per record (and on
+    # the event loop's path, the enclosing request's wait covers them).
+    with deferred_commits() as tickets:
+        for report in reports:
+            kind = report.pop("operation")
+            caller = {**report, "reported_by": "mount", "authorized_by": "directory-key",
+                      "report_batch": batch}
+            ctx = RequestContext(request_id=str(uuid.uuid4()), source_address=info.source_address,
+                                 principal=principal, user_agent="kmsfs-report", caller=caller)
+            service.audit_log.append(build_record(
+                when=now, ctx=ctx, operation=_KINDS[kind], key_arn=key.arn,
+                encryption_context=directory_context(cipherdir, report["directory_id"]),
+            ))
+    if outer is not None:
+        outer.extend(tickets)
+    else:
+        try:
+            for ticket in tickets:  # the first fsyncs them all; each publishes its checkpoint
+                ticket.commit()
+        except OSError as exc:
+            raise not_recorded() from exc
     return {"KeyId": key.arn, "Recorded": len(reports)}
 
 
