@@ -17,12 +17,8 @@ Revocation: an unwrapped directory key is used for at most ``ttl`` seconds, then
 the service refuses an unwrap (Decrypt or GenerateDataKey) and by the open reporter when it
 refuses a report for that key.
 
-``kmsfs.dirkey`` (all integers big-endian; docs/FORMAT.md has the table)::
-
-    0  8  magic "KMSFSDK\\0"   8  1  version 01   9  16  directory id
-    25 2  A = key ARN length  27 2  C = wrapped directory key length   29 A ARN   29+A C blob
-
-Nothing in it is secret and nothing needs a MAC: the blob unwraps only under the context naming
+``kmsfs.dirkey``'s bytes and the local wrap are kmsfs/dirformat.py's (pure, no I/O). Nothing in
+``kmsfs.dirkey`` is secret and nothing needs a MAC: the blob unwraps only under the context naming
 this directory id, and the directory id must equal the directory's own (``kmsfs.dirid``).
 """
 
@@ -33,24 +29,28 @@ import errno
 import hashlib
 import logging
 import os
-import struct
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from kmsfs.cipher import BlockCipher, IntegrityError
+from kmsfs.cipher import BlockCipher
+from kmsfs.dirformat import (
+    DIRKEY_MAX,
+    DirKeyFile,
+    open_file_key,
+    pack_dirkey_file,
+    parse_dirkey_file,
+    seal_file_key,
+)
 from kmsfs.format import (
     DATA_KEY_SIZE,
     DIR_ID_SIZE,
     FILE_ID_SIZE,
     FORMAT_V4,
-    MAX_KEY_ARN,
-    MAX_WRAPPED_DIR_KEY,
     CorruptHeader,
     Header,
     directory_context,
-    file_key_aad,
     pack_dir_wrapped,
 )
 from kmsfs.keyclient import KeyClient, KeyServiceError
@@ -59,66 +59,6 @@ from kmsfs.names import DIRKEY_FILE
 log = logging.getLogger("kmsfs")
 
 DEFAULT_TTL = 300.0
-DIRKEY_MAGIC = b"KMSFSDK\x00"
-DIRKEY_VERSION = 1
-_DIRKEY_FIXED = struct.Struct(">8sB16sHH")  # magic, version, directory id, A, C
-DIRKEY_MAX = _DIRKEY_FIXED.size + MAX_KEY_ARN + MAX_WRAPPED_DIR_KEY
-
-
-@dataclass(frozen=True)
-class DirKeyFile:
-    """The contents of a ``kmsfs.dirkey`` file."""
-
-    dir_id: bytes
-    key_arn: str
-    wrapped: bytes
-
-
-def pack_dirkey_file(entry: DirKeyFile) -> bytes:
-    arn = entry.key_arn.encode("utf-8")
-    if len(entry.dir_id) != DIR_ID_SIZE or not 0 < len(arn) <= MAX_KEY_ARN or \
-            not 0 < len(entry.wrapped) <= MAX_WRAPPED_DIR_KEY:
-        raise ValueError("directory key file fields out of range")
-    return _DIRKEY_FIXED.pack(DIRKEY_MAGIC, DIRKEY_VERSION, entry.dir_id, len(arn),
-                              len(entry.wrapped)) + arn + entry.wrapped
-
-
-def parse_dirkey_file(data: bytes) -> DirKeyFile:
-    """Strict parse; ``CorruptHeader`` on any defect."""
-    if len(data) < _DIRKEY_FIXED.size or len(data) > DIRKEY_MAX:
-        raise CorruptHeader("directory key file has a bad length")
-    magic, version, dir_id, arn_len, blob_len = _DIRKEY_FIXED.unpack_from(data)
-    if magic != DIRKEY_MAGIC or version != DIRKEY_VERSION:
-        raise CorruptHeader("directory key file: bad magic or version")
-    if not 0 < arn_len <= MAX_KEY_ARN or not 0 < blob_len <= MAX_WRAPPED_DIR_KEY or \
-            len(data) != _DIRKEY_FIXED.size + arn_len + blob_len:
-        raise CorruptHeader("directory key file: bad lengths")
-    try:
-        arn = data[_DIRKEY_FIXED.size:_DIRKEY_FIXED.size + arn_len].decode("utf-8")
-    except UnicodeDecodeError:
-        raise CorruptHeader("directory key file: ARN is not UTF-8") from None
-    if not arn.isprintable():
-        raise CorruptHeader("directory key file: ARN is not printable")
-    return DirKeyFile(dir_id, arn, bytes(data[_DIRKEY_FIXED.size + arn_len:]))
-
-
-def seal_file_key(dir_key: BlockCipher, data_key: bytes, file_id: bytes, dir_id: bytes) -> bytes:
-    """nonce || AES-GCM(directory key, data key) || tag, bound to the file id and directory id."""
-    return dir_key.seal(data_key, file_key_aad(file_id, dir_id))
-
-
-def open_file_key(dir_key: BlockCipher, header: Header) -> bytes:
-    """The data key of a version-4 header; ``CorruptHeader`` if it does not authenticate."""
-    wrapped = header.directory_wrapped
-    try:
-        key = dir_key.open(wrapped.sealed_key, file_key_aad(header.file_id, wrapped.dir_id))
-    except IntegrityError:
-        raise CorruptHeader("data key does not authenticate under its directory key") from None
-    if len(key) != DATA_KEY_SIZE:
-        raise CorruptHeader("data key has the wrong size")
-    return key
-
-
 @dataclass
 class _Entry:
     cipher: BlockCipher

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from kmsfs import format as fmt
-from kmsfs.dirkeys import parse_dirkey_file
+from kmsfs.dirformat import parse_dirkey_file
 from kmsfs.names import DIRKEY_FILE
 from tests.conftest import start_dev_service, stop_dev_service, wait_healthy
 from tests.integration.kmsfs_mount_helpers import (

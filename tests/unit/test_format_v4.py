@@ -14,7 +14,7 @@ import pytest
 
 from kmsfs import format as fmt
 from kmsfs.cipher import BlockCipher
-from kmsfs.dirkeys import (
+from kmsfs.dirformat import (
     DirKeyFile,
     open_file_key,
     pack_dirkey_file,
