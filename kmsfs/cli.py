@@ -58,7 +58,7 @@ from kmsfs.keyclient import (
     load_credentials,
 )
 from kmsfs.keypool import DEFAULT_SIZE as DEFAULT_KEY_POOL
-from kmsfs.names import DIRID_FILE, NAME_KEY_SIZE, NameCipher
+from kmsfs.names import DIRID_FILE, DIRKEY_FILE, NAME_KEY_SIZE, NameCipher
 
 if TYPE_CHECKING:
     from kmsfs.fsck import FsckReport
@@ -240,10 +240,12 @@ def _probe_reports(endpoint: str, region: str, creds: Credentials, config: Confi
 
 
 def _write_root_dir_id(cipherdir: Path, cipher: NameCipher) -> None:
-    """The root's ``kmsfs.dirid`` (replaced on ``init --force``: old names become unreadable)."""
+    """The root's ``kmsfs.dirid`` (replaced on ``init --force``: old names become unreadable, and
+    a directory key of the old id goes too)."""
     target = cipherdir / DIRID_FILE
-    with contextlib.suppress(FileNotFoundError):
-        target.unlink()
+    for old in (target, cipherdir / DIRKEY_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
     try:
         os.write(fd, cipher.dirid_file(cipher.new_dir_id()))
