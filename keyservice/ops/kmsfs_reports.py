@@ -119,8 +119,9 @@ def report_access(service: KeyService, params: dict[str, Any], info: AuditInfo) 
     info.extra = {"reports": len(reports), "report_batch": batch}
     principal = info.principal
     outer = pending_tickets()
-    # Written first, made durable together: one fsync for the batch, not one per record (and on
-    # the event loop's path, the enclosing request's wait covers them).
+    # Written first, made durable together: one fsync for the batch, not one per record. The
+    # operation changes no store row (service.READ_ONLY_OPERATIONS), so the HTTP layer runs it on
+    # its event loop inside deferred commits, and its wait for durability covers these records.
     with deferred_commits() as tickets:
         for report in reports:
             kind = report.pop("operation")
