@@ -177,7 +177,8 @@ while True:
         for path in m.rglob("*"):
             if path.is_file():
                 expected = "x" if path.name == "x" else path.name * 50
-                assert path.read_text() == expected
+                # empty: the kill came between its create and its write (any file system's outcome)
+                assert path.read_text() in ("", expected)
                 seen += 1
         assert seen > 4
         for d in range(4):  # every directory still takes new files
