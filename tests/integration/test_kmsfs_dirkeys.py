@@ -205,6 +205,9 @@ def test_service_stopped_opens_continue_until_the_deadline_then_fail_closed(tmp_
                      "--kms-timeout", "1") as m:
             for i in range(20):
                 (m / f"f{i}").write_text(str(i))
+            me = os.getpid()
+            # the creates' reports delivered first: the deadline then counts from the stop
+            wait_for_records(lambda: _mine(service, arn), lambda rs: len(_reported(rs, me)) >= 20)
             stop_dev_service(service)
             start = time.monotonic()
             opened = 0
@@ -231,7 +234,6 @@ def test_service_stopped_opens_continue_until_the_deadline_then_fail_closed(tmp_
                 except PermissionError:
                     assert time.monotonic() < deadline
                     time.sleep(0.2)
-            me = os.getpid()
             records = wait_for_records(lambda: _mine(service, arn),
                                        lambda rs: len(_reported(rs, me)) >= 20 + opened + 1, timeout=20)
             opens = [r for r in _reported(records, me) if r["operation"] == "KmsfsReportedOpen"]
