@@ -200,27 +200,17 @@ class DirectoryKeys:
         if len(key) != DATA_KEY_SIZE:
             raise CorruptHeader("key service returned a directory key of the wrong size")
         data = pack_dirkey_file(DirKeyFile(dir_id, arn, blob))
-        temp = f".kmsfs-tmp-{os.urandom(8).hex()}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444,
-                     dir_fd=dir_fd)
         try:
-            try:
-                os.write(fd, data)  # not fsynced (a cost per directory): see _read_dirkey on a torn one
-            finally:
-                os.close(fd)
-            if replace:  # (the mount holds the cipherdir's lock and _fetch: no other writer)
-                os.rename(temp, DIRKEY_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                log.warning("replaced an empty %s (a crash before it reached the disk)", DIRKEY_FILE)
-            else:
-                os.link(temp, DIRKEY_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            # not fsynced (a cost per directory): see _read_dirkey on a torn one. ``replace``: the
+            # mount holds the cipherdir's lock and ``_fetch``, so there is no other writer.
+            _place_dirkey(dir_fd, data, replace=replace, sync=False)
         except FileExistsError:
             stored = _read_dirkey(dir_fd)
             if stored is None or stored.dir_id != dir_id:
                 raise CorruptHeader(f"{DIRKEY_FILE} belongs to another directory") from None
             return self._unwrap(dir_id, stored.key_arn, stored.wrapped, caller)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=dir_fd)
+        if replace:
+            log.warning("replaced an empty %s (a crash before it reached the disk)", DIRKEY_FILE)
         return _Entry(BlockCipher(key), dir_id, arn, blob, self._clock())
 
     # -- opens ------------------------------------------------------------------------------------
@@ -263,6 +253,29 @@ def _read_dirkey(dir_fd: int) -> DirKeyFile | None:
     return _TORN if not data else parse_dirkey_file(data)
 
 
+def _place_dirkey(dir_fd: int, data: bytes, *, replace: bool, sync: bool) -> None:
+    """Put ``data`` in place as ``kmsfs.dirkey`` whole: written under a temporary name first, then
+    linked (FileExistsError if there is one) or, with ``replace``, renamed over it. The temporary
+    never outlives the call."""
+    temp = f".kmsfs-tmp-{os.urandom(8).hex()}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444,
+                 dir_fd=dir_fd)
+    try:
+        try:
+            os.write(fd, data)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.rename(temp, DIRKEY_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        else:
+            os.link(temp, DIRKEY_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+
+
 def _dir_caller(caller: dict[str, Any] | None, op: str) -> dict[str, Any]:
     return {**(caller or {}), "op": op}
 
@@ -271,11 +284,8 @@ def tool_file_key(client: KeyClient, cipherdir_id: str, header: Header, caller: 
     """The data key of a version-4 file for an offline tool (fsck): one Decrypt of its directory
     key, no cache. Raises what ``KeyClient.decrypt`` raises, or ``CorruptHeader``."""
     wrapped = header.directory_wrapped
-    try:
-        key = client.decrypt(wrapped.wrapped_dir_key, directory_context(cipherdir_id, wrapped.dir_id),
-                             caller, key_id=header.key_arn)
-    except KeyServiceError:
-        raise
+    key = client.decrypt(wrapped.wrapped_dir_key, directory_context(cipherdir_id, wrapped.dir_id),
+                         caller, key_id=header.key_arn)
     if len(key) != DATA_KEY_SIZE:
         raise CorruptHeader("unwrapped directory key has the wrong size")
     return open_file_key(BlockCipher(key), header)
@@ -301,15 +311,8 @@ def rewrap_dirkey_files(root: str, client: KeyClient, destination: str | None,
                 blob, arn = client.re_encrypt(stored.wrapped, directory_context(cipherdir_id, stored.dir_id),
                                               destination or stored.key_arn,
                                               {"tool": "kmsfs rewrap", "op": "directory-key", "path": rel})
-                temp = f".kmsfs-tmp-{os.urandom(8).hex()}"
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             0o444, dir_fd=dfd)
-                try:
-                    os.write(fd, pack_dirkey_file(DirKeyFile(stored.dir_id, arn, blob)))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(temp, DIRKEY_FILE, src_dir_fd=dfd, dst_dir_fd=dfd)
+                _place_dirkey(dfd, pack_dirkey_file(DirKeyFile(stored.dir_id, arn, blob)), replace=True,
+                              sync=True)
             finally:
                 os.close(dfd)
         except (OSError, CorruptHeader, KeyServiceError) as exc:
