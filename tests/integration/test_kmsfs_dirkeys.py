@@ -14,9 +14,7 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +27,7 @@ from kmsfs.names import DIRKEY_FILE
 from tests.conftest import start_dev_service, stop_dev_service, wait_healthy
 from tests.integration.kmsfs_mount_helpers import (
     backing_path,
-    daemon_pid,
-    force_unmount,
+    kill_daemon_during,
     kmsfs,
     kmsfs_init,
     mounted,
@@ -162,16 +159,7 @@ while True:
         with open(os.path.join(m, f"d{i % 4}", f"sub{i}", "x"), "w") as f:
             f.write("x")
 '''
-    for round_no in range(2):
-        with mounted(cipherdir, mnt, creds):
-            pid = daemon_pid(cipherdir, mnt)
-            proc = subprocess.Popen([sys.executable, "-c", workload, str(mnt), str(round_no)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-            time.sleep(0.5 + 0.4 * round_no)
-            os.kill(pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            force_unmount(mnt)
+    kill_daemon_during(cipherdir, mnt, creds, workload, rounds=2, ready="ready", first_sleep=0.5, step=0.4)
     with mounted(cipherdir, mnt, creds) as m:
         seen = 0
         for path in m.rglob("*"):
