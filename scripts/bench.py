@@ -39,8 +39,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-TARGETS = ("bare", "passthrough", "gocryptfs", "kmsfs", "kmsfs-plain",  # kmsfs-plain: --plaintext-names
-           "kmsfs-dirkeys")  # kmsfs-dirkeys: init --directory-keys (docs/SECURITY.md "Directory keys")
+TARGETS = ("bare", "passthrough", "gocryptfs", "kmsfs", "kmsfs-plain")  # kmsfs-plain: --plaintext-names
 
 
 @dataclass(frozen=True)
@@ -235,14 +234,13 @@ def start_keyservice(env: Env, workers: int = 1) -> None:
     say(f"keyservice at {info['endpoint']} (pid {proc.pid}), key {env.key_id}")
 
 
-def mount_kmsfs(env: Env, name: str = "kmsfs", plaintext_names: bool = False,
-                init_flags: tuple[str, ...] = ()) -> Path:
+def mount_kmsfs(env: Env, name: str = "kmsfs", plaintext_names: bool = False) -> Path:
     cipher, mnt = env.run_dir / f"{name}.cipher", env.run_dir / name
     mnt.mkdir(exist_ok=True)
     if not (cipher / ".kmsfs.json").exists():
         cipher.mkdir(exist_ok=True)
         run([PY, "-m", "kmsfs", "init", str(cipher), "--key", "alias/bench", "--credentials", str(env.creds),
-             *(["--plaintext-names"] if plaintext_names else []), *init_flags])
+             *(["--plaintext-names"] if plaintext_names else [])])
     run([PY, "-m", "kmsfs", "mount", str(cipher), str(mnt), "--credentials", str(env.creds),
          *env.kmsfs_opts])
     env.mounts[name] = mnt
@@ -630,9 +628,7 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
     tarball, nfiles = quick_tarball(env.run_dir) if args.quick else make_tarball(env.run_dir)
     say(f"tree: {nfiles} files in {tarball.name}")
     mounters = {"kmsfs": mount_kmsfs, "passthrough": mount_passthrough, "gocryptfs": mount_gocryptfs,
-                "kmsfs-plain": lambda env: mount_kmsfs(env, "kmsfs-plain", plaintext_names=True),
-                "kmsfs-dirkeys": lambda env: mount_kmsfs(env, "kmsfs-dirkeys",
-                                                         init_flags=("--directory-keys",))}
+                "kmsfs-plain": lambda env: mount_kmsfs(env, "kmsfs-plain", plaintext_names=True)}
     mnts: dict[str, Path] = {}
     for t in targets:
         if t == "bare":
