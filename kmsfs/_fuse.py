@@ -21,6 +21,7 @@ import ctypes.util
 import logging
 import os
 import platform
+import threading
 from collections.abc import Callable
 from ctypes import (
     CFUNCTYPE,
@@ -156,7 +157,8 @@ _OPS: list[tuple[str, Any]] = [
     ("forget_multi", CFUNCTYPE(None, fuse_req_t, c_size_t, POINTER(ForgetData))),
     ("flock", None),
     ("fallocate", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_int, c_int64, c_int64, _FI)),
-    ("readdirplus", None), ("copy_file_range", None), ("lseek", None),
+    ("readdirplus", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_size_t, c_int64, _FI)),
+    ("copy_file_range", None), ("lseek", None),
 ]
 
 
@@ -183,6 +185,8 @@ reply_statfs = _proto(_lib, "fuse_reply_statfs", c_int, fuse_req_t, POINTER(Stat
 reply_xattr = _proto(_lib, "fuse_reply_xattr", c_int, fuse_req_t, c_size_t)
 add_direntry = _proto(_lib, "fuse_add_direntry", c_size_t, fuse_req_t, c_void_p, c_size_t, c_char_p,
                       POINTER(Stat), c_int64)
+add_direntry_plus = _proto(_lib, "fuse_add_direntry_plus", c_size_t, fuse_req_t, c_void_p, c_size_t,
+                           c_char_p, POINTER(EntryParam), c_int64)
 req_ctx = _proto(_lib, "fuse_req_ctx", POINTER(Ctx), fuse_req_t)
 _session_new = _proto(_lib, "fuse_session_new", c_void_p, POINTER(Args), POINTER(LowLevelOps), c_size_t,
                       c_void_p)
@@ -282,6 +286,38 @@ def _unescape_mount(field: str) -> str:
     return field
 
 
+_gil_state_ensure = ctypes.pythonapi.PyGILState_Ensure
+_gil_state_ensure.restype = c_int
+_gil_state_ensure.argtypes = ()
+_threads_with_state: set[int] = set()
+_get_ident = threading.get_ident
+
+
+def _keep_thread_state() -> None:
+    """Give the calling libfuse worker thread a Python thread state for its whole life.
+
+    Why: ctypes enters every callback with ``PyGILState_Ensure`` and leaves it with
+    ``PyGILState_Release``; on a thread Python did not create, that allocates a new thread state
+    per request and destroys it after (a few microseconds each time), and everything keyed by
+    the thread state starts over: ``threading.local`` data such as the adapter's reply buffers
+    was allocated again (128 KiB, zeroed) for every read and listing. One extra
+    ``PyGILState_Ensure`` per thread, never released, keeps the state: the worker threads live
+    as long as the session (max idle threads = max threads)."""
+    ident = _get_ident()
+    if ident not in _threads_with_state:
+        _gil_state_ensure()
+        _threads_with_state.add(ident)
+
+
+def _with_thread_state(handler: Callable[..., None]) -> Callable[..., None]:
+    def call(*args: Any) -> None:
+        if _get_ident() not in _threads_with_state:
+            _keep_thread_state()
+        handler(*args)
+
+    return call
+
+
 class Session:
     """One mount: ``handlers`` maps operation names of ``_OPS`` to Python callables taking the
     C arguments; each must reply (``reply_*``) exactly once, except init/destroy/forget."""
@@ -292,7 +328,7 @@ class Session:
         self._keep = []  # the C function objects must outlive the session
         for name, proto in _OPS:
             if proto is not None and name in handlers:
-                cfunc = proto(handlers[name])
+                cfunc = proto(_with_thread_state(handlers[name]))
                 self._keep.append(cfunc)
                 setattr(self._ops, name, cfunc)
         argv = [b"kmsfs", *([b"-d"] if debug else [])]
