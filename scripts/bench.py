@@ -51,12 +51,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-TARGETS = ["bare", "passthrough", "gocryptfs", "kmsfs", "kmsfs-plain"]  # kmsfs-plain: --plaintext-names
+TARGETS = ["bare", "passthrough", "gocryptfs", "kmsfs", "kmsfs-plain",  # kmsfs-plain: --plaintext-names
+           "kmsfs-dirkeys"]  # kmsfs-dirkeys: init --directory-keys (docs/SECURITY.md "Directory keys")
 DEFAULT_TARGETS = ["bare", "passthrough", "gocryptfs", "kmsfs"]
 # Ratio columns (numerator, denominator, heading): shown when the numerator ran; "floor" is the
 # computed floor of the row's workload (FLOORS), not a mount.
 RATIOS = [("kmsfs", "gocryptfs", "kmsfs/gocryptfs"), ("kmsfs", "passthrough", "kmsfs/passthrough"),
-          ("kmsfs", "kmsfs-plain", "kmsfs/plain"), ("kmsfs", "floor", "kmsfs/floor")]
+          ("kmsfs", "kmsfs-plain", "kmsfs/plain"), ("kmsfs", "floor", "kmsfs/floor"),
+          ("kmsfs-dirkeys", "gocryptfs", "dirkeys/gocryptfs")]
 
 
 @dataclass(frozen=True)
@@ -280,13 +282,14 @@ def start_keyservice(env: Env, workers: int = 1) -> None:
     say(f"keyservice at {info['endpoint']} (pid {proc.pid}), key {env.key_id}")
 
 
-def mount_kmsfs(env: Env, name: str = "kmsfs", plaintext_names: bool = False) -> Path:
+def mount_kmsfs(env: Env, name: str = "kmsfs", plaintext_names: bool = False,
+                init_flags: tuple[str, ...] = ()) -> Path:
     cipher, mnt = env.run_dir / f"{name}.cipher", env.run_dir / name
     mnt.mkdir(exist_ok=True)
     if not (cipher / ".kmsfs.json").exists():
         cipher.mkdir(exist_ok=True)
         run([PY, "-m", "kmsfs", "init", str(cipher), "--key", "alias/bench", "--credentials", str(env.creds),
-             *(["--plaintext-names"] if plaintext_names else [])])
+             *(["--plaintext-names"] if plaintext_names else []), *init_flags])
     run([PY, "-m", "kmsfs", "mount", str(cipher), str(mnt), "--credentials", str(env.creds),
          *env.kmsfs_opts])
     env.mounts[name] = mnt
@@ -748,7 +751,8 @@ def key_service_figures(env: Env, sizes: Sizes, tree_only: bool) -> dict[str, An
 
 MOUNTERS: dict[str, Callable[[Env], Path]] = {
     "kmsfs": mount_kmsfs, "passthrough": mount_passthrough, "gocryptfs": mount_gocryptfs,
-    "kmsfs-plain": lambda env: mount_kmsfs(env, "kmsfs-plain", plaintext_names=True)}
+    "kmsfs-plain": lambda env: mount_kmsfs(env, "kmsfs-plain", plaintext_names=True),
+    "kmsfs-dirkeys": lambda env: mount_kmsfs(env, "kmsfs-dirkeys", init_flags=("--directory-keys",))}
 
 
 def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
