@@ -192,6 +192,12 @@ class EncryptedNames:
         # is deterministic, so an entry can never be stale; listings fill it, so the lookups that
         # follow a listing (ls -l, find) do not encrypt each name again.
         self._encoded: dict[tuple[bytes, str], tuple[str, str | None]] = {}
+        # The reverse, (directory id, short backing name) -> plaintext name: decryption is as
+        # deterministic (an authentic backing name of a directory has exactly one plaintext), so
+        # this can never be stale either. Creates and lookups fill it, so a listing decrypts
+        # only the names it has never seen (issue 16: one AES-SIV call per listed name was what
+        # a cold find + ls -lR still paid over plaintext names). Names that fail are not kept.
+        self._decoded: dict[tuple[bytes, str], str] = {}
         self._logged: set[tuple[tuple[int, int], str]] = set()
         self._log_lock = threading.Lock()
 
@@ -290,6 +296,8 @@ class EncryptedNames:
         except ValueError:  # longer than NAME_MAX: the kernel checks first, the core does too
             raise OSError(errno.ENAMETOOLONG, "name too long", name) from None
         _remember(self._encoded, (dir_id, name), encoded)
+        if encoded[1] is None:
+            _remember(self._decoded, (dir_id, encoded[0]), name)
         return encoded
 
     def backing(self, parent: DirNode, name: str) -> str:
@@ -361,6 +369,7 @@ class EncryptedNames:
         cipher = self._cipher()
         dir_id = self.dir_id(node)
         in_root = node.ident == self._root_ident
+        decoded = self._decoded
         out = []
         for backing, ino, mode in entries:
             if backing in (".", ".."):
@@ -368,6 +377,10 @@ class EncryptedNames:
                 continue
             if is_reserved(backing) or backing.startswith(TEMP_PREFIX) or (
                     in_root and backing.startswith(RESERVED_PREFIX)):
+                continue
+            known = decoded.get((dir_id, backing))
+            if known is not None:
+                out.append((known, ino, mode))
                 continue
             side = None
             if is_long(backing):
@@ -382,6 +395,8 @@ class EncryptedNames:
                 continue
             name = os.fsdecode(plain)
             _remember(self._encoded, (dir_id, name), (backing, side.decode("ascii") if side else None))
+            if side is None:
+                _remember(decoded, (dir_id, backing), name)
             out.append((name, ino, mode))
         return out
 
