@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TARGETS = ["bare", "passthrough", "gocryptfs", "kmsfs", "kmsfs-plain",  # kmsfs-plain: --plaintext-names
            "kmsfs-dirkeys"]  # kmsfs-dirkeys: init --directory-keys (docs/SECURITY.md "Directory keys")
-DEFAULT_TARGETS = ["bare", "passthrough", "gocryptfs", "kmsfs"]
+QUICK_TARGETS = ["bare", "passthrough", "gocryptfs", "kmsfs"]  # --quick (the test suite runs it)
 # Ratio columns (numerator, denominator, heading): shown when the numerator ran; "floor" is the
 # computed floor of the row's workload (FLOORS), not a mount.
 RATIOS = [("kmsfs", "gocryptfs", "kmsfs/gocryptfs"), ("kmsfs", "passthrough", "kmsfs/passthrough"),
@@ -849,6 +849,14 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
             "cpu_samples": cpu, "rows": rows}
 
 
+def default_targets(quick: bool) -> list[str]:
+    """Every target for the full table; directory keys only where this kmsfs has them."""
+    if quick:
+        return list(QUICK_TARGETS)
+    helptext = run([PY, "-m", "kmsfs", "init", "--help"], check=False).stdout
+    return [t for t in TARGETS if t != "kmsfs-dirkeys" or "--directory-keys" in helptext]
+
+
 @contextlib.contextmanager
 def run_directory(path: str | None, keep: bool) -> Iterator[Path]:
     parent = Path(path).resolve() if path else Path("/var/tmp")
@@ -869,9 +877,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="parent of the run directory (a new kmsfs-bench-* inside it; default /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the run directory")
     p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                   help="comma-separated subset of " + ",".join(TARGETS) + " (default: all but "
-                        "kmsfs-plain, a kmsfs cipherdir made with --plaintext-names)")
+    p.add_argument("--targets",
+                   help="comma-separated subset of " + ",".join(TARGETS) + " (default: all of them, "
+                        "kmsfs-dirkeys only if this kmsfs has `init --directory-keys`; --quick: "
+                        + ",".join(QUICK_TARGETS) + "). kmsfs-plain is a cipherdir made with "
+                        "--plaintext-names (issue 16's ratio)")
     p.add_argument("--tree-only", action="store_true",
                    help="only the tree workloads (untar, find/ls, cat, rm): e.g. encrypted against "
                         "plaintext names, --targets kmsfs,kmsfs-plain")
@@ -883,7 +893,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="kmsfs mount --key-pool N (default: kmsfs's own default, off; 32 measures "
                         "the pool with its claims)")
     args = p.parse_args(argv)
-    args.targets = [t for t in args.targets.split(",") if t]
+    args.targets = default_targets(args.quick) if args.targets is None else [
+        t for t in args.targets.split(",") if t]
     if "kmsfs" not in args.targets:
         p.error("--targets must include kmsfs")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
