@@ -95,7 +95,7 @@ def test_disabled_key_fails_a_pooled_create_handle(keyservice_dev: Any, tmp_path
                     except OSError as exc:
                         assert exc.errno == errno.EACCES
                         break
-                    assert time.monotonic() - start < 5, "a pooled create outlived its refused claim"
+                    assert time.monotonic() - start < 30, "a pooled create outlived its refused claim"
                     time.sleep(0.01)
                 with pytest.raises(OSError) as info:
                     os.pread(fd, 1, 0)
