@@ -49,6 +49,13 @@ _path = os.environ.get("FUSE_LIBRARY_PATH") or ctypes.util.find_library("fuse3")
 if not _path:
     raise ImportError("libfuse3 not found (Debian: apt-get install libfuse3-3 fuse3)")
 _lib = ctypes.CDLL(_path, use_errno=True)
+# The same library, for the calls a handler makes while it runs: the reply functions (one
+# non-blocking writev to /dev/fuse), fuse_add_direntry* (pure formatting, once per listed name)
+# and fuse_req_ctx. Called through PyDLL they keep the GIL: a CDLL call releases and re-takes it,
+# which under concurrent requests is a hand-off to another thread (a context switch) per reply
+# and per directory entry. Safe because none of them blocks and libfuse never runs Python code
+# while holding a lock they take (callbacks run outside the session and worker-loop locks).
+_glib = ctypes.PyDLL(_path, use_errno=True)
 _libc = ctypes.CDLL(None, use_errno=True)
 LIBFUSE = "3"
 BINDING = "kmsfs._fuse (ctypes, libfuse3 low-level)"
@@ -172,22 +179,22 @@ def _proto(lib: Any, name: str, restype: Any, *argtypes: Any) -> Any:
     return fn
 
 
-reply_err = _proto(_lib, "fuse_reply_err", c_int, fuse_req_t, c_int)
-reply_none = _proto(_lib, "fuse_reply_none", None, fuse_req_t)
-reply_entry = _proto(_lib, "fuse_reply_entry", c_int, fuse_req_t, POINTER(EntryParam))
-reply_create = _proto(_lib, "fuse_reply_create", c_int, fuse_req_t, POINTER(EntryParam), _FI)
-reply_attr = _proto(_lib, "fuse_reply_attr", c_int, fuse_req_t, POINTER(Stat), c_double)
-reply_readlink = _proto(_lib, "fuse_reply_readlink", c_int, fuse_req_t, c_char_p)
-reply_open = _proto(_lib, "fuse_reply_open", c_int, fuse_req_t, _FI)
-reply_write = _proto(_lib, "fuse_reply_write", c_int, fuse_req_t, c_size_t)
-reply_buf = _proto(_lib, "fuse_reply_buf", c_int, fuse_req_t, c_void_p, c_size_t)
-reply_statfs = _proto(_lib, "fuse_reply_statfs", c_int, fuse_req_t, POINTER(StatVfs))
-reply_xattr = _proto(_lib, "fuse_reply_xattr", c_int, fuse_req_t, c_size_t)
-add_direntry = _proto(_lib, "fuse_add_direntry", c_size_t, fuse_req_t, c_void_p, c_size_t, c_char_p,
+reply_err = _proto(_glib, "fuse_reply_err", c_int, fuse_req_t, c_int)
+reply_none = _proto(_glib, "fuse_reply_none", None, fuse_req_t)
+reply_entry = _proto(_glib, "fuse_reply_entry", c_int, fuse_req_t, POINTER(EntryParam))
+reply_create = _proto(_glib, "fuse_reply_create", c_int, fuse_req_t, POINTER(EntryParam), _FI)
+reply_attr = _proto(_glib, "fuse_reply_attr", c_int, fuse_req_t, POINTER(Stat), c_double)
+reply_readlink = _proto(_glib, "fuse_reply_readlink", c_int, fuse_req_t, c_char_p)
+reply_open = _proto(_glib, "fuse_reply_open", c_int, fuse_req_t, _FI)
+reply_write = _proto(_glib, "fuse_reply_write", c_int, fuse_req_t, c_size_t)
+reply_buf = _proto(_glib, "fuse_reply_buf", c_int, fuse_req_t, c_void_p, c_size_t)
+reply_statfs = _proto(_glib, "fuse_reply_statfs", c_int, fuse_req_t, POINTER(StatVfs))
+reply_xattr = _proto(_glib, "fuse_reply_xattr", c_int, fuse_req_t, c_size_t)
+add_direntry = _proto(_glib, "fuse_add_direntry", c_size_t, fuse_req_t, c_void_p, c_size_t, c_char_p,
                       POINTER(Stat), c_int64)
-add_direntry_plus = _proto(_lib, "fuse_add_direntry_plus", c_size_t, fuse_req_t, c_void_p, c_size_t,
+add_direntry_plus = _proto(_glib, "fuse_add_direntry_plus", c_size_t, fuse_req_t, c_void_p, c_size_t,
                            c_char_p, POINTER(EntryParam), c_int64)
-req_ctx = _proto(_lib, "fuse_req_ctx", POINTER(Ctx), fuse_req_t)
+req_ctx = _proto(_glib, "fuse_req_ctx", POINTER(Ctx), fuse_req_t)
 _session_new = _proto(_lib, "fuse_session_new", c_void_p, POINTER(Args), POINTER(LowLevelOps), c_size_t,
                       c_void_p)
 _session_mount = _proto(_lib, "fuse_session_mount", c_int, c_void_p, c_char_p)

@@ -447,7 +447,7 @@ class KmsfsOperations:
                 node = attrs = None
                 if name not in (".", ".."):
                     try:
-                        node, attrs = self.fs.lookup(ino, name)
+                        node, attrs = self.fs.lookup_listed(ino, name, inode, mode)
                     except OSError:
                         pass
                 if node is None or attrs is None:
