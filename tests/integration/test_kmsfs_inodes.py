@@ -292,3 +292,19 @@ def test_security_attributes_are_not_supported(m: M) -> None:
     os.setxattr(p, "user.kept", b"yes")
     assert os.getxattr(p, "user.kept") == b"yes"
     assert "user.kept" in os.listxattr(p)
+
+
+def test_open_with_access_mode_3_is_allowed(m: M) -> None:
+    """pjdfstest open/23.t: O_WRONLY|O_RDWR (Linux: an ioctl-only descriptor, read and write
+    permission checked) opens (it gave EBADF: the backing file, opened the same way, could not
+    read the header); reading through it is EBADF, as on any filesystem."""
+    p = m.path / "accmode3"
+    p.write_bytes(b"x")
+    fd = os.open(p, os.O_WRONLY | os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as info:
+            os.read(fd, 1)
+        assert info.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"x"
