@@ -372,15 +372,15 @@ class EncryptedNames:
         decoded = self._decoded
         out = []
         for backing, ino, mode in entries:
+            known = decoded.get((dir_id, backing))  # first: only names the cipher made are keys,
+            if known is not None:                    # never ".", "..", bookkeeping or temp names
+                out.append((known, ino, mode))
+                continue
             if backing in (".", ".."):
                 out.append((backing, ino, mode))
                 continue
             if is_reserved(backing) or backing.startswith(TEMP_PREFIX) or (
                     in_root and backing.startswith(RESERVED_PREFIX)):
-                continue
-            known = decoded.get((dir_id, backing))
-            if known is not None:
-                out.append((known, ino, mode))
                 continue
             side = None
             if is_long(backing):
