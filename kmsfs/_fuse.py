@@ -11,7 +11,9 @@ the C structures of libfuse 3.12+ on x86-64 Linux, the reply functions, and the 
 
 It knows nothing of kmsfs: ``Session`` takes a table of Python callables keyed by the libfuse
 operation name (``kmsfs/operations.py`` builds it) and runs the loop. Callbacks run on libfuse's
-worker threads (ctypes takes the GIL for each); ctypes releases the GIL while libfuse waits.
+worker threads (ctypes takes the GIL for each; each thread keeps one Python thread state for its
+life, see ``_keep_thread_state``); ctypes releases the GIL while libfuse waits for requests, and
+the calls a handler makes (replies, directory entries) keep it (``_glib``, issue 19).
 """
 
 from __future__ import annotations
