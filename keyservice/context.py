@@ -27,3 +27,7 @@ class RequestContext:
     # kmsfs sends, in the signed header X-Kmsfs-Caller (JSON), the file path inside the mount and
     # the local uid / pid / process name of the FUSE request; stored verbatim in the audit record.
     caller: dict[str, object] = field(default_factory=dict)
+    # On the Unix-socket listener only: the connecting process as the kernel reported it
+    # (SO_PEERCRED uid, gid, pid, plus comm and exe from /proc): who actually connected, beside
+    # ``caller``, which says who the client claims to act for. None on TCP.
+    peer: dict[str, object] | None = None

@@ -263,6 +263,8 @@ def _build(cipherdir: str, args: argparse.Namespace, timeout: float = DEFAULT_KM
 
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
+    if parts.scheme.lower() == "unix":  # unix:///path: the socket file is the whole address
+        return "unix", parts.path
     return parts.scheme.lower(), parts.netloc.lower()
 
 

@@ -12,6 +12,11 @@ Errors: an AWS error reply becomes ``KeyServiceError(code, message)``; anything 
 service could not answer" (connection refused, timeout, 5xx, unparseable reply) becomes
 ``KeyServiceUnavailable``. Nothing else escapes.
 
+Unix socket: an endpoint ``unix:///path/to/keyservice.sock`` reaches a key service on this host
+through its Unix-socket listener (``keyservice serve --listen unix:PATH``), plain HTTP on the
+lean pool (kmsfs/transport.py). SigV4 still signs every request; it needs a host, and the host
+signed (and sent) is always ``localhost`` (UNIX_HOST), the path ``/`` (docs/PROTOCOL.md).
+
 Failover: a client may be given further endpoints (nodes of the same key service, the
 credentials file's ``"endpoints"`` list). When the current one cannot answer, the same request is
 signed again for the next one and sent there, in order; the first that answers becomes current.
@@ -43,6 +48,9 @@ DEFAULT_REGION = "us-east-1"
 # The CA bundle to verify the key service with, overriding the credentials file's ``ca_bundle`` and
 # AWS_CA_BUNDLE (``kmsfs --ca-bundle`` sets it, so the forked mount daemon inherits it).
 CA_BUNDLE_ENV = "KMSFS_CA_BUNDLE"
+# A Unix-socket endpoint is unix:///abs/path; its requests are signed and sent for this host.
+UNIX_SCHEME = "unix"
+UNIX_HOST = "localhost"
 
 # Error codes that mean "you may not use this key now" (mapped to EACCES by the FUSE layer).
 ACCESS_CODES = frozenset({
@@ -109,9 +117,13 @@ def check_endpoint(url: str) -> str:
     """``url`` if kmsfs may send data keys there, else ValueError with one line saying why.
 
     https anywhere (the certificate is always verified); plain http only to a loopback address, so
-    data keys never cross a network in clear.
+    data keys never cross a network in clear; ``unix:///abs/path``, a Unix socket on this host.
     """
     parts = urlsplit(url)
+    if parts.scheme == UNIX_SCHEME:
+        if parts.netloc or not parts.path.startswith("/") or parts.query or parts.fragment:
+            raise ValueError(f"endpoint {url!r} is not a unix:///ABSOLUTE/PATH URL")
+        return url
     try:
         port = parts.port
     except ValueError:
@@ -174,8 +186,10 @@ class KeyClient:
         self._endpoints: list[tuple[str, str]] = []  # (url, host) in the order to try them
         for url in (endpoint, *fallbacks):
             parts = urlsplit(check_endpoint(url))
-            if (f"{parts.scheme}://{parts.netloc}/", parts.netloc) not in self._endpoints:
-                self._endpoints.append((f"{parts.scheme}://{parts.netloc}/", parts.netloc))
+            entry = ((f"{UNIX_SCHEME}://{parts.path}", UNIX_HOST) if parts.scheme == UNIX_SCHEME
+                     else (f"{parts.scheme}://{parts.netloc}/", parts.netloc))
+            if entry not in self._endpoints:
+                self._endpoints.append(entry)
         self.url, self.host = self._endpoints[0]
         self.region = region
         self.credentials = credentials
@@ -190,8 +204,10 @@ class KeyClient:
         # The lean keep-alive pool (kmsfs/transport.py) unless a session was given or a proxy is
         # configured: requests costs ~0.8 ms of Python per call, on the path of every open.
         # (A transport adapter mounted on the session later, as tests do, takes precedence.)
+        # A Unix socket is only reachable through the pool (requests cannot speak it; no proxy applies).
         lean = session is None and transport.usable()
-        self._pools = {url: transport.ConnectionPool(url) if lean else None for url, _ in self._endpoints}
+        self._pools = {url: transport.ConnectionPool(url) if lean or _is_unix(url) else None
+                       for url, _ in self._endpoints}
         self._pool = self._pools[self.url]
 
     # -- transport --------------------------------------------------------------------------------
@@ -228,16 +244,18 @@ class KeyClient:
             access_key_id, secret, token = self.credentials.current()
         except Exception as exc:  # noqa: BLE001 - botocore's refresh: any failure means "no answer"
             raise KeyServiceUnavailable(f"credentials could not be refreshed: {exc}") from exc
+        # On a Unix socket the URL names the socket file; the request itself is for http://localhost/.
+        request_url = f"http://{UNIX_HOST}/" if _is_unix(url) else url
         headers.update(sign_request(
-            method="POST", url=url, headers=headers, body=body,
+            method="POST", url=request_url, headers=headers, body=body,
             access_key_id=access_key_id, secret_access_key=secret,
             region=self.region, session_token=token,
         ))
         pool = self._pools[url]
         try:
-            post = (pool.post if pool is not None
-                    and self.session.get_adapter(url) is self._adapter else self.session.post)
-            resp = post(url, data=body, headers=headers, timeout=self.timeout, verify=self.verify)
+            lean = pool is not None and (_is_unix(url) or self.session.get_adapter(url) is self._adapter)
+            post = pool.post if lean and pool is not None else self.session.post
+            resp = post(request_url, data=body, headers=headers, timeout=self.timeout, verify=self.verify)
         except requests.RequestException as exc:
             if _tls_failure(exc):
                 trusted = self.verify if isinstance(self.verify, str) else "the system CAs"
@@ -308,6 +326,10 @@ class KeyClient:
             if pool is not None:
                 pool.close()
         self.session.close()
+
+
+def _is_unix(url: str) -> bool:
+    return url.startswith(UNIX_SCHEME + ":")
 
 
 def _tls_failure(exc: BaseException) -> bool:

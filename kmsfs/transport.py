@@ -13,6 +13,9 @@ bundle keyclient passes, or with ``verify=True`` the bundle requests would use
 (``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` / certifi). It is only used when no proxy is
 configured in the environment (requests handles proxies); see ``usable``.
 
+A ``unix:///path`` endpoint is served over that Unix socket (``UnixConnection``): plain HTTP, no
+TLS and no TCP_NODELAY (neither applies), the requests otherwise identical.
+
 A request is never sent twice: a pooled connection that the server closed while idle is detected
 (readable socket) and dropped *before* it is used.
 """
@@ -57,6 +60,7 @@ class ConnectionPool:
 
     def __init__(self, endpoint: str) -> None:
         parts = urlsplit(endpoint)
+        self.unix_path = parts.path if parts.scheme == "unix" else None
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.https else 80)
@@ -85,6 +89,11 @@ class ConnectionPool:
                     return conn
                 conn.close()
         conn: http.client.HTTPConnection
+        if self.unix_path is not None:
+            conn = UnixConnection(self.unix_path, timeout=timeout[0])
+            conn.connect()
+            conn.sock.settimeout(timeout[1])
+            return conn
         if self.https:
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout[0],
                                                context=self._context(verify))
@@ -148,3 +157,21 @@ def _certifi() -> str | None:
     except ImportError:
         return None
     return certifi.where()
+
+
+class UnixConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix-domain socket (the key service's ``--listen unix:PATH``)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock

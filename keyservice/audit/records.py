@@ -133,6 +133,8 @@ def build_record(
         "source_address": ctx.source_address,
         "user_agent": ctx.user_agent,
         "caller": dict(ctx.caller) if ctx.caller else None,
+        # Only on the Unix-socket listener (absent, not null, on TCP: older lines keep their shape).
+        **({"peer": dict(ctx.peer)} if ctx.peer is not None else {}),
     }
 
 

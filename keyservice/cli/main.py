@@ -38,10 +38,10 @@ from keyservice.cli.common import CliError, OneLineParser, root_source
 from keyservice.clock import FileOffsetClock, SystemClock
 from keyservice.console.app import build_console
 from keyservice.files import write_atomic
-from keyservice.http import tls
+from keyservice.http import tls, unix_listener
 from keyservice.http.api import KmsApp
 from keyservice.http.metrics_listener import MetricsListener
-from keyservice.http.server import Server, bind_socket, endpoint_url
+from keyservice.http.server import LISTEN_BACKLOG, Server, bind_socket, endpoint_url
 from keyservice.scheduler import DEFAULT_INTERVAL, Scheduler
 from keyservice.store import engine, rootkey
 
@@ -64,6 +64,38 @@ def _parse_listen(value: str) -> tuple[str, int]:
     if int(port) > 65535:
         raise argparse.ArgumentTypeError(f"port {port} of {value!r} is out of range (0-65535)")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parse_serve_listen(value: str) -> tuple[str, int] | Path:
+    """``serve --listen``: HOST:PORT, or ``unix:PATH`` (``unix:///abs/path`` too) for a Unix socket."""
+    if not value.startswith(unix_listener.SOURCE_PREFIX):
+        return _parse_listen(value)
+    path = value[len(unix_listener.SOURCE_PREFIX):]
+    path = path[2:] if path.startswith("//") else path
+    if not path:
+        raise argparse.ArgumentTypeError(f"must be unix:PATH, not {value!r}")
+    return Path(os.path.abspath(path))
+
+
+def _split_listen(args: argparse.Namespace) -> unix_listener.SocketOptions | None:
+    """Sort ``serve --listen`` (repeatable) into ``args.listen`` (the TCP HOST:PORT, or None when
+    only a Unix socket is served) and the Unix socket's options (None without one)."""
+    given = args.listen or [_parse_listen(DEFAULT_LISTEN)]
+    tcp = [v for v in given if isinstance(v, tuple)]
+    unix = [v for v in given if isinstance(v, Path)]
+    if len(tcp) > 1 or len(unix) > 1:
+        raise CliError("--listen: at most one HOST:PORT and one unix:PATH")
+    args.listen = tcp[0] if tcp else None
+    socket_options = (args.socket_mode, args.socket_owner, args.socket_group)
+    if not unix:
+        if any(option is not None for option in socket_options):
+            raise CliError("--socket-mode/--socket-owner/--socket-group need --listen unix:PATH")
+        return None
+    try:
+        mode = unix_listener.parse_mode(args.socket_mode) if args.socket_mode else unix_listener.DEFAULT_MODE
+    except ValueError:
+        raise CliError(f"--socket-mode {args.socket_mode!r} is not an octal mode such as 0660") from None
+    return unix_listener.SocketOptions(unix[0], mode, args.socket_owner, args.socket_group)
 
 
 # The endpoint ``init`` wrote into --credentials-out, recorded so that ``serve`` can say when it
@@ -107,7 +139,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     if (data_dir / rootkey.ROOT_CONFIG_NAME).exists():
         raise CliError(f"{data_dir} is already initialised")
     endpoint = args.endpoint or _endpoint_of(args.listen)
-    if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).hostname:
+    parts = urlsplit(endpoint)
+    if parts.scheme == "unix":  # kmsfs on this host, through serve --listen unix:PATH
+        if parts.netloc or not parts.path.startswith("/"):
+            raise CliError(f"--endpoint {endpoint!r} is not a unix:///ABSOLUTE/PATH URL")
+    elif parts.scheme not in ("http", "https") or not parts.hostname:
         raise CliError(f"--endpoint {endpoint!r} is not an https://HOST:PORT URL")
     created = [startup.first_missing(data_dir)]
     if args.root_key_file:
@@ -132,8 +168,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         (data_dir / ENDPOINT_RECORD).write_text(endpoint + "\n")
         if args.credentials_out:
             _write_credentials(Path(args.credentials_out), creds, endpoint, args.region, ca_bundle)
+    serves = f"unix:{parts.path}" if parts.scheme == "unix" else f"{args.listen[0]}:{args.listen[1]}"
     print(f"Initialised {data_dir} (region {args.region}); clients reach it at {endpoint} "
-          f"once it serves with --listen {args.listen[0]}:{args.listen[1]}.")
+          f"once it serves with --listen {serves}.")
     print("Admin credentials (shown once; keep them safe):")
     print(f"  access_key_id:     {creds.access_key_id}")
     print(f"  secret_access_key: {creds.secret_access_key}")
@@ -206,8 +243,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, ready: Callable[[str, Path], None] | None) -> int:
     """Check the address and the data directory, start, announce, serve until SIGTERM/SIGINT. A
     start that fails undoes what it created (a new dev data directory) and says why in one line."""
-    host, port = args.listen
-    startup.check_listen(host, port)
+    unix = _split_listen(args)
+    host, port = args.listen or ("", 0)
+    if args.listen is not None:
+        startup.check_listen(host, port)
+    if unix is not None:
+        try:
+            unix_listener.check(unix)
+        except unix_listener.UnixListenError as error:
+            raise CliError(str(error)) from None
     temp_dir: Path | None = None
     new_dir: Path | None = None
     if args.dev:
@@ -231,7 +275,7 @@ def _serve(args: argparse.Namespace, ready: Callable[[str, Path], None] | None) 
         try:
             lock_fd = startup.lock_data_dir(data_dir)
             closers.append(lambda: os.close(lock_fd))
-            started = _start(args, data_dir, host, port, closers)
+            started = _start(args, data_dir, host, port, unix, closers)
         except BaseException:
             for close in reversed(closers):
                 close()
@@ -240,12 +284,12 @@ def _serve(args: argparse.Namespace, ready: Callable[[str, Path], None] | None) 
     endpoint = serving.endpoint
     if args.dev:
         sys.stderr.write(DEV_WARNING.format(root=data_dir / rootkey.DEV_KEY_NAME))
-    _warn_endpoint_mismatch(data_dir, endpoint, host, tls_cert, ca_bundle)
+    _warn_endpoint_mismatch(data_dir, endpoint, host, tls_cert, ca_bundle, serving.unix_url)
     if creds is not None and args.credentials_out:
         _write_credentials(Path(args.credentials_out), creds, endpoint, region, ca_bundle)
     if args.pid_file:
         Path(args.pid_file).write_text(f"{os.getpid()}\n")
-    _announce(args, ready, data_dir, endpoint, region, creds, ca_bundle)
+    _announce(args, ready, data_dir, endpoint, region, creds, ca_bundle, serving.unix_url)
     try:
         if running is not None:  # one process: opened before announcing, so a failure says why
             return running.serve()
@@ -261,10 +305,12 @@ def _serve(args: argparse.Namespace, ready: Callable[[str, Path], None] | None) 
 
 
 def _start(args: argparse.Namespace, data_dir: Path, host: str, port: int,
+           unix: unix_listener.SocketOptions | None,
            closers: list[Callable[[], object]]) -> tuple[Any, ...]:
-    """Unseal the root key, check the store, bind the socket; with one process also open the store
+    """Unseal the root key, check the store, bind the sockets; with one process also open the store
     and the audit log. Each opened part is added to ``closers`` at once, so a failure further on
-    closes it again. With ``--workers N`` the workers open their own after the fork."""
+    closes it again. With ``--workers N`` the workers open their own after the fork (and share
+    both listening sockets; the Unix socket's file is removed by this process, at the very end)."""
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
     _check_metrics_listen(args)
@@ -283,14 +329,24 @@ def _start(args: argparse.Namespace, data_dir: Path, host: str, port: int,
             account_id=_new_account_id(),
             store_url=args.store,
         )
-    tls_cert, tls_key, ca_bundle = _tls_setup(args, data_dir, host)
+    # The Unix socket is always plain HTTP: TLS only for a TCP listener.
+    tls_cert, tls_key, ca_bundle = _tls_setup(args, data_dir, host) if args.listen else (None, None, None)
     region = bootstrap.check_store(data_dir, root_key, args.store, region=args.region)
-    try:
-        sock = bind_socket(host, port)
-    except OSError as exc:  # taken since check_listen
-        raise startup.listen_error(host, port, exc) from None
-    closers.append(sock.close)
-    serving = _Serving(args, data_dir, root_key, sock, tls_cert, tls_key)
+    sock = None
+    if args.listen is not None:
+        try:
+            sock = bind_socket(host, port)
+        except OSError as exc:  # taken since check_listen
+            raise startup.listen_error(host, port, exc) from None
+        closers.append(sock.close)
+    listener = None
+    if unix is not None:
+        try:
+            listener = unix_listener.Listener(unix, LISTEN_BACKLOG)
+        except unix_listener.UnixListenError as error:
+            raise CliError(str(error)) from None
+        closers.append(listener.remove)
+    serving = _Serving(args, data_dir, root_key, sock, tls_cert, tls_key, listener)
     del root_key
     running = None
     if args.workers == 1:
@@ -303,13 +359,19 @@ class _Serving:
     """What a serving process needs, made before any fork: the unsealed root key and the bound
     socket. ``open(index)`` builds the whole server (index None) or worker ``index`` of N."""
 
-    def __init__(self, args: argparse.Namespace, data_dir: Path, root_key: bytes, sock: socket.socket,
-                 tls_cert: Path | None, tls_key: Path | None) -> None:
-        self.args, self.data_dir, self.sock = args, data_dir, sock
+    def __init__(self, args: argparse.Namespace, data_dir: Path, root_key: bytes, sock: socket.socket | None,
+                 tls_cert: Path | None, tls_key: Path | None,
+                 unix: unix_listener.Listener | None = None) -> None:
+        self.args, self.data_dir, self.sock, self.unix = args, data_dir, sock, unix
         self._root_key = root_key
         self.tls_cert, self.tls_key = tls_cert, tls_key
-        host = args.listen[0]
-        self.endpoint = endpoint_url("https" if tls_cert else "http", host, sock.getsockname()[1])
+        self.unix_url = unix.url if unix is not None else None
+        if sock is not None:
+            host = args.listen[0]
+            self.endpoint = endpoint_url("https" if tls_cert else "http", host, sock.getsockname()[1])
+        else:
+            assert unix is not None
+            self.endpoint = unix.url
 
     def run(self, index: int) -> int:
         """A worker's life: open, serve until SIGTERM, close (``workers.supervise`` forks it)."""
@@ -319,7 +381,7 @@ class _Serving:
         args = self.args
         # Unique per node (it names the node's chains in a shared audit table): by default the
         # host name and the port, so two nodes on one host differ too.
-        node = args.node_id or f"{socket.gethostname()}-{self.sock.getsockname()[1]}"
+        node = args.node_id or f"{socket.gethostname()}-{self._node_suffix()}"
         chain = MAIN_CHAIN if index is None else workers.chain_id(node, index)
         # The service's clock may be shifted for tests (--clock-offset-file); SigV4 always checks real time.
         service_clock = FileOffsetClock(args.clock_offset_file) if args.clock_offset_file else SystemClock()
@@ -361,11 +423,19 @@ class _Serving:
                     metrics.start()
                     print(f"  metrics (unauthenticated): {metrics.endpoint}/metrics", flush=True)
             running.server = Server(app, "", 0, tls_cert=self.tls_cert, tls_key=self.tls_key, sock=self.sock,
-                                    refuse=app.refuse_malformed)
+                                    refuse=app.refuse_malformed,
+                                    unix_sock=self.unix.socket if self.unix is not None else None)
         except BaseException:
             running.close()
             raise
         return running
+
+    def _node_suffix(self) -> str:
+        """The TCP port, or for a Unix-socket-only server ``unix-<socket file name>``."""
+        if self.sock is not None:
+            return str(self.sock.getsockname()[1])
+        assert self.unix is not None
+        return "unix-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in self.unix.options.path.name)
 
 
 class _Running:
@@ -407,14 +477,23 @@ class _Running:
 
 
 def _warn_endpoint_mismatch(data_dir: Path, endpoint: str, host: str, tls_cert: Path | None,
-                            ca_bundle: Path | None) -> None:
+                            ca_bundle: Path | None, unix_url: str | None = None) -> None:
     """One warning line each when clients following ``init``'s credentials file, or checking the
     certificate, would not reach this server: it names the endpoint and the CA involved."""
     try:
         recorded = (data_dir / ENDPOINT_RECORD).read_text().strip()
     except OSError:
         recorded = ""
-    if recorded and urlsplit(recorded).port != urlsplit(endpoint).port:
+    socket_path = urlsplit(recorded).path
+    if recorded.startswith("unix:"):  # init --endpoint unix:///PATH: served if a listener is that socket
+        if unix_url is None or socket_path != urlsplit(unix_url).path:
+            sys.stderr.write(f"keyservice: warning: init recorded the endpoint {recorded} (in its "
+                             f"credentials file) but this server listens at {endpoint}: clients using "
+                             f"that file will not find it; serve with --listen unix:{socket_path}\n")
+    elif recorded and unix_url == endpoint:
+        sys.stderr.write(f"keyservice: warning: init recorded the endpoint {recorded} (in its credentials "
+                         f"file) but this server listens only at {endpoint}\n")
+    elif recorded and urlsplit(recorded).port != urlsplit(endpoint).port:
         sys.stderr.write(f"keyservice: warning: init recorded the endpoint {recorded} (in its credentials "
                          f"file) but this server listens at {endpoint}: clients using that file will not "
                          f"find it; serve with --listen matching it, or fix the file's \"endpoint\"\n")
@@ -429,7 +508,7 @@ def _warn_endpoint_mismatch(data_dir: Path, endpoint: str, host: str, tls_cert: 
 
 def _announce(args: argparse.Namespace, ready: Callable[[str, Path], None] | None, data_dir: Path,
               endpoint: str, region: str, creds: bootstrap.Credentials | None,
-              ca_bundle: Path | None) -> None:
+              ca_bundle: Path | None, unix_url: str | None = None) -> None:
     """Say where the service is. Foreground: the banner and (dev) the export lines. Background:
     the same as shell lines for ``eval``, to the parent, which then returns."""
     env: dict[str, str] = {}
@@ -440,13 +519,15 @@ def _announce(args: argparse.Namespace, ready: Callable[[str, Path], None] | Non
     if ca_bundle:
         env["AWS_CA_BUNDLE"] = str(ca_bundle)
     env["AWS_ENDPOINT_URL_KMS"] = endpoint
-    banner = f"keyservice listening on {endpoint} (region {region}, data {data_dir})"
+    where = endpoint if unix_url in (None, endpoint) else f"{endpoint} and {unix_url}"
+    banner = f"keyservice listening on {where} (region {region}, data {data_dir})"
     if ready is None:
         print(banner, flush=True)
         if creds is not None:
             for name, value in env.items():
                 print(f"  export {name}={shlex.quote(value)}")
-            print(f"  aws --endpoint-url {endpoint} kms list-keys", flush=True)
+            if unix_url != endpoint:  # the AWS CLI cannot speak to a Unix socket
+                print(f"  aws --endpoint-url {endpoint} kms list-keys", flush=True)
         return
     log_file = Path(args.log).absolute() if args.log else data_dir.absolute() / startup.LOG_NAME
     env["KEYSERVICE_PID"] = str(os.getpid())
@@ -468,9 +549,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dev", action="store_true",
                        help="no-setup dev mode, root key kept in the data dir (default off)")
     serve.add_argument(
-        "--listen", type=_parse_listen, default=_parse_listen(DEFAULT_LISTEN), metavar="HOST:PORT",
-        help=f"address to serve on (default {DEFAULT_LISTEN}; port 0 picks a free one)",
+        "--listen", type=_parse_serve_listen, action="append", metavar="HOST:PORT|unix:PATH",
+        help=f"address to serve on (default {DEFAULT_LISTEN}; port 0 picks a free one); unix:PATH "
+             "serves plain HTTP on a Unix socket for kmsfs on this host (give --listen twice for "
+             "both; requests are SigV4-verified on either)",
     )
+    serve.add_argument("--socket-mode", metavar="OCTAL",
+                       help=f"file mode of the unix:PATH socket (default {unix_listener.DEFAULT_MODE:04o})")
+    serve.add_argument("--socket-owner", metavar="USER",
+                       help="owner of the unix:PATH socket, name or uid (default: the server's user)")
+    serve.add_argument("--socket-group", metavar="GROUP",
+                       help="group of the unix:PATH socket, name or gid (default: the server's group)")
     serve.add_argument(
         "--data-dir", help="data directory (default: none, required without --dev; dev mode: created "
         "if missing, temporary if omitted)"

@@ -35,6 +35,7 @@ from keyservice.audit.commit import AsyncCommitter, deferred_commits
 from keyservice.clock import Clock
 from keyservice.context import Principal, RequestContext
 from keyservice.http.sigv4 import verify_request
+from keyservice.http.unix_listener import Peer, scope_peer
 from keyservice.service import READ_ONLY_OPERATIONS
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class HttpRequest:
     body: bytes
     remote_addr: str
     too_large: bool = False  # the body exceeded the limit (and was drained, not kept)
+    peer: Peer | None = None  # the connecting process, on the Unix-socket listener only
 
 
 @dataclass(frozen=True)
@@ -176,9 +178,10 @@ def _context(request: HttpRequest, request_id: str) -> RequestContext:
     """What the audit record can say about any request before its signature is checked."""
     return RequestContext(
         request_id=request_id,
-        source_address=request.remote_addr,
+        source_address=request.peer.source_address if request.peer else request.remote_addr,
         user_agent=request.headers.get("user-agent", "")[:256],
         caller=_parse_caller(request.headers.get(CALLER_HEADER)),
+        peer=request.peer.audit_fields() if request.peer else None,
     )
 
 
@@ -264,11 +267,13 @@ class KmsApp:
         )
         raise error
 
-    async def refuse_malformed(self, status: int, remote_addr: str) -> HttpReply:
+    async def refuse_malformed(self, status: int, remote_addr: str, peer: Peer | None = None) -> HttpReply:
         """Answer and audit what the HTTP parser refused before the request reached ``respond``:
         431 (request line and headers over ``server.MAX_HEADER_BYTES``) or 400 (not HTTP)."""
         request_id = str(uuid.uuid4())
-        ctx = RequestContext(request_id=request_id, source_address=remote_addr)
+        ctx = RequestContext(request_id=request_id,
+                             source_address=peer.source_address if peer else remote_addr,
+                             peer=peer.audit_fields() if peer else None)
         if status == 431:
             error: errors.KMSError = errors.RequestHeaderFieldsTooLargeException(
                 "The request line and headers are too large."
@@ -316,6 +321,7 @@ class KmsApp:
             principal=principal,
             user_agent=ctx.user_agent,
             caller=ctx.caller,
+            peer=ctx.peer,
         )
         if not operation:
             error = errors.UnknownOperationException(f"Unknown X-Amz-Target '{target[:100]}'.")
@@ -360,6 +366,7 @@ class KmsApp:
             body=body,
             remote_addr=client[0] if client else "",
             too_large=too_large,
+            peer=scope_peer(scope),
         )
         target = request.headers.get("x-amz-target", "")
         # The operations the service runs without its lock (reads and crypto) run on the event

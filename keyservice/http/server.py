@@ -9,6 +9,10 @@ optional speed-ups: without them uvicorn falls back to asyncio and h11 and works
 The listening socket is bound here, before serving, so the chosen port (port 0 picks a free one)
 can be printed first. TLS uses our own ``SSLContext`` (TLS 1.2 minimum, the ``ssl`` module's
 secure defaults) rather than uvicorn's cipher default.
+
+A Unix-domain socket (``keyservice.http.unix_listener``) can be served too, beside the TCP socket
+or alone: plain HTTP (never TLS: the kernel carries it within the host), each connection's peer
+credentials handed to the application.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 
 import uvicorn
 
+from keyservice.http import unix_listener
+
 # Connections idle this long are closed; clients (kmsfs's pool, botocore) reconnect transparently.
 KEEP_ALIVE_SECONDS = 30
 # In-flight requests get this long to finish at shutdown.
@@ -35,10 +41,11 @@ LISTEN_BACKLOG = 1024
 # fallback parser, caps at 16 KiB itself.) SigV4 and the kmsfs caller header need a few KiB.
 MAX_HEADER_BYTES = 256 * 1024
 
-# ``refuse(status, client_address)``: the application's answer to a request the parser refused
-# (431: headers too large; 400: not HTTP), audited like any other request. The reply has
-# ``status``, ``content_type``, ``body`` and ``request_id`` (``api.HttpReply``).
-Refuse = Callable[[int, str], Awaitable[Any]]
+# ``refuse(status, client_address, peer)``: the application's answer to a request the parser
+# refused (431: headers too large; 400: not HTTP), audited like any other request; ``peer`` is the
+# Unix-socket peer (None on TCP). The reply has ``status``, ``content_type``, ``body`` and
+# ``request_id`` (``api.HttpReply``).
+Refuse = Callable[[int, str, "unix_listener.Peer | None"], Awaitable[Any]]
 
 
 def _http_protocol(refuse: Refuse | None) -> Any:
@@ -78,7 +85,8 @@ def _http_protocol(refuse: Refuse | None) -> Any:
             # Reading goes on (and is dropped, above): a client still sending then gets the answer
             # and a clean close, not a reset that could discard the answer.
             client = self.client[0] if self.client else ""
-            self._refusal = self.loop.create_task(self._answer(refuse(status, client)))
+            peer = self.app_state.get(unix_listener.PEER_STATE_KEY)
+            self._refusal = self.loop.create_task(self._answer(refuse(status, client, peer)))
 
         async def _answer(self, pending: Awaitable[Any]) -> None:
             try:
@@ -145,6 +153,25 @@ class _Uvicorn(uvicorn.Server):
     remaining connection is aborted.
     """
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's startup on the TCP sockets (with TLS if configured), then the Unix sockets:
+        plain HTTP, with a protocol that hands each connection's peer credentials to the app."""
+        unix = [s for s in sockets or [] if s.family == socket.AF_UNIX]
+        await super().startup(sockets=[s for s in sockets or [] if s.family != socket.AF_UNIX])
+        if not unix:
+            return
+        config = self.config
+        protocol = unix_listener.peer_protocol(config.http_protocol_class)
+        loop = asyncio.get_running_loop()
+
+        def create_protocol() -> asyncio.Protocol:
+            return protocol(config=config, server_state=self.server_state,  # type: ignore[no-any-return]
+                            app_state=self.lifespan.state, _loop=loop)
+
+        for sock in unix:
+            self.servers.append(await loop.create_server(create_protocol, sock=sock, ssl=None,
+                                                         backlog=config.backlog))
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
             server.close()
@@ -166,14 +193,18 @@ class _Uvicorn(uvicorn.Server):
 
 
 class Server:
-    """One listening server; ``port`` is known after construction."""
+    """One listening server; ``port`` is known after construction (None when it serves only a
+    Unix socket: ``unix_sock`` given, ``sock`` not)."""
 
     def __init__(self, app: Any, host: str, port: int, *,
                  tls_cert: Path | None = None, tls_key: Path | None = None,
-                 sock: socket.socket | None = None, refuse: Refuse | None = None) -> None:
+                 sock: socket.socket | None = None, refuse: Refuse | None = None,
+                 unix_sock: socket.socket | None = None) -> None:
         if tls_cert is not None and tls_key is None:
             raise ValueError("--tls-cert needs --tls-key")
-        self._socket = sock if sock is not None else bind_socket(host, port)
+        if sock is None and unix_sock is None:
+            sock = bind_socket(host, port)
+        self._sockets = [s for s in (sock, unix_sock) if s is not None]
         config = uvicorn.Config(
             app,
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
@@ -198,18 +229,22 @@ class Server:
         self._server = _Uvicorn(config)
         self.scheme = "https" if tls_cert is not None else "http"
         self.host = host
-        self.port = int(self._socket.getsockname()[1])
+        self.port = int(sock.getsockname()[1]) if sock is not None else None
 
     @property
     def endpoint(self) -> str:
+        assert self.port is not None, "a Unix-socket-only server has no TCP endpoint"
         return endpoint_url(self.scheme, self.host, self.port)
 
     def serve_forever(self) -> None:
-        """Serve until ``stop`` or SIGINT/SIGTERM (uvicorn handles both and re-raises them after)."""
+        """Serve until ``stop`` or SIGINT/SIGTERM (uvicorn handles both and re-raises them after).
+        The sockets are closed at the end; a Unix socket's file is its owner's to remove
+        (``unix_listener.Listener.remove``)."""
         try:
-            self._server.run(sockets=[self._socket])
+            self._server.run(sockets=self._sockets)
         finally:
-            self._socket.close()
+            for sock in self._sockets:
+                sock.close()
 
     def stop(self) -> None:
         self._server.should_exit = True

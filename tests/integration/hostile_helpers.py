@@ -81,12 +81,28 @@ def _parse(data: bytes) -> Reply:
     return Reply(status, headers, body[:length])
 
 
-def exchange(port: int, chunks: Iterable[bytes], *, timeout: float = TIMEOUT, head: bool = False) -> Reply:
-    """Send ``chunks`` on a fresh connection (stopping early if the server answers first), then read
-    one reply (``head``: a reply to HEAD, headers only). Raises TimeoutError if none comes within
-    ``timeout``: the server hung."""
+def connect(where: int | str, timeout: float = TIMEOUT) -> socket.socket:
+    """A connection to the loopback port ``where``, or to the Unix socket at the path ``where``."""
+    if isinstance(where, int):
+        return socket.create_connection(("127.0.0.1", where), timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(where)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def exchange(
+    port: int | str, chunks: Iterable[bytes], *, timeout: float = TIMEOUT, head: bool = False
+) -> Reply:
+    """Send ``chunks`` on a fresh connection (to a loopback port, or a Unix socket's path),
+    stopping early if the server answers first, then read one reply (``head``: a reply to HEAD,
+    headers only). Raises TimeoutError if none comes within ``timeout``: the server hung."""
     deadline = time.monotonic() + timeout
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with connect(port, timeout) as sock:
         received = b""
         for chunk in chunks:
             readable, _, _ = select.select([sock], [], [], 0)
