@@ -91,10 +91,13 @@ KMS_ROWS = (
     Row("kms_gdk_p99", "  GenerateDataKey p99", "ms", False, ""),
     Row("kms_serial_p50", "one Decrypt through kmsfs's client, serial, p50", "ms", False, "<= 0.5"),
     Row("kms_serial_gdk_p50", "one GenerateDataKey through kmsfs's client, serial, p50", "ms", False, ""),
+    Row("kms_serial_unix_p50", "  the same Decrypt over the Unix socket, p50", "ms", False, ""),
+    Row("kms_serial_unix_gdk_p50", "  the same GenerateDataKey over the Unix socket, p50", "ms", False, ""),
     Row("kmsfs_rss", "kmsfs peak RSS writing {rss_size}", "MiB", False, "<= 100"),
 )
 
-# Workloads with one key-service round trip per file: workload -> (round-trip figure, what asks).
+# Workloads with one key-service round trip per file: workload -> (round-trip figure, what asks);
+# with --unix-socket the "_unix" figures (the mounts then talk to the service over the socket).
 FLOORS = {"untar": ("kms_serial_gdk_p50", "GenerateDataKey per create"),
           "cat_all": ("kms_serial_p50", "Decrypt per open")}
 FLOOR_TARGET = "<= 1.25x"
@@ -235,6 +238,7 @@ class Env:
     creds: Path | None = None
     key_id: str = ""
     kms_pid: int | None = None
+    unix_endpoint: str = ""  # unix:///RUN/ks.sock when the service also listens there
     pids: dict[str, int] = field(default_factory=dict)  # target -> daemon started here
     kmsfs_opts: list[str] = field(default_factory=list)
 
@@ -253,13 +257,22 @@ class Env:
                     proc.wait(5)
 
 
-def start_keyservice(env: Env, workers: int = 1) -> None:
+def unix_socket_path(run_dir: Path) -> Path:
+    return run_dir / "ks.sock"
+
+
+def start_keyservice(env: Env, workers: int = 1, unix: bool = False) -> None:
+    """``keyservice serve --dev`` on a loopback TLS port (the credentials name it) and, with
+    ``unix``, also on ``RUN/ks.sock`` (issue 19's Unix-domain listener, ``env.unix_endpoint``)."""
     data, creds = env.run_dir / "keyservice", env.run_dir / "creds.json"
     port = free_port()
     log = open(env.run_dir / "keyservice.log", "w")  # noqa: SIM115 - lives as long as the process
+    listen = ["--listen", f"127.0.0.1:{port}"]
+    if unix:
+        listen += ["--listen", f"unix:{unix_socket_path(env.run_dir)}"]
+        env.unix_endpoint = f"unix://{unix_socket_path(env.run_dir)}"
     proc = subprocess.Popen([PY, "-m", "keyservice", "serve", "--dev", "--data-dir", str(data),
-                             "--listen", f"127.0.0.1:{port}", "--credentials-out", str(creds),
-                             "--workers", str(workers)],
+                             *listen, "--credentials-out", str(creds), "--workers", str(workers)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=env.run_dir)
     env.procs.append(proc)
     env.kms_pid = proc.pid
@@ -619,15 +632,17 @@ def kms_load(creds: dict[str, Any], key_id: str, *, seconds: float, clients: int
     return result
 
 
-def serial_round_trips(creds_file: Path, key_id: str, n: int = 1000) -> dict[str, float]:
+def serial_round_trips(creds_file: Path, key_id: str, n: int = 1000, endpoint: str = "",
+                       suffix: str = "") -> dict[str, float]:
     """p50 (ms) of back-to-back Decrypts and GenerateDataKeys through kmsfs's own client: what every
-    open and every create waits for, and so the per-file part of the floor (``FLOORS``)."""
+    open and every create waits for, and so the per-file part of the floor (``FLOORS``).
+    ``endpoint`` overrides the credentials' (e.g. the Unix socket); ``suffix`` goes into the keys."""
     from kmsfs.keyclient import KeyClient, load_credentials
 
     creds = load_credentials(creds_file)
     if not creds.endpoint or not creds.region:
         raise RuntimeError(f"{creds_file} names no endpoint or region")
-    client = KeyClient(creds.endpoint, creds.region, creds)
+    client = KeyClient(endpoint or creds.endpoint, creds.region, creds)
     context = {"kmsfs:file-id": "00" * 16}
     decrypt: list[float] = []
     gdk: list[float] = []
@@ -644,9 +659,11 @@ def serial_round_trips(creds_file: Path, key_id: str, n: int = 1000) -> dict[str
         client.close()
     decrypt.sort()
     gdk.sort()
-    out = {"kms_serial_p50": _percentile(decrypt, 0.5), "kms_serial_gdk_p50": _percentile(gdk, 0.5)}
-    say(f"one request at a time through kmsfs's KeyClient: Decrypt p50 {out['kms_serial_p50']:.2f} ms, "
-        f"GenerateDataKey p50 {out['kms_serial_gdk_p50']:.2f} ms")
+    out = {f"kms_serial{suffix}_p50": _percentile(decrypt, 0.5),
+           f"kms_serial{suffix}_gdk_p50": _percentile(gdk, 0.5)}
+    say(f"one request at a time through kmsfs's KeyClient ({endpoint or creds.endpoint}): Decrypt p50 "
+        f"{out[f'kms_serial{suffix}_p50']:.2f} ms, GenerateDataKey p50 "
+        f"{out[f'kms_serial{suffix}_gdk_p50']:.2f} ms")
     return out
 
 
@@ -745,6 +762,9 @@ def key_service_figures(env: Env, sizes: Sizes, tree_only: bool) -> dict[str, An
                        clients=16, processes=4, run_dir=env.run_dir)
     assert env.creds is not None
     kms.update(serial_round_trips(env.creds, env.key_id, n=sizes.serial_trips))
+    if env.unix_endpoint:
+        kms.update(serial_round_trips(env.creds, env.key_id, n=sizes.serial_trips,
+                                      endpoint=env.unix_endpoint, suffix="_unix"))
     if not tree_only:
         say("kmsfs peak RSS")
         kms["kmsfs_rss"] = kmsfs_peak_rss(env, sizes.rss_mib)
@@ -768,7 +788,7 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
         say("fio missing: no random-I/O figures")
     say(f"run directory {env.run_dir}; targets {', '.join(targets)}; {sizes.reps} repetition(s); "
         f"load average {load_start}")
-    start_keyservice(env)
+    start_keyservice(env, unix=True)
     tarball, nfiles = quick_tarball(env.run_dir) if args.quick else make_tarball(env.run_dir)
     say(f"tree: {nfiles} files in {tarball.name}")
     mnts: dict[str, Path] = {}
@@ -832,6 +852,8 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
         add(r, values, samples[r.key])
         if r.key in FLOORS:
             trip, what = FLOORS[r.key]
+            if args.unix_socket:
+                trip, what = trip.replace("kms_serial", "kms_serial_unix"), what + " (Unix socket)"
             floor = floor_value(r, values.get("passthrough"), kms.get(trip), nfiles)
             if floor is not None:
                 add(Row(f"{r.key}_floor", f"  floor: passthrough + 1 serial {what}", r.unit,
@@ -843,6 +865,7 @@ def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
         add(r, {"kmsfs": kms.get(r.key)}, {})
         rows[-1]["ratios"] = {}
     return {"quick": bool(args.quick), "kmsfs_options": env.kmsfs_opts, "reps": sizes.reps,
+            "unix_socket": bool(args.unix_socket),
             "targets": targets, "files": nfiles,
             "sizes": sizes.__dict__, "kernel": os.uname().release, "time": time.strftime("%F %T %Z"),
             "load_average": {"start": load_start, "end": load_average()},
@@ -891,6 +914,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure the key service alone (Decrypt and GenerateDataKey), no file systems")
     p.add_argument("--workers", type=int, default=1, help="keyservice serve --workers N (default 1)")
     p.add_argument("--seconds", type=float, default=10.0, help="--kms-only: seconds per operation")
+    p.add_argument("--unix-socket", action="store_true",
+                   help="the kmsfs mounts talk to the key service over its Unix socket (kmsfs mount "
+                        "--endpoint unix://...), and the floor uses the round trips over it")
     p.add_argument("--key-pool", type=int, default=None, metavar="N",
                    help="kmsfs mount --key-pool N (default: kmsfs's own default, off; 32 measures "
                         "the pool with its claims)")
@@ -902,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with run_directory(args.run_dir, args.keep) as run_dir:
         env = Env(run_dir, kmsfs_opts=[] if args.key_pool is None else [f"--key-pool={args.key_pool}"])
+        if args.unix_socket:
+            env.kmsfs_opts += ["--endpoint", f"unix://{unix_socket_path(run_dir)}"]
         try:
             if args.kms_only:
                 start_keyservice(env, args.workers)

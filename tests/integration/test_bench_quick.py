@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.integration, requires_fuse]
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = {"seq_write", "seq_read", "rand_iops", "untar", "find_ls", "cat_all", "rm", "tar_diff",
         "kms_decrypt_rps", "kms_decrypt_p50", "kms_decrypt_p99", "kms_gdk_rps", "kms_gdk_p50",
-        "kms_gdk_p99", "kms_serial_p50", "kms_serial_gdk_p50", "kmsfs_rss", "untar_floor",
-        "cat_all_floor"}
+        "kms_gdk_p99", "kms_serial_p50", "kms_serial_gdk_p50", "kms_serial_unix_p50",
+        "kms_serial_unix_gdk_p50", "kmsfs_rss", "untar_floor", "cat_all_floor"}
 
 
 def test_bench_quick_produces_every_row(tmp_path: Path) -> None:
@@ -58,6 +58,7 @@ def test_bench_quick_produces_every_row(tmp_path: Path) -> None:
         assert rows["tar_diff"]["values"][target] == 0, f"tar -d differences on {target}"
     assert rows["kms_decrypt_rps"]["values"]["kmsfs"] > 0
     assert 0 < rows["kms_serial_p50"]["values"]["kmsfs"] < 1000
+    assert 0 < rows["kms_serial_unix_p50"]["values"]["kmsfs"] < 1000  # the Unix-socket listener
     assert "kmsfs/gocryptfs" in proc.stdout and "kmsfs/floor" in proc.stdout
     assert "CPU seconds of each FUSE daemon" in proc.stdout
     with open("/proc/mounts", encoding="utf-8") as mounts:
