@@ -81,7 +81,11 @@ def validate_context(context: object, field: str = "encryptionContext") -> dict[
         if not k:
             raise ValidationException(f"{field} keys must not be empty")
     result = dict(context)
-    if len(encode_context(result)) > MAX_CONTEXT_BYTES:
+    # len(encode_context(result)), without building it: a count, then each key and value
+    # length-prefixed (UTF-8 encoding raises here as it would there).
+    encoded_len = _U32.size + sum(2 * _U32.size + len(k.encode("utf-8")) + len(v.encode("utf-8"))
+                                  for k, v in result.items())
+    if encoded_len > MAX_CONTEXT_BYTES:
         raise ValidationException(f"{field} is too large (at most {MAX_CONTEXT_BYTES} encoded bytes)")
     return result
 
@@ -119,8 +123,9 @@ def parse_blob(blob: bytes) -> ParsedBlob:
     if version != BLOB_VERSION or key_version == 0:
         raise InvalidCiphertextException(_UNDETAILED)
     blob = bytes(blob)
+    key_hex = key_bytes.hex()  # str(uuid.UUID(bytes=...)), without building the UUID
     return ParsedBlob(
-        key_id=str(uuid.UUID(bytes=key_bytes)),
+        key_id=f"{key_hex[:8]}-{key_hex[8:12]}-{key_hex[12:16]}-{key_hex[16:20]}-{key_hex[20:]}",
         key_version=key_version,
         nonce=nonce,
         ciphertext=blob[HEADER_LEN:],

@@ -154,23 +154,25 @@ def refusal(key: KeyRecord, operation: str, now: datetime) -> KMSError | None:
             f"{key.arn} is managed by the service (KeyManager AWS); customers cannot call {operation} on it."
         )
     state = effective_state(key, now)
-    external = key.origin == ORIGIN_EXTERNAL
-    pending_deletion = KMSInvalidStateException(f"{key.arn} is pending deletion.")
-    pending_import = KMSInvalidStateException(f"{key.arn} is pending import.")
-
     if operation in ALWAYS_ALLOWED:
         return None
     if operation in CRYPTO_OPERATIONS:
-        return {
-            ENABLED: None,
-            DISABLED: DisabledException(f"{key.arn} is disabled."),
-            PENDING_IMPORT: pending_import,
-            PENDING_DELETION: pending_deletion,
-        }.get(state, _unknown(key, state))
+        if state == ENABLED:  # the common case: no error object built
+            return None
+        if state == DISABLED:
+            return DisabledException(f"{key.arn} is disabled.")
+        if state == PENDING_IMPORT:
+            return _pending_import(key)
+        if state == PENDING_DELETION:
+            return _pending_deletion(key)
+        return _unknown(key, state)
+    external = key.origin == ORIGIN_EXTERNAL
     if operation in METADATA_OPERATIONS:
-        return pending_deletion if state == PENDING_DELETION else None
+        return _pending_deletion(key) if state == PENDING_DELETION else None
     if operation in STATE_OPERATIONS:
-        return {PENDING_IMPORT: pending_import, PENDING_DELETION: pending_deletion}.get(state)
+        if state == PENDING_IMPORT:
+            return _pending_import(key)
+        return _pending_deletion(key) if state == PENDING_DELETION else None
     if operation == CANCEL_DELETION:
         return (
             None
@@ -184,17 +186,24 @@ def refusal(key: KeyRecord, operation: str, now: datetime) -> KMSError | None:
             )
         if operation in ROTATION_READS:
             return None
-        return {
-            DISABLED: DisabledException(f"{key.arn} is disabled."),
-            PENDING_DELETION: pending_deletion,
-        }.get(state)
+        if state == DISABLED:
+            return DisabledException(f"{key.arn} is disabled.")
+        return _pending_deletion(key) if state == PENDING_DELETION else None
     if operation in IMPORT_OPERATIONS:
         if not external:
             return UnsupportedOperationException(
                 f"{key.arn} origin is {key.origin} which is not valid for this operation."
             )
-        return pending_deletion if state == PENDING_DELETION else None
+        return _pending_deletion(key) if state == PENDING_DELETION else None
     return KMSInvalidStateException(f"{operation} is not a key operation this service knows the rules of.")
+
+
+def _pending_deletion(key: KeyRecord) -> KMSError:
+    return KMSInvalidStateException(f"{key.arn} is pending deletion.")
+
+
+def _pending_import(key: KeyRecord) -> KMSError:
+    return KMSInvalidStateException(f"{key.arn} is pending import.")
 
 
 def check_usable(key: KeyRecord, operation: str, now: datetime) -> None:

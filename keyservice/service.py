@@ -101,6 +101,7 @@ READ_ONLY_OPERATIONS = frozenset(
         "ListKeyPolicies",
         "ListGrants",
         "ListRetirableGrants",
+        "KmsfsReportAccess",  # kmsfs's open reports: audit records only, no store change
     }
 )
 

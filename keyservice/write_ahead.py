@@ -22,9 +22,8 @@ request and ``KeyService.intent_scope`` one per scheduler transition. Writes out
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 # The ``store.base.Store`` methods that change state. A new writing method must be listed here,
@@ -63,15 +62,21 @@ class IntentScope:
 _current: contextvars.ContextVar[IntentScope | None] = contextvars.ContextVar("intent_scope", default=None)
 
 
-@contextlib.contextmanager
-def scope(write_intent: Callable[[], None]) -> Iterator[IntentScope]:
-    """Within this block, the first store write first calls ``write_intent``."""
-    current = IntentScope(write_intent)
-    token = _current.set(current)
-    try:
-        yield current
-    finally:
-        _current.reset(token)
+class scope:  # noqa: N801 - used as ``with write_ahead.scope(...)``, like the function it was
+    """Within this block, the first store write first calls ``write_intent``. (A class rather than
+    a generator context manager: every request opens one.)"""
+
+    __slots__ = ("_current", "_token")
+
+    def __init__(self, write_intent: Callable[[], None]) -> None:
+        self._current = IntentScope(write_intent)
+
+    def __enter__(self) -> IntentScope:
+        self._token = _current.set(self._current)
+        return self._current
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._token)
 
 
 class WriteAheadStore:

@@ -30,12 +30,21 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from kmsfs import mount_helper, mountlock
-from kmsfs.config import CONFIG_NAME, NAMES_AES_SIV, NAMES_CONFIG_VERSION, Config, ConfigError
+from kmsfs.config import (
+    CONFIG_NAME,
+    DIRKEYS_CONFIG_VERSION,
+    NAMES_AES_SIV,
+    NAMES_CONFIG_VERSION,
+    Config,
+    ConfigError,
+)
 from kmsfs.core import DEFAULT_REVALIDATE_AFTER
 from kmsfs.format import (
     FILE_ID_SIZE,
+    FORMAT_V4,
     RESIZE_XATTR,
     CorruptHeader,
+    directory_context,
     encryption_context,
 )
 from kmsfs.keyclient import (
@@ -49,7 +58,7 @@ from kmsfs.keyclient import (
     load_credentials,
 )
 from kmsfs.keypool import DEFAULT_SIZE as DEFAULT_KEY_POOL
-from kmsfs.names import DIRID_FILE, NAME_KEY_SIZE, NameCipher
+from kmsfs.names import DIRID_FILE, DIRKEY_FILE, NAME_KEY_SIZE, NameCipher
 
 if TYPE_CHECKING:
     from kmsfs.fsck import FsckReport
@@ -57,6 +66,8 @@ if TYPE_CHECKING:
 MOUNT_TIMEOUT = 30.0
 # Bound on one key service request (connect and read): new opens fail with EIO after at most this.
 DEFAULT_KMS_TIMEOUT = 5.0
+DEFAULT_DIRECTORY_KEY_TTL = 300.0
+DEFAULT_REPORT_DEADLINE = 10.0
 LOG_NAME = ".kmsfs.log"
 
 
@@ -137,6 +148,9 @@ def cmd_init(args: argparse.Namespace) -> int:
                        f"{creds.source or 'the credentials'}: one key service, one endpoint; fix "
                        "the credentials (its \"endpoint\") or drop --endpoint")
     region = args.region or creds.region or DEFAULT_REGION
+    if args.directory_keys and args.plaintext_names:
+        raise CliError("--directory-keys needs encrypted names (each directory's key is bound to its "
+                       "directory id): drop --plaintext-names")
     to_create = _check_init_target(cipherdir, args.force)
     client = KeyClient(endpoint, region, creds)
     try:
@@ -154,6 +168,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     name_key = None
     if not args.plaintext_names:
         config, name_key = _new_name_key(endpoint, region, creds, config)
+    if args.directory_keys:
+        config = dataclasses.replace(config, version=DIRKEYS_CONFIG_VERSION, directory_keys=True,
+                                     open_reports=_probe_reports(endpoint, region, creds, config))
     try:
         for directory in to_create:
             directory.mkdir()
@@ -168,7 +185,13 @@ def cmd_init(args: argparse.Namespace) -> int:
                 directory.rmdir()
         raise CliError(f"cannot initialise {cipherdir}: {exc.strerror or exc}") from None
     names = "plaintext names" if name_key is None else "encrypted names"
+    if config.directory_keys:
+        names += ", directory keys"
     print(f"initialised {cipherdir} with key {arn}, {names} (config {path})")
+    if config.directory_keys and not config.open_reports:
+        print("note: the key service does not take open reports (KmsfsReportAccess: AWS KMS, moto and "
+              "other KMS services lack this kmsfs extension); with directory keys its audit will then "
+              "show one Decrypt per directory-key unwrap only, not every open and create")
     _note_xattr_support(cipherdir)
     return 0
 
@@ -199,11 +222,30 @@ def _new_name_key(endpoint: str, region: str, creds: Credentials, config: Config
             NameCipher(key))
 
 
+def _probe_reports(endpoint: str, region: str, creds: Credentials, config: Config) -> bool:
+    """Does the key service take open reports (an empty KmsfsReportAccess with the key)?"""
+    client = KeyClient(endpoint, region, creds)
+    try:
+        client.report_access(config.key_arn, config.cipherdir_id, [])
+    except KeyServiceError as exc:
+        if exc.is_access_denied:
+            raise CliError(f"the key service refused open reports for {config.key_arn}: {exc} (the "
+                           "credentials must be allowed kms:Decrypt on the key)") from None
+        return False  # UnknownOperationException and the like: no extension
+    except KeyServiceUnavailable:
+        return False  # it answered DescribeKey just now: a 5xx or odd reply means no extension
+    finally:
+        client.close()
+    return True
+
+
 def _write_root_dir_id(cipherdir: Path, cipher: NameCipher) -> None:
-    """The root's ``kmsfs.dirid`` (replaced on ``init --force``: old names become unreadable)."""
+    """The root's ``kmsfs.dirid`` (replaced on ``init --force``: old names become unreadable, and
+    a directory key of the old id goes too)."""
     target = cipherdir / DIRID_FILE
-    with contextlib.suppress(FileNotFoundError):
-        target.unlink()
+    for old in (target, cipherdir / DIRKEY_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
     try:
         os.write(fd, cipher.dirid_file(cipher.new_dir_id()))
@@ -317,7 +359,8 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
 
     config, client = _build(cipherdir, args, args.kms_timeout, quiet=True)
     pool = None
-    if args.key_pool:
+    dirkeys, reporter = _directory_keys(config, client, args)
+    if args.key_pool and dirkeys is None:
         from kmsfs.keypool import DataKeyPool
 
         # Keys older than the revalidation interval are discarded: revocation reaches creates
@@ -326,7 +369,8 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
         pool = DataKeyPool(client.generate_data_key, client.decrypt, config.key_arn, args.key_pool,
                            max(1.0, args.revalidate_after))
         pool.start()
-    core = KmsfsCore(cipherdir, config, client, revalidate_after=args.revalidate_after, key_pool=pool)
+    core = KmsfsCore(cipherdir, config, client, revalidate_after=args.revalidate_after, key_pool=pool,
+                     dirkeys=dirkeys, reporter=reporter)
     logging.getLogger("kmsfs").info("FUSE binding %s", BINDING)
     logging.getLogger("kmsfs").info("revalidate open keys after %.1f s; key service timeout %.1f s; "
                                     "sparse files %s", args.revalidate_after, args.kms_timeout,
@@ -349,6 +393,30 @@ def _serve(cipherdir: str, mountpoint: str, credentials: str | None, allow_other
     finally:
         if pool is not None:
             pool.close()
+        if reporter is not None:
+            reporter.close()
+
+
+def _directory_keys(config: Config, client: KeyClient, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Directory-key mode's key cache and open reporter (None, None for other cipherdirs)."""
+    if not config.directory_keys:
+        return None, None
+    from kmsfs.dirkeys import DirectoryKeys
+    from kmsfs.reports import OpenReporter
+
+    ttl = getattr(args, "directory_key_ttl", DEFAULT_DIRECTORY_KEY_TTL)
+    deadline = getattr(args, "report_deadline", DEFAULT_REPORT_DEADLINE)
+    dirkeys = DirectoryKeys(client, config.key_arn, config.cipherdir_id, ttl)
+    reporter = None
+    if config.open_reports:
+        reporter = OpenReporter(lambda arn, batch: client.report_access(arn, config.cipherdir_id, batch),
+                                deadline=deadline, on_refused=dirkeys.drop)
+        reporter.start()
+    logging.getLogger("kmsfs").info(
+        "directory keys: cached for at most %g s; open reports %s", ttl,
+        f"on (fail closed after {deadline:g} s)" if reporter else "off (the service lacks them: "
+        "audit is per directory-key unwrap only)")
+    return dirkeys, reporter
 
 
 def _name_strategy(config: Config, client: KeyClient, core: Any, args: argparse.Namespace) -> Any:
@@ -766,6 +834,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         "wrapped_key_sha256": hashlib.sha256(header.wrapped_key).hexdigest(),
         "key_version": _blob_key_version(header.wrapped_key),
         "encryption_context": header.encryption_context(),
+    }
+    if header.version == FORMAT_V4:  # the data key is wrapped locally, under a directory key
+        inner = header.directory_wrapped
+        cipherdir = _cipherdir_of(path)
+        info["key_version"] = _blob_key_version(inner.wrapped_dir_key)
+        info["directory_id"] = inner.dir_id.hex()
+        info["encryption_context"] = directory_context(
+            Config.load(cipherdir).cipherdir_id if cipherdir else "?", inner.dir_id)
+    info |= {
         "backing_size": os.path.getsize(path),
         "plaintext_size": plain_size_at(path, os.stat(path)),
     }
@@ -884,6 +961,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep file names and symlink targets in clear in the backing directory "
                         "(the layout before encrypted names; default: names encrypted under a name "
                         "key from the key service)")
+    s.add_argument("--directory-keys", action="store_true",
+                   help="wrap each file's data key locally under a per-directory key from the key "
+                        "service, cached by the mount (no round trip per open or create; opens are "
+                        "reported to the service in batches; docs/SECURITY.md says what is weaker). "
+                        "Default off: every open and create asks the service")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("mount", help="mount a cipherdir")
@@ -916,6 +998,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "every create asks the service for its key itself; 32 suits a distant key "
                         "service). Each pooled create is audited with its path by a claim Decrypt "
                         "sent just after it (kmsfs/keypool.py)")
+    s.add_argument("--directory-key-ttl", type=_seconds(1.0, 3600.0), default=DEFAULT_DIRECTORY_KEY_TTL,
+                   metavar="SECONDS",
+                   help="directory-key cipherdirs: use an unwrapped directory key for at most this "
+                        f"long, then unwrap it again (default {DEFAULT_DIRECTORY_KEY_TTL:g}, at most "
+                        "3600): the bound on revocation in that mode")
+    s.add_argument("--report-deadline", type=_seconds(1.0, 600.0), default=DEFAULT_REPORT_DEADLINE,
+                   metavar="SECONDS",
+                   help="directory-key cipherdirs: refuse new opens and creates (EACCES) while an "
+                        f"open report is undelivered for longer than this (default "
+                        f"{DEFAULT_REPORT_DEADLINE:g}, at most 600)")
     s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount")

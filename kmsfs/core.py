@@ -50,7 +50,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kmsfs.backing_at import (
     RENAME_EXCHANGE,
@@ -70,6 +70,7 @@ from kmsfs.encfile import EncryptedFile
 from kmsfs.format import (
     DATA_KEY_SIZE,
     FILE_ID_SIZE,
+    FORMAT_V4,
     FORMAT_VERSION,
     CorruptHeader,
     Header,
@@ -80,6 +81,11 @@ from kmsfs.holes import supports_sparse
 from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
 from kmsfs.keypool import DataKeyPool, PooledKey
 from kmsfs.nolinks import link_or_rename
+from kmsfs.reports import report_of
+
+if TYPE_CHECKING:
+    from kmsfs.dirkeys import DirectoryKeys
+    from kmsfs.reports import OpenReporter
 from kmsfs.rwlock import SharedLock
 
 log = logging.getLogger("kmsfs")
@@ -129,7 +135,11 @@ class KmsfsCore:
 
     def __init__(self, cipherdir: str, config: Config, client: KeyClient, *,
                  revalidate_after: float = DEFAULT_REVALIDATE_AFTER,
-                 sparse: bool | None = None, key_pool: DataKeyPool | None = None) -> None:
+                 sparse: bool | None = None, key_pool: DataKeyPool | None = None,
+                 dirkeys: DirectoryKeys | None = None, reporter: OpenReporter | None = None) -> None:
+        """``dirkeys``: directory-key mode (new files are version 4, wrapped locally under their
+        directory's key; kmsfs/dirkeys.py); ``reporter``: where that mode's opens and creates are
+        reported (kmsfs/reports.py), None against a service without the extension."""
         self.root = os.path.realpath(cipherdir)
         # Held for the core's life: every backing access starts from it, one name at a time
         # (kmsfs/backing_at.py); no path string reaches the backing filesystem.
@@ -137,7 +147,9 @@ class KmsfsCore:
         root_st = os.fstat(self._root_fd)
         self._root_ident = (root_st.st_dev, root_st.st_ino)
         weakref.finalize(self, os.close, self._root_fd)
-        self.key_pool = key_pool
+        self.key_pool = key_pool if dirkeys is None else None
+        self.dirkeys = dirkeys
+        self.reporter = reporter
         self.config = config
         self.client = client
         self.revalidate_after = revalidate_after
@@ -479,14 +491,21 @@ class KmsfsCore:
             return self.create_at(dir_fd, name, path, mode, caller, flags)
 
     def create_at(self, dir_fd: int, name: str, path: str, mode: int, caller: Caller | None = None,
-                  flags: int = os.O_RDWR) -> int:
-        """``create`` of ``name`` in the directory ``dir_fd``; ``path`` is what the audit shows."""
+                  flags: int = os.O_RDWR, dir_id: bytes | None = None) -> int:
+        """``create`` of ``name`` in the directory ``dir_fd``; ``path`` is what the audit shows.
+        ``dir_id``: that directory's id (needed in directory-key mode)."""
         if _exists_at(dir_fd, name):
             if flags & os.O_EXCL:
                 raise FileExistsError(errno.EEXIST, "file exists", path)
             return self._open_at(dir_fd, name, path, flags & ~os.O_CREAT, caller)
         pooled = self.key_pool.take() if self.key_pool is not None else None
-        if pooled is None:
+        if self.dirkeys is not None:
+            if self.reporter is not None:
+                self.reporter.check()  # fail closed while reports are overdue
+            if dir_id is None:
+                raise OSError(errno.EIO, "directory-key mode: the directory's id is unknown", path)
+            header, key = self.dirkeys.new_file_key(dir_fd, dir_id, caller)
+        elif pooled is None:
             header, key = self._new_key(path, caller)
         else:  # generated ahead for a file id chosen then; claimed below, once the file exists
             header, key = Header(file_id=pooled.file_id, key_arn=pooled.key_arn,
@@ -509,7 +528,14 @@ class KmsfsCore:
         fh = self._register(fd, path, header, key, fresh=True)
         if pooled is not None:
             self._claim(pooled, path, caller, self._handles[fh].inode)
+        self._report("create", header, path, caller)
         return fh
+
+    def _report(self, operation: str, header: Header, path: str, caller: Caller | None) -> None:
+        """Queue a directory-key access for the service's audit (kmsfs/reports.py)."""
+        if self.reporter is not None and header.version == FORMAT_V4:
+            dir_id = header.directory_wrapped.dir_id
+            self.reporter.add(header.key_arn, report_of(operation, caller, path, header.file_id, dir_id))
 
     def open(self, path: str, flags: int, caller: Caller | None = None) -> int:
         """Open an existing file: read its header, unwrap its key through the service (F5)."""
@@ -531,6 +557,8 @@ class KmsfsCore:
             bflags = (bflags & ~os.O_ACCMODE) | os.O_RDWR
         if dir_fd is not None:
             bflags |= os.O_NOFOLLOW  # (a /proc/self/fd link must be followed: it is the inode)
+        if self.reporter is not None:
+            self.reporter.check()  # fail closed while reports are overdue
         fd = os.open(name, bflags | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             _prefetch(fd)
@@ -540,6 +568,7 @@ class KmsfsCore:
         except BaseException:
             os.close(fd)
             raise
+        self._report("open", header, path, caller)
         handle = self._handles[fh]
         with handle.inode.lock:
             settled = self._recover(handle)
@@ -568,6 +597,10 @@ class KmsfsCore:
             os.close(fd)
 
     def _unwrap(self, header: Header, caller: Caller | None) -> bytes:
+        if header.version == FORMAT_V4:
+            if self.dirkeys is None:  # planted: this cipherdir has no directory keys
+                raise CorruptHeader("a directory-key (version 4) file in a cipherdir without them")
+            return self.dirkeys.file_key(header, caller)
         try:
             key = self.client.decrypt(header.wrapped_key, header.encryption_context(), caller,
                                       key_id=header.key_arn)
@@ -654,7 +687,11 @@ class KmsfsCore:
         inode = handle.inode
         if inode.fresh or handle.efile.size() != 0:
             return
-        header, key = self._new_key(handle.path, caller)
+        if self.dirkeys is not None and inode.header.version == FORMAT_V4:
+            self.dirkeys.file_key(inode.header, caller)  # its directory key, cached (or refused) now
+            header, key = self.dirkeys.rekey(inode.header)  # same directory key, new file id and key
+        else:
+            header, key = self._new_key(handle.path, caller)
         fcntl.flock(handle.fd, fcntl.LOCK_EX)  # excludes a concurrent ``kmsfs rewrap``
         try:
             replace_empty(handle.fd, header, key)
@@ -779,7 +816,10 @@ class KmsfsCore:
             empty(fd)  # no plaintext needed to empty a file (a format-3 file keeps its prefix)
             return
         header = _read_header(fd)
+        if self.reporter is not None:
+            self.reporter.check()
         fh = self._register_copy(fd, path, header, self._unwrap(header, caller))
+        self._report("truncate", header, path, caller)
         try:
             with self._handles[fh].inode.lock:
                 self._recover(self._handles[fh])

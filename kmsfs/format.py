@@ -27,9 +27,12 @@ MAGIC = b"KMSFS\x00"
 FORMAT_V1 = 1
 FORMAT_V2 = 2
 FORMAT_V3 = 3  # version 2's blocks after an in-file prefix: header copy and state record
-# The version new files are written in; readers accept READABLE_VERSIONS.
+# Version 3's layout, the data key wrapped locally under a directory key (``init --directory-keys``)
+FORMAT_V4 = 4
+# The version new files are written in (directory-key cipherdirs write FORMAT_V4); readers accept
+# READABLE_VERSIONS.
 FORMAT_VERSION = FORMAT_V3
-READABLE_VERSIONS = frozenset({FORMAT_V1, FORMAT_V2, FORMAT_V3})
+READABLE_VERSIONS = frozenset({FORMAT_V1, FORMAT_V2, FORMAT_V3, FORMAT_V4})
 DEFAULT_BLOCK_SIZE = 4096
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -61,6 +64,16 @@ MARKER_AAD_LABEL = b"KMSFS\x00resize"
 
 ENCRYPTION_CONTEXT_KEY = "kmsfs:file-id"
 
+# Version 4: the header's "wrapped key" field is a *directory-wrapped key*:
+#   directory id (16) || C (u16) || wrapped directory key (C bytes, the service's CiphertextBlob)
+#   || nonce (12) || AES-256-GCM(directory key, data key) (32) || tag (16)
+# with AAD = FILE_KEY_AAD_LABEL || version (u16) || file id || directory id.
+DIR_ID_SIZE = 16
+MAX_WRAPPED_DIR_KEY = 4096
+_DIR_WRAPPED_FIXED = DIR_ID_SIZE + 2
+DIR_WRAPPED_OVERHEAD = _DIR_WRAPPED_FIXED + NONCE_SIZE + DATA_KEY_SIZE + TAG_SIZE  # 78
+FILE_KEY_AAD_LABEL = b"KMSFS\x00filekey"
+
 
 class CorruptHeader(Exception):
     """The header xattr is missing, malformed, oversized or of an unknown version."""
@@ -77,7 +90,60 @@ class Header:
     version: int = FORMAT_VERSION
 
     def encryption_context(self) -> dict[str, str]:
+        """The context of a version 1-3 wrapped key (a version-4 key is wrapped locally: see
+        ``directory_wrapped``, and its directory key's context is ``directory_context``)."""
         return encryption_context(self.file_id)
+
+    @property
+    def directory_wrapped(self) -> DirWrapped:
+        """Version 4: the parsed "wrapped key" field (ValueError for other versions)."""
+        if self.version != FORMAT_V4:
+            raise ValueError("only a version-4 header has a directory-wrapped key")
+        return parse_dir_wrapped(self.wrapped_key)
+
+
+@dataclass(frozen=True)
+class DirWrapped:
+    """A version-4 data key: wrapped locally under the key of the directory it was created in,
+    whose own wrapped key (a service CiphertextBlob) travels with it."""
+
+    dir_id: bytes
+    wrapped_dir_key: bytes
+    sealed_key: bytes  # nonce (12) || ciphertext of the data key (32) || tag (16)
+
+
+def pack_dir_wrapped(dir_id: bytes, wrapped_dir_key: bytes, sealed_key: bytes) -> bytes:
+    if len(dir_id) != DIR_ID_SIZE:
+        raise ValueError("a directory id is 16 bytes")
+    if not 0 < len(wrapped_dir_key) <= MAX_WRAPPED_DIR_KEY:
+        raise ValueError("wrapped directory key empty or too long")
+    if len(sealed_key) != NONCE_SIZE + DATA_KEY_SIZE + TAG_SIZE:
+        raise ValueError("sealed data key must be 60 bytes")
+    return dir_id + len(wrapped_dir_key).to_bytes(2, "big") + wrapped_dir_key + sealed_key
+
+
+def parse_dir_wrapped(raw: bytes) -> DirWrapped:
+    """Strict parse of a version-4 wrapped-key field; ``CorruptHeader`` on any defect."""
+    if len(raw) < DIR_WRAPPED_OVERHEAD + 1:
+        raise CorruptHeader("directory-wrapped key too short")
+    size = int.from_bytes(raw[DIR_ID_SIZE:_DIR_WRAPPED_FIXED], "big")
+    if not 0 < size <= MAX_WRAPPED_DIR_KEY or len(raw) != DIR_WRAPPED_OVERHEAD + size:
+        raise CorruptHeader("directory-wrapped key: bad length")
+    start = _DIR_WRAPPED_FIXED + size
+    return DirWrapped(bytes(raw[:DIR_ID_SIZE]), bytes(raw[_DIR_WRAPPED_FIXED:start]), bytes(raw[start:]))
+
+
+def file_key_aad(file_id: bytes, dir_id: bytes, version: int = FORMAT_V4) -> bytes:
+    """AAD of a locally wrapped data key: label, format version, file id, directory id."""
+    if len(file_id) != FILE_ID_SIZE or len(dir_id) != DIR_ID_SIZE:
+        raise ValueError("file id and directory id are 16 bytes")
+    return FILE_KEY_AAD_LABEL + version.to_bytes(2, "big") + file_id + dir_id
+
+
+def directory_context(cipherdir_id: str, dir_id: bytes) -> dict[str, str]:
+    """The encryption context a directory key is wrapped under (GenerateDataKey / Decrypt)."""
+    return {"kmsfs:purpose": "directory", "kmsfs:cipherdir": cipherdir_id,
+            "kmsfs:directory-id": dir_id.hex()}
 
 
 def encryption_context(file_id: bytes) -> dict[str, str]:
@@ -131,6 +197,8 @@ def parse_header(data: bytes) -> Header:
     if not key_arn.isprintable():
         raise CorruptHeader("key ARN is not printable")
     wrapped = data[_FIXED.size + arn_len:]
+    if version == FORMAT_V4:
+        parse_dir_wrapped(wrapped)  # strict here too: what parses is usable
     return Header(file_id=file_id, key_arn=key_arn, wrapped_key=wrapped, block_size=block_size,
                   version=version)
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 from kmsfs.backing import backing_files, leftover_temporaries
 from kmsfs.cipher import IntegrityError
+from kmsfs.config import Config, ConfigError
+from kmsfs.dirkeys import tool_file_key
 from kmsfs.encfile import EncryptedFile
-from kmsfs.format import FORMAT_V1, FORMAT_V3, HEADER_XATTR, CorruptHeader, parse_header
+from kmsfs.format import FORMAT_V1, FORMAT_V3, FORMAT_V4, HEADER_XATTR, CorruptHeader, parse_header
 from kmsfs.headers import NO_XATTRS, in_file_copy, restore_xattr
 from kmsfs.keyclient import KeyClient, KeyServiceError, KeyServiceUnavailable
 from kmsfs.names import NameCipher, is_reserved
@@ -93,10 +95,11 @@ def _header_sources(fd: int, check: FileCheck) -> bytes | None:
     return xattr if xattr is not None else copy
 
 
-def check_file(path: str, client: KeyClient, repair: bool = False, name: str | None = None) -> FileCheck:
+def check_file(path: str, client: KeyClient, repair: bool = False, name: str | None = None,
+               cipherdir_id: str = "") -> FileCheck:
     """Check one backing file; with ``repair``, restore a missing xattr once all is verified.
     ``name`` is its path inside the filesystem, which the key service audits (default: the
-    backing path)."""
+    backing path). ``cipherdir_id``: part of a directory key's context (version-4 files)."""
     check = FileCheck()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
@@ -117,11 +120,17 @@ def check_file(path: str, client: KeyClient, repair: bool = False, name: str | N
                 check.notes.append(NOT_TRUNCATION_SAFE)
         caller = tool_caller("fsck-repair" if repair else "fsck", name or path)
         try:
-            key = client.decrypt(header.wrapped_key, header.encryption_context(), caller,
-                                 key_id=header.key_arn)
+            if header.version == FORMAT_V4:  # one Decrypt of its directory key, then a local unwrap
+                key = tool_file_key(client, cipherdir_id, header, caller)
+            else:
+                key = client.decrypt(header.wrapped_key, header.encryption_context(), caller,
+                                     key_id=header.key_arn)
         except KeyServiceError as exc:
             reason = "key deleted: file unrecoverable" if exc.code == "NotFoundException" else str(exc)
             check.problems.append(f"key: {reason}")
+            return check
+        except CorruptHeader as exc:
+            check.problems.append(f"key: {exc}")
             return check
         try:
             efile = EncryptedFile(fd, key, header.file_id, header.block_size, header.version)
@@ -159,10 +168,11 @@ def fsck(cipherdir: str, client: KeyClient, progress: bool = True,
         plain = walked.plain
         paths = [p for p in paths if p in plain and not is_reserved(os.path.basename(p))]
     bar = Progress(len(paths), "fsck") if progress else None
+    cipherdir_id = _cipherdir_id(cipherdir)
     for path in paths:
         rel = plaintext_path(root, path) if plain is None else plain[path]
         try:
-            check = check_file(path, client, repair, rel)
+            check = check_file(path, client, repair, rel, cipherdir_id)
         except KeyServiceUnavailable:
             raise
         except OSError as exc:
@@ -183,3 +193,11 @@ def fsck(cipherdir: str, client: KeyClient, progress: bool = True,
         bar.done()
     report.temporaries = ["/" + os.path.relpath(p, root) for p in leftover_temporaries(cipherdir)]
     return report
+
+
+def _cipherdir_id(cipherdir: str) -> str:
+    """The cipherdir id (part of a directory key's encryption context), "" if it has none."""
+    try:
+        return Config.load(cipherdir).cipherdir_id
+    except ConfigError:
+        return ""

@@ -224,7 +224,7 @@ class InodeFs:
         with self.names.new_entry(parent, name) as backing:
             if stat.S_ISREG(mode):
                 fh = self.core.create_at(parent.fd, backing, self.path_of(parent, name), mode, caller,
-                                         os.O_RDWR | os.O_EXCL)
+                                         os.O_RDWR | os.O_EXCL, self._dir_id(parent))
                 try:
                     return self._remember(self._pin_handle(fh), parent, name)
                 finally:
@@ -310,6 +310,12 @@ class InodeFs:
         self.core.removexattr_fd(self.node(ino).fd, name)
 
     # -- files ------------------------------------------------------------------------------------
+    def _dir_id(self, parent: Node) -> bytes | None:
+        """The directory's id, which a directory-key create wraps its file's key under."""
+        if self.core.dirkeys is None or not self.names.encrypted:
+            return None
+        return self.names.dir_id(parent)  # type: ignore[union-attr]
+
     def _pin_handle(self, fh: int) -> int:
         """An O_PATH descriptor of the inode an open handle holds (exactly that inode)."""
         return os.open(f"/proc/self/fd/{self.core.handle_fd(fh)}", os.O_PATH | os.O_CLOEXEC)
@@ -321,7 +327,7 @@ class InodeFs:
         self._check_name(parent, name)
         with self.names.new_entry(parent, name) as backing:
             fh = self.core.create_at(parent.fd, backing, self.path_of(parent, name), mode, caller,
-                                     flags)
+                                     flags, self._dir_id(parent))
         try:
             node, attrs = self._remember(self._pin_handle(fh), parent, name)
         except BaseException:

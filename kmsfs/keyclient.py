@@ -53,6 +53,9 @@ UNIX_SCHEME = "unix"
 UNIX_HOST = "localhost"
 
 # Error codes that mean "you may not use this key now" (mapped to EACCES by the FUSE layer).
+# The key service's extension operation for open reports (directory-key mode).
+REPORT_ACCESS = "KmsfsReportAccess"
+
 ACCESS_CODES = frozenset({
     "AccessDeniedException", "DisabledException", "KMSInvalidStateException", "NotFoundException",
     "UnrecognizedClientException", "InvalidSignatureException", "IncorrectKeyException",
@@ -320,6 +323,16 @@ class KeyClient:
         if not isinstance(meta, dict):
             raise KeyServiceUnavailable("malformed DescribeKey reply")
         return meta
+
+    def report_access(self, key_id: str, cipherdir_id: str, reports: list[dict[str, Any]]) -> int:
+        """Send opens and creates granted under directory keys to the key service's audit (the
+        kmsfs extension operation ``KmsfsReportAccess``, docs/PROTOCOL.md); returns how many it
+        recorded. An empty list is a probe: is the extension there, and may we use the key?"""
+        reply = self.call(REPORT_ACCESS, {"KeyId": key_id, "CipherdirId": cipherdir_id, "Reports": reports})
+        recorded = reply.get("Recorded")
+        if not isinstance(recorded, int) or recorded != len(reports):
+            raise KeyServiceUnavailable("malformed KmsfsReportAccess reply")
+        return recorded
 
     def close(self) -> None:
         for pool in self._pools.values():

@@ -45,6 +45,8 @@ DIRID_FILE = "kmsfs.dirid"
 DIRID_VERSION = 1
 _DIRID_TAG_SIZE = 16
 DIRID_FILE_SIZE = 1 + DIR_ID_SIZE + _DIRID_TAG_SIZE  # 33
+# A directory's wrapped directory key (``init --directory-keys``; kmsfs/dirkeys.py owns its format).
+DIRKEY_FILE = "kmsfs.dirkey"
 LONGNAME_PREFIX = "kmsfs.longname."
 LONGNAME_SIDE_SUFFIX = ".name"
 LONGTARGET_PREFIX = "kmsfs.longtarget."
@@ -89,7 +91,7 @@ def _hash_name(encoded: str) -> str:
 
 def is_reserved(backing_name: str) -> bool:
     """Backing entries that are never a user's entry (directory ids, long-name side entries)."""
-    return backing_name == DIRID_FILE or (
+    return backing_name in (DIRID_FILE, DIRKEY_FILE) or (
         backing_name.startswith(("kmsfs.longname.", LONGTARGET_PREFIX)) and backing_name.endswith(
             (LONGNAME_SIDE_SUFFIX, ".target"))
     )

@@ -40,6 +40,7 @@ from kmsfs.namekey import NameKey
 from kmsfs.names import (
     DIRID_FILE,
     DIRID_FILE_SIZE,
+    DIRKEY_FILE,
     MAX_BACKING_TARGET,
     BadName,
     NameCipher,
@@ -53,6 +54,7 @@ log = logging.getLogger("kmsfs")
 
 TARGETS_DIR = ".kmsfs.targets"
 _LONG_TARGET = re.compile(r"^kmsfs\.longtarget\.([A-Za-z0-9_-]{43})\.target$")
+_DIRKEY_MAX = 8192  # a kmsfs.dirkey file is far smaller (kmsfs/dirkeys.py)
 _SIDE_MAX = 512  # a side entry holds at most 362 characters (255-byte name)
 _TARGET_MAX = 8192  # an encoded PATH_MAX-1 target is 5,482 characters
 _LOGGED_MAX = 10000  # bad entries remembered (logged once each) before the memory starts over
@@ -103,17 +105,21 @@ def _dir_id_set_aside(dfd: int, tolerate: type[OSError]) -> Iterator[None]:
     """Take the directory ``dfd``'s id file out for the body (an rmdir of it, or a rename onto it:
     the id alone would make either fail with ENOTEMPTY), and put the same id back if the body
     fails; a failure to put it back that is a ``tolerate`` is ignored (the body's error wins)."""
+    saved: list[tuple[str, bytes]] = []
     try:
-        saved: bytes | None = _read_small(dfd, DIRID_FILE, DIRID_FILE_SIZE)
-        os.unlink(DIRID_FILE, dir_fd=dfd)
-    except FileNotFoundError:
-        saved = None
-    try:
+        # the id, and (directory-key cipherdirs) the wrapped directory key beside it
+        for name, limit in ((DIRID_FILE, DIRID_FILE_SIZE), (DIRKEY_FILE, _DIRKEY_MAX)):
+            try:
+                data = _read_small(dfd, name, limit)
+                os.unlink(name, dir_fd=dfd)
+            except FileNotFoundError:
+                continue
+            saved.append((name, data))
         yield
     except BaseException:
-        if saved is not None:
+        for name, data in saved:
             with contextlib.suppress(tolerate):
-                _write_new(dfd, DIRID_FILE, saved)
+                _write_new(dfd, name, data)
         raise
 
 

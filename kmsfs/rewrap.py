@@ -15,7 +15,9 @@ import os
 from dataclasses import dataclass, field
 
 from kmsfs.backing import backing_files
-from kmsfs.format import CorruptHeader, Header, parse_header
+from kmsfs.config import Config, ConfigError
+from kmsfs.dirkeys import rewrap_dirkey_files
+from kmsfs.format import FORMAT_V4, CorruptHeader, Header, directory_context, pack_dir_wrapped, parse_header
 from kmsfs.headers import get_xattr, in_file_copy, update_copy
 from kmsfs.keyclient import KeyClient, KeyServiceError
 from kmsfs.names import NameCipher
@@ -52,9 +54,12 @@ def _journal(cipherdir: str, target: str) -> tuple[set[str], int]:
     return done, fd
 
 
-def rewrap_file(path: str, client: KeyClient, destination: str | None, name: str | None = None) -> str:
+def rewrap_file(path: str, client: KeyClient, destination: str | None, name: str | None = None,
+                cipherdir_id: str = "") -> str:
     """Re-wrap one file's key; returns the new key ARN. Raises on any failure. ``name`` is the
-    path inside the filesystem, which the key service audits (default: the backing path)."""
+    path inside the filesystem, which the key service audits (default: the backing path). A
+    version-4 file has its directory key's wrapped form re-wrapped (context: ``cipherdir_id`` and
+    its directory id); its locally wrapped data key stays as it is."""
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -65,9 +70,16 @@ def rewrap_file(path: str, client: KeyClient, destination: str | None, name: str
         if raw is None:
             raise CorruptHeader("backing file has no kmsfs header")
         header = parse_header(raw)
-        blob, arn = client.re_encrypt(header.wrapped_key, header.encryption_context(),
-                                      destination or header.key_arn,
-                                      tool_caller("rewrap", name or path))
+        caller = tool_caller("rewrap", name or path)
+        if header.version == FORMAT_V4:
+            inner = header.directory_wrapped
+            context = directory_context(cipherdir_id, inner.dir_id)
+            blob, arn = client.re_encrypt(inner.wrapped_dir_key, context, destination or header.key_arn,
+                                          caller)
+            blob = pack_dir_wrapped(inner.dir_id, blob, inner.sealed_key)
+        else:
+            blob, arn = client.re_encrypt(header.wrapped_key, header.encryption_context(),
+                                          destination or header.key_arn, caller)
         new = Header(file_id=header.file_id, key_arn=arn, wrapped_key=blob,
                      block_size=header.block_size, version=header.version)
         update_copy(fd, new)  # the in-file copy (format 3), then the xattr
@@ -91,13 +103,18 @@ def rewrap(cipherdir: str, client: KeyClient, destination: str | None,
         paths = [p for p in paths if p in plain]
     bar = Progress(len(paths), "rewrap") if progress else None
     try:
+        cipherdir_id = Config.load(root).cipherdir_id
+        dirkeys = Config.load(root).directory_keys
+    except ConfigError:
+        cipherdir_id, dirkeys = "", False
+    try:
         for path in paths:
             rel = plaintext_path(root, path) if plain is None else plain[path]
             if rel in done:
                 report.skipped += 1
             else:
                 try:
-                    arn = rewrap_file(path, client, destination, rel)
+                    arn = rewrap_file(path, client, destination, rel, cipherdir_id)
                 except (OSError, CorruptHeader, KeyServiceError) as exc:
                     report.failed[rel] = str(exc)
                 else:
@@ -106,6 +123,9 @@ def rewrap(cipherdir: str, client: KeyClient, destination: str | None,
                     os.write(journal, (rel + "\n").encode())
             if bar:
                 bar.tick(rel)
+        if dirkeys:  # the directories' own keys, which new files are wrapped under
+            for rel, problem in rewrap_dirkey_files(root, client, destination, cipherdir_id):
+                report.failed[rel] = problem
     finally:
         os.close(journal)
         if bar:

@@ -102,16 +102,25 @@ class AsyncCommitter:
 
     async def wait(self, tickets: list[CommitTicket]) -> None:
         """Return once every ticket is durable; raise KMSInternalException if one was lost."""
-        if not tickets:
-            return
+        if tickets:
+            await self.submit(tickets)
+
+    def submit(self, tickets: list[CommitTicket]) -> asyncio.Future[None]:
+        """``wait`` without a coroutine, for a caller on the event loop that goes on in a callback
+        (the HTTP server's direct path): a future that is done once every ticket is durable, or
+        failed with KMSInternalException if one was lost."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not tickets:
+            future.set_result(None)
+            return future
         with self._ready:
             if self._stopping:
-                raise not_recorded()
+                future.set_exception(not_recorded())
+                return future
             self._queue.append((tickets, future))
             if self._idle:
                 self._ready.notify()
-        await future
+        return future
 
     def _run(self) -> None:
         while True:

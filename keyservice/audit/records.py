@@ -85,9 +85,22 @@ def chain_lines(data_dir: Path, chain: str = MAIN_CHAIN) -> Iterator[bytes]:
         yield line.data
 
 
+# The text of the last second formatted, keyed by its exact fields: every record of one second
+# shares it (strftime costs more than the rest of the record's time field).
+_last_second: tuple[tuple[int, int, int, int, int, int], str] = ((0, 0, 0, 0, 0, 0), "")
+
+
 def format_time(when: datetime) -> str:
     """RFC 3339 UTC with milliseconds, e.g. ``2026-01-01T12:00:00.123Z``."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    global _last_second
+    if when.tzinfo is not UTC:
+        when = when.astimezone(UTC)
+    second = (when.second, when.minute, when.hour, when.day, when.month, when.year)
+    cached = _last_second  # one read: another thread may replace it, never half of it
+    if cached[0] != second:
+        cached = (second, when.strftime("%Y-%m-%dT%H:%M:%S."))
+        _last_second = cached
+    return f"{cached[1]}{when.microsecond // 1000:03d}Z"
 
 
 def build_record(
@@ -138,6 +151,11 @@ def build_record(
     }
 
 
+# What ``json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str)`` builds on every
+# call, built once.
+_LINE_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def line_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
@@ -147,7 +165,7 @@ def encode_line(body: Mapping[str, Any]) -> bytes:
     ``"\\ud800"``, which a hostile client can send as a JSON escape) cannot be UTF-8 encoded; such
     characters are stored as the six characters of their escape (``\\ud800`` as text), so the
     line stays valid UTF-8 JSON and every reader can print it."""
-    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str)
+    text = _LINE_ENCODER.encode(body)
     try:
         return text.encode()
     except UnicodeEncodeError:

@@ -31,8 +31,8 @@ TERMINATOR = "aws4_request"
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 AMZ_DATE_FORMAT = "%Y%m%dT%H%M%SZ"
 
-_SPACES = re.compile(r"\s+")
 _AUTH_FIELD = re.compile(r"(Credential|SignedHeaders|Signature)=([^,\s]*)")
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
 _ALWAYS_SIGNED = ("host", "content-type", "x-amz-date", "x-amz-target", "x-amz-security-token")
 
 T = TypeVar("T")
@@ -43,7 +43,8 @@ def _sha256_hex(data: bytes) -> str:
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
+    # hmac.digest is OpenSSL's one-shot HMAC: several times faster than building an hmac.HMAC.
+    return hmac.digest(key, msg.encode("utf-8"), "sha256")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -69,14 +70,15 @@ def _canonical_query(query: str) -> str:
 def canonical_request(
     method: str, path: str, query: str, headers: Mapping[str, str], signed_headers: list[str], body: bytes
 ) -> str:
-    """The canonical request; ``headers`` must be keyed by lowercase name."""
-    canonical_headers = "".join(
-        f"{name}:{_SPACES.sub(' ', headers[name].strip())}\n" for name in signed_headers
-    )
+    """The canonical request; ``headers`` must be keyed by lowercase name.
+
+    Each value is trimmed and its runs of whitespace collapsed to one space (``str.split`` splits
+    on exactly the characters ``\\s`` matches in a ``str`` pattern)."""
+    canonical_headers = "".join([f"{name}:{' '.join(headers[name].split())}\n" for name in signed_headers])
     return "\n".join(
         [
             method.upper(),
-            quote(path or "/", safe="/-_.~"),
+            "/" if path in ("/", "") else quote(path, safe="/-_.~"),
             _canonical_query(query),
             canonical_headers,
             ";".join(signed_headers),
@@ -118,11 +120,8 @@ def sign_request(
     signed = sorted(n for n in lower if n in _ALWAYS_SIGNED or n.startswith("x-kmsfs-"))
     scope = f"{amz_date[:8]}/{region}/{service}/{TERMINATOR}"
     canonical = canonical_request(method, parts.path or "/", parts.query, lower, signed, body)
-    signature = hmac.new(
-        signing_key(secret_access_key, amz_date[:8], region, service),
-        string_to_sign(amz_date, scope, canonical).encode("utf-8"),
-        hashlib.sha256,
-    ).hexdigest()
+    signature = _hmac(signing_key(secret_access_key, amz_date[:8], region, service),
+                      string_to_sign(amz_date, scope, canonical)).hex()
     added["Authorization"] = (
         f"{ALGORITHM} Credential={access_key_id}/{scope}, "
         f"SignedHeaders={';'.join(signed)}, Signature={signature}"
@@ -157,7 +156,7 @@ def parse_authorization(value: str) -> tuple[str, list[str], list[str], str]:
     signed = fields["SignedHeaders"].split(";")
     if signed != sorted(signed) or any(not n or n != n.lower() for n in signed):
         raise IncompleteSignatureException("SignedHeaders must be a sorted list of lowercase header names.")
-    if not re.fullmatch(r"[0-9a-f]{64}", fields["Signature"]):
+    if not _SIGNATURE.fullmatch(fields["Signature"]):
         raise IncompleteSignatureException("Signature must be 64 lowercase hex characters.")
     return credential[0], credential[1:], signed, fields["Signature"]
 
@@ -223,11 +222,8 @@ def verify_request(
         )
     scope = "/".join(scope_parts)
     canonical = canonical_request(method, path, query, headers, signed, body)
-    expected = hmac.new(
-        signing_key(secret, date, scope_region, scope_service),
-        string_to_sign(amz_date, scope, canonical).encode("utf-8"),
-        hashlib.sha256,
-    ).hexdigest()
+    expected = _hmac(signing_key(secret, date, scope_region, scope_service),
+                     string_to_sign(amz_date, scope, canonical)).hex()
     if not hmac.compare_digest(expected.encode("ascii"), signature.encode("ascii")):
         raise InvalidSignatureException(
             "The request signature we calculated does not match the signature you provided. "

@@ -16,13 +16,15 @@ from keyservice.ops import (
     importing,
     key_policies,
     keys,
+    kmsfs_reports,
     reencrypt,
     rotation,
     tagging,
 )
 from keyservice.service import OperationTable
 
-_GROUPS = (keys, aliases, encryption, rotation, deletion, importing, tagging, reencrypt, key_policies, grants)
+_GROUPS = (keys, aliases, encryption, rotation, deletion, importing, tagging, reencrypt, key_policies, grants,
+           kmsfs_reports)
 
 
 def _collect() -> dict:

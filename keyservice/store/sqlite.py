@@ -51,6 +51,33 @@ from keyservice.store.sqlite_schema import (
 )
 
 
+class _ThreadState(threading.local):
+    """One thread's connection, transaction depth and memo (class defaults: no getattr fallbacks
+    on the per-request path)."""
+
+    conn: sqlite3.Connection | None = None
+    depth = 0
+    pinned = False
+    generation: tuple[int, int] | None = None
+    memo: dict[tuple[Any, ...], Any] | None = None
+
+
+class _ReadCheck:
+    """``SQLiteStore.one_read_check``: checks for outside commits on entry, then pins the memo."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> None:
+        self.store._memo_for_thread()
+        self.store._local.pinned = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.store._local.pinned = False
+
+
 class SQLiteStore(AccessTables):
     """The embedded default store: one SQLite file in WAL mode, a connection per thread."""
 
@@ -62,7 +89,7 @@ class SQLiteStore(AccessTables):
         if not self.path.exists():
             # Create the file 0600 ourselves; SQLite gives -wal/-shm the same mode.
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._local = threading.local()
+        self._local = _ThreadState()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
@@ -169,32 +196,26 @@ class SQLiteStore(AccessTables):
         """Is this thread inside ``transaction()``?"""
         return bool(getattr(self._local, "depth", 0))
 
-    @contextmanager
-    def one_read_check(self) -> Iterator[None]:
+    def one_read_check(self) -> _ReadCheck:
         """Within this block (one request), check for other connections' commits once, at entry.
 
         Memoised lookups inside then see the database as of the block's start, plus every write
         made through this store (those still empty the memo at once). Saves a ``PRAGMA
         data_version`` per lookup: a Decrypt makes five. Outside such a block every lookup checks.
+        (A class rather than a generator context manager: it runs once per request.)
         """
-        local = self._local
-        self._memo_for_thread()
-        local.pinned = True
-        try:
-            yield
-        finally:
-            local.pinned = False
+        return _ReadCheck(self)
 
     def _memo_for_thread(self) -> dict[tuple[Any, ...], Any] | None:
         """This thread's memo, emptied first if anything may have been committed since it was filled;
         None inside ``transaction()`` (lookups there must see the transaction's own writes)."""
         local = self._local
-        if getattr(local, "depth", 0):
+        if local.depth:
             return None
-        if getattr(local, "pinned", False) and local.generation[1] == self._writes:
+        if local.pinned and local.generation[1] == self._writes:
             return local.memo
         generation = (self._conn().execute("PRAGMA data_version").fetchone()[0], self._writes)
-        if getattr(local, "generation", None) != generation:
+        if local.generation != generation:
             local.memo = {}
             local.generation = generation
         return local.memo

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -172,3 +173,19 @@ def backing_path(cipherdir: Path, plain: str, credentials: Path | str) -> Path:
     through the key service; its parent directories must exist)."""
     proc = kmsfs("path", "encrypt", cipherdir, plain, "--credentials", credentials)
     return Path(proc.stdout.strip())
+
+
+def kill_daemon_during(cipherdir: Path, mnt: Path, credentials: Path, workload: str, *, rounds: int,
+                       ready: str, first_sleep: float, step: float) -> None:
+    """Mount, start ``workload`` (Python source, argv: mount point and round number) and, once it
+    prints ``ready``, kill the mount daemon with SIGKILL after a growing pause; ``rounds`` times."""
+    for round_no in range(rounds):
+        with mounted(cipherdir, mnt, credentials):
+            pid = daemon_pid(cipherdir, mnt)
+            proc = subprocess.Popen([sys.executable, "-c", workload, str(mnt), str(round_no)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            assert proc.stdout is not None and proc.stdout.readline().strip() == ready
+            time.sleep(first_sleep + step * round_no)
+            os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            force_unmount(mnt)

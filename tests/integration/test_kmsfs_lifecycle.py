@@ -24,6 +24,7 @@ from tests.integration.kmsfs_mount_helpers import (
     data_offset,
     force_unmount,
     is_mounted,
+    kill_daemon_during,
     kmsfs,
     mounted,
     requires_fuse,
@@ -155,16 +156,7 @@ while True:
         f.write(os.urandom(rng.randrange(0, 9000)))
     os.replace(q, os.path.join(m, f"r{i % 3}.bin"))
 '''
-    for round_no in range(3):
-        with mounted(cipherdir, mnt, creds):
-            pid = daemon_pid(cipherdir, mnt)
-            proc = subprocess.Popen([sys.executable, "-c", workload, str(mnt), str(round_no)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "synced"
-            time.sleep(0.4 + 0.3 * round_no)
-            os.kill(pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            force_unmount(mnt)
+    kill_daemon_during(cipherdir, mnt, creds, workload, rounds=3, ready="synced", first_sleep=0.4, step=0.3)
     with mounted(cipherdir, mnt, creds) as m:
         assert (m / "synced.bin").read_bytes() == b"S" * 50000
         for p in sorted(m.iterdir()):

@@ -118,6 +118,26 @@ def test_init_mount_write_read_against_moto(moto: dict[str, str], moto_key: str,
         assert sorted(os.listdir(mnt)) == ["dir", "hello.txt"]
 
 
+def test_directory_keys_against_moto_say_audit_is_per_unwrap(moto: dict[str, str], moto_key: str,
+                                                             tmp_path: Path) -> None:
+    """moto (like AWS KMS) lacks the KmsfsReportAccess extension: init says so, and the mount
+    runs directory keys without open reports (nothing fails closed for want of them)."""
+    cipherdir, mnt = tmp_path / "cipher", tmp_path / "mnt"
+    creds = Path(moto["credentials_file"])
+    proc = kmsfs("init", cipherdir, "--endpoint", moto["endpoint"], "--key", moto_key, "--credentials", creds,
+                 "--directory-keys")
+    assert "audit will then show one Decrypt per directory-key unwrap only" in proc.stdout.replace("\n", " ")
+    config = json.loads((cipherdir / ".kmsfs.json").read_text())
+    assert config["directory_keys"] is True and config["open_reports"] is False
+    with mounted(cipherdir, mnt, creds, "--report-deadline", "1"):
+        for i in range(20):
+            (mnt / f"f{i}").write_text(str(i))
+        time.sleep(1.5)  # past the deadline: no reports are pending, so nothing is refused
+        assert [(mnt / f"f{i}").read_text() for i in range(20)] == [str(i) for i in range(20)]
+    with mounted(cipherdir, mnt, creds):
+        assert (mnt / "f7").read_text() == "7"
+
+
 def test_init_with_alias_and_bad_key(moto: dict[str, str], moto_key: str, tmp_path: Path) -> None:
     creds = moto["credentials_file"]
     alias = "alias/kmsfs-moto-" + moto_key.rsplit("/", 1)[1][:8]

@@ -109,3 +109,50 @@ def test_failed_fsync_fails_every_waiting_request_and_rolls_back(
     assert [r["request_id"] for r in read_records(tmp_path)] == ["req-0", "req-9"]
     first, second = audit_path(tmp_path).read_bytes().splitlines()
     assert json.loads(second)["prev_hash"] == line_hash(first)
+
+
+def test_submit_gives_a_future_that_is_done_once_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's direct path waits through ``submit`` (a future and a callback, no coroutine)."""
+    log = audit_log.AuditLog(tmp_path)
+    calls = count_fsyncs(monkeypatch, delay=0.005)
+    committer = audit_commit.AsyncCommitter()
+
+    async def main() -> list[bool]:
+        seen: list[bool] = []
+        futures = []
+        for n in range(20):
+            with audit_commit.deferred_commits() as tickets:
+                log.append(record(n))
+            end = tickets[0].end
+            future = committer.submit(tickets)
+            future.add_done_callback(
+                lambda f, end=end: seen.append(f.exception() is None and log._durable_end >= end)
+            )
+            futures.append(future)
+        empty = committer.submit([])
+        assert empty.done() and empty.exception() is None
+        await asyncio.gather(*futures)
+        return seen
+
+    seen = asyncio.run(main())
+    committer.close()
+    assert seen == [True] * 20
+    assert 1 <= len(calls) < 20
+
+
+def test_submit_after_close_fails_closed(tmp_path: Path) -> None:
+    log = audit_log.AuditLog(tmp_path)
+    committer = audit_commit.AsyncCommitter()
+    committer.close()
+
+    async def main() -> BaseException | None:
+        with audit_commit.deferred_commits() as tickets:
+            log.append(record(1))
+        future = committer.submit(tickets)
+        await asyncio.sleep(0)
+        return future.exception()
+
+    error = asyncio.run(main())
+    assert isinstance(error, KMSInternalException)

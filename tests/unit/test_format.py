@@ -35,7 +35,7 @@ def test_roundtrip():
     lambda r: b"",
     lambda r: r[:10],
     lambda r: b"XMSFS\x00" + r[6:],
-    lambda r: r[:6] + b"\x00\x04" + r[8:],            # unknown version
+    lambda r: r[:6] + b"\x00\x05" + r[8:],            # unknown version
     lambda r: r[:6] + b"\x00\x00" + r[8:],            # version 0
     lambda r: r[:8] + b"\x00\x00\x20\x00" + r[12:],    # block size 8192 not in v1
     lambda r: r + b"\x00",                             # trailing garbage
@@ -92,8 +92,9 @@ def test_block_math():
 
 
 def test_new_files_are_version_3():
+    """(Directory-key cipherdirs write version 4: tests/unit/test_format_v4.py.)"""
     assert fmt.FORMAT_VERSION == 3 and make_header().version == 3
-    assert fmt.READABLE_VERSIONS == {1, 2, 3}
+    assert fmt.READABLE_VERSIONS == {1, 2, 3, 4}
 
 
 def test_aad_v2_layout():

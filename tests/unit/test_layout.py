@@ -188,3 +188,11 @@ def test_the_console_is_wired_only_by_the_cli() -> None:
     users = sorted(m for m in MODULES if not _in(m, "keyservice.console")
                    and any(_in(t, "keyservice.console") for t in GRAPH[m]))  # fmt: skip
     assert users == ["keyservice.cli.main"]
+
+
+@pytest.mark.parametrize("module", ["kmsfs.format", "kmsfs.infile", "kmsfs.dirformat", "kmsfs.names"])
+def test_kmsfs_formats_know_no_fuse_and_no_key_service(module: str) -> None:
+    """Crypto formats are pure: no libfuse, no client, no HTTP (the brief's layering rule)."""
+    banned = ("kmsfs._fuse", "kmsfs.operations", "kmsfs.inodes", "kmsfs.core", "kmsfs.keyclient",
+              "kmsfs.transport", "kmsfs.dirkeys", "kmsfs.reports", "keyservice")
+    assert not [t for t in GRAPH[module] if _in(t, *banned)]

@@ -165,3 +165,54 @@ def test_host_must_be_signed() -> None:
     headers = {k.lower(): v for k, v in {**base, **added}.items()} | {"host": "127.0.0.1:8600"}
     with pytest.raises(errors.InvalidSignatureException, match="host"):
         _verify(headers)
+
+
+def _verify_with(headers: dict[str, str], secret: str) -> str:
+    return verify_request(
+        method="POST", path="/", query="", headers=headers, body=BODY, region="us-east-1",
+        lookup=lambda a: (secret, "p"), now=datetime.now(UTC),
+    )  # fmt: skip
+
+
+def test_signing_key_cache_does_not_outlive_a_rotated_secret() -> None:
+    """The derived signing key is cached by (secret, date, region, service): once the access key's
+    secret changes, a request signed with the old one fails although its key is still cached."""
+    headers = _botocore_headers()
+    assert _verify_with(headers, SECRET) == "p"  # the old secret's signing key is now cached
+    with pytest.raises(errors.InvalidSignatureException, match="does not match"):
+        _verify_with(headers, "a-new-secret-after-rotation-0000000000000")
+    assert signing_key.cache_info().currsize >= 1
+
+
+def test_signing_key_cache_does_not_outlive_a_deleted_access_key() -> None:
+    headers = _botocore_headers()
+    assert _verify(headers) == "principal"
+
+    def deleted(akid: str) -> tuple[str, str]:
+        raise errors.UnrecognizedClientException("The security token included in the request is invalid.")
+
+    with pytest.raises(errors.UnrecognizedClientException):
+        verify_request(method="POST", path="/", query="", headers=headers, body=BODY, region="us-east-1",
+                       lookup=deleted, now=datetime.now(UTC))
+
+
+@pytest.mark.parametrize("position", [0, 31, 63])
+def test_a_wrong_signature_is_refused_after_the_right_one_verified(position: int) -> None:
+    headers = _botocore_headers()
+    assert _verify(headers) == "principal"
+    signature = headers["authorization"].rsplit("Signature=", 1)[1]
+    flipped = signature[:position] + ("0" if signature[position] != "0" else "1") + signature[position + 1 :]
+    headers["authorization"] = headers["authorization"].replace(signature, flipped)
+    with pytest.raises(errors.InvalidSignatureException, match="does not match"):
+        _verify(headers)
+
+
+@pytest.mark.parametrize("value", ["  a  b\t c ", "a\u00a0\u00a0b", "a\x1c b", "plain"])
+def test_header_whitespace_is_collapsed_as_sigv4_says(value: str) -> None:
+    """Trimmed, every run of whitespace one space: the same as the regular expression it replaced."""
+    import re
+
+    from keyservice.http.sigv4 import canonical_request
+
+    canonical = canonical_request("POST", "/", "", {"x-v": value}, ["x-v"], b"")
+    assert canonical.split("\n")[3] == "x-v:" + re.sub(r"\s+", " ", value.strip())
