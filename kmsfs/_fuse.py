@@ -11,7 +11,9 @@ the C structures of libfuse 3.12+ on x86-64 Linux, the reply functions, and the 
 
 It knows nothing of kmsfs: ``Session`` takes a table of Python callables keyed by the libfuse
 operation name (``kmsfs/operations.py`` builds it) and runs the loop. Callbacks run on libfuse's
-worker threads (ctypes takes the GIL for each); ctypes releases the GIL while libfuse waits.
+worker threads (ctypes takes the GIL for each; each thread keeps one Python thread state for its
+life, see ``_keep_thread_state``); ctypes releases the GIL while libfuse waits for requests, and
+the calls a handler makes (replies, directory entries) keep it (``_glib``, issue 19).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ctypes.util
 import logging
 import os
 import platform
+import threading
 from collections.abc import Callable
 from ctypes import (
     CFUNCTYPE,
@@ -48,6 +51,13 @@ _path = os.environ.get("FUSE_LIBRARY_PATH") or ctypes.util.find_library("fuse3")
 if not _path:
     raise ImportError("libfuse3 not found (Debian: apt-get install libfuse3-3 fuse3)")
 _lib = ctypes.CDLL(_path, use_errno=True)
+# The same library, for the calls a handler makes while it runs: the reply functions (one
+# non-blocking writev to /dev/fuse), fuse_add_direntry* (pure formatting, once per listed name)
+# and fuse_req_ctx. Called through PyDLL they keep the GIL: a CDLL call releases and re-takes it,
+# which under concurrent requests is a hand-off to another thread (a context switch) per reply
+# and per directory entry. Safe because none of them blocks and libfuse never runs Python code
+# while holding a lock they take (callbacks run outside the session and worker-loop locks).
+_glib = ctypes.PyDLL(_path, use_errno=True)
 _libc = ctypes.CDLL(None, use_errno=True)
 LIBFUSE = "3"
 BINDING = "kmsfs._fuse (ctypes, libfuse3 low-level)"
@@ -156,7 +166,8 @@ _OPS: list[tuple[str, Any]] = [
     ("forget_multi", CFUNCTYPE(None, fuse_req_t, c_size_t, POINTER(ForgetData))),
     ("flock", None),
     ("fallocate", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_int, c_int64, c_int64, _FI)),
-    ("readdirplus", None), ("copy_file_range", None), ("lseek", None),
+    ("readdirplus", CFUNCTYPE(None, fuse_req_t, fuse_ino_t, c_size_t, c_int64, _FI)),
+    ("copy_file_range", None), ("lseek", None),
 ]
 
 
@@ -170,20 +181,22 @@ def _proto(lib: Any, name: str, restype: Any, *argtypes: Any) -> Any:
     return fn
 
 
-reply_err = _proto(_lib, "fuse_reply_err", c_int, fuse_req_t, c_int)
-reply_none = _proto(_lib, "fuse_reply_none", None, fuse_req_t)
-reply_entry = _proto(_lib, "fuse_reply_entry", c_int, fuse_req_t, POINTER(EntryParam))
-reply_create = _proto(_lib, "fuse_reply_create", c_int, fuse_req_t, POINTER(EntryParam), _FI)
-reply_attr = _proto(_lib, "fuse_reply_attr", c_int, fuse_req_t, POINTER(Stat), c_double)
-reply_readlink = _proto(_lib, "fuse_reply_readlink", c_int, fuse_req_t, c_char_p)
-reply_open = _proto(_lib, "fuse_reply_open", c_int, fuse_req_t, _FI)
-reply_write = _proto(_lib, "fuse_reply_write", c_int, fuse_req_t, c_size_t)
-reply_buf = _proto(_lib, "fuse_reply_buf", c_int, fuse_req_t, c_void_p, c_size_t)
-reply_statfs = _proto(_lib, "fuse_reply_statfs", c_int, fuse_req_t, POINTER(StatVfs))
-reply_xattr = _proto(_lib, "fuse_reply_xattr", c_int, fuse_req_t, c_size_t)
-add_direntry = _proto(_lib, "fuse_add_direntry", c_size_t, fuse_req_t, c_void_p, c_size_t, c_char_p,
+reply_err = _proto(_glib, "fuse_reply_err", c_int, fuse_req_t, c_int)
+reply_none = _proto(_glib, "fuse_reply_none", None, fuse_req_t)
+reply_entry = _proto(_glib, "fuse_reply_entry", c_int, fuse_req_t, POINTER(EntryParam))
+reply_create = _proto(_glib, "fuse_reply_create", c_int, fuse_req_t, POINTER(EntryParam), _FI)
+reply_attr = _proto(_glib, "fuse_reply_attr", c_int, fuse_req_t, POINTER(Stat), c_double)
+reply_readlink = _proto(_glib, "fuse_reply_readlink", c_int, fuse_req_t, c_char_p)
+reply_open = _proto(_glib, "fuse_reply_open", c_int, fuse_req_t, _FI)
+reply_write = _proto(_glib, "fuse_reply_write", c_int, fuse_req_t, c_size_t)
+reply_buf = _proto(_glib, "fuse_reply_buf", c_int, fuse_req_t, c_void_p, c_size_t)
+reply_statfs = _proto(_glib, "fuse_reply_statfs", c_int, fuse_req_t, POINTER(StatVfs))
+reply_xattr = _proto(_glib, "fuse_reply_xattr", c_int, fuse_req_t, c_size_t)
+add_direntry = _proto(_glib, "fuse_add_direntry", c_size_t, fuse_req_t, c_void_p, c_size_t, c_char_p,
                       POINTER(Stat), c_int64)
-req_ctx = _proto(_lib, "fuse_req_ctx", POINTER(Ctx), fuse_req_t)
+add_direntry_plus = _proto(_glib, "fuse_add_direntry_plus", c_size_t, fuse_req_t, c_void_p, c_size_t,
+                           c_char_p, POINTER(EntryParam), c_int64)
+req_ctx = _proto(_glib, "fuse_req_ctx", POINTER(Ctx), fuse_req_t)
 _session_new = _proto(_lib, "fuse_session_new", c_void_p, POINTER(Args), POINTER(LowLevelOps), c_size_t,
                       c_void_p)
 _session_mount = _proto(_lib, "fuse_session_mount", c_int, c_void_p, c_char_p)
@@ -282,6 +295,38 @@ def _unescape_mount(field: str) -> str:
     return field
 
 
+_gil_state_ensure = ctypes.pythonapi.PyGILState_Ensure
+_gil_state_ensure.restype = c_int
+_gil_state_ensure.argtypes = ()
+_threads_with_state: set[int] = set()
+_get_ident = threading.get_ident
+
+
+def _keep_thread_state() -> None:
+    """Give the calling libfuse worker thread a Python thread state for its whole life.
+
+    Why: ctypes enters every callback with ``PyGILState_Ensure`` and leaves it with
+    ``PyGILState_Release``; on a thread Python did not create, that allocates a new thread state
+    per request and destroys it after (a few microseconds each time), and everything keyed by
+    the thread state starts over: ``threading.local`` data such as the adapter's reply buffers
+    was allocated again (128 KiB, zeroed) for every read and listing. One extra
+    ``PyGILState_Ensure`` per thread, never released, keeps the state: the worker threads live
+    as long as the session (max idle threads = max threads)."""
+    ident = _get_ident()
+    if ident not in _threads_with_state:
+        _gil_state_ensure()
+        _threads_with_state.add(ident)
+
+
+def _with_thread_state(handler: Callable[..., None]) -> Callable[..., None]:
+    def call(*args: Any) -> None:
+        if _get_ident() not in _threads_with_state:
+            _keep_thread_state()
+        handler(*args)
+
+    return call
+
+
 class Session:
     """One mount: ``handlers`` maps operation names of ``_OPS`` to Python callables taking the
     C arguments; each must reply (``reply_*``) exactly once, except init/destroy/forget."""
@@ -292,7 +337,7 @@ class Session:
         self._keep = []  # the C function objects must outlive the session
         for name, proto in _OPS:
             if proto is not None and name in handlers:
-                cfunc = proto(handlers[name])
+                cfunc = proto(_with_thread_state(handlers[name]))
                 self._keep.append(cfunc)
                 setattr(self._ops, name, cfunc)
         argv = [b"kmsfs", *([b"-d"] if debug else [])]

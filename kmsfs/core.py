@@ -551,7 +551,9 @@ class KmsfsCore:
 
     def _open_at(self, dir_fd: int | None, name: str, path: str, flags: int, caller: Caller | None) -> int:
         bflags = flags & ~_STRIP_FLAGS
-        if bflags & os.O_ACCMODE == os.O_WRONLY:  # read-modify-write needs to read
+        # read-modify-write needs to read; access mode 3 (Linux: ioctl only, after checking read
+        # and write permission) cannot even read the header, so it is opened read-write too
+        if bflags & os.O_ACCMODE in (os.O_WRONLY, os.O_ACCMODE):
             bflags = (bflags & ~os.O_ACCMODE) | os.O_RDWR
         if dir_fd is not None:
             bflags |= os.O_NOFOLLOW  # (a /proc/self/fd link must be followed: it is the inode)

@@ -122,6 +122,36 @@ class InodeFs:
         fd, _ = self.names.find(parent, name)
         return self._remember(fd, parent, name)
 
+    def lookup_listed(self, parent_ino: int, name: str, inode: int, mode: int) -> tuple[Node, dict[str, int]]:
+        """``lookup`` of an entry a listing just returned (READDIRPLUS), with the inode number and
+        type the scan read. A regular file or symlink whose inode the table already holds is
+        that node: its descriptor pins the very inode the scan saw, so it is counted and stat'ed
+        without opening the name again (no openat/close, no name encryption). Directories,
+        unknown types, inodes not held, and one that has lost its last link go by name."""
+        parent = self.node(parent_ino)
+        if stat.S_IFMT(mode) in (stat.S_IFREG, stat.S_IFLNK):
+            with self._lock:
+                node = self._by_ident.get((parent.ident[0], inode))
+                if node is not None and node is not self.root and self._nodes.get(node.ino) is node:
+                    node.nlookup += 1  # held from here: a concurrent forget cannot close it
+                else:
+                    node = None
+            if node is not None:
+                try:
+                    st = os.fstat(node.fd)
+                    if st.st_nlink > 0 and (st.st_dev, st.st_ino) == node.ident:
+                        attrs = attributes(st, node.fd)
+                        if stat.S_ISLNK(st.st_mode) and self.names.encrypted:
+                            attrs["st_size"] = self.names.symlink_size(node.fd, st.st_size)
+                        with self._lock:
+                            node.parent, node.name = parent, name
+                        return node, attrs
+                except BaseException:
+                    self.forget(node.ino, 1)
+                    raise
+                self.forget(node.ino, 1)
+        return self.lookup(parent_ino, name)
+
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped ``count`` lookups; at zero the node and its descriptor go."""
         with self._lock:

@@ -198,6 +198,12 @@ class EncryptedNames:
         # is deterministic, so an entry can never be stale; listings fill it, so the lookups that
         # follow a listing (ls -l, find) do not encrypt each name again.
         self._encoded: dict[tuple[bytes, str], tuple[str, str | None]] = {}
+        # The reverse, (directory id, short backing name) -> plaintext name: decryption is as
+        # deterministic (an authentic backing name of a directory has exactly one plaintext), so
+        # this can never be stale either. Creates and lookups fill it, so a listing decrypts
+        # only the names it has never seen (issue 16: one AES-SIV call per listed name was what
+        # a cold find + ls -lR still paid over plaintext names). Names that fail are not kept.
+        self._decoded: dict[tuple[bytes, str], str] = {}
         self._logged: set[tuple[tuple[int, int], str]] = set()
         self._log_lock = threading.Lock()
 
@@ -296,6 +302,8 @@ class EncryptedNames:
         except ValueError:  # longer than NAME_MAX: the kernel checks first, the core does too
             raise OSError(errno.ENAMETOOLONG, "name too long", name) from None
         _remember(self._encoded, (dir_id, name), encoded)
+        if encoded[1] is None:
+            _remember(self._decoded, (dir_id, encoded[0]), name)
         return encoded
 
     def backing(self, parent: DirNode, name: str) -> str:
@@ -367,8 +375,13 @@ class EncryptedNames:
         cipher = self._cipher()
         dir_id = self.dir_id(node)
         in_root = node.ident == self._root_ident
+        decoded = self._decoded
         out = []
         for backing, ino, mode in entries:
+            known = decoded.get((dir_id, backing))  # first: only names the cipher made are keys,
+            if known is not None:                    # never ".", "..", bookkeeping or temp names
+                out.append((known, ino, mode))
+                continue
             if backing in (".", ".."):
                 out.append((backing, ino, mode))
                 continue
@@ -388,6 +401,8 @@ class EncryptedNames:
                 continue
             name = os.fsdecode(plain)
             _remember(self._encoded, (dir_id, name), (backing, side.decode("ascii") if side else None))
+            if side is None:
+                _remember(decoded, (dir_id, backing), name)
             out.append((name, ino, mode))
         return out
 

@@ -156,7 +156,8 @@ class KmsfsOperations:
         names = ("init", "destroy", "lookup", "forget", "forget_multi", "getattr", "setattr", "readlink",
                  "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "open", "read",
                  "write", "flush", "release", "fsync", "opendir", "readdir", "releasedir", "fsyncdir",
-                 "statfs", "setxattr", "getxattr", "listxattr", "removexattr", "create", "fallocate")
+                 "statfs", "setxattr", "getxattr", "listxattr", "removexattr", "create", "fallocate",
+                 "readdirplus")
         return {name: getattr(self, name) for name in names}
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -324,28 +325,39 @@ class KmsfsOperations:
         else:
             _fuse.reply_buf(req, data, len(data))
 
+    # The mount keeps no ``security.*`` attributes (labels, file capabilities): the backing
+    # file's would describe the backing store, and a stored capability that the kernel never
+    # honours misleads. They are answered EOPNOTSUPP here, without a syscall or the
+    # error-translation path: the kernel asks security.capability before every write
+    # (FUSE-NOTES), and ``ls -l`` asks security.selinux of every file unless the filesystem says
+    # it has no labels (coreutils and libselinux then stop asking for the rest of the device:
+    # one request per listing instead of one per name).
     @_guarded("getxattr")
     def getxattr(self, req: Any, ino: int, name: bytes, size: int) -> None:
-        # The kernel asks security.capability before every write (FUSE-NOTES): never stored,
-        # answered here without a syscall or the error-translation path.
         if name.startswith(b"security."):
-            _fuse.reply_err(req, errno.ENODATA)
+            _fuse.reply_err(req, errno.EOPNOTSUPP)
             return
         self._reply_sized(req, self.fs.getxattr(ino, os.fsdecode(name)), size)
 
     @_guarded("listxattr")
     def listxattr(self, req: Any, ino: int, size: int) -> None:
-        names = self.fs.listxattr(ino)
+        names = [n for n in self.fs.listxattr(ino) if not n.startswith("security.")]
         self._reply_sized(req, b"".join(os.fsencode(n) + b"\0" for n in names), size)
 
     @_guarded("setxattr")
     def setxattr(self, req: Any, ino: int, name: bytes, value: int, size: int, flags: int) -> None:
+        if name.startswith(b"security."):
+            _fuse.reply_err(req, errno.EOPNOTSUPP)
+            return
         data = ctypes.string_at(value, size) if size else b""
         self.fs.setxattr(ino, os.fsdecode(name), data, flags)
         _fuse.reply_err(req, 0)
 
     @_guarded("removexattr")
     def removexattr(self, req: Any, ino: int, name: bytes) -> None:
+        if name.startswith(b"security."):
+            _fuse.reply_err(req, errno.EOPNOTSUPP)
+            return
         self.fs.removexattr(ino, os.fsdecode(name))
         _fuse.reply_err(req, 0)
 
@@ -415,6 +427,51 @@ class KmsfsOperations:
                 break
             used += need
         _fuse.reply_buf(req, buf, used)
+
+    @_guarded("readdirplus")
+    def readdirplus(self, req: Any, ino: int, size: int, offset: int, fi: Any) -> None:
+        """readdir with each entry's attributes (FUSE_READDIRPLUS): the kernel fills its dentry
+        and inode caches from the listing, so ``ls -l`` and ``find -type`` need no lookup per
+        name. Each entry with a node id counts as one lookup, exactly as a lookup reply does
+        (``InodeFs.lookup``, with the same name checks and pinning); one that does not fit in the
+        reply is forgotten again. An entry that vanished since opendir, or whose side entry
+        fails, is listed without attributes (node id 0: the kernel looks it up if asked)."""
+        buf = self._buffer(size)
+        base = ctypes.addressof(buf)
+        entry = _fuse.EntryParam()
+        used = 0
+        counted: list[int] = []  # lookups this reply carries (undone if it is never sent)
+        try:
+            for index, (name, inode, mode) in enumerate(self.fs.readdir(fi.contents.fh, offset),
+                                                        offset + 1):
+                node = attrs = None
+                if name not in (".", ".."):
+                    try:
+                        node, attrs = self.fs.lookup_listed(ino, name, inode, mode)
+                    except OSError:
+                        pass
+                if node is None or attrs is None:
+                    ctypes.memset(ctypes.byref(entry), 0, ctypes.sizeof(entry))
+                    entry.attr.st_ino, entry.attr.st_mode = inode, mode
+                else:
+                    counted.append(node.ino)
+                    entry.ino, entry.generation = node.ino, 0
+                    entry.attr_timeout, entry.entry_timeout = ATTR_TIMEOUT, ENTRY_TIMEOUT
+                    _fuse.fill_stat(entry.attr, attrs)
+                need = _fuse.add_direntry_plus(req, base + used, size - used, os.fsencode(name),
+                                               ctypes.byref(entry), index)
+                if need > size - used:
+                    if node is not None:
+                        self.fs.forget(counted.pop(), 1)
+                    break
+                used += need
+        except BaseException:
+            for node_id in counted:
+                self.fs.forget(node_id, 1)
+            raise
+        if _fuse.reply_buf(req, buf, used) != 0:  # interrupted: the kernel counted none of them
+            for node_id in counted:
+                self.fs.forget(node_id, 1)
 
     @_guarded("releasedir")
     def releasedir(self, req: Any, ino: int, fi: Any) -> None:

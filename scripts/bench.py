@@ -4,12 +4,24 @@
 Why one script: absolute numbers on a VM's disk drift 20-50 % between runs (FUSE-NOTES), so the
 only meaningful figures are ratios measured in one run, on one backing disk, with the same tools.
 This script installs what it lacks (Debian ``fio`` and ``gocryptfs``; gocryptfs depends on
-``fuse3``, so it is only installed when ``fuse3`` is already the fusermount provider or neither is
-installed: the packages ``fuse`` and ``fuse3`` conflict and are never forced over each other),
-starts a real ``keyservice serve --dev`` (TLS), creates a key, mounts the four targets under one
-run directory, runs every workload (median of 3), measures the key service alone and kmsfs's
-peak RSS, prints one table with kmsfs/gocryptfs and kmsfs/passthrough ratios and writes JSON.
-Everything it mounted or started is unmounted and stopped on the way out, also on failure.
+``fuse3``, which kmsfs itself needs since issue 11, so it is installed unless the conflicting
+``fuse`` package provides fusermount: ``apt-get --no-remove`` never forces one over the other),
+starts a real ``keyservice serve --dev`` (TLS), creates a key, mounts the targets under one
+run directory, runs every workload (median of 3), measures the key service alone, one serial
+round trip through kmsfs's client and kmsfs's peak RSS, prints one table with kmsfs/gocryptfs,
+kmsfs/passthrough and kmsfs/floor ratios, the CPU time each FUSE daemon spent per workload and
+the load average, and writes JSON. Everything it mounted or started is unmounted and stopped on
+the way out, also on failure.
+
+The **floor** of a workload that waits on the key service (issue 19) is the passthrough's time
+for it plus one serial round trip per file measured in the same run through kmsfs's own
+``KeyClient``: a GenerateDataKey per create (untar), a Decrypt per open (cat). Strict mode can
+at best reach it; the ``kmsfs/floor`` ratio is what the FUSE layer and the core add on top.
+
+Adding a target (another helper's mode, e.g. directory keys): a mount function in ``MOUNTERS``,
+its name in ``TARGETS`` and, for a ratio column, a pair in ``RATIOS``; every workload, the CPU
+table and the JSON pick it up. Adding a key-service figure: a ``Row`` in ``KMS_ROWS`` and its
+value in the dict ``key_service_figures`` returns.
 
 ``--quick`` uses small sizes and one repetition (the test suite runs it; it never installs).
 ``--kms-only --workers N`` measures the key service alone, served by N worker processes
@@ -39,7 +51,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-TARGETS = ("bare", "passthrough", "gocryptfs", "kmsfs", "kmsfs-plain")  # kmsfs-plain: --plaintext-names
+TARGETS = ["bare", "passthrough", "gocryptfs", "kmsfs", "kmsfs-plain",  # kmsfs-plain: --plaintext-names
+           "kmsfs-dirkeys"]  # kmsfs-dirkeys: init --directory-keys (docs/SECURITY.md "Directory keys")
+QUICK_TARGETS = ["bare", "passthrough", "gocryptfs", "kmsfs"]  # --quick (the test suite runs it)
+# Ratio columns (numerator, denominator, heading): shown when the numerator ran; "floor" is the
+# computed floor of the row's workload (FLOORS), not a mount.
+RATIOS = [("kmsfs", "gocryptfs", "kmsfs/gocryptfs"), ("kmsfs", "passthrough", "kmsfs/passthrough"),
+          ("kmsfs", "kmsfs-plain", "kmsfs/plain"), ("kmsfs", "floor", "kmsfs/floor"),
+          ("kmsfs-dirkeys", "gocryptfs", "dirkeys/gocryptfs")]
 
 
 @dataclass(frozen=True)
@@ -58,7 +77,7 @@ FS_ROWS = (
     Row("seq_read", "seq read {size}, cold", "MB/s", True, ">= 1.2x"),
     Row("rand_iops", "random 4 KiB 50/50 ({fio_size})", "IOPS", True, ">= 1.0x"),
     Row("untar", "untar {files} files", "s", False, "<= 1.0x"),
-    Row("find_ls", "find|wc -l + ls -lR, cold", "s", False, ""),
+    Row("find_ls", "find|wc -l + ls -lR, cold", "s", False, "<= 1.2x"),
     Row("cat_all", "cat every file, cold", "files/s", True, ">= 0.8x"),
     Row("rm", "rm -rf", "s", False, "<= 1.0x"),
     Row("tar_diff", "tar -d after untar (differences)", "lines", False, "0"),
@@ -70,9 +89,18 @@ KMS_ROWS = (
     Row("kms_gdk_rps", "key service GenerateDataKey, 16 clients", "req/s", True, ""),
     Row("kms_gdk_p50", "  GenerateDataKey p50", "ms", False, ""),
     Row("kms_gdk_p99", "  GenerateDataKey p99", "ms", False, ""),
-    Row("kms_serial_p50", "one Decrypt through kmsfs's client, serial, p50", "ms", False, ""),
+    Row("kms_serial_p50", "one Decrypt through kmsfs's client, serial, p50", "ms", False, "<= 0.5"),
+    Row("kms_serial_gdk_p50", "one GenerateDataKey through kmsfs's client, serial, p50", "ms", False, ""),
+    Row("kms_serial_unix_p50", "  the same Decrypt over the Unix socket, p50", "ms", False, ""),
+    Row("kms_serial_unix_gdk_p50", "  the same GenerateDataKey over the Unix socket, p50", "ms", False, ""),
     Row("kmsfs_rss", "kmsfs peak RSS writing {rss_size}", "MiB", False, "<= 100"),
 )
+
+# Workloads with one key-service round trip per file: workload -> (round-trip figure, what asks);
+# with --unix-socket the "_unix" figures (the mounts then talk to the service over the socket).
+FLOORS = {"untar": ("kms_serial_gdk_p50", "GenerateDataKey per create"),
+          "cat_all": ("kms_serial_p50", "Decrypt per open")}
+FLOOR_TARGET = "<= 1.25x"
 
 
 @dataclass
@@ -83,10 +111,13 @@ class Sizes:
     rss_mib: int
     kms_seconds: float
     reps: int
+    serial_trips: int
 
 
-FULL = Sizes(seq_mib=512, fio_mib=128, fio_seconds=15, rss_mib=2048, kms_seconds=8.0, reps=3)
-QUICK = Sizes(seq_mib=16, fio_mib=8, fio_seconds=2, rss_mib=64, kms_seconds=1.5, reps=1)
+FULL = Sizes(seq_mib=512, fio_mib=128, fio_seconds=15, rss_mib=2048, kms_seconds=8.0, reps=3,
+             serial_trips=1000)
+QUICK = Sizes(seq_mib=16, fio_mib=8, fio_seconds=2, rss_mib=64, kms_seconds=1.5, reps=1,
+              serial_trips=100)
 
 
 def say(msg: str) -> None:
@@ -112,13 +143,16 @@ def ensure_tools(want_gocryptfs: bool, install: bool) -> dict[str, bool]:
         if os.geteuid() != 0:
             raise RuntimeError(f"need root to install {missing}")
         if "gocryptfs" in missing and _fuse2_provides_fusermount():
-            say("not installing gocryptfs: it needs fuse3, which would remove the installed 'fuse'")
+            say("not installing gocryptfs: it needs fuse3, which would remove the installed 'fuse' "
+                "(libfuse2's fusermount)")
             missing.remove("gocryptfs")
         if missing:
             say(f"installing {' '.join(missing)} (apt-get)")
             env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
             run(["apt-get", "update", "-qq"], env=env, check=False)
-            run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
+            # --no-remove: never take away a package setup.sh installed (fuse vs fuse3)
+            run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "--no-remove", *missing],
+                env=env)
     return {"fio": shutil.which("fio") is not None, "wrk": shutil.which("wrk") is not None,
             "gocryptfs": want_gocryptfs and shutil.which("gocryptfs") is not None}
 
@@ -164,18 +198,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def daemon_pid(mountpoint: Path) -> int | None:
-    """The kmsfs daemon serving ``mountpoint`` (scanned from /proc)."""
+def daemon_pid(mountpoint: Path, program: bytes = b"kmsfs") -> int | None:
+    """The FUSE daemon serving ``mountpoint``: the process whose command line names it and
+    ``program`` (scanned from /proc; kmsfs and gocryptfs run in the background)."""
     want = str(mountpoint).encode()
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if entry.isdigit() and int(entry) != os.getpid():
             try:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"mount" in cmd and want in cmd and any(b"kmsfs" in c for c in cmd):
+            if want in cmd and any(program in c for c in cmd) and (program != b"kmsfs" or b"mount" in cmd):
                 return int(entry)
     return None
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """user + system CPU seconds of ``pid`` so far (all its threads), from /proc/PID/stat."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 @dataclass
@@ -188,6 +238,8 @@ class Env:
     creds: Path | None = None
     key_id: str = ""
     kms_pid: int | None = None
+    unix_endpoint: str = ""  # unix:///RUN/ks.sock when the service also listens there
+    pids: dict[str, int] = field(default_factory=dict)  # target -> daemon started here
     kmsfs_opts: list[str] = field(default_factory=list)
 
     def close(self) -> None:
@@ -205,13 +257,22 @@ class Env:
                     proc.wait(5)
 
 
-def start_keyservice(env: Env, workers: int = 1) -> None:
+def unix_socket_path(run_dir: Path) -> Path:
+    return run_dir / "ks.sock"
+
+
+def start_keyservice(env: Env, workers: int = 1, unix: bool = False) -> None:
+    """``keyservice serve --dev`` on a loopback TLS port (the credentials name it) and, with
+    ``unix``, also on ``RUN/ks.sock`` (issue 19's Unix-domain listener, ``env.unix_endpoint``)."""
     data, creds = env.run_dir / "keyservice", env.run_dir / "creds.json"
     port = free_port()
     log = open(env.run_dir / "keyservice.log", "w")  # noqa: SIM115 - lives as long as the process
+    listen = ["--listen", f"127.0.0.1:{port}"]
+    if unix:
+        listen += ["--listen", f"unix:{unix_socket_path(env.run_dir)}"]
+        env.unix_endpoint = f"unix://{unix_socket_path(env.run_dir)}"
     proc = subprocess.Popen([PY, "-m", "keyservice", "serve", "--dev", "--data-dir", str(data),
-                             "--listen", f"127.0.0.1:{port}", "--credentials-out", str(creds),
-                             "--workers", str(workers)],
+                             *listen, "--credentials-out", str(creds), "--workers", str(workers)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=env.run_dir)
     env.procs.append(proc)
     env.kms_pid = proc.pid
@@ -234,13 +295,14 @@ def start_keyservice(env: Env, workers: int = 1) -> None:
     say(f"keyservice at {info['endpoint']} (pid {proc.pid}), key {env.key_id}")
 
 
-def mount_kmsfs(env: Env, name: str = "kmsfs", plaintext_names: bool = False) -> Path:
+def mount_kmsfs(env: Env, name: str = "kmsfs", plaintext_names: bool = False,
+                init_flags: tuple[str, ...] = ()) -> Path:
     cipher, mnt = env.run_dir / f"{name}.cipher", env.run_dir / name
     mnt.mkdir(exist_ok=True)
     if not (cipher / ".kmsfs.json").exists():
         cipher.mkdir(exist_ok=True)
         run([PY, "-m", "kmsfs", "init", str(cipher), "--key", "alias/bench", "--credentials", str(env.creds),
-             *(["--plaintext-names"] if plaintext_names else [])])
+             *(["--plaintext-names"] if plaintext_names else []), *init_flags])
     run([PY, "-m", "kmsfs", "mount", str(cipher), str(mnt), "--credentials", str(env.creds),
          *env.kmsfs_opts])
     env.mounts[name] = mnt
@@ -254,6 +316,7 @@ def mount_passthrough(env: Env) -> Path:
     proc = subprocess.Popen([PY, str(ROOT / "scripts" / "passthrough.py"), str(back), str(mnt)],
                             stdout=subprocess.DEVNULL, stderr=open(env.run_dir / "passthrough.log", "w"))  # noqa: SIM115
     env.procs.append(proc)
+    env.pids["passthrough"] = proc.pid
     env.mounts["passthrough"] = mnt
     wait_mounted(mnt, proc)
     return mnt
@@ -306,24 +369,37 @@ def rand_iops(mnt: Path, mib: int, seconds: int) -> float:
     return float(job["read"]["iops"] + job["write"]["iops"])
 
 
-def tree_workloads(mnt: Path, tarball: Path, nfiles: int, check_diff: bool) -> dict[str, float]:
-    """untar, find+ls cold, cat cold, (tar -d), rm -rf: one repetition."""
+def tree_workloads(mnt: Path, tarball: Path, nfiles: int, check_diff: bool,
+                   pid: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """untar, find+ls cold, cat cold, (tar -d), rm -rf: one repetition; also the CPU seconds the
+    daemon ``pid`` spent in each (empty without a pid)."""
     dest = mnt / "tree"
     dest.mkdir()
+    res: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+
+    def measure(key: str, fn: Callable[[], Any]) -> float:
+        before = cpu_seconds(pid)
+        res[key] = timed(fn)
+        after = cpu_seconds(pid)
+        if before is not None and after is not None:
+            cpu[key] = after - before
+        return res[key]
+
     drop_caches()
-    res = {"untar": timed(lambda: run(["tar", "-xf", str(tarball), "-C", str(dest)]))}
+    measure("untar", lambda: run(["tar", "-xf", str(tarball), "-C", str(dest)]))
     drop_caches()
-    res["find_ls"] = timed(lambda: (run(f"find '{dest}' | wc -l"), run(["ls", "-lR", str(dest)])))
+    measure("find_ls", lambda: (run(f"find '{dest}' | wc -l"), run(["ls", "-lR", str(dest)])))
     drop_caches()
-    res["cat_all"] = nfiles / timed(lambda: run(
+    res["cat_all"] = nfiles / measure("cat_all", lambda: run(
         f"find '{dest}' -type f -print0 | xargs -0 -n 256 cat > /dev/null"))
     if check_diff:
         proc = run(["tar", "-df", str(tarball), "-C", str(dest)], check=False)
         res["tar_diff"] = float(len((proc.stdout + proc.stderr).splitlines()))
         if res["tar_diff"]:
             say(f"tar -d on {mnt.name} reports differences:\n{(proc.stdout + proc.stderr)[:2000]}")
-    res["rm"] = timed(lambda: run(["rm", "-rf", str(dest)]))
-    return res
+    measure("rm", lambda: run(["rm", "-rf", str(dest)]))
+    return res, cpu
 
 
 def make_tarball(run_dir: Path) -> tuple[Path, int]:
@@ -556,28 +632,39 @@ def kms_load(creds: dict[str, Any], key_id: str, *, seconds: float, clients: int
     return result
 
 
-def serial_decrypt_ms(creds_file: Path, key_id: str, n: int = 1000) -> float:
-    """p50 of back-to-back Decrypts through kmsfs's own client: what every open waits for."""
+def serial_round_trips(creds_file: Path, key_id: str, n: int = 1000, endpoint: str = "",
+                       suffix: str = "") -> dict[str, float]:
+    """p50 (ms) of back-to-back Decrypts and GenerateDataKeys through kmsfs's own client: what every
+    open and every create waits for, and so the per-file part of the floor (``FLOORS``).
+    ``endpoint`` overrides the credentials' (e.g. the Unix socket); ``suffix`` goes into the keys."""
     from kmsfs.keyclient import KeyClient, load_credentials
 
     creds = load_credentials(creds_file)
     if not creds.endpoint or not creds.region:
         raise RuntimeError(f"{creds_file} names no endpoint or region")
-    client = KeyClient(creds.endpoint, creds.region, creds)
+    client = KeyClient(endpoint or creds.endpoint, creds.region, creds)
     context = {"kmsfs:file-id": "00" * 16}
-    lat = []
+    decrypt: list[float] = []
+    gdk: list[float] = []
     try:
-        _, blob, _ = client.generate_data_key(key_id, context)
-        for _ in range(n):
+        _, blob, _ = client.generate_data_key(key_id, context)  # connects outside the timing
+        for _ in range(n):  # interleaved, so both see the same machine
             t0 = time.perf_counter()
             client.decrypt(blob, context)
-            lat.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            client.generate_data_key(key_id, context)
+            decrypt.append(t1 - t0)
+            gdk.append(time.perf_counter() - t1)
     finally:
         client.close()
-    lat.sort()
-    p50 = _percentile(lat, 0.5)
-    say(f"one Decrypt at a time through kmsfs's KeyClient: p50 {p50:.2f} ms")
-    return p50
+    decrypt.sort()
+    gdk.sort()
+    out = {f"kms_serial{suffix}_p50": _percentile(decrypt, 0.5),
+           f"kms_serial{suffix}_gdk_p50": _percentile(gdk, 0.5)}
+    say(f"one request at a time through kmsfs's KeyClient ({endpoint or creds.endpoint}): Decrypt p50 "
+        f"{out[f'kms_serial{suffix}_p50']:.2f} ms, GenerateDataKey p50 "
+        f"{out[f'kms_serial{suffix}_gdk_p50']:.2f} ms")
+    return out
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -597,88 +684,202 @@ def fmt(value: float | None) -> str:
     return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
 
 
-def render(result: dict[str, Any]) -> str:
-    cols = ["workload", "unit", *TARGETS, "kmsfs/gocryptfs", "kmsfs/passthrough", "kmsfs/plain", "target"]
-    lines = [cols]
-    for row in result["rows"]:
-        v = row["values"]
-        lines.append([row["label"], row["unit"], *(fmt(v.get(t)) for t in TARGETS),
-                      fmt(row.get("ratio_gocryptfs")), fmt(row.get("ratio_passthrough")),
-                      fmt(row.get("ratio_plain")), row["target"]])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
+def _table(lines: list[list[str]]) -> list[str]:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = []
     for n, line in enumerate(lines):
         cells = zip(line, widths, strict=True)
         out.append(" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(cells)))
         if n == 0:
             out.append("-+-".join("-" * w for w in widths))
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    """The side-by-side table, the daemons' CPU per workload, and the load average."""
+    targets = result["targets"]
+    shown = [t for t in TARGETS if t in targets]
+    has_floor = any("floor" in row["values"] for row in result["rows"])
+    ratios = [heading for num, den, heading in RATIOS
+              if num in targets and (den in targets or heading == "kmsfs/gocryptfs"
+                                     or (den == "floor" and has_floor))]
+    cols = ["workload", "unit", *shown, *(["floor"] if has_floor else []), *ratios, "target"]
+    lines = [cols]
+    for row in result["rows"]:
+        v = row["values"]
+        if all(x is None for x in v.values()):
+            continue  # not measured in this run (--tree-only)
+        lines.append([row["label"], row["unit"], *(fmt(v.get(t)) for t in shown),
+                      *([fmt(v.get("floor"))] if has_floor else []),
+                      *(fmt(row.get("ratios", {}).get(h)) for h in ratios), row["target"]])
+    out = _table(lines)
+    cpu = result.get("cpu") or {}
+    cpu_targets = [t for t in shown if any(cpu.get(w, {}).get(t) is not None for w in cpu)]
+    if cpu_targets:
+        out += ["", "CPU seconds of each FUSE daemon per workload (user+sys from /proc/PID/stat, median):"]
+        rows = [["workload", "", *cpu_targets]]
+        rows += [[w, "s", *(fmt(cpu[w].get(t)) for t in cpu_targets)] for w in cpu]
+        out += _table(rows)
+    load = result.get("load_average")
+    if load:
+        out += ["", f"load average (1/5/15 min): {load['start']} at the start, {load['end']} at the end"]
     return "\n".join(out)
+
+
+def _ratios(values: dict[str, float | None]) -> dict[str, float | None]:
+    return {heading: ratio(values.get(num), values.get(den)) for num, den, heading in RATIOS
+            if values.get(num) is not None and values.get(den) is not None}
+
+
+def floor_value(row: Row, passthrough: float | None, round_trip_ms: float | None,
+                nfiles: int) -> float | None:
+    """The workload's time on the passthrough plus one serial round trip per file, in the
+    row's unit (seconds, or files/s for a rate)."""
+    if passthrough is None or round_trip_ms is None or not passthrough:
+        return None
+    extra = nfiles * round_trip_ms / 1000
+    if row.higher_is_better:  # files/s
+        return nfiles / (nfiles / passthrough + extra)
+    return passthrough + extra
+
+
+def target_pid(target: str, mnt: Path, env: Env) -> int | None:
+    """The process serving ``target`` (for its CPU time); None for the bare directory."""
+    if target == "bare":
+        return None
+    if target == "passthrough":
+        return env.pids.get(target)
+    return daemon_pid(mnt, b"gocryptfs" if target == "gocryptfs" else b"kmsfs")
+
+
+def key_service_figures(env: Env, sizes: Sizes, tree_only: bool) -> dict[str, Any]:
+    """The KMS_ROWS values: the key service under load, the serial round trips, kmsfs's RSS.
+    Only the serial round trips (the floor needs them) with ``tree_only``."""
+    kms: dict[str, Any] = {}
+    if not tree_only:
+        say("key service alone: Decrypt and GenerateDataKey, 16 concurrent clients")
+        kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=sizes.kms_seconds,
+                       clients=16, processes=4, run_dir=env.run_dir)
+    assert env.creds is not None
+    kms.update(serial_round_trips(env.creds, env.key_id, n=sizes.serial_trips))
+    if env.unix_endpoint:
+        kms.update(serial_round_trips(env.creds, env.key_id, n=sizes.serial_trips,
+                                      endpoint=env.unix_endpoint, suffix="_unix"))
+    if not tree_only:
+        say("kmsfs peak RSS")
+        kms["kmsfs_rss"] = kmsfs_peak_rss(env, sizes.rss_mib)
+    return kms
+
+
+MOUNTERS: dict[str, Callable[[Env], Path]] = {
+    "kmsfs": mount_kmsfs, "passthrough": mount_passthrough, "gocryptfs": mount_gocryptfs,
+    "kmsfs-plain": lambda env: mount_kmsfs(env, "kmsfs-plain", plaintext_names=True),
+    "kmsfs-dirkeys": lambda env: mount_kmsfs(env, "kmsfs-dirkeys", init_flags=("--directory-keys",))}
 
 
 def bench(args: argparse.Namespace, env: Env) -> dict[str, Any]:
     sizes = QUICK if args.quick else FULL
     if args.reps:
         sizes.reps = args.reps
+    load_start = load_average()
     tools = ensure_tools(want_gocryptfs="gocryptfs" in args.targets, install=not args.quick)
     targets = [t for t in args.targets if t != "gocryptfs" or tools["gocryptfs"]]
     if not tools["fio"]:
         say("fio missing: no random-I/O figures")
-    say(f"run directory {env.run_dir}; targets {', '.join(targets)}; {sizes.reps} repetition(s)")
-    start_keyservice(env)
+    say(f"run directory {env.run_dir}; targets {', '.join(targets)}; {sizes.reps} repetition(s); "
+        f"load average {load_start}")
+    start_keyservice(env, unix=True)
     tarball, nfiles = quick_tarball(env.run_dir) if args.quick else make_tarball(env.run_dir)
     say(f"tree: {nfiles} files in {tarball.name}")
-    mounters = {"kmsfs": mount_kmsfs, "passthrough": mount_passthrough, "gocryptfs": mount_gocryptfs,
-                "kmsfs-plain": lambda env: mount_kmsfs(env, "kmsfs-plain", plaintext_names=True)}
     mnts: dict[str, Path] = {}
+    pids: dict[str, int | None] = {}
     for t in targets:
         if t == "bare":
             mnts[t] = env.run_dir / "bare"
             mnts[t].mkdir(exist_ok=True)
         else:
-            mnts[t] = mounters[t](env)
-        say(f"{t}: {mnts[t]}")
-    samples: dict[str, dict[str, list[float]]] = {r.key: {t: [] for t in targets} for r in FS_ROWS}
+            mnts[t] = MOUNTERS[t](env)
+        pids[t] = target_pid(t, mnts[t], env)
+        say(f"{t}: {mnts[t]} (daemon pid {pids[t]})")
+    keys = [r.key for r in FS_ROWS]
+    samples: dict[str, dict[str, list[float]]] = {k: {t: [] for t in targets} for k in keys}
+    cpu: dict[str, dict[str, list[float]]] = {k: {t: [] for t in targets} for k in keys}
     for rep in range(sizes.reps):
         for t in targets:
-            mnt = mnts[t]
-            got = {}
+            mnt, pid = mnts[t], pids[t]
+            got: dict[str, float] = {}
+            used: dict[str, float] = {}
+
+            def step(key: str, fn: Callable[[], float], pid: int | None = pid,
+                     got: dict[str, float] = got, used: dict[str, float] = used) -> None:
+                before = cpu_seconds(pid)
+                got[key] = fn()
+                after = cpu_seconds(pid)
+                if before is not None and after is not None:
+                    used[key] = after - before
+
             if not args.tree_only:
-                got = {"seq_write": seq_write(mnt, sizes.seq_mib), "seq_read": seq_read(mnt, sizes.seq_mib)}
+                step("seq_write", lambda mnt=mnt: seq_write(mnt, sizes.seq_mib))
+                step("seq_read", lambda mnt=mnt: seq_read(mnt, sizes.seq_mib))
                 (mnt / "seq.bin").unlink()
             if tools["fio"] and not args.tree_only:
-                got["rand_iops"] = rand_iops(mnt, sizes.fio_mib, sizes.fio_seconds)
-            got.update(tree_workloads(mnt, tarball, nfiles, check_diff=(rep == 0)))
+                step("rand_iops", lambda mnt=mnt: rand_iops(mnt, sizes.fio_mib, sizes.fio_seconds))
+            tree, tree_cpu = tree_workloads(mnt, tarball, nfiles, check_diff=(rep == 0), pid=pid)
+            got.update(tree)
+            used.update(tree_cpu)
             for k, v in got.items():
                 samples[k][t].append(v)
-            say(f"rep {rep + 1}/{sizes.reps} {t}: " + ", ".join(f"{k} {fmt(v)}" for k, v in got.items()))
+            for k, v in used.items():
+                cpu[k][t].append(v)
+            say(f"rep {rep + 1}/{sizes.reps} {t}: " + ", ".join(f"{k} {fmt(v)}" for k, v in got.items())
+                + "; daemon CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in used.items()))
+    kms = key_service_figures(env, sizes, args.tree_only)
     rows: list[dict[str, Any]] = []
     subst = {"size": f"{sizes.seq_mib} MiB", "fio_size": f"{sizes.fio_mib} MiB", "files": f"{nfiles:,}",
              "rss_size": f"{sizes.rss_mib} MiB"}
-    for r in FS_ROWS:
-        values = {t: median(samples[r.key][t]) for t in targets}
+
+    def add(r: Row, values: dict[str, Any], row_samples: dict[str, list[float]]) -> None:
+        ratios = _ratios(values)
         rows.append({"key": r.key, "label": r.label.format(**subst), "unit": r.unit,
                      "higher_is_better": r.higher_is_better, "target": r.target, "values": values,
-                     "samples": samples[r.key],
-                     "ratio_gocryptfs": ratio(values.get("kmsfs"), values.get("gocryptfs")),
-                     "ratio_passthrough": ratio(values.get("kmsfs"), values.get("passthrough")),
-                     "ratio_plain": ratio(values.get("kmsfs"), values.get("kmsfs-plain"))})
-    kms: dict[str, Any] = {}
-    if not args.tree_only:
-        say("key service alone: Decrypt and GenerateDataKey, 16 concurrent clients")
-        kms = kms_load(json.loads(env.creds.read_text()), env.key_id, seconds=sizes.kms_seconds,
-                       clients=16, processes=4, run_dir=env.run_dir)
-        kms["kms_serial_p50"] = serial_decrypt_ms(env.creds, env.key_id)
-        say("kmsfs peak RSS")
-        kms["kmsfs_rss"] = kmsfs_peak_rss(env, sizes.rss_mib)
+                     "samples": row_samples, "ratios": ratios,
+                     "ratio_gocryptfs": ratios.get("kmsfs/gocryptfs"),
+                     "ratio_passthrough": ratios.get("kmsfs/passthrough"),
+                     "ratio_plain": ratios.get("kmsfs/plain")})
+
+    for r in FS_ROWS:
+        values: dict[str, Any] = {t: median(samples[r.key][t]) for t in targets}
+        add(r, values, samples[r.key])
+        if r.key in FLOORS:
+            trip, what = FLOORS[r.key]
+            if args.unix_socket:
+                trip, what = trip.replace("kms_serial", "kms_serial_unix"), what + " (Unix socket)"
+            floor = floor_value(r, values.get("passthrough"), kms.get(trip), nfiles)
+            if floor is not None:
+                add(Row(f"{r.key}_floor", f"  floor: passthrough + 1 serial {what}", r.unit,
+                        r.higher_is_better, ">= 0.8x" if r.higher_is_better else FLOOR_TARGET),
+                    {"floor": floor}, {})
+                # the ratio of the workload's kmsfs value (on the row above) to this floor
+                rows[-1]["ratios"] = {"kmsfs/floor": ratio(values.get("kmsfs"), floor)}
     for r in KMS_ROWS:
-        rows.append({"key": r.key, "label": r.label.format(**subst), "unit": r.unit,
-                     "higher_is_better": r.higher_is_better, "target": r.target,
-                     "values": {"kmsfs": kms.get(r.key)}, "samples": {},
-                     "ratio_gocryptfs": None, "ratio_passthrough": None})
+        add(r, {"kmsfs": kms.get(r.key)}, {})
+        rows[-1]["ratios"] = {}
     return {"quick": bool(args.quick), "kmsfs_options": env.kmsfs_opts, "reps": sizes.reps,
+            "unix_socket": bool(args.unix_socket),
             "targets": targets, "files": nfiles,
             "sizes": sizes.__dict__, "kernel": os.uname().release, "time": time.strftime("%F %T %Z"),
-            "rows": rows}
+            "load_average": {"start": load_start, "end": load_average()},
+            "cpu": {k: {t: median(v) for t, v in per.items() if v} for k, per in cpu.items()
+                    if any(per.values())},
+            "cpu_samples": cpu, "rows": rows}
+
+
+def default_targets(quick: bool) -> list[str]:
+    """Every target for the full table; directory keys only where this kmsfs has them."""
+    if quick:
+        return list(QUICK_TARGETS)
+    helptext = run([PY, "-m", "kmsfs", "init", "--help"], check=False).stdout
+    return [t for t in TARGETS if t != "kmsfs-dirkeys" or "--directory-keys" in helptext]
 
 
 @contextlib.contextmanager
@@ -701,9 +902,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="parent of the run directory (a new kmsfs-bench-* inside it; default /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the run directory")
     p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
-    p.add_argument("--targets", default=",".join(TARGETS[:4]),
-                   help="comma-separated subset of " + ",".join(TARGETS) + " (default: all but "
-                        "kmsfs-plain, a kmsfs cipherdir made with --plaintext-names)")
+    p.add_argument("--targets",
+                   help="comma-separated subset of " + ",".join(TARGETS) + " (default: all of them, "
+                        "kmsfs-dirkeys only if this kmsfs has `init --directory-keys`; --quick: "
+                        + ",".join(QUICK_TARGETS) + "). kmsfs-plain is a cipherdir made with "
+                        "--plaintext-names (issue 16's ratio)")
     p.add_argument("--tree-only", action="store_true",
                    help="only the tree workloads (untar, find/ls, cat, rm): e.g. encrypted against "
                         "plaintext names, --targets kmsfs,kmsfs-plain")
@@ -711,16 +914,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure the key service alone (Decrypt and GenerateDataKey), no file systems")
     p.add_argument("--workers", type=int, default=1, help="keyservice serve --workers N (default 1)")
     p.add_argument("--seconds", type=float, default=10.0, help="--kms-only: seconds per operation")
+    p.add_argument("--unix-socket", action="store_true",
+                   help="the kmsfs mounts talk to the key service over its Unix socket (kmsfs mount "
+                        "--endpoint unix://...), and the floor uses the round trips over it")
     p.add_argument("--key-pool", type=int, default=None, metavar="N",
                    help="kmsfs mount --key-pool N (default: kmsfs's own default, off; 32 measures "
                         "the pool with its claims)")
     args = p.parse_args(argv)
-    args.targets = [t for t in args.targets.split(",") if t]
+    args.targets = default_targets(args.quick) if args.targets is None else [
+        t for t in args.targets.split(",") if t]
     if "kmsfs" not in args.targets:
         p.error("--targets must include kmsfs")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with run_directory(args.run_dir, args.keep) as run_dir:
         env = Env(run_dir, kmsfs_opts=[] if args.key_pool is None else [f"--key-pool={args.key_pool}"])
+        if args.unix_socket:
+            env.kmsfs_opts += ["--endpoint", f"unix://{unix_socket_path(run_dir)}"]
         try:
             if args.kms_only:
                 start_keyservice(env, args.workers)

@@ -198,6 +198,48 @@ def test_forgotten_inodes_release_their_descriptors(m: M) -> None:
 
 
 @root_only
+def test_listing_with_attributes_counts_each_entry_once(m: M) -> None:
+    """READDIRPLUS: a listing returns each entry's attributes and counts one lookup per entry
+    (a descriptor each, without a lookup request), the attributes are the ones lstat gives,
+    and every entry is forgotten again: also the one a full reply had no room for (a
+    2,000-entry directory takes several replies; the kernel asks "plus" for the first and for
+    those after lookups in the directory, READDIRPLUS_AUTO)."""
+    pid = daemon_pid(m.cipherdir, m.path)
+    d = m.path / "plus"
+    d.mkdir()
+    for i in range(2000):
+        (d / f"entry-with-a-longer-name-{i:05}").write_bytes(b"x" * (i % 7))
+    (d / "sub").mkdir()
+    os.symlink("entry-with-a-longer-name-00001", d / "link")
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    Path("/proc/sys/vm/drop_caches").write_text("2")
+    time.sleep(0.5)
+    before = fds()
+    with os.scandir(d) as it:  # getdents only: no stat, no lookup of a single name
+        listed = {e.name: e.inode() for e in it}
+    assert len(listed) == 2002
+    assert fds() >= before + 100, ("the listing did not pin its entries (no readdirplus?)",
+                                   before, fds())
+    for name, ino in listed.items():
+        st = os.lstat(d / name)
+        assert st.st_ino == ino
+        if name.startswith("entry"):
+            assert stat.S_ISREG(st.st_mode) and st.st_size == int(name[-5:]) % 7
+    assert stat.S_ISLNK(os.lstat(d / "link").st_mode)
+    assert os.readlink(d / "link") == "entry-with-a-longer-name-00001"
+    assert os.lstat(d / "link").st_size == len("entry-with-a-longer-name-00001")
+    Path("/proc/sys/vm/drop_caches").write_text("2")
+    deadline = time.monotonic() + 10
+    while fds() > before + 50 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fds() <= before + 50, (before, fds())
+    shutil.rmtree(d)
+
+
+@root_only
 def test_setgid_directory_semantics(m: M) -> None:
     d = m.path / "sgid"
     d.mkdir()
@@ -225,3 +267,44 @@ def test_posix_acls_are_refused(m: M) -> None:
     if shutil.which("setfacl"):
         proc = subprocess.run(["setfacl", "-m", "u:65534:r", str(p)], capture_output=True, text=True)
         assert proc.returncode != 0 and "not supported" in proc.stderr.lower()
+
+
+def test_security_attributes_are_not_supported(m: M) -> None:
+    """security.* (labels, file capabilities) are not kept: EOPNOTSUPP for get, set and remove
+    (``ls -l`` then asks once per listing instead of once per name), and a label the backing
+    file carries is not listed; user attributes still work."""
+    p = m.path / "labels"
+    p.write_bytes(b"x")
+    for name in ("security.selinux", "security.capability", "security.ima"):
+        with pytest.raises(OSError) as info:
+            os.getxattr(p, name)
+        assert info.value.errno == errno.EOPNOTSUPP, name
+    with pytest.raises(OSError) as info:
+        os.setxattr(p, "security.test", b"v")
+    assert info.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(OSError) as info:
+        os.removexattr(p, "security.test")
+    assert info.value.errno == errno.EOPNOTSUPP
+    if os.geteuid() == 0:
+        backing = backing_path(m.cipherdir, "/labels", m.creds)
+        os.setxattr(backing, "security.kmsfs-test", b"backing label")
+        assert not [n for n in os.listxattr(p) if n.startswith("security.")]
+    os.setxattr(p, "user.kept", b"yes")
+    assert os.getxattr(p, "user.kept") == b"yes"
+    assert "user.kept" in os.listxattr(p)
+
+
+def test_open_with_access_mode_3_is_allowed(m: M) -> None:
+    """pjdfstest open/23.t: O_WRONLY|O_RDWR (Linux: an ioctl-only descriptor, read and write
+    permission checked) opens (it gave EBADF: the backing file, opened the same way, could not
+    read the header); reading through it is EBADF, as on any filesystem."""
+    p = m.path / "accmode3"
+    p.write_bytes(b"x")
+    fd = os.open(p, os.O_WRONLY | os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as info:
+            os.read(fd, 1)
+        assert info.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"x"

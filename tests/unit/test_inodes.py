@@ -62,6 +62,37 @@ def test_lookups_and_forget_hold_one_descriptor_per_inode(fs: InodeFs) -> None:
     assert info.value.errno == errno.ESTALE
 
 
+def test_listed_entries_reuse_held_nodes_and_count_one_lookup_each(
+        fs: InodeFs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """READDIRPLUS's lookups (``lookup_listed``): a file whose inode is already a node is that
+    node, counted once more without opening its name again; a file whose name now holds another
+    inode, one that lost its last link, directories and unknown inodes go by name."""
+    ino = _file(fs, "f", b"12345")
+    sub, _ = fs.mkdir(ROOT_INODE, "sub", 0o755)
+    dh = fs.opendir(ROOT_INODE)
+    listed = {n: (i, m) for n, i, m in fs.readdir(dh, 0)}
+    fs.releasedir(dh)
+    opened: list[str] = []
+    real_pin = fs.names.find
+
+    def counting(parent: object, name: str) -> tuple[int, str]:
+        opened.append(name)
+        return real_pin(parent, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fs.names, "find", counting)
+    node, attrs = fs.lookup_listed(ROOT_INODE, "f", *listed["f"])
+    assert node.ino == ino and node.nlookup == 2 and attrs["st_size"] == 5 and opened == []
+    assert fs.lookup_listed(ROOT_INODE, "sub", *listed["sub"])[0].ino == sub.ino
+    assert opened == ["sub"]  # directories always by name
+    fs.unlink(ROOT_INODE, "f")
+    _file(fs, "f", b"new")  # the name now holds another inode; the old one has no link
+    node2, attrs2 = fs.lookup_listed(ROOT_INODE, "f", *listed["f"])
+    assert node2.ino != ino and attrs2["st_size"] == 3 and opened == ["sub", "f"]
+    assert fs.node(ino).nlookup == 2  # the refused fast path gave its count back
+    with pytest.raises(FileNotFoundError):
+        fs.lookup_listed(ROOT_INODE, "gone", listed["f"][0] + 10**9, stat.S_IFREG)
+
+
 def test_many_inodes_are_all_released_by_forget(fs: InodeFs) -> None:
     d = fs.mkdir(ROOT_INODE, "d", 0o755, caller("/d"))[0].ino
     for i in range(300):

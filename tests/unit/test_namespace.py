@@ -157,6 +157,36 @@ def test_reserved_plaintext_names_are_ordinary_names(fs: InodeFs) -> None:
     assert _listing(fs) == sorted([".kmsfs.json", DIRID_FILE])
 
 
+def test_listings_decrypt_each_name_once_and_still_hide_tampered_ones(
+        fs: InodeFs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backing name -> plaintext is memoised (deterministic, so never stale): a name created
+    or listed once is not decrypted again; a flipped or foreign backing name still fails."""
+    sub, _ = fs.mkdir(ROOT_INODE, "sub", 0o755)
+    for name in ("a", "b", LONG):
+        _file(fs, name, sub.ino)
+    cipher = fs.names._cipher()  # type: ignore[union-attr]
+    calls: list[str] = []
+    real = cipher.plain_name
+
+    def counting(dir_id: bytes, backing: str, side: bytes | None = None) -> bytes:
+        calls.append(backing)
+        return real(dir_id, backing, side)
+
+    monkeypatch.setattr(cipher, "plain_name", counting)
+    assert _listing(fs, sub.ino) == sorted(["a", "b", LONG])
+    assert len(calls) == 1  # the long name (its side entry is read each time); a, b were created here
+    assert _listing(fs, sub.ino) == sorted(["a", "b", LONG])
+    assert len(calls) == 2
+    sub_backing = _root(fs) / fs.names.backing(fs.root, "sub")
+    short = fs.names.backing(sub, "a")
+    flipped = short[:-2] + ("A" if short[-2] != "A" else "B") + short[-1]
+    os.rename(sub_backing / short, sub_backing / flipped)
+    assert _listing(fs, sub.ino) == sorted(["b", LONG])
+    moved = fs.names.backing(sub, "b")  # authentic in sub, listed (and memoised) there
+    os.rename(sub_backing / moved, _root(fs) / moved)  # into another directory: another id
+    assert _listing(fs) == ["sub"] and _listing(fs, sub.ino) == [LONG]
+
+
 def test_rename_over_an_empty_directory(fs: InodeFs) -> None:
     """The empty target holds its directory id: it must not make the rename fail (ENOTEMPTY),
     and a failed rename (non-empty target) keeps the target's id."""
