@@ -39,12 +39,13 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-from keyservice.http.sigv4 import sign_request  # noqa: E402
+from bench import _kms_request as _signed  # noqa: E402  (one SigV4 request builder for both benches)
+
 from kmsfs.keyclient import KeyClient, load_credentials  # noqa: E402
 
 CONTEXT = {"kmsfs:file-id": "00" * 16}
@@ -94,16 +95,6 @@ def _thread_cpu(parent: int) -> dict[str, float]:
                     used = (int(fields[11]) + int(fields[12])) / TICK
                     out["main" if task.name == str(pid) else "other"] += used
     return out
-
-
-def _signed(creds: dict[str, Any], operation: str, payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    headers = {"Host": urlsplit(creds["endpoint"]).netloc, "Content-Type": "application/x-amz-json-1.1",
-               "X-Amz-Target": f"TrentService.{operation}"}
-    headers.update(sign_request(method="POST", url=creds["endpoint"].rstrip("/") + "/", headers=headers,
-                                body=body, access_key_id=creds["access_key_id"],
-                                secret_access_key=creds["secret_access_key"], region=creds["region"]))
-    return body, headers
 
 
 def _ms(text: str) -> float:
