@@ -462,6 +462,19 @@ class KeyService:
     def seal_material(self, key_id: str, version: int, material: bytes) -> bytes:
         return rootkey.seal(self._root_key, material, material_aad(key_id, version))
 
+    def new_key_record(self, now: datetime, **fields: Any) -> KeyRecord:
+        """A key created ``now`` under a fresh key id, with its ARN and this service's account and
+        region (CreateKey, default keys); ``fields`` are the rest of the ``KeyRecord``."""
+        key_id = str(uuid.uuid4())
+        return KeyRecord(
+            key_id=key_id,
+            arn=self.key_arn(key_id),
+            account_id=self.account_id,
+            region=self.region,
+            creation_date=now,
+            **fields,
+        )
+
     def fresh_version(
         self, key_id: str, number: int, now: datetime, rotation_type: str | None = None
     ) -> KeyVersionRecord:

@@ -10,13 +10,12 @@ audited as part of the request that triggered it (that record names the new key)
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from keyservice import errors
 from keyservice.authz import policy
-from keyservice.store.model import ENABLED, MANAGER_AWS, ORIGIN_AWS_KMS, AliasRecord, KeyRecord
+from keyservice.store.model import ENABLED, MANAGER_AWS, ORIGIN_AWS_KMS, AliasRecord
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService
@@ -39,24 +38,21 @@ def ensure(service: KeyService, alias_name: str) -> AliasRecord | None:
         if existing is not None:
             return existing
         now = service.now()
-        key_id = str(uuid.uuid4())
-        key = KeyRecord(
-            key_id=key_id,
-            arn=service.key_arn(key_id),
-            account_id=service.account_id,
-            region=service.region,
+        key = service.new_key_record(
+            now,
             description=description,
             state=ENABLED,
             origin=ORIGIN_AWS_KMS,
             key_manager=MANAGER_AWS,
-            creation_date=now,
             rotation_enabled=True,
             rotation_period_days=AWS_MANAGED_ROTATION_DAYS,
             next_rotation_date=now + timedelta(days=AWS_MANAGED_ROTATION_DAYS),
             policy=policy.aws_managed_key_policy(service.account_id),
         )
-        version = service.fresh_version(key_id, 1, now)
-        alias = AliasRecord(name=alias_name, target_key_id=key_id, creation_date=now, last_updated_date=now)
+        version = service.fresh_version(key.key_id, 1, now)
+        alias = AliasRecord(
+            name=alias_name, target_key_id=key.key_id, creation_date=now, last_updated_date=now
+        )
         try:
             service.store.create_key(key, version, max_customer_keys=service.max_keys, alias=alias)
         except errors.AlreadyExistsException:  # another process won the race

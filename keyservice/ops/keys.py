@@ -8,7 +8,6 @@ customer keys is enforced by the store in the same transaction as the insert (SP
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from keyservice import errors
@@ -39,7 +38,6 @@ from keyservice.store.model import (
     ORIGIN_AWS_KMS,
     ORIGIN_EXTERNAL,
     PENDING_IMPORT,
-    KeyRecord,
     KeyVersionRecord,
 )
 
@@ -77,17 +75,12 @@ def create_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> 
     if params.get("CustomKeyStoreId") is not None or params.get("XksKeyId") is not None:
         raise errors.UnsupportedOperationException("Custom key stores are not supported.")
     now = service.clock.now()
-    key_id = str(uuid.uuid4())
-    key = KeyRecord(
-        key_id=key_id,
-        arn=service.key_arn(key_id),
-        account_id=service.account_id,
-        region=service.region,
+    key = service.new_key_record(
+        now,
         description=description,
         state=PENDING_IMPORT if origin == ORIGIN_EXTERNAL else ENABLED,
         origin=origin,
         key_manager=MANAGER_CUSTOMER,
-        creation_date=now,
         key_usage=usage,
         key_spec=spec,
         policy=policy_module.default_key_policy(service.account_id),
@@ -97,7 +90,7 @@ def create_key(service: KeyService, params: dict[str, Any], info: AuditInfo) -> 
         key.policy = key_policies.validate_new_policy(service, info, key, policy, bypass=bypass)
     first: KeyVersionRecord | None = None
     if origin == ORIGIN_AWS_KMS:  # imported keys get their material from ImportKeyMaterial
-        first = service.fresh_version(key_id, 1, now)
+        first = service.fresh_version(key.key_id, 1, now)
         info.key_version = 1
     service.store.create_key(key, first, max_customer_keys=service.max_keys)
     info.key_arn = key.arn
