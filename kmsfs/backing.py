@@ -14,25 +14,32 @@ from kmsfs.config import RESERVED_PREFIX
 from kmsfs.core import TEMP_PREFIX
 
 
-def backing_files(cipherdir: str) -> Iterator[str]:
-    """Every regular backing file (one path per inode), sorted, skipping reserved root names."""
+def backing_names(cipherdir: str) -> Iterator[tuple[str, str]]:
+    """``(dirpath, name)`` of every file name os.walk lists below the cipherdir (resolved), directories
+    and names in sorted order, skipping the reserved names at its root."""
     root = os.path.realpath(cipherdir)
-    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root):
         if dirpath == root:
             dirnames[:] = [d for d in dirnames if not d.startswith(RESERVED_PREFIX)]
             filenames = [f for f in filenames if not f.startswith(RESERVED_PREFIX)]
         dirnames.sort()
         for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            ident = (st.st_dev, st.st_ino)
-            if ident in seen:
-                continue
-            seen.add(ident)
-            yield path
+            yield dirpath, name
+
+
+def backing_files(cipherdir: str) -> Iterator[str]:
+    """Every regular backing file (one path per inode), sorted, skipping reserved root names."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, name in backing_names(cipherdir):
+        path = os.path.join(dirpath, name)
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        yield path
 
 
 def leftover_temporaries(cipherdir: str) -> list[str]:

@@ -22,9 +22,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from kmsfs.backing import leftover_temporaries
+from kmsfs.backing import backing_names, leftover_temporaries
 from kmsfs.cipher import BlockCipher
-from kmsfs.config import RESERVED_PREFIX, Config, ConfigError
+from kmsfs.config import Config, ConfigError
 from kmsfs.core import TEMP_PREFIX
 from kmsfs.encfile import EncryptedFile
 from kmsfs.format import FORMAT_V3, Header
@@ -67,24 +67,18 @@ def inodes(cipherdir: str) -> list[list[str]]:
     """Every regular backing file's names, grouped by inode (hard links together), sorted. In a
     name-encrypting cipherdir the name bookkeeping files (directory ids, long-name side entries,
     long symlink targets) carry no header and are left alone."""
-    root = os.path.realpath(cipherdir)
     try:
         encrypted = Config.load(cipherdir).encrypted_names
     except ConfigError:
         encrypted = False
     groups: dict[tuple[int, int], list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == root:
-            dirnames[:] = [d for d in dirnames if not d.startswith(RESERVED_PREFIX)]
-            filenames = [f for f in filenames if not f.startswith(RESERVED_PREFIX)]
-        dirnames.sort()
-        for name in sorted(filenames):
-            if name.startswith(TEMP_PREFIX) or (encrypted and is_reserved(name)):
-                continue
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
-                groups.setdefault((st.st_dev, st.st_ino), []).append(path)
+    for dirpath, name in backing_names(cipherdir):
+        if name.startswith(TEMP_PREFIX) or (encrypted and is_reserved(name)):
+            continue
+        path = os.path.join(dirpath, name)
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            groups.setdefault((st.st_dev, st.st_ino), []).append(path)
     return sorted(groups.values())
 
 
