@@ -26,6 +26,7 @@ from keyservice.params import (
     encode_marker,
     get_int,
     get_str,
+    null,
     wire_name,
 )
 from keyservice.store.model import GrantRecord, KeyRecord
@@ -63,10 +64,7 @@ def _principal(params: dict[str, Any], name: str, *, required: bool) -> str | No
 def _operations(params: dict[str, Any]) -> tuple[str, ...]:
     value = params.get("Operations")
     if value is None:
-        raise errors.ValidationException(
-            "1 validation error detected: Value null at 'operations' failed to satisfy constraint: "
-            "Member must not be null"
-        )
+        raise null("Operations")
     if not isinstance(value, list) or not value or len(value) > len(GRANT_OPERATIONS):
         raise errors.ValidationException("Operations must be a non-empty list of grant operations")
     for op in value:

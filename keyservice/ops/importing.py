@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
 
 from keyservice import envelope, errors, lifecycle
-from keyservice.params import AuditInfo, get_bytes, get_enum, get_str, get_timestamp
+from keyservice.params import AuditInfo, get_bytes, get_enum, get_str, get_timestamp, null
 from keyservice.store.base import import_key_aad
 from keyservice.store.model import (
     DOES_NOT_EXPIRE,
@@ -89,15 +89,9 @@ def get_parameters_for_import(service: KeyService, params: dict[str, Any], info:
     algorithm = get_enum(params, "WrappingAlgorithm", ALGORITHMS)
     key_spec = get_enum(params, "WrappingKeySpec", KEY_SPECS)
     if algorithm is None:
-        raise errors.ValidationException(
-            "1 validation error detected: Value null at 'wrappingAlgorithm' failed to satisfy constraint: "
-            "Member must not be null"
-        )
+        raise null("WrappingAlgorithm")
     if key_spec is None:
-        raise errors.ValidationException(
-            "1 validation error detected: Value null at 'wrappingKeySpec' failed to satisfy constraint: "
-            "Member must not be null"
-        )
+        raise null("WrappingKeySpec")
     if algorithm == "SM2PKE" or key_spec == "SM2":
         raise errors.UnsupportedOperationException("SM2 wrapping is only offered in China Regions.")
     if algorithm == PKCS1_V1_5 and not service.allow_pkcs1_import:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from keyservice import errors
 from keyservice.ops.keys import parse_tags
-from keyservice.params import AuditInfo, decode_marker, encode_marker, get_int, get_str, get_str_list
+from keyservice.params import AuditInfo, decode_marker, encode_marker, get_int, get_str, get_str_list, null
 
 if TYPE_CHECKING:
     from keyservice.service import KeyService
@@ -22,10 +22,7 @@ MAX_TAGS = 50
 def tag_resource(service: KeyService, params: dict[str, Any], info: AuditInfo) -> dict[str, Any]:
     key = service.key_param(params, info, allow_alias=False)
     if params.get("Tags") is None:
-        raise errors.ValidationException(
-            "1 validation error detected: Value null at 'tags' failed to satisfy constraint: "
-            "Member must not be null"
-        )
+        raise null("Tags")
     new = parse_tags(params.get("Tags"))
     service.check_usable(key, "TagResource", info)
     merged = {t["TagKey"]: t["TagValue"] for t in key.tags}
