@@ -92,6 +92,16 @@ def wire_name(name: str) -> str:
     return name[:1].lower() + name[1:]
 
 
+def constraint_failed(name: str, rule: str, value: object = None) -> errors.KMSError:
+    """AWS's wording of a member that fails a constraint: ``1 validation error detected: Value 'V' at
+    'member' failed to satisfy constraint: Member must RULE`` (without ``'V'`` when ``value`` is None)."""
+    shown = "" if value is None else f" '{value}'"
+    return errors.ValidationException(
+        f"1 validation error detected: Value{shown} at '{wire_name(name)}' failed to satisfy constraint: "
+        f"Member must {rule}"
+    )
+
+
 def null(name: str) -> errors.KMSError:
     return errors.ValidationException(
         f"1 validation error detected: Value null at '{wire_name(name)}' failed to satisfy constraint: "
@@ -115,15 +125,9 @@ def get_str(
     if not isinstance(value, str):
         raise errors.ValidationException(f"{name} must be a string")
     if len(value) < min_len:
-        raise errors.ValidationException(
-            f"1 validation error detected: Value at '{wire_name(name)}' failed to satisfy constraint: "
-            f"Member must have length greater than or equal to {min_len}"
-        )
+        raise constraint_failed(name, f"have length greater than or equal to {min_len}")
     if max_len is not None and len(value) > max_len:
-        raise errors.ValidationException(
-            f"1 validation error detected: Value at '{wire_name(name)}' failed to satisfy constraint: "
-            f"Member must have length less than or equal to {max_len}"
-        )
+        raise constraint_failed(name, f"have length less than or equal to {max_len}")
     return value
 
 
@@ -137,11 +141,7 @@ def get_int(params: Mapping[str, Any], name: str, lo: int, hi: int, *, required:
         raise errors.ValidationException(f"{name} must be an integer")
     if not lo <= value <= hi:
         bound = f"greater than or equal to {lo}" if value < lo else f"less than or equal to {hi}"
-        raise errors.ValidationException(
-            f"1 validation error detected: Value '{value}' at '{wire_name(name)}' "
-            "failed to satisfy constraint: "
-            f"Member must have value {bound}"
-        )
+        raise constraint_failed(name, f"have value {bound}", value)
     return value
 
 
@@ -156,10 +156,7 @@ def get_bytes(
     if not isinstance(value, bytes | bytearray):
         raise errors.ValidationException(f"{name} must be binary data")
     if not lo <= len(value) <= hi:
-        raise errors.ValidationException(
-            f"1 validation error detected: Value at '{wire_name(name)}' failed to satisfy constraint: "
-            f"Member must have length between {lo} and {hi} bytes"
-        )
+        raise constraint_failed(name, f"have length between {lo} and {hi} bytes")
     return bytes(value)
 
 
@@ -175,11 +172,7 @@ def get_bool(params: Mapping[str, Any], name: str) -> bool:
 def get_enum(params: Mapping[str, Any], name: str, allowed: tuple[str, ...]) -> str | None:
     value = get_str(params, name)
     if value is not None and value not in allowed:
-        raise errors.ValidationException(
-            f"1 validation error detected: Value '{value}' at '{wire_name(name)}' "
-            "failed to satisfy constraint: "
-            f"Member must satisfy enum value set: [{', '.join(allowed)}]"
-        )
+        raise constraint_failed(name, f"satisfy enum value set: [{', '.join(allowed)}]", value)
     return value
 
 
@@ -246,8 +239,5 @@ def get_str_list(
         raise errors.ValidationException(f"{name} must have at most {max_items} items")
     for item in value:
         if not 1 <= len(item) <= max_len:
-            raise errors.ValidationException(
-                f"1 validation error detected: Value at '{wire_name(name)}' failed to satisfy constraint: "
-                f"Member must have length between 1 and {max_len}"
-            )
+            raise constraint_failed(name, f"have length between 1 and {max_len}")
     return list(value)

@@ -22,6 +22,7 @@ from keyservice.params import (
     MAX_KEY_ID,
     RESERVED_ALIAS_PREFIX,
     AuditInfo,
+    constraint_failed,
     decode_marker,
     encode_marker,
     get_int,
@@ -42,10 +43,7 @@ def _alias_name(service: KeyService, params: Mapping[str, Any], info: AuditInfo)
     assert name is not None
     info.alias_name = name
     if not ALIAS_PATTERN.match(name):
-        raise errors.ValidationException(
-            f"1 validation error detected: Value '{name}' at 'aliasName' failed to satisfy constraint: "
-            "Member must satisfy regular expression pattern: ^[a-zA-Z0-9:/_-]+$"
-        )
+        raise constraint_failed("AliasName", "satisfy regular expression pattern: ^[a-zA-Z0-9:/_-]+$", name)
     if not ALIAS_NAME.match(name):
         raise errors.InvalidAliasNameException(
             f"Alias name {name!r} is not valid: it must start with 'alias/' followed by letters, "

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from keyservice import errors
-from keyservice.params import AuditInfo, wire_name
+from keyservice.params import AuditInfo, constraint_failed
 from keyservice.store.model import DISABLED, ORIGIN_EXTERNAL, PENDING_DELETION, PENDING_IMPORT, KeyRecord
 
 if TYPE_CHECKING:
@@ -32,9 +32,8 @@ def _window(params: dict[str, Any]) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise errors.ValidationException("PendingWindowInDays must be an integer")
     if not MIN_WINDOW_DAYS <= value <= MAX_WINDOW_DAYS:
-        raise errors.ValidationException(
-            f"1 validation error detected: Value '{value}' at '{wire_name('PendingWindowInDays')}' failed to "
-            f"satisfy constraint: Member must have value between {MIN_WINDOW_DAYS} and {MAX_WINDOW_DAYS}"
+        raise constraint_failed(
+            "PendingWindowInDays", f"have value between {MIN_WINDOW_DAYS} and {MAX_WINDOW_DAYS}", value
         )
     return value
 

@@ -22,6 +22,7 @@ from keyservice import envelope, errors
 from keyservice.authz import authorize
 from keyservice.params import (
     AuditInfo,
+    constraint_failed,
     decode_marker,
     encode_marker,
     get_int,
@@ -69,9 +70,8 @@ def _operations(params: dict[str, Any]) -> tuple[str, ...]:
         raise errors.ValidationException("Operations must be a non-empty list of grant operations")
     for op in value:
         if op not in GRANT_OPERATIONS:
-            raise errors.ValidationException(
-                f"1 validation error detected: Value '{str(op)[:64]}' at 'operations' failed to satisfy "
-                f"constraint: Member must satisfy enum value set: [{', '.join(GRANT_OPERATIONS)}]"
+            raise constraint_failed(
+                "Operations", f"satisfy enum value set: [{', '.join(GRANT_OPERATIONS)}]", str(op)[:64]
             )
         if op not in SYMMETRIC_GRANT_OPERATIONS:
             raise errors.ValidationException(
