@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from kmsfs.config import RESERVED_PREFIX
 from kmsfs.core import TEMP_PREFIX
+from kmsfs.mountlock import kmsfs_mounts
 
 
 def backing_names(cipherdir: str) -> Iterator[tuple[str, str]]:
@@ -54,19 +55,10 @@ def backing_path_of(path: str) -> str:
     """The backing file of a path inside a mounted kmsfs (via /proc/mounts), else ``path`` itself."""
     real = os.path.realpath(path)
     best = ("", "")
-    try:
-        with open("/proc/mounts", encoding="utf-8") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) < 3 or fields[2] != "fuse.kmsfs":
-                    continue
-                source = fields[0].replace("\\040", " ")
-                target = fields[1].replace("\\040", " ")
-                inside = real == target or real.startswith(target.rstrip("/") + "/")
-                if inside and len(target) > len(best[0]):
-                    best = (target, source)
-    except OSError:
-        return path
+    for source, target in kmsfs_mounts():
+        inside = real == target or real.startswith(target.rstrip("/") + "/")
+        if inside and len(target) > len(best[0]):
+            best = (target, source)
     if not best[0]:
         return path
     rel = os.path.relpath(real, best[0])

@@ -8,7 +8,9 @@ its holder dies, so a killed mount never leaves a stale lock behind (unlike a pi
 The lock file is in the cipherdir, which is untrusted storage: it is opened with ``O_NOFOLLOW``
 and never written to. Someone who can write the cipherdir can hold the lock and so stop a mount
 (a denial of service they can cause anyway by deleting files); they cannot make a mount unsafe.
-Offline tools ask ``held_by_mount`` to say whether they coordinate with a live mount.
+Offline tools ask ``held_by_mount`` to say whether they coordinate with a live mount, and
+``kmsfs_mounts`` is the one reader of /proc/mounts's kmsfs entries (the lock's message, upgrade,
+the backing path of a mounted file).
 """
 
 from __future__ import annotations
@@ -23,19 +25,25 @@ class AlreadyMounted(Exception):
     """The cipherdir is mounted already (message names where, when /proc/mounts says)."""
 
 
-def mounted_at(cipherdir: str) -> list[str]:
-    """The mount points of kmsfs mounts of ``cipherdir`` in this mount namespace."""
-    source = os.path.realpath(cipherdir)
+def kmsfs_mounts() -> list[tuple[str, str]]:
+    """``(cipherdir, mount point)`` of every kmsfs mount in this mount namespace, as /proc/mounts
+    names them (unescaped); none when it cannot be read."""
     found = []
     try:
         with open("/proc/mounts", encoding="utf-8") as mounts:
             for line in mounts:
                 fields = line.split()
-                if len(fields) > 2 and fields[2] == "fuse.kmsfs" and _unescape(fields[0]) == source:
-                    found.append(_unescape(fields[1]))
+                if len(fields) > 2 and fields[2] == "fuse.kmsfs":
+                    found.append((_unescape(fields[0]), _unescape(fields[1])))
     except OSError:
         pass
     return found
+
+
+def mounted_at(cipherdir: str) -> list[str]:
+    """The mount points of kmsfs mounts of ``cipherdir`` in this mount namespace."""
+    source = os.path.realpath(cipherdir)
+    return [target for mounted, target in kmsfs_mounts() if mounted == source]
 
 
 def _unescape(field: str) -> str:

@@ -31,6 +31,7 @@ from kmsfs.format import FORMAT_V3, Header
 from kmsfs.headers import read_header, write_new
 from kmsfs.holes import all_zero
 from kmsfs.keyclient import KeyClient, KeyServiceError
+from kmsfs.mountlock import kmsfs_mounts
 from kmsfs.names import is_reserved
 from kmsfs.progress import Progress
 
@@ -51,16 +52,7 @@ class UpgradeReport:
 def is_mounted(cipherdir: str) -> bool:
     """Whether a kmsfs mount serves this cipherdir (from /proc/mounts)."""
     root = os.path.realpath(cipherdir)
-    try:
-        with open("/proc/mounts", encoding="utf-8") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) >= 3 and fields[2] == "fuse.kmsfs" and \
-                        os.path.realpath(fields[0].replace("\\040", " ")) == root:
-                    return True
-    except OSError:
-        pass
-    return False
+    return any(os.path.realpath(source) == root for source, _ in kmsfs_mounts())
 
 
 def inodes(cipherdir: str) -> list[list[str]]:
