@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from keyservice.audit import segments
 from keyservice.audit.prune import prune_record
-from keyservice.audit.records import is_checkpoint, parse_line
+from keyservice.audit.records import is_checkpoint, parse_line, parse_time
 from keyservice.files import write_atomic
 
 CURSOR_VERSION = 1
@@ -54,13 +54,6 @@ class Cursor:
     def save(self, path: Path) -> None:
         body = {"version": CURSOR_VERSION, "chains": self.chains, "output_size": self.output_size}
         write_atomic(Path(path), json.dumps(body, sort_keys=True).encode() + b"\n")
-
-
-def _parse_time(text: object) -> datetime | None:
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def _new_lines(
@@ -117,7 +110,7 @@ def export(
             position = cursor.chains.setdefault(chain, {"segment": 0, "offset": 0, "seq": 0})
             pending = 0
             for record, after in _new_lines(data_dir, chain, position):
-                if record and (since is None or (_parse_time(record.get("time")) or since) >= since):
+                if record and (since is None or (parse_time(record.get("time")) or since) >= since):
                     out.write(json.dumps({**record, "chain": chain, "seq": after["seq"]},
                                          ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
                     pending += 1

@@ -58,6 +58,7 @@ from keyservice.audit.records import (
     is_checkpoint,
     line_hash,
     parse_line,
+    parse_time,
     signed_bytes,
 )
 from keyservice.errors import KMSInternalException
@@ -81,13 +82,6 @@ class _Tail:
     checkpoint_hash: str | None = None
     segment_end: bool = False  # the last line is a checkpoint that sealed its segment
     first_time: str | None = None  # time of the segment's first line
-
-
-def _when(text: str | None) -> datetime | None:
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")) if text else None
-    except ValueError:
-        return None
 
 
 def _checkpoint_of(line: bytes) -> dict[str, Any] | None:
@@ -192,7 +186,7 @@ class AuditLog:
             # fsync), so the fragment is dropped rather than left to break the chain.
             os.ftruncate(self._fd, complete)
             os.fsync(self._fd)
-        first = _when(self._tail.first_time)
+        first = parse_time(self._tail.first_time)
         self._set_segment_day(first if first is not None else self._now())
         self._epoch = 0  # bumped when unsynced lines are cut back after a failed fsync
         self._durable_end = complete

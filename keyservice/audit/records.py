@@ -104,6 +104,14 @@ def format_time(when: datetime) -> str:
     return f"{cached[1]}{when.microsecond // 1000:03d}Z"
 
 
+def parse_time(text: object) -> datetime | None:
+    """The time ``format_time`` wrote (a record's ``time``), or None if ``text`` is not one."""
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 def build_record(
     *,
     when: datetime,

@@ -30,6 +30,7 @@ from keyservice.audit.records import (
     key_fingerprint,
     line_hash,
     parse_line,
+    parse_time,
     signed_bytes,
 )
 
@@ -62,13 +63,6 @@ def _check_signature(checkpoint: Mapping[str, Any], public_key: Ed25519PublicKey
     except (InvalidSignature, ValueError):
         return False
     return True
-
-
-def _parse_time(text: object) -> datetime | None:
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -232,7 +226,7 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
                 if since_checkpoint > checkpoint_every:
                     return fail(f"missing checkpoint: {since_checkpoint} records sealed at once "
                                 f"(at most {checkpoint_every} allowed)")
-                when = _parse_time(record.get("time"))
+                when = parse_time(record.get("time"))
                 if record.get("recovered"):
                     report.notes.append(f"{chain}: checkpoint #{seq} sealed {since_checkpoint} records late, "
                                         f"after an unclean shutdown")
@@ -256,7 +250,7 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
                 state.records += 1
                 since_checkpoint += 1
                 if first_unsealed_time is None:
-                    first_unsealed_time = _parse_time(record.get("time"))
+                    first_unsealed_time = parse_time(record.get("time"))
             state.prev = line_hash(line.data)
         if index < len(files) - 1 and not ended:
             where, at_line = f"{chain}/{path.name}", 0
