@@ -26,7 +26,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from keyservice.audit import segments
-from keyservice.audit.records import format_time, is_checkpoint, line_hash, parse_line, signed_bytes
+from keyservice.audit.records import (
+    format_time,
+    is_checkpoint,
+    line_hash,
+    parse_line,
+    read_signed_file,
+    signed_bytes,
+)
 from keyservice.files import write_atomic
 
 PRUNE_TYPE = "prune"
@@ -40,13 +47,7 @@ def prune_path(data_dir: Path, chain: str = segments.DEFAULT_CHAIN) -> Path:
 
 def prune_record(data_dir: Path, chain: str = segments.DEFAULT_CHAIN) -> dict[str, Any] | None:
     """The chain's newest prune record (unverified), or None if nothing was ever pruned."""
-    try:
-        record = json.loads(prune_path(data_dir, chain).read_bytes())
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return {"signature": ""}
-    return record if isinstance(record, dict) else {"signature": ""}
+    return read_signed_file(prune_path(data_dir, chain))
 
 
 class PruneRefused(Exception):

@@ -218,6 +218,18 @@ def is_checkpoint(record: Mapping[str, Any]) -> bool:
 # --------------------------------------------------------------------------- reading
 
 
+def read_signed_file(path: Path) -> dict[str, Any] | None:
+    """A signed JSON object file (the head, a prune record), unverified: None if it is missing; if
+    it is not a JSON object, one with an empty signature, which no signature check accepts."""
+    try:
+        found = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {"signature": ""}
+    return found if isinstance(found, dict) else {"signature": ""}
+
+
 def read_lines(path: Path) -> Iterator[bytes]:
     """Complete lines only; a final line without its newline is still being written (or torn)."""
     try:

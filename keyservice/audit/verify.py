@@ -8,7 +8,6 @@ layer of tamper evidence catches.
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,6 +30,7 @@ from keyservice.audit.records import (
     line_hash,
     parse_line,
     parse_time,
+    read_signed_file,
     signed_bytes,
 )
 
@@ -267,7 +267,7 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
         return fail(f"missing checkpoint: the last {since_checkpoint} records are not sealed")
     last_checkpoint = state.last_checkpoint
     head_file = head_path(data_dir, chain)
-    head = _read_head(head_file) if lines is None else None
+    head = read_signed_file(head_file) if lines is None else None
     if head is not None:
         if not _check_signature(head, public_key):
             report.problems.append(f"{head_file.name}: bad signature")
@@ -286,13 +286,3 @@ def _verify_chain(  # noqa: C901 - one walk, one check after the other
         report.notes.append(f"{since_checkpoint} newest records are not sealed by a checkpoint yet "
                             f"(oldest {int(age)} s old)")
     return None
-
-
-def _read_head(path: Path) -> dict[str, Any] | None:
-    try:
-        head = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return {"signature": ""}
-    return head if isinstance(head, dict) else {"signature": ""}
