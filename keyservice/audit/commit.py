@@ -74,7 +74,8 @@ def not_recorded() -> KMSInternalException:
     return KMSInternalException("The request could not be recorded in the audit log.")
 
 
-def _commit_all(tickets: list[CommitTicket]) -> None:
+def commit_all(tickets: list[CommitTicket]) -> None:
+    """Make deferred records durable, in order; a failure is ``not_recorded`` (fail closed)."""
     try:
         for ticket in tickets:
             ticket.commit()
@@ -138,7 +139,7 @@ class AsyncCommitter:
             for tickets, future in sorted(batch, key=lambda item: -max(t.end for t in item[0])):
                 error: BaseException | None = None
                 try:
-                    _commit_all(tickets)
+                    commit_all(tickets)
                 except KMSInternalException as exc:
                     error = exc
                 outcomes.append((future, error))

@@ -29,7 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from keyservice import errors
-from keyservice.audit.commit import deferred_commits, not_recorded
+from keyservice.audit.commit import commit_all, deferred_commits
 from keyservice.console import audit_views, keys
 from keyservice.console.sessions import LoginLimiter, LoginTokens, Session, SessionStore, TooManySessions
 from keyservice.context import Principal, RequestContext
@@ -84,11 +84,7 @@ def _durably(fn: Callable[[], T]) -> T:
         try:
             result = fn()
         finally:
-            try:
-                for ticket in tickets:
-                    ticket.commit()
-            except (OSError, ValueError) as exc:
-                raise not_recorded() from exc
+            commit_all(tickets)
     return result
 
 
