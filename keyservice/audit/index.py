@@ -30,6 +30,7 @@ from typing import Any
 from keyservice.audit import segments
 from keyservice.audit.prune import prune_record
 from keyservice.audit.records import is_checkpoint, is_intent, line_hash, parse_line
+from keyservice.audit.review import is_create
 
 INDEX_FILE = "index.sqlite"
 INDEX_VERSION = 6
@@ -216,13 +217,6 @@ def time_ms(text: object) -> int:
     return seconds * 1000 + (int(millis) if millis.isdigit() else 0)
 
 
-def _is_create(record: dict[str, Any], caller: dict[str, Any]) -> bool:
-    operation = str(record.get("operation", ""))
-    if operation == "Decrypt":
-        return caller.get("op") == "create"
-    return operation.startswith("GenerateDataKey")
-
-
 class _Writer:
     """Turns records into rows and summaries; flushed in one transaction per batch."""
 
@@ -280,7 +274,7 @@ class _Writer:
                 slot = self.activity[group] = [0, 0, 0, 0]
             if error:
                 slot[2] += 1
-            elif _is_create(r, caller):
+            elif is_create(r):  # (path_id: the caller is a dict with a path)
                 slot[1] += 1
             elif operation == "Decrypt":
                 slot[0] += 1
