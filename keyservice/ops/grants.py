@@ -113,11 +113,7 @@ def _entry(service: KeyService, grant: GrantRecord) -> dict[str, Any]:
         entry["Name"] = grant.name
     if grant.retiring_principal:
         entry["RetiringPrincipal"] = grant.retiring_principal
-    constraints = {}
-    if grant.context_subset is not None:
-        constraints["EncryptionContextSubset"] = grant.context_subset
-    if grant.context_equals is not None:
-        constraints["EncryptionContextEquals"] = grant.context_equals
+    constraints = grant.constraints()
     if constraints:
         entry["Constraints"] = constraints
     return entry

@@ -139,3 +139,13 @@ class GrantRecord:
     name: str | None = None
     context_subset: dict[str, str] | None = None
     context_equals: dict[str, str] | None = None
+
+    def constraints(self) -> dict[str, dict[str, str]]:
+        """The context constraints under AWS's names (ListGrants' ``Constraints``, the store's
+        column); empty when there are none."""
+        constraints: dict[str, dict[str, str]] = {}
+        if self.context_subset is not None:
+            constraints["EncryptionContextSubset"] = self.context_subset
+        if self.context_equals is not None:
+            constraints["EncryptionContextEquals"] = self.context_equals
+        return constraints

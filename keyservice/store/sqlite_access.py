@@ -140,11 +140,7 @@ class AccessTables:
     # ----------------------------------------------------------------- grants
 
     def create_grant(self, grant: GrantRecord) -> None:
-        constraints: dict[str, dict[str, str]] = {}
-        if grant.context_subset is not None:
-            constraints["EncryptionContextSubset"] = grant.context_subset
-        if grant.context_equals is not None:
-            constraints["EncryptionContextEquals"] = grant.context_equals
+        constraints = grant.constraints()
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO grants(grant_id, key_id, grantee, retiring_principal, operations, constraints,"
