@@ -426,10 +426,7 @@ class KmsfsCore:
             return self.listxattr_fd(fd)
 
     def setxattr_fd(self, fd: int, name: str, value: bytes, options: int) -> None:
-        if name.startswith(_RESERVED_XATTR_PREFIX):
-            raise PermissionError(errno.EPERM, "reserved attribute")
-        if name.startswith(_ACL_PREFIX):
-            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
+        _check_changeable_xattr(name)
         os.setxattr(proc_path(fd), name, value, options)
 
     def setxattr(self, path: str, name: str, value: bytes, options: int) -> None:
@@ -437,10 +434,7 @@ class KmsfsCore:
             self.setxattr_fd(fd, name, value, options)
 
     def removexattr_fd(self, fd: int, name: str) -> None:
-        if name.startswith(_RESERVED_XATTR_PREFIX):
-            raise PermissionError(errno.EPERM, "reserved attribute")
-        if name.startswith(_ACL_PREFIX):
-            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
+        _check_changeable_xattr(name)
         os.removexattr(proc_path(fd), name)
 
     def removexattr(self, path: str, name: str) -> None:
@@ -933,6 +927,14 @@ def _prefetch(fd: int) -> None:
         os.posix_fadvise(fd, 0, PREFETCH_BYTES, os.POSIX_FADV_WILLNEED)
     except (OSError, AttributeError):
         pass
+
+
+def _check_changeable_xattr(name: str) -> None:
+    """setxattr and removexattr refuse kmsfs's own attributes (EPERM) and POSIX ACLs (EOPNOTSUPP)."""
+    if name.startswith(_RESERVED_XATTR_PREFIX):
+        raise PermissionError(errno.EPERM, "reserved attribute")
+    if name.startswith(_ACL_PREFIX):
+        raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
 
 
 def _read_header(fd: int) -> Header:
