@@ -128,7 +128,8 @@ def report_access(service: KeyService, params: dict[str, Any], info: AuditInfo) 
             caller = {**report, "reported_by": "mount", "authorized_by": "directory-key",
                       "report_batch": batch}
             ctx = RequestContext(request_id=str(uuid.uuid4()), source_address=info.source_address,
-                                 principal=principal, user_agent="kmsfs-report", caller=caller)
+                                 principal=principal, user_agent="kmsfs-report", caller=caller,
+                                 peer=info.peer)
             service.audit_log.append(build_record(
                 when=now, ctx=ctx, operation=_KINDS[kind], key_arn=key.arn,
                 encryption_context=directory_context(cipherdir, report["directory_id"]),

@@ -13,6 +13,7 @@ import pytest
 
 from keyservice import errors
 from keyservice.audit.records import read_records
+from keyservice.context import RequestContext
 from tests.api.test_authorization import T0, World, key_policy
 
 CIPHERDIR = "ab" * 16
@@ -108,3 +109,18 @@ def test_malformed_reports_are_refused_and_audited(world: World, params: dict[st
     last = _records(world)[-1]
     assert last["operation"] == "KmsfsReportAccess" and last["error_code"] == "ValidationException"
     assert not [r for r in _records(world) if r["operation"] == "KmsfsReportedOpen"]
+
+
+def test_reported_records_carry_the_unix_socket_peer(world: World) -> None:
+    """Over the Unix socket the batch's peer (SO_PEERCRED) is on every reported record too: the
+    mount that reported is known by the kernel, not only by what it says."""
+    key = world.key()
+    peer = {"uid": 0, "gid": 0, "pid": 31337, "comm": "kmsfs"}
+    ctx = RequestContext("r", "unix:/run/keyservice.sock", world.admin.principal, peer=peer)
+    world.service.call("KmsfsReportAccess", {"KeyId": key, "CipherdirId": CIPHERDIR,
+                                             "Reports": [_report()]}, ctx)
+    reported, batch = _records(world)[-2:]
+    assert reported["operation"] == "KmsfsReportedOpen" and reported["peer"] == peer
+    assert batch["peer"] == peer
+    world.admin.call("KmsfsReportAccess", {"KeyId": key, "CipherdirId": CIPHERDIR, "Reports": [_report()]})
+    assert "peer" not in _records(world)[-2]  # TCP: no peer field, as on every other record
