@@ -1,0 +1,1 @@
+"""The ``kmsfs`` command line (one module, mount.py, until it is split by command)."""
