@@ -9,19 +9,46 @@ redirect any of them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from urllib.parse import urlsplit
 
 from kmsfs.config import Config, ConfigError
-from kmsfs.keyclient import Credentials, KeyClient, check_endpoint, load_credentials
+from kmsfs.keyclient import CA_BUNDLE_ENV, Credentials, KeyClient, check_endpoint, load_credentials
 from kmsfs.names import NameCipher
 
+# Exit statuses (docs/CLI.md, "Exit codes"): a command returns 0 or 1 itself; a CliError or an
+# operator's OSError is 1, a usage error 2, Ctrl-C 130.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 # Bound on one key service request (connect and read): new opens fail with EIO after at most this.
 DEFAULT_KMS_TIMEOUT = 5.0
 
 
 class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; every failure an operator can cause is one line on stderr and a
+    documented exit status, never a traceback."""
+    if getattr(args, "ca_bundle", None):
+        if not os.path.isfile(args.ca_bundle):
+            print(f"kmsfs: --ca-bundle {args.ca_bundle}: no such file", file=sys.stderr)
+            return EXIT_FAILED
+        os.environ[CA_BUNDLE_ENV] = os.path.abspath(args.ca_bundle)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"kmsfs: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:  # an operator's path that is not what it should be: one line, never a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"kmsfs: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 def _credentials(args: argparse.Namespace) -> Credentials:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from kmsfs import mount_helper
-from kmsfs.cli.common import DEFAULT_KMS_TIMEOUT
+from kmsfs.cli.common import DEFAULT_KMS_TIMEOUT, EXIT_USAGE
 from kmsfs.cli.config import cmd_config_set_endpoint
 from kmsfs.cli.fsck import cmd_fsck
 from kmsfs.cli.info import cmd_info
@@ -33,7 +33,7 @@ class OneLineParser(argparse.ArgumentParser):
     instead of argparse's usage block."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _seconds(low: float, high: float) -> Callable[[str], float]:
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "service, cached by the mount (no round trip per open or create; opens are "
                         "reported to the service in batches; docs/SECURITY.md says what is weaker). "
                         "Default off: every open and create asks the service")
+    _add_key_service_options(s, endpoint=False)
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("mount", help="mount a cipherdir")
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory-key cipherdirs: refuse new opens and creates (EACCES) while an "
                         f"open report is undelivered for longer than this (default "
                         f"{DEFAULT_REPORT_DEADLINE:g}, at most 600)")
+    _add_key_service_options(s)
     s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount")
@@ -136,35 +138,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fsck", help="verify every header and block through the key service")
     s.add_argument("cipherdir")
-    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default: shown)")
+    _add_quiet(s)
+    s.add_argument(
+        "--repair", action="store_true",
+        help="restore missing header xattrs from the in-file copies, after verifying each file "
+             "(default off: report only)")
+    _add_key_service_options(s)
     s.set_defaults(func=cmd_fsck)
 
     s = sub.add_parser("rewrap", help="re-wrap every data key (newest key version or --to-key)")
     s.add_argument("cipherdir")
     s.add_argument("--to-key", help="key id, ARN or alias to move the data keys to (default: the "
                    "newest version of each file's key)")
-    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default: shown)")
+    _add_quiet(s)
+    _add_key_service_options(s)
     s.set_defaults(func=cmd_rewrap)
 
     s = sub.add_parser("info", help="show the header of a backing file (or a mount path)")
     s.add_argument("path")
+    _add_key_service_options(s, endpoint=False)
     s.set_defaults(func=cmd_info)
 
-    _add_backup_commands(sub)
+    s = sub.add_parser("upgrade", help="convert old-format (1, 2) files to format 3 (unmounted)")
+    s.add_argument("cipherdir")
+    _add_quiet(s)
+    _add_key_service_options(s)
+    s.set_defaults(func=cmd_upgrade)
+
     path_parser = sub.add_parser("path", help="map a path inside the filesystem to its backing path "
                                  "and back (name-encrypting cipherdirs; through the key service)")
     path_sub = path_parser.add_subparsers(dest="path_command", required=True)
-    path_parsers = []
     for verb, what in (("encrypt", "/plain/path inside the filesystem"),
                        ("decrypt", "backing path (absolute, or relative to CIPHERDIR)")):
-        sp = path_sub.add_parser(verb, help=f"print the {'backing' if verb == 'encrypt' else 'plaintext'}"
-                                 " path of a " + what)
-        sp.add_argument("cipherdir")
-        sp.add_argument("path", help=what)
-        sp.add_argument("--endpoint", metavar="URL", help="key service URL for this run (default: "
-                        "the cipherdir's record)")
-        sp.set_defaults(func=cmd_path)
-        path_parsers.append(sp)
+        s = path_sub.add_parser(verb, help=f"print the {'backing' if verb == 'encrypt' else 'plaintext'}"
+                                " path of a " + what)
+        s.add_argument("cipherdir")
+        s.add_argument("path", help=what)
+        _add_key_service_options(s, ca_bundle=False)
+        s.set_defaults(func=cmd_path)
 
     config = sub.add_parser("config", help="change a cipherdir's configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -172,54 +183,39 @@ def build_parser() -> argparse.ArgumentParser:
                               "the cipherdir's key answers there first)")
     s.add_argument("cipherdir")
     s.add_argument("url", help="the new key service URL")
+    _add_key_service_options(s, endpoint=False, ca_bundle=False)
     s.set_defaults(func=cmd_config_set_endpoint)
-
-    _add_credential_options(sub.choices["init"], sub.choices["mount"], sub.choices["fsck"],
-                            sub.choices["rewrap"], sub.choices["upgrade"], s, sub.choices["info"],
-                            *path_parsers)
-    for name in ("mount", "fsck", "rewrap", "upgrade"):
-        sub.choices[name].add_argument(
-            "--endpoint", metavar="URL",
-            help="key service URL for this run, overriding the cipherdir's record (default: the "
-                 "record; https://, http:// only to loopback)")
-
-    for name in ("init", "mount", "fsck", "rewrap", "info"):
-        sub.choices[name].add_argument(
-            "--ca-bundle", metavar="PEM",
-            help="CA certificates to verify the key service's TLS certificate with (default: the "
-                 "credentials file's ca_bundle, else AWS_CA_BUNDLE, else the system CAs); "
-                 "verification is never turned off",
-        )  # fmt: skip
     return p
 
 
-def _add_credential_options(*parsers: argparse.ArgumentParser) -> None:
-    for parser in parsers:
-        parser.add_argument(
-            "--credentials", metavar="FILE",
-            help="JSON credentials file: access_key_id, secret_access_key, optional session_token, "
-                 "endpoint, region, ca_bundle (docs/CLI.md) (default: the AWS default chain)")
-        parser.add_argument(
-            "--aws-profile", metavar="NAME",
-            help="AWS profile from ~/.aws/config and ~/.aws/credentials: static keys, "
-                 "credential_process, SSO, assumed roles, refreshed before expiry (default: "
-                 "AWS_PROFILE, else the AWS default chain: environment, files, instance role)")
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default: shown)")
 
 
-def _add_backup_commands(sub: Any) -> None:
-    """``kmsfs upgrade`` and ``kmsfs fsck --repair`` (issue 13: backups that work)."""
-    sub.choices["fsck"].add_argument(
-        "--repair", action="store_true",
-        help="restore missing header xattrs from the in-file copies, after verifying each file "
-             "(default off: report only)")
-    s = sub.add_parser("upgrade", help="convert old-format (1, 2) files to format 3 (unmounted)")
-    s.add_argument("cipherdir")
-    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default off)")
-    s.add_argument(
-        "--ca-bundle", metavar="PEM",
-        help="CA certificates to verify the key service's TLS certificate with, as for fsck "
-             "(default: the credentials' ca_bundle, else the system store)")
-    s.set_defaults(func=cmd_upgrade)
+def _add_key_service_options(parser: argparse.ArgumentParser, *, endpoint: bool = True,
+                             ca_bundle: bool = True) -> None:
+    """How a command reaches the key service: credentials (a file or an AWS profile), then
+    ``--endpoint`` for this run (init has its own: it records one) and ``--ca-bundle``."""
+    parser.add_argument(
+        "--credentials", metavar="FILE",
+        help="JSON credentials file: access_key_id, secret_access_key, optional session_token, "
+             "endpoint, region, ca_bundle (docs/CLI.md) (default: the AWS default chain)")
+    parser.add_argument(
+        "--aws-profile", metavar="NAME",
+        help="AWS profile from ~/.aws/config and ~/.aws/credentials: static keys, "
+             "credential_process, SSO, assumed roles, refreshed before expiry (default: "
+             "AWS_PROFILE, else the AWS default chain: environment, files, instance role)")
+    if endpoint:
+        parser.add_argument(
+            "--endpoint", metavar="URL",
+            help="key service URL for this run, overriding the cipherdir's record (default: the "
+                 "record; https://, http:// only to loopback)")
+    if ca_bundle:
+        parser.add_argument(
+            "--ca-bundle", metavar="PEM",
+            help="CA certificates to verify the key service's TLS certificate with (default: the "
+                 "credentials file's ca_bundle, else AWS_CA_BUNDLE, else the system CAs); "
+                 "verification is never turned off")
 
 
 def _version() -> str:
