@@ -79,6 +79,8 @@ class AuditInfo:
     authorized_keys: set[str] = field(default_factory=set)
     # Where the request came from (aws:SourceIp in policy conditions); also not audited from here.
     source_address: str = ""
+    # The Unix-socket peer (SO_PEERCRED), for records a handler writes itself (KmsfsReportAccess).
+    peer: dict[str, object] | None = None
 
 
 Handler = Callable[[dict[str, Any], AuditInfo], dict[str, Any]]

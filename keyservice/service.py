@@ -220,6 +220,7 @@ class KeyService:
             self._check_principal(ctx)
             info.principal = ctx.principal
             info.source_address = ctx.source_address
+            info.peer = ctx.peer
             if not isinstance(params, dict):
                 raise errors.SerializationException("The request body must be a JSON object.")
             if operation in authorize.ACCOUNT_OPERATIONS:

@@ -29,10 +29,10 @@ from typing import Any
 
 from keyservice.audit import segments
 from keyservice.audit.prune import prune_record
-from keyservice.audit.records import is_checkpoint, is_intent, line_hash, parse_line
+from keyservice.audit.records import is_checkpoint, is_create, is_intent, is_open, line_hash, parse_line
 
 INDEX_FILE = "index.sqlite"
-INDEX_VERSION = 6
+INDEX_VERSION = 7  # 7: directory-key mounts' reported opens and creates counted in the summaries
 _BATCH = 20000
 SEQ_BITS = 40  # a row's id is chain << SEQ_BITS | seq: contiguity is then a count and a few seeks
 FILE_ID_CONTEXT = "kmsfs:file-id"
@@ -216,13 +216,6 @@ def time_ms(text: object) -> int:
     return seconds * 1000 + (int(millis) if millis.isdigit() else 0)
 
 
-def _is_create(record: dict[str, Any], caller: dict[str, Any]) -> bool:
-    operation = str(record.get("operation", ""))
-    if operation == "Decrypt":
-        return caller.get("op") == "create"
-    return operation.startswith("GenerateDataKey")
-
-
 class _Writer:
     """Turns records into rows and summaries; flushed in one transaction per batch."""
 
@@ -280,9 +273,9 @@ class _Writer:
                 slot = self.activity[group] = [0, 0, 0, 0]
             if error:
                 slot[2] += 1
-            elif _is_create(r, caller):
+            elif is_create(r):
                 slot[1] += 1
-            elif operation == "Decrypt":
+            elif is_open(r):
                 slot[0] += 1
             if t > slot[3]:
                 slot[3] = t

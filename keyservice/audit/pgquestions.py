@@ -21,7 +21,14 @@ from typing import Any
 
 from keyservice.audit import review
 from keyservice.audit.index import IndexMismatch
-from keyservice.audit.records import is_checkpoint, is_intent, parse_line
+from keyservice.audit.records import (
+    REPORTED_CREATE,
+    REPORTED_OPEN,
+    REPORTED_TRUNCATE,
+    is_checkpoint,
+    is_intent,
+    parse_line,
+)
 
 Pair = tuple[bytes, dict[str, Any]]
 REQUEST = "outcome IN ('success', 'error')"
@@ -137,9 +144,11 @@ def top(url: str, n: int, since: datetime | None, until: datetime | None) -> dic
         clauses.append("t < %s")
         params.append(until)
     create = "convert_from(line, 'UTF8')::jsonb->'caller'->>'op' = 'create'"
-    counts = (f"count(*) FILTER (WHERE outcome = 'success' AND operation = 'Decrypt' AND NOT "
-              f"coalesce({create}, false)) AS o, "
+    reported_opens = f"operation IN ('{REPORTED_OPEN}', '{REPORTED_TRUNCATE}')"
+    counts = (f"count(*) FILTER (WHERE outcome = 'success' AND ((operation = 'Decrypt' AND NOT "
+              f"coalesce({create}, false)) OR {reported_opens})) AS o, "
               f"count(*) FILTER (WHERE outcome = 'success' AND (operation LIKE 'GenerateDataKey%%' OR "
+              f"operation = '{REPORTED_CREATE}' OR "
               f"(operation = 'Decrypt' AND coalesce({create}, false)))) AS c, "
               "count(*) FILTER (WHERE outcome = 'error') AS r, max(t) AS last")
     result: dict[str, list[dict[str, Any]]] = {}

@@ -25,12 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from keyservice.audit import index, pgquestions, review
-from keyservice.audit.records import is_checkpoint, is_intent, parse_line, read_record_lines, read_records
+from keyservice.audit.records import (
+    REPORTED_CREATE,
+    REPORTED_OPEN,
+    REPORTED_TRUNCATE,
+    is_checkpoint,
+    is_intent,
+    parse_line,
+    read_record_lines,
+    read_records,
+)
 
 Warn = Callable[[str], None]
 _CRYPTO_OPS = ("Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
                "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext", "GenerateMac", "VerifyMac",
-               "Sign", "Verify", "GenerateRandom")
+               "Sign", "Verify", "GenerateRandom", REPORTED_OPEN, REPORTED_CREATE, REPORTED_TRUNCATE)
 
 
 @dataclass

@@ -202,6 +202,37 @@ def key_fingerprint(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()
 
 
+# kmsfs's reports of accesses made under a directory key (KmsfsReportAccess, one record per
+# access, keyservice/ops/kmsfs_reports.py): counted as opens and creates like strict mode's.
+REPORTED_OPEN, REPORTED_CREATE, REPORTED_TRUNCATE = (
+    "KmsfsReportedOpen", "KmsfsReportedCreate", "KmsfsReportedTruncate")
+
+
+def is_create(record: Mapping[str, Any]) -> bool:
+    """A kmsfs create: GenerateDataKey* made for a path, the claim Decrypt (``caller.op ==
+    "create"``) a pooled create sends with its path after taking a key generated ahead of time,
+    or a create a directory-key mount reported."""
+    caller = record.get("caller")
+    if not isinstance(caller, dict) or not isinstance(caller.get("path"), str):
+        return False
+    operation = str(record.get("operation", ""))
+    if operation == "Decrypt":
+        return caller.get("op") == "create"
+    return operation.startswith("GenerateDataKey") or operation == REPORTED_CREATE
+
+
+def is_open(record: Mapping[str, Any]) -> bool:
+    """A kmsfs open: a Decrypt for a path that is not a create's claim, or an open (or a truncate
+    by name, which opens the file) a directory-key mount reported."""
+    caller = record.get("caller")
+    if not isinstance(caller, dict) or not isinstance(caller.get("path"), str):
+        return False
+    operation = record.get("operation")
+    if operation == "Decrypt":
+        return caller.get("op") != "create"
+    return operation in (REPORTED_OPEN, REPORTED_TRUNCATE)
+
+
 def is_checkpoint(record: Mapping[str, Any]) -> bool:
     return record.get("type") == CHECKPOINT_TYPE
 

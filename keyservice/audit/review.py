@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from keyservice.audit.records import read_records
+from keyservice.audit.records import is_create, is_open, read_records
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 
@@ -97,18 +97,6 @@ def file_id_of(record: Mapping[str, Any]) -> str | None:
     context = record.get("encryption_context")
     value = context.get(FILE_ID_CONTEXT) if isinstance(context, dict) else None
     return value if isinstance(value, str) else None
-
-
-def is_create(record: Mapping[str, Any]) -> bool:
-    """A kmsfs create: GenerateDataKey* made for a path, or the claim Decrypt (``caller.op ==
-    "create"``) a pooled create sends with its path after taking a key generated ahead of time."""
-    caller = record.get("caller")
-    if not isinstance(caller, dict) or not isinstance(caller.get("path"), str):
-        return False
-    operation = str(record.get("operation", ""))
-    if operation == "Decrypt":
-        return caller.get("op") == "create"
-    return operation.startswith("GenerateDataKey")
 
 
 def query(
@@ -316,7 +304,7 @@ def files_summary(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 row["created"] += 1
             if file_id is not None:
                 ids.add(file_id)
-        elif record.get("operation") == "Decrypt":
+        elif is_open(record):
             row["opens"] += 1
         row["last"] = record.get("time")
     return sorted(rows.values(), key=lambda r: (str(r["last"]), r["path"]), reverse=True)

@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from keyservice import errors
 from keyservice.audit.commit import deferred_commits, not_recorded, pending_tickets
-from keyservice.audit.records import build_record, format_time
+from keyservice.audit.records import (
+    REPORTED_CREATE,
+    REPORTED_OPEN,
+    REPORTED_TRUNCATE,
+    build_record,
+    format_time,
+)
 from keyservice.context import RequestContext
 from keyservice.params import AuditInfo, get_str
 
@@ -43,7 +49,7 @@ MAX_REPORTS = 1000
 MAX_PATH = 4096
 MAX_TEXT = 256
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_KINDS = {"open": "KmsfsReportedOpen", "create": "KmsfsReportedCreate", "truncate": "KmsfsReportedTruncate"}
+_KINDS = {"open": REPORTED_OPEN, "create": REPORTED_CREATE, "truncate": REPORTED_TRUNCATE}
 # How far the time of a reported access may lie in the future (clock skew between mount and service).
 _FUTURE_SLACK_S = 300
 
@@ -128,7 +134,8 @@ def report_access(service: KeyService, params: dict[str, Any], info: AuditInfo) 
             caller = {**report, "reported_by": "mount", "authorized_by": "directory-key",
                       "report_batch": batch}
             ctx = RequestContext(request_id=str(uuid.uuid4()), source_address=info.source_address,
-                                 principal=principal, user_agent="kmsfs-report", caller=caller)
+                                 principal=principal, user_agent="kmsfs-report", caller=caller,
+                                 peer=info.peer)
             service.audit_log.append(build_record(
                 when=now, ctx=ctx, operation=_KINDS[kind], key_arn=key.arn,
                 encryption_context=directory_context(cipherdir, report["directory_id"]),

@@ -12,7 +12,10 @@ from typing import Any
 import pytest
 
 from keyservice import errors
+from keyservice.audit import index as audit_index
+from keyservice.audit import questions, review
 from keyservice.audit.records import read_records
+from keyservice.context import RequestContext
 from tests.api.test_authorization import T0, World, key_policy
 
 CIPHERDIR = "ab" * 16
@@ -108,3 +111,39 @@ def test_malformed_reports_are_refused_and_audited(world: World, params: dict[st
     last = _records(world)[-1]
     assert last["operation"] == "KmsfsReportAccess" and last["error_code"] == "ValidationException"
     assert not [r for r in _records(world) if r["operation"] == "KmsfsReportedOpen"]
+
+
+def test_reported_records_carry_the_unix_socket_peer(world: World) -> None:
+    """Over the Unix socket the batch's peer (SO_PEERCRED) is on every reported record too: the
+    mount that reported is known by the kernel, not only by what it says."""
+    key = world.key()
+    peer = {"uid": 0, "gid": 0, "pid": 31337, "comm": "kmsfs"}
+    ctx = RequestContext("r", "unix:/run/keyservice.sock", world.admin.principal, peer=peer)
+    world.service.call("KmsfsReportAccess", {"KeyId": key, "CipherdirId": CIPHERDIR,
+                                             "Reports": [_report()]}, ctx)
+    reported, batch = _records(world)[-2:]
+    assert reported["operation"] == "KmsfsReportedOpen" and reported["peer"] == peer
+    assert batch["peer"] == peer
+    world.admin.call("KmsfsReportAccess", {"KeyId": key, "CipherdirId": CIPHERDIR, "Reports": [_report()]})
+    assert "peer" not in _records(world)[-2]  # TCP: no peer field, as on every other record
+
+
+def test_reported_accesses_count_as_opens_and_creates_in_every_summary(world: World) -> None:
+    """`audit files` and `--top` (index and scan) and the key timeline count a directory-key
+    mount's reported opens and creates like strict mode's Decrypt and GenerateDataKey."""
+    key = world.key()
+    reports = [_report(), _report(Time=T0.timestamp() - 2), _report(Operation="truncate"),
+               _report(Operation="create", Path="/docs/b.txt")]
+    world.admin.call("KmsfsReportAccess", {"KeyId": key, "CipherdirId": CIPHERDIR, "Reports": reports})
+    rows = {r["path"]: r for r in review.files_summary(read_records(world.data_dir))}
+    assert (rows["/docs/a.txt"]["opens"], rows["/docs/a.txt"]["created"]) == (3, 0)
+    assert (rows["/docs/b.txt"]["opens"], rows["/docs/b.txt"]["created"]) == (0, 1)
+    audit_index.reindex(world.data_dir)
+    seen: list[str] = []
+    for scan in (False, True):
+        top = questions.top(world.data_dir, 5, warn=seen.append, scan=scan)
+        got = {r["path"]: (r["opens"], r["created"]) for r in top.files}
+        assert got == {"/docs/a.txt": (3, 0), "/docs/b.txt": (0, 1)}, scan
+        timeline = questions.key_timeline(world.data_dir, key, warn=seen.append, scan=scan)
+        assert timeline["uses"] == 4, scan  # the four reported uses of the key are counted
+    assert not seen
