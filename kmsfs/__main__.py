@@ -2,6 +2,6 @@
 
 import sys
 
-from kmsfs.cli import main
+from kmsfs.cli.main import main
 
 sys.exit(main())

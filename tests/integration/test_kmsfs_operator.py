@@ -101,7 +101,7 @@ def test_version_and_help_defaults() -> None:
     assert proc.stdout.startswith("kmsfs ") and proc.stdout.split()[1][0].isdigit()
     mount_help = " ".join(kmsfs("mount", "--help").stdout.split())
     assert "user_allow_other in /etc/fuse.conf" in mount_help
-    from kmsfs.cli import build_parser
+    from kmsfs.cli.parser import build_parser
 
     for command, options in _options(build_parser()).items():
         for option, text in options:

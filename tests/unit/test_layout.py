@@ -159,7 +159,7 @@ def test_kmsfs_uses_only_the_signer_and_the_envelope_parser() -> None:
     used = {
         (m, t) for m in MODULES if _in(m, "kmsfs") for t in GRAPH[m] if _in(t, "keyservice")
     }
-    assert used == {("kmsfs.keyclient", "keyservice.http.sigv4"), ("kmsfs.cli", "keyservice.envelope")}
+    assert used == {("kmsfs.keyclient", "keyservice.http.sigv4"), ("kmsfs.cli.info", "keyservice.envelope")}
 
 
 def test_package_inits_import_nothing() -> None:

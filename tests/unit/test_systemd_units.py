@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from keyservice.cli.main import build_parser as keyservice_parser
-from kmsfs.cli import build_parser as kmsfs_parser
+from kmsfs.cli.parser import build_parser as kmsfs_parser
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 # What systemd would substitute: specifiers and the EnvironmentFile's variables.

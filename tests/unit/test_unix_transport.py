@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from keyservice.http import unix_listener
-from kmsfs.cli import _origin
+from kmsfs.cli.common import _origin
 from kmsfs.keyclient import check_endpoint
 
 
