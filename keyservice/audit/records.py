@@ -216,12 +216,18 @@ REPORTED_OPEN, REPORTED_CREATE, REPORTED_TRUNCATE = (
     "KmsfsReportedOpen", "KmsfsReportedCreate", "KmsfsReportedTruncate")
 
 
+def _kmsfs_caller(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``caller`` of a record a kmsfs mount made for a path (else None)."""
+    caller = record.get("caller")
+    return caller if isinstance(caller, dict) and isinstance(caller.get("path"), str) else None
+
+
 def is_create(record: Mapping[str, Any]) -> bool:
     """A kmsfs create: GenerateDataKey* made for a path, the claim Decrypt (``caller.op ==
     "create"``) a pooled create sends with its path after taking a key generated ahead of time,
     or a create a directory-key mount reported."""
-    caller = record.get("caller")
-    if not isinstance(caller, dict) or not isinstance(caller.get("path"), str):
+    caller = _kmsfs_caller(record)
+    if caller is None:
         return False
     operation = str(record.get("operation", ""))
     if operation == "Decrypt":
@@ -232,8 +238,8 @@ def is_create(record: Mapping[str, Any]) -> bool:
 def is_open(record: Mapping[str, Any]) -> bool:
     """A kmsfs open: a Decrypt for a path that is not a create's claim, or an open (or a truncate
     by name, which opens the file) a directory-key mount reported."""
-    caller = record.get("caller")
-    if not isinstance(caller, dict) or not isinstance(caller.get("path"), str):
+    caller = _kmsfs_caller(record)
+    if caller is None:
         return False
     operation = record.get("operation")
     if operation == "Decrypt":
